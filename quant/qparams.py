@@ -1,0 +1,216 @@
+"""QParams: the quantization parameters of one model for one device profile, and their file format.
+
+Keys are stable, readable names of quantization points: ``<module path>:input`` for the activation
+entering an nn.Linear and ``<module path>:weight`` for its weight (design.md section 5), e.g.
+``model.layers.0.self_attn.q_proj:input``. A QParams also carries per-channel smoothing factors
+(SmoothQuant) keyed by the Linear whose input they scale, the fingerprint of the model it was made
+for, and a version number that only grows.
+
+On disk it is one safetensors file: the arrays as tensors and everything else as JSON in the header
+metadata. No pickle. Writes go to a temporary file that is flushed and renamed, so a crash leaves
+either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from quant.spec import QuantSpec
+
+FORMAT = "fedquant.qparams/1"
+
+
+@dataclass(frozen=True)
+class PointParams:
+    """Scale and zero-point of one quantization point, with the spec they belong to."""
+
+    spec: QuantSpec
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+    def __post_init__(self):
+        object.__setattr__(self, "scale", np.asarray(self.scale, dtype=np.float32))
+        object.__setattr__(self, "zero_point",
+                           np.asarray(self.zero_point).astype(self.spec.numpy_dtype))
+
+    def validate(self, key: str) -> None:
+        """Raise ValueError naming ``key`` if the parameters cannot be used as they are."""
+        s, z = self.scale, self.zero_point
+        if s.shape != z.shape:
+            raise ValueError(f"{key}: scale shape {s.shape} != zero_point shape {z.shape}")
+        if self.spec.granularity == "per_tensor" and s.shape != ():
+            raise ValueError(f"{key}: per_tensor scale must be a scalar, got shape {s.shape}")
+        if self.spec.granularity == "per_channel" and s.ndim != 1:
+            raise ValueError(f"{key}: per_channel scale must be 1-D, got shape {s.shape}")
+        if not np.all(np.isfinite(s)) or not np.all(s > 0):
+            raise ValueError(f"{key}: scales must be finite and positive")
+        zi = z.astype(np.int64)
+        if np.any(zi < self.spec.qmin) or np.any(zi > self.spec.qmax):
+            raise ValueError(f"{key}: zero_point outside [{self.spec.qmin}, {self.spec.qmax}]")
+        if self.spec.symmetric and np.any(zi != self.spec.symmetric_zero_point):
+            raise ValueError(f"{key}: symmetric spec needs zero_point {self.spec.symmetric_zero_point}")
+
+
+@dataclass
+class QParams:
+    """All quantization parameters of one model for one device profile."""
+
+    points: dict[str, PointParams]
+    model: str = ""  # fingerprint of the model the keys belong to (see model_fingerprint)
+    version: int = 0
+    smoothing: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for key, p in self.points.items():
+            if ":" not in key:
+                raise ValueError(f"{key}: a point key is '<module path>:input' or ':weight'")
+            p.validate(key)
+        for key, f in self.smoothing.items():
+            f = np.asarray(f)
+            if f.ndim != 1 or not np.all(np.isfinite(f)) or not np.all(f > 0):
+                raise ValueError(f"smoothing {key}: factors must be a 1-D finite positive array")
+
+    def with_points(self, updates: dict[str, PointParams], version: int | None = None) -> "QParams":
+        """A copy with some points replaced; the original is untouched."""
+        return QParams({**self.points, **updates}, self.model,
+                       self.version if version is None else version, dict(self.smoothing),
+                       dict(self.meta))
+
+
+def model_fingerprint(named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> str:
+    """A short hash of the quantizable modules' names and weight shapes: QParams made for one model
+    are refused by another."""
+    h = hashlib.sha256()
+    for name, shape in sorted(named_shapes):
+        h.update(f"{name}:{tuple(int(d) for d in shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def save_qparams(qp: QParams, path: str | os.PathLike) -> Path:
+    """Write ``qp`` to ``path`` atomically (temp file, fsync, rename)."""
+    from safetensors.numpy import save
+
+    qp.validate()
+    tensors, specs = {}, {}
+    for key, p in qp.points.items():
+        tensors[f"{key}/scale"] = np.ascontiguousarray(p.scale)
+        tensors[f"{key}/zero_point"] = np.ascontiguousarray(p.zero_point)
+        specs[key] = p.spec.model_dump(mode="json")
+    for key, f in qp.smoothing.items():
+        tensors[f"smoothing/{key}"] = np.ascontiguousarray(np.asarray(f, dtype=np.float32))
+    header = {"format": FORMAT, "model": qp.model, "version": str(int(qp.version)),
+              "specs": json.dumps(specs, sort_keys=True), "meta": json.dumps(qp.meta, sort_keys=True)}
+    return atomic_write_bytes(path, save(tensors, metadata=header))
+
+
+def load_qparams(path: str | os.PathLike, expect_model: str | None = None) -> QParams:
+    """Read and validate a QParams file; errors name the file and what is wrong with it."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read QParams file ({e.strerror})") from None
+    try:
+        tensors = load(raw)
+        header = _read_header(raw)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a QParams file (corrupt or truncated safetensors: {e})") from None
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: format is {header.get('format')!r}, expected {FORMAT!r}")
+    model = header.get("model", "")
+    if expect_model is not None and model != expect_model:
+        raise ValueError(f"{path}: QParams are for model {model!r}, this model is {expect_model!r}")
+    try:
+        specs = json.loads(header["specs"])
+        meta = json.loads(header.get("meta", "{}"))
+        version = int(header["version"])
+        points = {}
+        for key, spec in specs.items():
+            spec = QuantSpec.model_validate(spec)
+            scale, zp = tensors.pop(f"{key}/scale"), tensors.pop(f"{key}/zero_point")
+            if spec.granularity == "per_tensor" and scale.size == 1 and zp.size == 1:
+                scale, zp = scale.reshape(()), zp.reshape(())  # safetensors stores scalars as [1]
+            points[key] = PointParams(spec, scale, zp)
+    except KeyError as e:
+        raise ValueError(f"{path}: missing entry {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: invalid header: {e}") from None
+    smoothing = {k.removeprefix("smoothing/"): v for k, v in tensors.items() if k.startswith("smoothing/")}
+    extra = [k for k in tensors if not k.startswith("smoothing/")]
+    if extra:
+        raise ValueError(f"{path}: arrays without a spec: {extra[:3]}")
+    qp = QParams(points, model, version, smoothing, meta)
+    try:
+        qp.validate()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return qp
+
+
+def _read_header(raw: bytes) -> dict[str, str]:
+    if len(raw) < 8:
+        raise ValueError("file shorter than a safetensors header")
+    n = int.from_bytes(raw[:8], "little")
+    if n > len(raw) - 8:
+        raise ValueError("header length exceeds the file")
+    return json.loads(raw[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def diff_qparams(a: QParams, b: QParams) -> list[dict]:
+    """What changed from ``a`` to ``b``, one row per point that differs.
+
+    For each point: ``status`` (added, removed, spec, changed), the largest relative change of the
+    scale and the largest absolute change of the zero-point.
+    """
+    rows = []
+    for key in sorted(set(a.points) | set(b.points)):
+        pa, pb = a.points.get(key), b.points.get(key)
+        if pa is None or pb is None:
+            rows.append({"key": key, "status": "added" if pa is None else "removed"})
+        elif pa.spec != pb.spec or pa.scale.shape != pb.scale.shape:
+            rows.append({"key": key, "status": "spec", "from": pa.spec.short(), "to": pb.spec.short()})
+        else:
+            rel = float(np.max(np.abs(pb.scale.astype(np.float64) / pa.scale - 1.0), initial=0.0))
+            dz = int(np.max(np.abs(pb.zero_point.astype(np.int64) - pa.zero_point), initial=0))
+            if rel > 0 or dz > 0:
+                rows.append({"key": key, "status": "changed", "scale_rel_change": rel,
+                             "zero_point_change": dz})
+    for key in sorted(set(a.smoothing) | set(b.smoothing)):
+        fa, fb = a.smoothing.get(key), b.smoothing.get(key)
+        if fa is None or fb is None or fa.shape != fb.shape or not np.array_equal(fa, fb):
+            rows.append({"key": f"smoothing/{key}", "status": "changed"})
+    return rows
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` so that ``path`` holds either its old content or all of the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
