@@ -38,8 +38,15 @@ class PointParams:
 
     def __post_init__(self):
         object.__setattr__(self, "scale", np.asarray(self.scale, dtype=np.float32))
-        object.__setattr__(self, "zero_point",
-                           np.asarray(self.zero_point).astype(self.spec.numpy_dtype))
+        z = np.asarray(self.zero_point)
+        # Check before casting: a cast to uint8 would turn 300 into 44 and -1 into 255.
+        if z.dtype.kind not in "iu":
+            if not np.all(np.isfinite(z)) or not np.all(z == np.round(z)):
+                raise ValueError(f"zero_point must hold integers, got {z.ravel()[:3].tolist()}")
+        if z.size and (z.min() < self.spec.qmin or z.max() > self.spec.qmax):
+            raise ValueError(f"zero_point outside [{self.spec.qmin}, {self.spec.qmax}] of "
+                             f"{self.spec.onnx_type_name}: {z.ravel()[:3].tolist()}")
+        object.__setattr__(self, "zero_point", z.astype(self.spec.numpy_dtype))
 
     def validate(self, key: str) -> None:
         """Raise ValueError naming ``key`` if the parameters cannot be used as they are."""

@@ -83,3 +83,9 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     with pytest.raises(ValueError):
         save_qparams(bad, path)
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("z", [300, -1, 3.7, float("nan")])
+def test_out_of_range_zero_points_are_refused_not_wrapped(z):
+    with pytest.raises(ValueError, match="zero_point"):
+        PointParams(activation_spec(8), np.float32(0.1), np.asarray(z))

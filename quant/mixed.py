@@ -1,0 +1,130 @@
+"""Mixed precision 4/8/16: measure each point's sensitivity, then spend a bit budget on the most
+sensitive ones (design.md section 3).
+
+Sensitivity is the loss increase when one point alone is quantized at its low bit width, the rest of
+the model in float (the per-layer probe of HAWQ-style and on-device LLM deployments, without the
+Hessian). The plan is greedy: weights start at 4 bits (per group) and the ones with the largest
+sensitivity per extra bit go to 8 while the numel-weighted average stays within the budget;
+activations start at 8 bits and the most sensitive share goes to 16.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from quant.affine import range_to_qparams, tensor_range
+from quant.spec import QuantSpec, activation_spec, weight_spec
+
+
+class MixedBudget(BaseModel):
+    """How many bits the plan may spend."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    avg_weight_bits: float = Field(6.0, ge=4.0, le=8.0, description="numel-weighted mean weight bits")
+    weight_group_size: int | None = Field(64, ge=2, description="4-bit group size; None: per channel")
+    max_act16_share: float = Field(0.1, ge=0.0, le=1.0, description="share of activation points at 16 bits")
+
+
+def sensitivity(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, object], float],
+                keys: list[str], low_spec_for_key: Callable[[str], QuantSpec] | Mapping[str, QuantSpec]
+                ) -> dict[str, float]:
+    """Loss increase over float of quantizing each point of ``keys`` alone at its low spec.
+
+    ``model`` must have been through ``instrument.quantize_``; its quantizers are restored on return.
+    Weight qparams are min-max of the weights; activation qparams are min-max over ``batches``
+    (gathered during the float pass), a deliberately plain calibrator: it ranks points, it does not
+    produce their final ranges. ``loss_fn(model, batch)`` returns a float; the loss is the mean
+    over batches, under ``torch.no_grad``.
+    """
+    from quant.instrument import capture_inputs, quant_points
+
+    batches = list(batches)
+    points = quant_points(model)
+    unknown = [k for k in keys if k not in points]
+    if unknown:
+        raise ValueError(f"not quantization points of this model: {unknown[:5]}")
+    if any(q.mode == "learn" for q in points.values()):
+        raise ValueError("sensitivity needs no point in learn mode; set_mode(model, 'quant') first")
+    low = low_spec_for_key if callable(low_spec_for_key) else low_spec_for_key.__getitem__
+    saved = {k: (q.spec, q.scale.clone(), q.zero_point.clone(), q.mode, q.calibrated)
+             for k, q in points.items()}
+    act_keys = [k for k in keys if points[k].kind == "activations"]
+    lo = {k: np.inf for k in act_keys}
+    hi = {k: -np.inf for k in act_keys}
+
+    def track(key: str, x: torch.Tensor) -> None:
+        lo[key] = min(lo[key], float(x.min()))
+        hi[key] = max(hi[key], float(x.max()))
+
+    def mean_loss() -> float:
+        return float(np.mean([float(loss_fn(model, b)) for b in batches]))
+
+    try:
+        for q in points.values():
+            q.mode = "float"
+        with torch.no_grad():
+            with capture_inputs(model, track, act_keys):
+                base = mean_loss()
+            result = {}
+            for key in keys:
+                q, spec = points[key], low(key)
+                if q.kind == "weights":
+                    ql = model.get_submodule(key.rpartition(":")[0])
+                    s, z = range_to_qparams(*tensor_range(ql.effective_weight(), spec), spec)
+                else:
+                    s, z = range_to_qparams(lo[key], hi[key], spec)
+                q.set_qparams(s, z, spec)
+                q.mode = "quant"
+                result[key] = mean_loss() - base
+                q.mode = "float"
+    finally:
+        for k, (spec, s, z, mode, calibrated) in saved.items():
+            q = points[k]
+            q.spec, q.scale, q.zero_point, q.mode, q.calibrated = spec, s, z, mode, calibrated
+    return result
+
+
+def plan_mixed_precision(weight_sens: Mapping[str, float], act_sens: Mapping[str, float],
+                         weight_numels: Mapping[str, int], budget: MixedBudget) -> dict[str, QuantSpec]:
+    """Overrides for ``QuantConfig``: a spec for every key of ``weight_sens`` and ``act_sens``.
+
+    Weights: all at 4 bits, then promoted to 8 in decreasing order of sensitivity per extra bit
+    (``sens / (4 * numel)``), each one only if the numel-weighted average stays <= the budget
+    (greedy knapsack). Activations: all at 8 bits, then the most sensitive (positive sensitivity
+    only) go to 16, at most ``floor(max_act16_share * n)`` of them. Pure: no torch, no model.
+    """
+    missing = [k for k in weight_sens if k not in weight_numels]
+    if missing:
+        raise ValueError(f"no numel for weight points {missing[:5]}")
+    w4 = weight_spec(4, group_size=budget.weight_group_size)
+    w8 = weight_spec(8)
+    plan: dict[str, QuantSpec] = {k: w4 for k in weight_sens}
+    total = sum(int(weight_numels[k]) for k in weight_sens)
+    allowed_extra = (budget.avg_weight_bits - 4.0) * total  # extra bit-elements we may spend
+    spent = 0
+    order = sorted(weight_sens, key=lambda k: (-weight_sens[k] / (4.0 * weight_numels[k]), k))
+    for k in order:
+        extra = 4 * int(weight_numels[k])
+        if spent + extra <= allowed_extra:
+            plan[k] = w8
+            spent += extra
+
+    a8, a16 = activation_spec(8), activation_spec(16)
+    plan.update({k: a8 for k in act_sens})
+    n16 = int(np.floor(budget.max_act16_share * len(act_sens) + 1e-9))
+    ranked = sorted((k for k in act_sens if act_sens[k] > 0), key=lambda k: (-act_sens[k], k))
+    plan.update({k: a16 for k in ranked[:n16]})
+    return plan
+
+
+def average_weight_bits(plan: Mapping[str, QuantSpec], weight_numels: Mapping[str, int]) -> float:
+    """Numel-weighted mean bit width of the weight points of ``plan``."""
+    keys = [k for k in plan if k.endswith(":weight")]
+    total = sum(int(weight_numels[k]) for k in keys)
+    return sum(plan[k].bits * int(weight_numels[k]) for k in keys) / total
