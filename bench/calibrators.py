@@ -2,20 +2,23 @@
 
 Every method only chooses a range ``[lo, hi]``; all ranges go through the same
 ``range_to_qparams`` and ``fake_quant`` (ONNX semantics), so the SQNR compares the choice of range
-and nothing else. Run: ``.venv/bin/python bench/calibrators.py`` (synthetic activations) or call
-``main(source=...)`` with a function returning ``{name: array}`` of real activations.
+and nothing else. Run: ``.venv/bin/python bench/calibrators.py [--source real|synthetic]``.
+``real`` (the default) captures SmolLM2's activations on Shakespeare text from the training roles,
+as our PTQ sees them: the inputs of the activation points of the instrumented model (weights
+fake-quantized at the default W8, activations in float). Writes bench/results/calibrators.json.
 Not part of the test suite.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
+import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +31,10 @@ from quant.stats import grid_from_absmax, observe
 torch.set_num_threads(1)
 RESULTS = Path(__file__).resolve().parent / "results" / "calibrators.json"
 OURS = ("minmax", "percentile", "mse", "entropy")
+SPECS = (activation_spec(8), activation_spec(8, signed=True), activation_spec(4), activation_spec(16))
+REAL_POINTS = [f"model.layers.{i}.{m}:input" for i in (0, 14, 29) for m in (
+    "self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")] + ["lm_head:input"]
+TIE_DB = 0.01  # methods within this of the best SQNR on a tensor all count as best
 
 
 def sqnr_db(x: np.ndarray, lo: float, hi: float, spec: QuantSpec) -> float:
@@ -38,7 +45,11 @@ def sqnr_db(x: np.ndarray, lo: float, hi: float, spec: QuantSpec) -> float:
 
 
 def _torch_ranges(x: np.ndarray, spec: QuantSpec) -> dict[str, tuple[float, float]]:
-    """PyTorch HistogramObserver (its L2 ``_non_linear_param_search``) and MinMaxObserver."""
+    """PyTorch HistogramObserver (its L2 ``_non_linear_param_search``) and MinMaxObserver.
+
+    HistogramObserver searches for ``2 ** bits(dtype)`` levels whatever quant_min/quant_max say
+    (256 at 4 bits, 2^32 for qint32), so ``torch_histogram_levels`` also runs it with the spec's
+    own level count (``dst_nbins = 2 ** spec.bits``): PyTorch's search at the right precision."""
     from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 
     dtype = {8: torch.qint8 if spec.signed else torch.quint8, 4: torch.qint8 if spec.signed
@@ -47,9 +58,13 @@ def _torch_ranges(x: np.ndarray, spec: QuantSpec) -> dict[str, tuple[float, floa
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, cls in (("torch_histogram", HistogramObserver), ("torch_minmax", MinMaxObserver)):
+        for name, cls, levels in (("torch_histogram", HistogramObserver, None),
+                                  ("torch_histogram_levels", HistogramObserver, 2**spec.bits),
+                                  ("torch_minmax", MinMaxObserver, None)):
             try:
                 obs = cls(dtype=dtype, qscheme=qscheme, quant_min=spec.qmin, quant_max=spec.qmax)
+                if levels:
+                    obs.dst_nbins = levels
                 obs(torch.from_numpy(x.reshape(-1)))
                 if cls is HistogramObserver:
                     lo, hi = (float(v) for v in obs._non_linear_param_search())
@@ -151,29 +166,114 @@ def synthetic_activations(seed: int = 0, tokens: int = 1024, channels: int = 576
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def print_table(rows: list[dict]) -> None:
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+def real_activations(n_seqs: int = 8, seq_len: int = 256, batch: int = 2,
+                     keys: list[str] = REAL_POINTS) -> dict[str, np.ndarray]:
+    """SmolLM2's inputs at ``keys`` on ``n_seqs`` x ``seq_len`` tokens of training-role speeches
+    (shuffled, seed 0): float32 [tokens, channels] per point."""
+    from quant.instrument import QuantConfig, capture_inputs, quantize_
+    from simulation.models import load_smollm2
+    from simulation.sequences import to_sequences
+    from simulation.shakespeare import load_roles, split_roles
+
+    train, _ = split_roles(load_roles(), 0.1, 0)
+    texts = [s for r in train for s in r.speeches]
+    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]
+    model, tok = load_smollm2()
+    ids = to_sequences(texts, tok, seq_len, max_sequences=n_seqs)
+    quantize_(model, QuantConfig())
+    got: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+
+    def see(key: str, x: torch.Tensor) -> None:
+        got[key].append(x.reshape(-1, x.shape[-1]).float().numpy().copy())
+
+    with torch.no_grad(), capture_inputs(model, see, keys):
+        for b in ids.split(batch):
+            model(input_ids=b)
+    del model
+    return {k.removeprefix("model.").removesuffix(":input"): np.concatenate(v) for k, v in got.items()}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per spec: per tensor and method the SQNR and range; mean SQNR per method over the tensors;
+    how often each method is best (ties within TIE_DB all count); best of ours minus best peer."""
+    out = {}
     for spec in dict.fromkeys(r["spec"] for r in rows):
-        print(f"\nSQNR (dB) of fake-quant, {spec}")
-        print(f"{'tensor':<18}" + "".join(f"{m:>{max(len(m) + 1, 8)}}" for m in methods))
-        for tensor in dict.fromkeys(r["tensor"] for r in rows):
-            cells = {r["method"]: r["sqnr_db"] for r in rows if r["spec"] == spec and r["tensor"] == tensor}
-            print(f"{tensor:<18}" + "".join(
-                f"{'n/a' if cells.get(m) is None else f'{cells[m]:.2f}':>{max(len(m) + 1, 8)}}"
-                for m in methods))
+        tensors: dict[str, dict] = {}
+        for r in (r for r in rows if r["spec"] == spec):
+            t = tensors.setdefault(r["tensor"], {"shape": r["shape"], "methods": {}})
+            t["methods"][r["method"]] = ({"error": r["error"]} if "error" in r else
+                                         {k: r[k] for k in ("sqnr_db", "lo", "hi", "seconds")})
+        methods = list(dict.fromkeys(m for t in tensors.values() for m in t["methods"]))
+        best = dict.fromkeys(methods, 0)
+        margin = {}
+        for name, t in tensors.items():
+            db = {m: v["sqnr_db"] for m, v in t["methods"].items() if v.get("sqnr_db") is not None}
+            for m in db:
+                best[m] += db[m] >= max(db.values()) - TIE_DB
+            margin[name] = round(max(db[m] for m in OURS if m in db)
+                                 - max(v for m, v in db.items() if m not in OURS), 3)
+        sq = {m: [t["methods"].get(m, {}).get("sqnr_db") for t in tensors.values()] for m in methods}
+        mean = {m: round(float(np.mean(v)), 3) for m, v in sq.items() if None not in v}
+        out[spec] = {"tensors": tensors, "summary": {
+            "mean_sqnr_db": mean, "best_count": best, "n_tensors": len(tensors),
+            "ours_minus_best_peer_db": margin}}
+    return out
 
 
-def main(source: Callable[[], dict[str, np.ndarray]] = synthetic_activations,
-         specs: tuple[QuantSpec, ...] = (activation_spec(8), QuantSpec(bits=8, symmetric=True),
-                                         activation_spec(4), activation_spec(16)),
-         out: Path = RESULTS, bins: int = 2048) -> list[dict]:
-    tensors = source()
-    rows = [row for spec in specs for row in compare_calibrators(tensors, spec, bins)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    print_table(rows)
-    print(f"\nwrote {out}")
-    return rows
+def print_tables(result: dict) -> None:
+    for spec, res in result["specs"].items():
+        tensors, summ = res["tensors"], res["summary"]
+        methods = list(summ["best_count"])
+        print(f"\n### SQNR (dB) of fake-quant, {spec}\n")
+        print("| tensor | " + " | ".join(methods) + " | ours - best peer |")
+        print("|---" * (len(methods) + 2) + "|")
+        for name, t in tensors.items():
+            db = [t["methods"][m].get("sqnr_db") for m in methods]
+            top = max(v for v in db if v is not None)
+            cells = ["n/a" if v is None else f"**{v:.2f}**" if v >= top - TIE_DB else f"{v:.2f}"
+                     for v in db]
+            print(f"| {name} | " + " | ".join(cells) + f" | {summ['ours_minus_best_peer_db'][name]:+.2f} |")
+        print("| **mean** | " + " | ".join(
+            f"{summ['mean_sqnr_db'][m]:.2f}" if m in summ["mean_sqnr_db"] else "n/a" for m in methods) + " | |")
+        print(f"| **best (of {summ['n_tensors']})** | "
+              + " | ".join(str(summ["best_count"][m]) for m in methods) + " | |")
+
+
+def machine() -> dict:
+    import onnxruntime
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--source", choices=("real", "synthetic"), default="real")
+    ap.add_argument("--bins", type=int, default=2048, help="histogram bins of our statistics")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    tensors = real_activations() if args.source == "real" else synthetic_activations()
+    t_source = time.perf_counter() - t0
+    rows = []
+    for spec in SPECS:
+        rows += compare_calibrators(tensors, spec, args.bins)
+        print(f"{spec.short()}: done at {time.perf_counter() - t0:.0f} s", flush=True)
+    data = ("SmolLM2-135M-Instruct (default QuantConfig: W8 weights fake-quantized), inputs of "
+            "the activation points on 8 x 256 tokens of training-role speeches (split_roles 0.1, "
+            "seed 0; shuffled, seed 0)" if args.source == "real" else "synthetic_activations(seed=0)")
+    result = {"source": args.source, "data": data, "bins": args.bins, "tie_db": TIE_DB,
+              "machine": machine(), "source_seconds": round(t_source, 1),
+              "wall_seconds": round(time.perf_counter() - t0, 1), "specs": summarize(rows)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print_tables(result)
+    print(f"\nwrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

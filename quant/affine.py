@@ -7,14 +7,18 @@ saturation to the storage type's range). Conformance with ``onnx.reference`` is 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
-import torch
 
 from quant.spec import SCALE_FLOOR, QuantSpec
 
 
 def _is_torch(x) -> bool:
-    return isinstance(x, torch.Tensor)
+    # torch is imported only when a tensor comes in: the device path (scouting, statistics,
+    # evaluation on ONNX Runtime) must not need it (design.md section 5).
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _check_scale(scale) -> None:
@@ -37,6 +41,7 @@ def broadcast_param(p, spec: QuantSpec, x_shape: tuple[int, ...]):
     if tuple(p.shape) != expected:
         raise ValueError(f"per_group parameter has shape {tuple(p.shape)}, expected {expected}")
     if _is_torch(p):
+        import torch
         return torch.repeat_interleave(p, spec.group_size, dim=axis)
     return np.repeat(p, spec.group_size, axis=axis)
 
@@ -46,6 +51,7 @@ def quantize(x, scale, zero_point, spec: QuantSpec):
     an integer tensor (int32, since torch lacks uint16) for torch input."""
     _check_scale(scale)
     if _is_torch(x):
+        import torch
         s = broadcast_param(torch.as_tensor(scale, dtype=x.dtype, device=x.device), spec, x.shape)
         z = broadcast_param(torch.as_tensor(zero_point, device=x.device), spec, x.shape)
         q = torch.round(x / s).to(torch.float64) + z.to(torch.float64)
@@ -64,6 +70,7 @@ def quantize(x, scale, zero_point, spec: QuantSpec):
 def dequantize(q, scale, zero_point, spec: QuantSpec):
     """Integer to real, ONNX DequantizeLinear semantics: ``(q - z) * s`` in float32."""
     if _is_torch(q):
+        import torch
         s = broadcast_param(torch.as_tensor(scale, dtype=torch.float32, device=q.device), spec, q.shape)
         z = broadcast_param(torch.as_tensor(zero_point, device=q.device), spec, q.shape)
         return (q.to(torch.int32) - z.to(torch.int32)).to(torch.float32) * s

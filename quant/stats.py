@@ -338,7 +338,8 @@ def grid_from_absmax(absmaxes: Sequence[float], bins: int, margin: float = 1.25,
         raise ValueError("abs-max reports must be finite and non-negative")
     if margin < 1 or not 0 < quantile <= 1:
         raise ValueError(f"need margin >= 1 and 0 < quantile <= 1, got {margin}, {quantile}")
-    top = max(float(np.quantile(r, quantile)) * margin, 2.0**-40)
+    # inverted_cdf picks a reported value, never one interpolated towards a freak report
+    top = max(float(np.quantile(r, quantile, method="inverted_cdf")) * margin, 2.0**-40)
     if nonnegative:
         return Grid.snap(0.0, top, bins)
     half = bins // 2

@@ -1,0 +1,194 @@
+"""Aggregation rules (design.md section 4): pure functions over validated, decoded replies.
+
+Additive statistics are summed (exact: the federated result equals calibration on the pooled data,
+and a sum is what secure aggregation computes); per-channel abs-max is merged by max (exact).
+Learned-range updates are deltas of ``(log s, beta)`` (LSQ+ offset ``beta = -z s``): aggregated by a
+weighted mean or a robust rule, applied to the global ``(log s, beta)`` by a server optimizer, and
+the integer zero-point is derived only at the end: z means something only together with its s, so
+it is never averaged.
+
+The delta rules work on any ``dict[name, array]`` (e.g. ``LsqReply.delta_log_s`` and
+``.delta_beta``, separately or under prefixed names); every client must send the same names and
+shapes (server.validate makes sure of it).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from quant.calibrate import CalibratorConfig
+from quant.lsq import to_qparams
+from quant.ptq import activation_qparams
+from quant.qparams import PointParams
+from quant.spec import QuantSpec
+from quant.stats import ActivationStats, Grid, grid_from_absmax, merge_absmax, merge_all
+from quant.wire import ScoutReply
+
+Arrays = Mapping[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact rules: statistics and abs-max
+
+def sum_statistics(replies: Sequence[Mapping[str, ActivationStats]]) -> dict[str, ActivationStats]:
+    """Per point, the merge (sum of counts, min of mins, max of maxes, sum of n) of every reply
+    that has it: exact and independent of order and partition (design.md s. 4)."""
+    keys = list(dict.fromkeys(k for r in replies for k in r))
+    return {k: merge_all(r[k] for r in replies if k in r) for k in keys}
+
+
+def max_absmax(replies: Sequence[Arrays]) -> dict[str, np.ndarray]:
+    """Per point, the elementwise max of the per-channel abs-max vectors: exact, what SmoothQuant
+    (Xiao et al., ICML 2023) needs from the fleet."""
+    keys = list(dict.fromkeys(k for r in replies for k in r))
+    return {k: reduce(merge_absmax, [r[k] for r in replies if k in r]) for k in keys}
+
+
+def grids_from_scouting(replies: Sequence[ScoutReply], bins: int, margin: float = 1.25,
+                        quantile: float = 0.9) -> dict[str, Grid]:
+    """A histogram grid per point from the clients' scouting reports: a robust upper value of
+    their abs-max (``quant.stats.grid_from_absmax``), one-sided ``[0, A]`` when no client saw a
+    negative value. Points no client saw are left out."""
+    out = {}
+    for k in dict.fromkeys(k for r in replies for k in r.ranges):
+        seen = [r for r in replies if r.n.get(k, 0) > 0]
+        if seen:
+            nonneg = all(r.ranges[k][0] >= 0 for r in seen)
+            out[k] = grid_from_absmax([r.absmax[k] for r in seen], bins, margin, quantile, nonneg)
+    return out
+
+
+def ranges_for_profile(merged: Mapping[str, ActivationStats], specs_by_key: Mapping[str, QuantSpec],
+                       config: CalibratorConfig) -> dict[str, PointParams]:
+    """The activation (s, z) of one device profile from the merged statistics: the calibrator runs
+    once per profile because the best clipping depends on the bit width (design.md s. 4); the
+    same merged statistics serve every profile."""
+    missing = [k for k in specs_by_key if k not in merged]
+    if missing:
+        raise ValueError(f"no merged statistics for {missing[:3]} ({len(missing)} points)")
+    return activation_qparams({k: merged[k] for k in specs_by_key}, dict(specs_by_key), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned-range deltas
+
+def _stack(deltas: Sequence[Arrays]) -> dict[str, np.ndarray]:
+    """Per name, the clients' arrays stacked on a new first axis (float64)."""
+    if not deltas:
+        raise ValueError("no deltas to aggregate")
+    keys = set(deltas[0])
+    for i, d in enumerate(deltas):
+        if set(d) != keys:
+            raise ValueError(f"delta {i} has names {sorted(set(d) ^ keys)[:3]} that others lack")
+    out = {}
+    for k in deltas[0]:
+        shapes = {np.shape(d[k]) for d in deltas}
+        if len(shapes) != 1:
+            raise ValueError(f"{k}: deltas of different shapes {sorted(shapes)}")
+        out[k] = np.stack([np.asarray(d[k], dtype=np.float64) for d in deltas])
+    return out
+
+
+def weighted_mean(deltas: Sequence[Arrays], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """FedAvg's rule (McMahan et al., AISTATS 2017): the mean weighted by example counts. Not
+    robust: one client moves it without bound (cap the example count it may claim)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(deltas),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be one finite non-negative number per delta, not all zero")
+    w = w / w.sum()
+    return {k: np.tensordot(w, v, axes=1) for k, v in _stack(deltas).items()}
+
+
+def coordinate_median(deltas: Sequence[Arrays]) -> dict[str, np.ndarray]:
+    """Coordinate-wise median (Yin et al., ICML 2018, "Byzantine-Robust Distributed Learning"):
+    while fewer than half the clients are bad, each coordinate stays within the range of the good
+    clients' values. Unweighted: weighting by a claimed example count would reopen the attack."""
+    return {k: np.median(v, axis=0) for k, v in _stack(deltas).items()}
+
+
+def trimmed_mean(deltas: Sequence[Arrays], trim_fraction: float) -> dict[str, np.ndarray]:
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the
+    ``floor(trim_fraction * n)`` largest and smallest values and average the rest. With at most
+    that many bad clients each coordinate stays within the range of the good clients' values."""
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    n = len(deltas)
+    b = math.floor(trim_fraction * n)
+    return {k: np.sort(v, axis=0)[b:n - b].mean(axis=0) for k, v in _stack(deltas).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Server optimizers on the global (log s, beta)
+
+def fedavg_step(global_: Arrays, delta: Arrays, lr: float = 1.0) -> dict[str, np.ndarray]:
+    """``x + lr * delta``: FedAvg with a server learning rate (lr = 1 is plain FedAvg; Reddi et
+    al., ICLR 2021, call the aggregated delta a pseudo-gradient)."""
+    _same(global_, delta)
+    return {k: np.asarray(global_[k], dtype=np.float64) + lr * np.asarray(delta[k], dtype=np.float64)
+            for k in global_}
+
+
+def fedadam_step(global_: Arrays, delta: Arrays, state: Mapping[str, np.ndarray], lr: float = 1e-2,
+                 b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """FedAdam, Algorithm 2 of Reddi et al., "Adaptive Federated Optimization" (ICLR 2021):
+    ``m = b1 m + (1 - b1) d``, ``v = b2 v + (1 - b2) d^2``, ``x = x + lr m / (sqrt(v) + tau)``, with
+    ``m`` starting at 0 and ``v`` at ``tau^2`` (the paper's ``v_{-1} >= tau^2``) and no bias
+    correction, as in the paper (Flower's FedAdam adds one). ``state`` is a plain dict of arrays
+    (``m/<name>``, ``v/<name>``; empty at the start) so a checkpoint can hold it; the function
+    returns the new parameters and the new state and changes neither input."""
+    _same(global_, delta)
+    x_new, s_new = {}, {}
+    for k in global_:
+        x = np.asarray(global_[k], dtype=np.float64)
+        d = np.asarray(delta[k], dtype=np.float64)
+        m = np.asarray(state.get(f"m/{k}", np.zeros_like(x)), dtype=np.float64)
+        v = np.asarray(state.get(f"v/{k}", np.full_like(x, tau * tau)), dtype=np.float64)
+        if m.shape != x.shape or v.shape != x.shape:
+            raise ValueError(f"{k}: optimizer state has shape {m.shape}/{v.shape}, parameter {x.shape}")
+        m = b1 * m + (1 - b1) * d
+        v = b2 * v + (1 - b2) * d * d
+        x_new[k] = x + lr * m / (np.sqrt(v) + tau)
+        s_new[f"m/{k}"], s_new[f"v/{k}"] = m, v
+    return x_new, s_new
+
+
+def _same(a: Arrays, b: Arrays) -> None:
+    if set(a) != set(b):
+        raise ValueError(f"parameters and delta name different points: {sorted(set(a) ^ set(b))[:3]}")
+    for k in a:
+        if np.shape(a[k]) != np.shape(b[k]):
+            raise ValueError(f"{k}: parameter shape {np.shape(a[k])} != delta shape {np.shape(b[k])}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Between (s, z) and (log s, beta)
+
+def learned_from_qparams(points: Mapping[str, PointParams]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(log_s, beta)`` in float64 of each point, ``beta = -z s``: what ``quant.lsq.
+    init_from_qparams`` gives a client starting from these QParams, so a client's delta and the
+    server's global refer to the same point."""
+    log_s, beta = {}, {}
+    for k, p in points.items():
+        ls = np.log(p.scale.astype(np.float64))
+        log_s[k], beta[k] = ls, -p.zero_point.astype(np.float64) * np.exp(ls)
+    return log_s, beta
+
+
+def to_integer_qparams(log_s: Arrays, beta: Arrays, specs: Mapping[str, QuantSpec]) -> dict[str, PointParams]:
+    """Integer (s, z) from the aggregated ``(log s, beta)``: ``z = round(-beta / s)`` clamped
+    (``quant.lsq.to_qparams``). Derived here, at the end, never by averaging zero-points: the mean
+    of z_i pairs with none of the s_i (design.md s. 4)."""
+    _same(log_s, beta)
+    missing = sorted(set(specs) - set(log_s))
+    if missing:
+        raise ValueError(f"no (log s, beta) for {missing[:3]}")
+    out = {}
+    for k, spec in specs.items():
+        s, z = to_qparams(np.asarray(log_s[k], dtype=np.float64), np.asarray(beta[k], dtype=np.float64), spec)
+        out[k] = PointParams(spec, s, z)
+    return out
