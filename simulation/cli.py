@@ -78,7 +78,10 @@ def quality(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         try:
-            result = run_quality(cfg, out, progress=_progress_factory(progress))
+            result = run_quality(
+                cfg, out, progress=_progress_factory(progress),
+                on_row=lambda r: progress.console.print(
+                    f"{r['recipe']:<24} {r['calibration_data']:<20} PPL {r['ppl']:.2f}", highlight=False))
         except (FileNotFoundError, ValueError) as e:
             _fail(str(e))
     table = Table(title=f"{cfg.model}: perplexity on {result['eval_tokens']} held-out tokens "

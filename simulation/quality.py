@@ -68,8 +68,9 @@ def prepare_data(cfg: QualityConfig, tokenizer, vocab_size: int):
     return calib, rand, evals, {"train_roles": len(train), "heldout_roles": len(held)}
 
 
-def run_quality(cfg: QualityConfig, out: Path | None = None, progress=None) -> dict:
-    """Measure every row; write ``quality.json`` and ``quality.md`` under ``out``."""
+def run_quality(cfg: QualityConfig, out: Path | None = None, progress=None, on_row=None) -> dict:
+    """Measure every row; write ``quality.json`` and ``quality.md`` under ``out``.
+    ``progress(desc, total)`` gives a bar context; ``on_row(row)`` hears each finished row."""
     from simulation.models import load_model
     from simulation.sequences import perplexity
 
@@ -95,6 +96,8 @@ def run_quality(cfg: QualityConfig, out: Path | None = None, progress=None) -> d
     def row(name, weights, acts, data, calibrator, value):
         rows.append({"recipe": name, "weights": weights, "activations": acts, "calibration_data": data,
                      "calibrator": calibrator, "ppl": value})
+        if on_row:
+            on_row(rows[-1])
 
     float_ppl = ppl(model)
     row("float", "fp32", "fp32", "-", "-", float_ppl)
