@@ -1,0 +1,79 @@
+"""Regenerate the README's result tables from the JSON that produced them.
+
+    .venv/bin/python bench/readme_tables.py [--quality runs/quality/quality.json]
+
+Copies the quality run's JSON to bench/results/quality.json (so the README's numbers stay next to
+their source) and rewrites the blocks between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def quality_block(q: dict) -> str:
+    from simulation.quality import markdown_table
+
+    m, c = q["machine"], q["config"]
+    return (f"Measured by `fedquant quality` ({c['model']}, {c['calib_sequences']} calibration and "
+            f"{c['eval_sequences']} evaluation sequences of {c['seq_len']} tokens, {c['bins']} bins; "
+            f"{q['eval_tokens']} held-out tokens from {q['split']['heldout_roles']} unseen roles; "
+            f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {q['wall_s']:.0f} s; torch "
+            f"fake-quant, not yet the ONNX Runtime integer model). Source: `bench/results/quality.json`.\n\n"
+            + markdown_table(q))
+
+
+def calibrators_block(d: dict) -> str:
+    specs = list(d["specs"])
+    methods = ["minmax", "percentile", "mse", "entropy", "torch_histogram", "ort_entropy_2048",
+               "ort_percentile", "ort_distribution"]
+    lines = ["| mean SQNR (dB) over 13 points | " + " | ".join(specs) + " |",
+             "|---|" + "---|" * len(specs)]
+    for meth in methods:
+        cells = []
+        for s in specs:
+            summ = d["specs"][s]["summary"]
+            v = summ["mean_sqnr_db"].get(meth)
+            best = summ["best_count"].get(meth, 0)
+            cells.append("" if v is None else f"{v:.2f} (best on {best})")
+        lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+    m = d["machine"]
+    return ("Rows `minmax` ... `entropy` are ours; `torch_histogram` is PyTorch's HistogramObserver, "
+            "`ort_*` ONNX Runtime's calibrators. 'best on N': the points (of 13) where the method is "
+            f"within {d['tie_db']} dB of the best. {m['cpu']}, torch {m['torch']}, ORT "
+            f"{m['onnxruntime']}; `.venv/bin/python bench/calibrators.py` ({d['wall_seconds']:.0f} s).\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
+    new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
+    if not pat.search(text):
+        raise SystemExit(f"README.md has no <!-- {name}:begin --> block")
+    return pat.sub(lambda _: new, text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quality", type=Path, default=ROOT / "runs" / "quality" / "quality.json")
+    args = ap.parse_args()
+    readme = (ROOT / "README.md").read_text()
+    if args.quality.is_file() and args.quality.resolve() != (RESULTS / "quality.json").resolve():
+        shutil.copyfile(args.quality, RESULTS / "quality.json")
+    q = json.loads((RESULTS / "quality.json").read_text())
+    readme = replace_block(readme, "quality", quality_block(q))
+    readme = replace_block(readme, "calibrators",
+                           calibrators_block(json.loads((RESULTS / "calibrators.json").read_text())))
+    (ROOT / "README.md").write_text(readme)
+    print("README.md tables regenerated")
+
+
+if __name__ == "__main__":
+    main()
