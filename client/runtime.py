@@ -31,3 +31,296 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
         so.optimized_model_filepath = os.fspath(optimized_path)
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------ device runtime
+#
+# What a phone holds (design.md section 5): the QDQ model, its name map, the QParams it was made
+# with, the float weights/biases the integer ones are re-quantized from when a scale changes, and
+# the float graph that statistics are captured on. All numpy + onnxruntime + onnx: torch stays
+# out of the device path -- except that ``quant.export`` (qdq_values, patch_initializers,
+# add_outputs, onnx_encoding_names) imports torch at module level, so ``patch`` and
+# ``FloatCapture`` still pull it in until that import is made lazy there (reported).
+
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from quant.metrics import nll_sum_and_count  # noqa: E402
+from quant.qparams import QParams, atomic_write_bytes, load_qparams, save_qparams  # noqa: E402
+
+BUNDLE_FORMAT = "fedquant.device/1"
+
+
+class PatchRefused(ValueError):
+    """A QParams the runtime will not load; nothing was changed."""
+
+
+def weights_path(model_path) -> Path:
+    """``model.onnx`` -> ``model.weights.npz``: the float weights and biases of every Linear."""
+    return Path(model_path).with_suffix(".weights.npz")
+
+
+def qparams_path(model_path) -> Path:
+    """``model.onnx`` -> ``model.qparams.safetensors``: the QParams the model holds."""
+    return Path(model_path).with_suffix(".qparams.safetensors")
+
+
+def bundle_path(model_path) -> Path:
+    """``model.onnx`` -> ``model.device.json``: which files make up the device bundle."""
+    return Path(model_path).with_suffix(".device.json")
+
+
+def save_float_linears(linears: dict, model_path) -> Path:
+    """Write ``{path: (weight (out, in), bias or None)}`` (``quant.export.float_linears(model)``)
+    beside the QDQ model as an npz (no pickle: plain float32 arrays, ``w:<path>`` / ``b:<path>``)."""
+    import io
+
+    arrays = {}
+    for path, (w, b) in linears.items():
+        arrays[f"w:{path}"] = np.ascontiguousarray(w, np.float32)
+        if b is not None:
+            arrays[f"b:{path}"] = np.ascontiguousarray(b, np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(weights_path(model_path), buf.getvalue())
+
+
+def load_float_linears(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    out = {}
+    for k, w in arrays.items():
+        if k.startswith("w:"):
+            out[k[2:]] = (w, arrays.get(f"b:{k[2:]}"))
+    return out
+
+
+def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_weights: bool = True
+                       ) -> Path:
+    """Export side (needs torch): write everything ``DeviceRuntime`` loads, beside ``model_path``:
+    the QDQ model + name map (``quant.export.export_qdq``), the float weights (npz), the QParams
+    (safetensors) and ``model.device.json`` naming the float graph used for statistics."""
+    from quant.export import export_qdq, float_linears
+
+    export_qdq(model, qparams, model_path, float_onnx=float_onnx, u8_weights=u8_weights)
+    save_float_linears(float_linears(model), model_path)
+    save_qparams(qparams, qparams_path(model_path))
+    doc = {"format": BUNDLE_FORMAT, "float_onnx": str(Path(float_onnx).resolve()),
+           "u8_weights": bool(u8_weights)}
+    return atomic_write_bytes(bundle_path(model_path), json.dumps(doc, indent=1).encode())
+
+
+def _read_name_map(model_path) -> dict[str, tuple[str, str]]:
+    p = Path(model_path).with_suffix(".names.json")  # == quant.export.names_path
+    return {k: tuple(v) for k, v in json.loads(p.read_text()).items()}
+
+
+class DeviceRuntime:
+    """The integer runtime of one device: an ORT session over the QDQ model, patchable by
+    QParams key, plus (lazily) the float-graph session that statistics are captured on."""
+
+    def __init__(self, model_path, threads: int = 1, float_onnx=None):
+        import onnx
+
+        self.path = Path(model_path)
+        self.threads = int(threads)
+        meta = json.loads(bundle_path(self.path).read_text())
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{bundle_path(self.path)}: not a {BUNDLE_FORMAT} bundle")
+        self.u8_weights = bool(meta["u8_weights"])
+        self.float_onnx = Path(float_onnx or meta["float_onnx"])
+        self.name_map = _read_name_map(self.path)
+        self.linears = load_float_linears(weights_path(self.path))
+        self.qparams = load_qparams(qparams_path(self.path))
+        self.model = onnx.load(str(self.path))
+        from onnx import numpy_helper
+
+        self._inits = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer
+                       if t.name in self.name_map}
+        self.session = ort_session(self.model, threads=self.threads)
+        self._capture = None
+        self.last_patch: dict = {}
+
+    # -------------------------------------------------------------------- patching
+
+    def _check(self, qp: QParams) -> QParams:
+        """The merged QParams ``qp`` would give, or PatchRefused naming every problem."""
+        try:
+            qp.validate()
+        except ValueError as e:
+            raise PatchRefused(f"QParams refused: {e}") from None
+        errors = []
+        if int(qp.version) < int(self.qparams.version):
+            errors.append(f"version {qp.version} is older than the held version {self.qparams.version}")
+        if qp.model and self.qparams.model and qp.model != self.qparams.model:
+            errors.append(f"QParams are for model {qp.model!r}, this runtime holds {self.qparams.model!r}")
+        unknown = sorted(set(qp.points) - set(self.qparams.points))
+        if unknown:
+            errors.append(f"unknown keys (not quantization points of this model): {unknown[:5]}")
+        for key, p in qp.points.items():
+            old = self.qparams.points.get(key)
+            if old is None:
+                continue
+            if p.spec != old.spec:
+                errors.append(f"{key}: spec {p.spec.short()} differs from the runtime's "
+                              f"{old.spec.short()} (a different profile needs a different model)")
+            elif p.scale.shape != old.scale.shape:
+                errors.append(f"{key}: scale shape {p.scale.shape} != {old.scale.shape}")
+        unknown_s = sorted(set(qp.smoothing) - set(self.qparams.smoothing))
+        if unknown_s:
+            errors.append(f"smoothing for Linears the model has no smoothing Div for: {unknown_s[:5]}")
+        if errors:
+            raise PatchRefused("QParams refused: " + "; ".join(errors))
+        return QParams({**self.qparams.points, **qp.points}, self.qparams.model or qp.model,
+                       int(qp.version), {**self.qparams.smoothing, **qp.smoothing},
+                       {**self.qparams.meta, **qp.meta})
+
+    def _affected(self, merged: QParams) -> tuple[QParams, dict]:
+        """The part of ``merged`` that differs from the held QParams, widened to whole Linears
+        (a changed ``s_x`` moves the int32 bias, a changed ``s_w`` the weight and the bias), and
+        those Linears' float weights: what ``qdq_values`` must recompute."""
+        held = self.qparams
+
+        def same(a, b):
+            return b is not None and a.spec == b.spec and np.array_equal(a.scale, b.scale) \
+                and np.array_equal(a.zero_point, b.zero_point)
+
+        paths = {k.rsplit(":", 1)[0] for k, p in merged.points.items() if not same(p, held.points.get(k))}
+        paths |= {n for n, m in merged.smoothing.items()
+                  if not np.array_equal(m, held.smoothing.get(n, np.empty(0)))}
+        points = {k: p for k, p in merged.points.items() if k.rsplit(":", 1)[0] in paths}
+        sub = QParams(points, merged.model, merged.version,
+                      {n: m for n, m in merged.smoothing.items() if n in paths}, dict(merged.meta))
+        return sub, {p: self.linears[p] for p in paths if p in self.linears}
+
+    def patch(self, qparams: QParams) -> dict:
+        """Load ``qparams`` (all points or some; keys must be the model's, version not older):
+        overwrite the changed scales/zero-points and re-quantize the weights and int32 biases
+        that depend on them, then rebuild the session. All checks run first and a failure while
+        rebuilding restores the old initializers, so a refused patch changes nothing. Returns
+        timings ``{changed, compute_s, patch_s, session_s, total_s}`` (also ``last_patch``)."""
+        from quant.export import patch_initializers, qdq_values
+
+        t0 = time.perf_counter()
+        merged = self._check(qparams)
+        sub, linears = self._affected(merged)
+        try:  # only the Linears (and attention operands) whose parameters changed are recomputed
+            values, _ = qdq_values(sub, linears, self.u8_weights)
+        except ValueError as e:
+            raise PatchRefused(f"QParams refused: {e}") from None
+        missing = sorted(set(values) - set(self._inits))
+        if missing:
+            raise PatchRefused(f"QParams refused: they need initializers the model lacks: {missing[:5]}")
+        diff = {}
+        for n, v in values.items():
+            old = self._inits[n]
+            if v.shape != old.shape:
+                raise PatchRefused(f"QParams refused: {n}: shape {v.shape} != {old.shape}")
+            v = np.asarray(v).astype(old.dtype)
+            if not np.array_equal(v, old):
+                diff[n] = v
+        t1 = time.perf_counter()
+        if not diff:  # same values (e.g. a version bump only): keep the session
+            self.qparams = merged
+            self.last_patch = {"changed": 0, "compute_s": t1 - t0, "patch_s": 0.0,
+                               "session_s": 0.0, "total_s": t1 - t0}
+            return self.last_patch
+        saved = {n: self._inits[n] for n in diff}
+        patch_initializers(self.model, diff)
+        t2 = time.perf_counter()
+        try:
+            session = ort_session(self.model, threads=self.threads)
+        except Exception:
+            patch_initializers(self.model, saved)
+            raise
+        t3 = time.perf_counter()
+        self.session = session
+        self._inits.update(diff)
+        self.qparams = merged
+        self.last_patch = {"changed": len(diff), "compute_s": t1 - t0, "patch_s": t2 - t1,
+                           "session_s": t3 - t2, "total_s": t3 - t0}
+        return self.last_patch
+
+    # -------------------------------------------------------------------- inference
+
+    def logits(self, ids) -> np.ndarray:
+        return self.session.run(["logits"], {"input_ids": np.asarray(ids, dtype=np.int64)})[0]
+
+    def evaluate(self, sequences, batch_size: int = 8) -> tuple[float, int]:
+        """(summed next-token NLL, predicted tokens) over ``sequences`` [N, T], batch by batch."""
+        seqs = np.asarray(sequences, dtype=np.int64)
+        total, count = 0.0, 0
+        for i in range(0, len(seqs), batch_size):
+            ids = seqs[i:i + batch_size]
+            s, c = nll_sum_and_count(self.logits(ids), ids)
+            total, count = total + s, count + c
+        return total, count
+
+    # -------------------------------------------------------------------- statistics
+
+    @property
+    def capture(self) -> "FloatCapture":
+        if self._capture is None:
+            self._capture = FloatCapture(self.float_onnx, threads=self.threads)
+        return self._capture
+
+    def activation_keys(self) -> list[str]:
+        return sorted(k for k in self.qparams.points if not k.endswith(":weight"))
+
+    def activation_widths(self) -> dict[str, int]:
+        """Last-axis width of each activation point the weights tell (Linear inputs)."""
+        return {k: int(self.linears[k.rsplit(":", 1)[0]][0].shape[1]) for k in self.activation_keys()
+                if k.endswith(":input") and k.rsplit(":", 1)[0] in self.linears}
+
+    def float_activations(self, ids, keys):
+        """``{key: float32 input of the point}`` for one batch, from the float graph, divided by
+        the held smoothing factors where a Linear has them (what QuantLinear's capture sees)."""
+        return self.capture.run(ids, keys, self.qparams.smoothing)
+
+
+class FloatCapture:
+    """The float ONNX graph with the float input of quantization points exposed as extra outputs
+    (exposing them on the QDQ graph would break ORT's QDQ fusion, design.md section 5). One
+    session per set of exposed tensors, built on first use; run one batch at a time."""
+
+    def __init__(self, float_onnx, threads: int = 1):
+        import onnx
+
+        from quant.export import onnx_encoding_names
+
+        self.model = onnx.load(str(float_onnx))
+        self.threads = threads
+        self.tensors = {k: v for k, v in onnx_encoding_names(self.model).items()
+                        if not k.endswith(":weight")}
+        self._sessions: dict[tuple[str, ...], object] = {}
+
+    def session(self, names: tuple[str, ...]):
+        if names not in self._sessions:
+            import onnx
+
+            from quant.export import _prune, add_outputs
+
+            mp = onnx.ModelProto()
+            mp.CopyFrom(self.model)
+            del mp.graph.output[:]  # only the exposed tensors: the lm_head and softmax are pruned
+            add_outputs(mp, names)
+            _prune(mp.graph)
+            self._sessions = {names: ort_session(mp, threads=self.threads)}  # keep one
+        return self._sessions[names]
+
+    def run(self, ids, keys, smoothing=None) -> dict[str, np.ndarray]:
+        unknown = [k for k in keys if k not in self.tensors]
+        if unknown:
+            raise ValueError(f"not activation points of the float graph: {unknown[:5]}")
+        names = tuple(sorted({self.tensors[k] for k in keys}))
+        outs = self.session(names).run(list(names), {"input_ids": np.asarray(ids, dtype=np.int64)})
+        by_name = dict(zip(names, outs))
+        got = {}
+        for k in keys:
+            x = by_name[self.tensors[k]]
+            m = (smoothing or {}).get(k.rsplit(":", 1)[0]) if k.endswith(":input") else None
+            got[k] = x if m is None else x / np.asarray(m, np.float32)
+        return got

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.affine import dequantize, quantize
@@ -47,19 +46,26 @@ _SCOPES = "pkg.torch.onnx.name_scopes"
 _WRAP = "lm"  # attribute holding the model inside the export wrapper; stripped from module paths
 
 
-class _LogitsOnly(torch.nn.Module):
-    """``input_ids -> logits`` without cache, so the graph has one input and one output."""
+def _logits_only(model):
+    """``input_ids -> logits`` without cache, so the graph has one input and one output.
+    torch is imported here, not at module load: patching on a phone needs only onnx + numpy."""
+    import torch
 
-    def __init__(self, model):
-        super().__init__()
-        self.lm = model
+    class _LogitsOnly(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.lm = model
 
-    def forward(self, input_ids):
-        return self.lm(input_ids=input_ids, use_cache=False).logits
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    return _LogitsOnly(model)
 
 
 def float_linears(model) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """``{module path: (weight (out, in), bias or None)}`` of every nn.Linear, as float32 numpy."""
+    import torch
+
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
@@ -191,6 +197,8 @@ def _export(model, batch: int, seq_len: int, dynamic: bool, opset: int) -> onnx.
     attn_impl = getattr(model.config, "_attn_implementation", None)
     if attn_impl is not None and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
+    import torch
+
     ids = torch.zeros((max(batch, 2) if dynamic else batch, seq_len), dtype=torch.long)
     kw = {}
     if dynamic:
@@ -200,7 +208,7 @@ def _export(model, batch: int, seq_len: int, dynamic: bool, opset: int) -> onnx.
         with tempfile.TemporaryDirectory() as tmp:
             f = Path(tmp) / "float.onnx"
             with torch.no_grad():
-                torch.onnx.export(_LogitsOnly(model).eval(), (ids,), str(f), dynamo=True,
+                torch.onnx.export(_logits_only(model).eval(), (ids,), str(f), dynamo=True,
                                   opset_version=opset, input_names=["input_ids"],
                                   output_names=["logits"], verbose=False, external_data=False, **kw)
             mp = onnx.load(str(f))

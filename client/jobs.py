@@ -1,0 +1,142 @@
+"""The client's jobs: plain functions of (runtime, instruction, local data) -> reply and metrics
+(design.md sections 4 and 5). numpy + onnxruntime only (through client.runtime).
+
+Local data is an int array ``[N, T]`` of token ids, taken ``batch_size`` sequences at a time
+(lowered to fit the profile's memory budget). Every job returns metrics with ``num-examples``
+(sequences), ``wall_s``, ``batch_size``, and two memory figures, which measure different things:
+``numpy_peak_mb`` is tracemalloc's peak of Python/numpy allocations during the job (ORT's output
+arrays are numpy arrays, so the exposed activations are counted; ORT's internal arena is not) and
+``max_rss_mb`` is the process's resident high-water mark from resource.getrusage (it includes
+everything, but never goes down, so it bounds the job from above rather than measuring it).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+import tracemalloc
+from contextlib import contextmanager
+
+import numpy as np
+
+from client.profiles import DeviceProfile, plan_batch
+from client.runtime import DeviceRuntime
+from quant.stats import ActivationStats, channel_absmax, merge, merge_absmax, observe
+from quant.wire import Instruction, ScoutReply, StatsReply
+
+
+@contextmanager
+def _measured(metrics: dict):
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    t0 = time.perf_counter()
+    try:
+        yield metrics
+    finally:
+        metrics["wall_s"] = time.perf_counter() - t0
+        metrics["numpy_peak_mb"] = (tracemalloc.get_traced_memory()[1] - base) / 2**20
+        if started:
+            tracemalloc.stop()
+        metrics["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sequences(data) -> np.ndarray:
+    seqs = np.asarray(data, dtype=np.int64)
+    if seqs.ndim != 2 or seqs.shape[0] == 0 or seqs.shape[1] < 2:
+        raise ValueError(f"local data must be token ids [N >= 1, T >= 2], got shape {seqs.shape}")
+    return seqs
+
+
+def _exposed_widths(rt: DeviceRuntime, keys) -> list[int]:
+    """Width of each distinct float tensor the capture exposes for ``keys`` (the widest Linear
+    input for points whose width the weights do not tell, e.g. attention operands)."""
+    widths = rt.activation_widths()
+    widest = max(widths.values(), default=1)
+    by_tensor = {}
+    for k in keys:
+        by_tensor[rt.capture.tensors.get(k, k)] = widths.get(k, widest)
+    return list(by_tensor.values())
+
+
+def _keys(rt: DeviceRuntime, ins: Instruction) -> list[str]:
+    keys = list(ins.keys) or rt.activation_keys()
+    unknown = [k for k in keys if k not in rt.capture.tensors]
+    if unknown:
+        raise ValueError(f"instruction names points this model does not have: {unknown[:5]}")
+    return keys
+
+
+def _batches(rt, seqs, keys, batch_size, profile, what):
+    b = plan_batch(batch_size, seqs.shape[1], _exposed_widths(rt, keys), profile, what)
+    for i in range(0, len(seqs), b):
+        yield b, seqs[i:i + b], rt.float_activations(seqs[i:i + b], keys)
+
+
+def scout(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
+          profile: DeviceProfile | None = None) -> tuple[ScoutReply, dict]:
+    """Observed (min, max) and value count per point of ``ins.keys`` on the float graph."""
+    seqs = _sequences(data)
+    keys = _keys(rt, ins)
+    lo = {k: math.inf for k in keys}
+    hi = {k: -math.inf for k in keys}
+    n = {k: 0 for k in keys}
+    metrics = {"num-examples": len(seqs)}
+    with _measured(metrics):
+        for b, _, acts in _batches(rt, seqs, keys, batch_size, profile, "scout"):
+            for k, x in acts.items():
+                if np.isnan(x).any():
+                    raise ValueError(f"{k}: activation has NaN values")
+                lo[k], hi[k] = min(lo[k], float(x.min())), max(hi[k], float(x.max()))
+                n[k] += x.size
+            del acts
+        metrics["batch_size"] = b
+    return ScoutReply({k: (lo[k], hi[k]) for k in keys}, n), metrics
+
+
+def statistics(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
+               profile: DeviceProfile | None = None) -> tuple[StatsReply, dict]:
+    """ActivationStats on the instruction's grid per key, merged batch by batch, and per-channel
+    abs-max for the keys in ``ins.absmax`` (their channel count is checked)."""
+    if ins.job != "stats":
+        raise ValueError(f"statistics job got a {ins.job!r} instruction")
+    seqs = _sequences(data)
+    keys = _keys(rt, ins)
+    stats: dict[str, ActivationStats] = {}
+    absmax: dict[str, np.ndarray] = {}
+    metrics = {"num-examples": len(seqs)}
+    with _measured(metrics):
+        for b, _, acts in _batches(rt, seqs, keys, batch_size, profile, "statistics"):
+            for k, x in acts.items():
+                s = observe(x, ins.grids[k])
+                stats[k] = merge(stats[k], s) if k in stats else s
+                if k in ins.absmax:
+                    m = channel_absmax(x, axis=-1)
+                    absmax[k] = merge_absmax(absmax[k], m) if k in absmax else m
+            del acts
+        metrics["batch_size"] = b
+    for k, c in ins.absmax.items():
+        if absmax[k].shape != (c,):
+            raise ValueError(f"{k}: the server expects {c} channels, the activation has {absmax[k].shape[0]}")
+    return StatsReply(stats, absmax), metrics
+
+
+def evaluate(rt: DeviceRuntime, ins: Instruction | None, data, batch_size: int = 8,
+             profile: DeviceProfile | None = None) -> dict:
+    """Perplexity of the integer runtime on held-out ``data``. With an instruction, its QParams
+    are patched in first (a refused patch raises, nothing changed)."""
+    seqs = _sequences(data)
+    metrics = {"num-examples": len(seqs)}
+    with _measured(metrics):
+        if ins is not None and ins.qparams.points:
+            metrics["patch_s"] = rt.patch(ins.qparams)["total_s"]
+        vocab = int(rt.linears["lm_head"][0].shape[0]) if "lm_head" in rt.linears else \
+            max(w.shape[0] for w, _ in rt.linears.values())
+        b = plan_batch(batch_size, seqs.shape[1], [vocab], profile, "evaluate")
+        total, count = rt.evaluate(seqs, batch_size=b)
+        metrics.update({"batch_size": b, "nll_sum": total, "tokens": count,
+                        "perplexity": float(np.exp(total / count)), "version": int(rt.qparams.version)})
+    return metrics
