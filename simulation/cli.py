@@ -95,6 +95,36 @@ def quality(
     err.print(f"wrote {out / 'quality.json'} and {out / 'quality.md'} in {result['wall_s']} s")
 
 
+@app.command()
+def export(
+    qparams: Path = typer.Option(..., "--qparams", "-q", help="QParams file (.safetensors) made for this model"),
+    model: str = typer.Option("smollm2", help="smollm2, tiny-llama, tiny-qwen2, an HF directory or a .gguf"),
+    out: Path = typer.Option(..., "--out", help="directory for the device bundle"),
+) -> None:
+    """Export a model + QParams to what a phone runs: the ONNX QDQ model with its name map, the
+    float graph for statistics, the float weights for re-quantizing, and AIMET/QNN encodings."""
+    _quiet_env()
+    from client.runtime import save_device_bundle
+    from quant.export import export_float_onnx, write_encodings_json
+    from quant.instrument import fingerprint
+    from quant.qparams import load_qparams
+    from simulation.models import load_model
+
+    try:
+        m, _ = load_model(model)
+        qp = load_qparams(qparams, expect_model=fingerprint(m))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    with err.status("exporting the float graph (SmolLM2: a few minutes)"):
+        export_float_onnx(m, out / "float.onnx")
+    with err.status("writing the QDQ model and the device bundle"):
+        save_device_bundle(m, qp, out / "model.qdq.onnx", float_onnx=out / "float.onnx")
+        write_encodings_json(qp, out / "encodings.json")
+    for f in sorted(out.iterdir()):
+        err.print(f"{f}  {f.stat().st_size / 2**20:.1f} MB", highlight=False)
+
+
 def main() -> None:  # pragma: no cover
     app(prog_name="fedquant")
 

@@ -21,9 +21,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from quant.calibrate import CalibratorConfig
-from quant.instrument import QuantConfig, fingerprint, quantize_, set_mode, set_qparams
+from quant.instrument import (QuantConfig, fingerprint, get_qparams, quantize_, set_mode,
+                              set_qparams)
 from quant.ptq import activation_qparams, activation_specs, collect_stats, grids_for, scout_ranges
-from quant.qparams import QParams
+from quant.qparams import QParams, save_qparams
 from quant.spec import activation_spec, weight_spec
 
 Method = Literal["minmax", "percentile", "mse", "entropy"]
@@ -69,7 +70,8 @@ def prepare_data(cfg: QualityConfig, tokenizer, vocab_size: int):
 
 
 def run_quality(cfg: QualityConfig, out: Path | None = None, progress=None, on_row=None) -> dict:
-    """Measure every row; write ``quality.json`` and ``quality.md`` under ``out``.
+    """Measure every row; write ``quality.json``, ``quality.md`` and each recipe's QParams
+    (``qparams/<recipe>.safetensors``) under ``out``.
     ``progress(desc, total)`` gives a bar context; ``on_row(row)`` hears each finished row."""
     from simulation.models import load_model
     from simulation.sequences import perplexity
@@ -121,6 +123,9 @@ def run_quality(cfg: QualityConfig, out: Path | None = None, progress=None, on_r
                 points = activation_qparams(stats, specs, cal)
                 set_qparams(m, QParams(points, model=fingerprint(m)))
                 set_mode(m, "quant", "activations")
+                if out is not None:  # each recipe's QParams, ready for `fedquant export`
+                    tag = f"{label_w}{label_a}-{method}-{source_name.split()[0]}"
+                    save_qparams(get_qparams(m), out / "qparams" / f"{tag}.safetensors")
                 row(f"{label_w}{label_a} {method}", label_w, label_a, source_name,
                     method if method != "percentile" else f"percentile {cfg.percentile}", ppl(m))
 

@@ -41,3 +41,40 @@ def test_quality_table_on_the_tiny_model(tmp_path):
     assert recipes[0] == "float" and "W8A8 mse" in recipes and "W8A16 minmax" in recipes
     assert all(r["ppl"] > 1 and abs(r["increase_pct"]) < 50 for r in data["rows"])
     assert (tmp_path / "q" / "quality.md").read_text().startswith("| recipe |")
+    saved = sorted(p.name for p in (tmp_path / "q" / "qparams").iterdir())
+    assert "W8A8-mse-real.safetensors" in saved and "W8A16-minmax-real.safetensors" in saved
+
+
+def test_export_writes_a_device_bundle_that_runs(tmp_path):
+    import numpy as np
+
+    from client.runtime import DeviceRuntime
+    from quant.instrument import QuantConfig, get_qparams, quantize_
+    from quant.qparams import save_qparams
+    from simulation.models import tiny_llama
+
+    m = tiny_llama()
+    quantize_(m, QuantConfig())  # min-max weights; activations not calibrated: weight points only
+    save_qparams(get_qparams(m), tmp_path / "q.safetensors")
+    result = runner.invoke(app, ["export", "--model", "tiny-llama", "--qparams", str(tmp_path / "q.safetensors"),
+                                 "--out", str(tmp_path / "bundle")])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in (tmp_path / "bundle").iterdir()}
+    assert {"model.qdq.onnx", "float.onnx", "encodings.json"} <= names
+    rt = DeviceRuntime(tmp_path / "bundle" / "model.qdq.onnx")
+    logits = rt.logits(np.zeros((1, 8), dtype=np.int64))
+    assert logits.shape == (1, 8, 257) and np.all(np.isfinite(logits))
+
+
+def test_export_refuses_qparams_of_another_model(tmp_path):
+    from quant.instrument import QuantConfig, get_qparams, quantize_
+    from quant.qparams import save_qparams
+    from simulation.models import tiny_llama
+
+    m = tiny_llama(hidden_size=32)
+    quantize_(m, QuantConfig())
+    save_qparams(get_qparams(m), tmp_path / "q.safetensors")
+    result = runner.invoke(app, ["export", "--model", "tiny-llama", "--qparams", str(tmp_path / "q.safetensors"),
+                                 "--out", str(tmp_path / "bundle")])
+    assert result.exit_code == 2 and "for model" in result.output
+    assert not (tmp_path / "bundle").exists()
