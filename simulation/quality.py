@@ -126,7 +126,8 @@ def run_quality(cfg: QualityConfig, out: Path | None = None, progress=None, on_r
                 if out is not None:  # each recipe's QParams, ready for `fedquant export`
                     tag = f"{label_w}{label_a}-{method}-{source_name.split()[0]}"
                     save_qparams(get_qparams(m), out / "qparams" / f"{tag}.safetensors")
-                row(f"{label_w}{label_a} {method}", label_w, label_a, source_name,
+                row(f"{label_w}{label_a} {method}", "int8 per-channel",
+                    f"{activation_type_label(specs)} per-tensor", source_name,
                     method if method != "percentile" else f"percentile {cfg.percentile}", ppl(m))
 
     m = instrumented(activation_spec(8))
@@ -154,6 +155,11 @@ def run_quality(cfg: QualityConfig, out: Path | None = None, progress=None, on_r
         (out / "quality.json").write_text(json.dumps(result, indent=2))
         (out / "quality.md").write_text(markdown_table(result))
     return result
+
+
+def activation_type_label(specs: dict) -> str:
+    """'uint8', 'int16', ... : the storage type of the model's activation points."""
+    return ", ".join(sorted({sp.onnx_type_name for sp in specs.values()}))
 
 
 def markdown_table(result: dict) -> str:

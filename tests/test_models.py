@@ -147,38 +147,36 @@ def test_cache_write_is_atomic(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_converts_once_then_loads_from_cache(capsys):
-    with tempfile.TemporaryDirectory() as d:  # 0.5 GB: not left to pytest's kept tmp dirs
-        _check_smollm2(Path(d) / "smollm2", capsys)
+    # 0.5 GB: a temporary directory, not one of pytest's kept tmp dirs
+    with tempfile.TemporaryDirectory() as d:
+        cache = Path(d) / "smollm2"
+        t = time.perf_counter()
+        m1, tok = load_smollm2(cache_dir=cache)
+        first = time.perf_counter() - t
+        assert "converting SmolLM2 GGUF" in capsys.readouterr().err
+        assert (cache / "SOURCE_SHA256").is_file() and (cache / "model.safetensors").is_file()
+        assert not [p for p in cache.parent.iterdir() if ".tmp-" in p.name]
+        ids = torch.tensor([tok.encode("To be, or not to be, that is the question:")])
+        with torch.no_grad():
+            l1 = m1(input_ids=ids).logits
+        del m1
+        t = time.perf_counter()
+        m2, tok2 = load_smollm2(cache_dir=cache)
+        second = time.perf_counter() - t
+        assert "converting" not in capsys.readouterr().err
+        print(f"SmolLM2 load: first (GGUF + cache write) {first:.1f} s, from cache {second:.1f} s")
+        assert type(m2).__name__ == "LlamaForCausalLM" and not m2.training
+        assert sum(p.numel() for p in m2.parameters()) == SMOLLM2_PARAMS
+        assert m2.config.tie_word_embeddings and m2.lm_head.weight is m2.model.embed_tokens.weight
+        assert getattr(m2.config, "quantization_config", None) is None
+        assert tok2.encode("To be") == tok.encode("To be") and tok2.eos_token_id == tok.eos_token_id
+        with torch.no_grad():
+            assert torch.equal(m2(input_ids=ids).logits, l1)
 
-
-def _check_smollm2(cache, capsys):
-    t = time.perf_counter()
-    m1, tok = load_smollm2(cache_dir=cache)
-    first = time.perf_counter() - t
-    assert "converting SmolLM2 GGUF" in capsys.readouterr().err
-    assert (cache / "SOURCE_SHA256").is_file() and (cache / "model.safetensors").is_file()
-    assert not [p for p in cache.parent.iterdir() if ".tmp-" in p.name]
-    ids = torch.tensor([tok.encode("To be, or not to be, that is the question:")])
-    with torch.no_grad():
-        l1 = m1(input_ids=ids).logits
-    del m1
-    t = time.perf_counter()
-    m2, tok2 = load_smollm2(cache_dir=cache)
-    second = time.perf_counter() - t
-    assert "converting" not in capsys.readouterr().err
-    print(f"SmolLM2 load: first (GGUF + cache write) {first:.1f} s, from cache {second:.1f} s")
-    assert type(m2).__name__ == "LlamaForCausalLM" and not m2.training
-    assert sum(p.numel() for p in m2.parameters()) == SMOLLM2_PARAMS
-    assert m2.config.tie_word_embeddings and m2.lm_head.weight is m2.model.embed_tokens.weight
-    assert getattr(m2.config, "quantization_config", None) is None
-    assert tok2.encode("To be") == tok.encode("To be") and tok2.eos_token_id == tok.eos_token_id
-    with torch.no_grad():
-        assert torch.equal(m2(input_ids=ids).logits, l1)
-
-    # Held-out Shakespeare roles: 32 x 256 tokens measured 94.4 (float32); these 8 gave 86.1.
-    _, held = split_roles(load_roles(), 0.1, seed=0)
-    seqs = to_sequences([s for r in held for s in r.speeches], tok2, 256, max_sequences=8)
-    assert seqs.shape == (8, 256)
-    ppl = perplexity(m2, seqs)
-    print(f"SmolLM2 float perplexity on 8 held-out Shakespeare sequences of 256 tokens: {ppl:.1f}")
-    assert math.isfinite(ppl) and 30 < ppl < 300
+        # Held-out Shakespeare roles: 32 x 256 tokens measured 94.4 (float32); these 8 gave 86.1.
+        _, held = split_roles(load_roles(), 0.1, seed=0)
+        seqs = to_sequences([s for r in held for s in r.speeches], tok2, 256, max_sequences=8)
+        assert seqs.shape == (8, 256)
+        ppl = perplexity(m2, seqs)
+        print(f"SmolLM2 float perplexity on 8 held-out Shakespeare sequences of 256 tokens: {ppl:.1f}")
+        assert math.isfinite(ppl) and 30 < ppl < 300
