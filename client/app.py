@@ -1,0 +1,462 @@
+"""The fedquant ClientApp (Flower 1.42 Message API): protocol ``fedquant.flower/1``.
+
+This docstring is the protocol as the client implements it (the plan's protocol.md is the
+contract it was written from). Everything a message asks is answered by :func:`handle`, a plain
+function of ``(message_type, content, node_config, run_config, state) -> RecordDict`` that the
+three decorated Flower functions wrap, so tests and benches can call it without Flower's runtime.
+
+Where a node finds things
+    run_config ``device-dir``: a device directory (client/device.py: fleet.json, clients/<pid>.npz,
+    <profile>/model.onnx + profile.json + quant_config.json, torch/). node_config ``partition-id``
+    (set by Flower in simulation, by the operator in a fleet) picks the node's entry in fleet.json;
+    node_config ``profile`` and ``data-path`` (absolute, or relative to the device dir), when
+    present, win over that entry. The node's ``client-id`` is its partition id (else the stem of
+    its data path).
+
+Messages (server -> client) and OK replies
+    ``query``, config ``{"fedquant": "hello"}``
+        -> ``info`` ConfigRecord ``client-id`` str, ``profile`` str, ``train-examples``,
+           ``test-examples``, ``held-version`` int; ``metrics`` ``{"num-examples": train-examples}``.
+    ``train`` (jobs ``scout``, ``stats``, ``lsq``) and ``evaluate`` (job ``eval``), content
+        ``arrays`` ArrayRecord (flat of ``quant.wire.encode_instruction``), ``config`` ConfigRecord
+        ``header`` (json), ``profile`` (whose QParams these are), ``batch-size`` int, ``learn``
+        (json of client.learn.LearnConfig fields, lsq only; its batch_size defaults to batch-size)
+        -> scout/stats/lsq: ``arrays`` (flat of the encoded reply), ``config`` ``{"header": json}``,
+           ``metrics``; eval: ``metrics`` only (``num-examples``, ``nll_sum``, ``tokens``,
+           ``perplexity``, ``version``, ...). Metrics hold plain int/float only (others dropped).
+        scout/stats/eval run on the onnxruntime device runtime (client.jobs), lsq on the
+        instrumented torch model (client.learn); scout/stats/lsq use the node's ``train`` split,
+        eval its ``test`` split.
+
+Patching and the held version
+    ``context.state["held"]`` (ConfigRecord ``{"version": int}``) is the QParams version the node
+    last accepted; before the first it is the version the device bundle was installed with.
+    eval always patches the instruction's QParams into the runtime first; scout/stats/lsq patch
+    them when their version is newer than the held one (statistics are then taken on the float
+    graph with the instruction's smoothing, which the patch installs). An instruction older than
+    the held version is refused. Every check (profile, decoding, job, version, data, memory
+    budget, keys) runs before the patch, and the runtime's patch is atomic, so an error reply
+    means nothing was patched and ``held`` is unchanged. (A failure of the job itself *after* an
+    accepted patch keeps the patch: the QParams were valid and the held version records them.)
+
+Error reply (nothing patched, nothing changed): ``{"error": ConfigRecord({"code", "reason"})}``,
+    codes ``unknown_profile`` (the message's profile is not the node's, or the node's profile is
+    not installed), ``bad_instruction`` (the instruction does not decode -- the reason starts
+    with the quant.wire code, e.g. ``shape: ...`` -- or names points the model lacks, or the job
+    config is malformed), ``stale_version``, ``unknown_job`` (message type, hello verb or job),
+    ``patch_refused``, ``memory_budget``, ``no_data`` (no device dir, node or data), and
+    ``job_failed`` (anything else: exception type and message in the reason).
+
+Caches (module level, so a process serving many nodes loads each model once): DeviceRuntime and
+DeviceProfile per (device-dir, profile), the instrumented torch model per (device-dir, profile)
+(built only when an lsq job arrives: torch is imported only then), node data per (device-dir,
+data file). The device path (query, scout, stats, eval) imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import device, jobs
+from client.profiles import DeviceProfile, MemoryBudgetError, plan_batch
+from client.runtime import DeviceRuntime, PatchRefused, qparams_path
+from quant.qparams import load_qparams
+from quant.wire import (Instruction, WireError, decode_instruction, encode_scout_reply,
+                        encode_stats_reply, encode_lsq_reply)
+
+PROTOCOL = "fedquant.flower/1"
+TRAIN_JOBS = ("scout", "stats", "lsq")
+EVAL_JOBS = ("eval",)
+ERROR_CODES = ("unknown_profile", "bad_instruction", "stale_version", "unknown_job", "patch_refused",
+               "memory_budget", "no_data", "job_failed")
+_INT64 = 2**63 - 1
+
+
+class Refused(Exception):
+    """A message the client will not execute; becomes an error reply with ``code``."""
+
+    def __init__(self, code: str, reason: str):
+        assert code in ERROR_CODES, code
+        super().__init__(f"{code}: {reason}")
+        self.code, self.reason = code, reason
+
+
+# ------------------------------------------------------------------------------ caches
+
+_LOCK = threading.RLock()
+_RUNTIMES: dict[tuple[str, str], DeviceRuntime] = {}
+_PROFILES: dict[tuple[str, str], DeviceProfile] = {}
+_INSTALLED: dict[tuple[str, str], int] = {}
+_TORCH: dict[tuple[str, str], object] = {}
+_DATA: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+
+
+def clear_caches() -> None:
+    """Forget every loaded model and dataset (tests; a process normally keeps them)."""
+    with _LOCK:
+        for c in (_RUNTIMES, _PROFILES, _INSTALLED, _TORCH, _DATA):
+            c.clear()
+
+
+def _cached(cache: dict, key, load):
+    with _LOCK:  # one load per key even if a process runs nodes on threads
+        if key not in cache:
+            cache[key] = load()
+        return cache[key]
+
+
+def get_profile(device_dir: str, profile: str) -> DeviceProfile:
+    try:
+        return _cached(_PROFILES, (device_dir, profile), lambda: device.load_device_profile(device_dir, profile))
+    except device.UnknownProfile as e:
+        raise Refused("unknown_profile", str(e)) from None
+
+
+def get_runtime(device_dir: str, profile: str) -> DeviceRuntime:
+    """The node's DeviceRuntime (one per process per device dir and profile)."""
+    p = get_profile(device_dir, profile)
+
+    def load():
+        device.bundle_model(device_dir, profile)  # a clear error when the bundle is missing
+        return DeviceRuntime(device.model_path(device_dir, profile), threads=p.threads,
+                             float_onnx=device.float_onnx_path(device_dir))
+    return _cached(_RUNTIMES, (device_dir, profile), load)
+
+
+def installed_version(device_dir: str, profile: str) -> int:
+    """Version of the QParams the bundle was installed with (read from disk, not the runtime,
+    which other nodes of this process may have patched since)."""
+    def load():
+        return int(load_qparams(qparams_path(device.bundle_model(device_dir, profile))).version)
+    try:
+        return _cached(_INSTALLED, (device_dir, profile), load)
+    except device.UnknownProfile as e:
+        raise Refused("unknown_profile", str(e)) from None
+
+
+def get_torch_model(device_dir: str, profile: str):
+    """The instrumented torch model for the lsq job: the float ``torch/`` model, quantized with
+    the profile's QuantConfig. torch and transformers are imported here, on the first lsq job."""
+    def load():
+        from transformers import AutoModelForCausalLM
+
+        from quant.instrument import quantize_
+
+        config = device.load_quant_config(device_dir, profile)
+        model = AutoModelForCausalLM.from_pretrained(device.torch_model_dir(device_dir))
+        model.eval()
+        quantize_(model, config)
+        return model
+    try:
+        return _cached(_TORCH, (device_dir, profile), load)
+    except device.UnknownProfile as e:
+        raise Refused("unknown_profile", str(e)) from None
+
+
+# ------------------------------------------------------------------------------ the node
+
+@dataclass(frozen=True)
+class Node:
+    device_dir: str
+    client_id: str
+    pid: str | None
+    profile: str
+    data_path: str | None
+
+
+def resolve_node(node_config, run_config) -> Node:
+    """Who this node is, from node_config and run_config (see the module docstring)."""
+    device_dir = run_config.get("device-dir")
+    if not device_dir:
+        raise Refused("no_data", "run_config has no 'device-dir' (the device directory)")
+    path = Path(str(device_dir))
+    if not path.is_absolute() and not path.exists():  # `flwr run .`: relative to the project
+        path = Path(__file__).resolve().parent.parent / path
+    device_dir = str(path.resolve())
+    pid = node_config.get("partition-id")
+    pid = None if pid is None else str(pid)
+    data_path = node_config.get("data-path")
+    data_path = None if data_path in (None, "") else str(data_path)
+    profile = node_config.get("profile")
+    try:
+        if pid is None and data_path is None:
+            raise device.DeviceDirError("node_config has neither 'partition-id' nor 'data-path'")
+        # fleet.json is consulted only for what node_config does not say
+        entry = device.node_entry(device_dir, pid) if pid is not None and not (profile and data_path) else None
+    except device.DeviceDirError as e:
+        raise Refused("no_data", str(e)) from None
+    if not profile:
+        if entry is None:
+            raise Refused("unknown_profile", "node_config has a 'data-path' but no 'profile'")
+        profile = entry["profile"]
+    client_id = pid if pid is not None else Path(data_path).stem
+    return Node(device_dir, client_id, pid, str(profile), data_path)
+
+
+def node_data(node: Node) -> dict[str, np.ndarray]:
+    try:
+        key = node.data_path or device.node_entry(node.device_dir, node.pid)["data"]
+        return _cached(_DATA, (node.device_dir, key),
+                       lambda: device.load_node_data(node.device_dir, node.pid, node.data_path))
+    except device.DeviceDirError as e:
+        raise Refused("no_data", str(e)) from None
+
+
+def held_version(state: RecordDict, node: Node) -> int:
+    rec = state.get("held")
+    if rec is not None and "version" in rec:
+        return int(rec["version"])
+    return installed_version(node.device_dir, node.profile)
+
+
+def _set_held(state: RecordDict, version: int) -> None:
+    state["held"] = ConfigRecord({"version": int(version)})
+
+
+# ------------------------------------------------------------------------------ replies
+
+def error_reply(code: str, reason: str) -> RecordDict:
+    return RecordDict({"error": ConfigRecord({"code": code, "reason": str(reason)[:2000]})})
+
+
+def _metric_value(v):
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v) if -_INT64 - 1 <= int(v) <= _INT64 else float(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v)
+    if isinstance(v, (list, tuple, np.ndarray)):
+        items = [_metric_value(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
+        if not items or any(x is None or isinstance(x, list) for x in items):
+            return None
+        return items if all(isinstance(x, int) for x in items) else [float(x) for x in items]
+    return None
+
+
+def metric_record(metrics: dict) -> MetricRecord:
+    """MetricRecord of the int/float (and list) entries of ``metrics``; bools become 0/1,
+    numpy scalars Python numbers, anything else is dropped."""
+    out = {}
+    for k, v in metrics.items():
+        v = _metric_value(v)
+        if v is not None:
+            out[str(k)] = v
+    return MetricRecord(out)
+
+
+def _payload_reply(flat, header, metrics) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in flat.items()}),
+                       "config": ConfigRecord({"header": json.dumps(header)}),
+                       "metrics": metric_record(metrics)})
+
+
+# ------------------------------------------------------------------------------ handling
+
+def handle(message_type: str, content: RecordDict, node_config, run_config, state: RecordDict) -> RecordDict:
+    """Answer one message: the OK reply content, or an error reply (see the module docstring).
+    Never raises for what a message contains."""
+    try:
+        node = resolve_node(node_config, run_config)
+        if message_type == "query":
+            return _hello(node, content, state)
+        if message_type in ("train", "evaluate"):
+            return _job(message_type, node, content, state)
+        raise Refused("unknown_job", f"message type {message_type!r} (this client answers query, train, evaluate)")
+    except Refused as e:
+        return error_reply(e.code, e.reason)
+    except MemoryBudgetError as e:
+        return error_reply("memory_budget", str(e))
+    except Exception as e:  # noqa: BLE001 -- a node answers, it does not crash the run
+        return error_reply("job_failed", f"{type(e).__name__}: {e}")
+
+
+def _config(content: RecordDict) -> ConfigRecord:
+    rec = content.get("config") if hasattr(content, "get") else None
+    if not isinstance(rec, ConfigRecord):
+        raise Refused("bad_instruction", "malformed: the message has no 'config' ConfigRecord")
+    return rec
+
+
+def _hello(node: Node, content: RecordDict, state: RecordDict) -> RecordDict:
+    verb = _config(content).get("fedquant")
+    if verb != "hello":
+        raise Refused("unknown_job", f"query {verb!r} (this client answers 'hello')")
+    get_profile(node.device_dir, node.profile)  # the node's profile must be installed
+    data = node_data(node)
+    n_train, n_test = int(len(data["train"])), int(len(data["test"]))
+    return RecordDict({
+        "info": ConfigRecord({"client-id": node.client_id, "profile": node.profile,
+                              "train-examples": n_train, "test-examples": n_test,
+                              "held-version": held_version(state, node)}),
+        "metrics": MetricRecord({"num-examples": n_train})})
+
+
+def _instruction(content: RecordDict, cfg: ConfigRecord) -> Instruction:
+    arrays = content.get("arrays")
+    if not isinstance(arrays, ArrayRecord):
+        raise Refused("bad_instruction", "malformed: the message has no 'arrays' ArrayRecord")
+    header = cfg.get("header")
+    try:
+        if not isinstance(header, str):
+            raise WireError("malformed", "config 'header' must be a JSON string")
+        try:
+            header = json.loads(header)
+        except ValueError as e:
+            raise WireError("malformed", f"header is not JSON: {e}") from None
+        return decode_instruction({k: v.numpy() for k, v in arrays.items()}, header)
+    except WireError as e:
+        raise Refused("bad_instruction", str(e)) from None
+
+
+def _batch_size(cfg: ConfigRecord) -> int:
+    b = cfg.get("batch-size", 8)
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise Refused("bad_instruction", f"config: batch-size must be a positive int, got {b!r}")
+    return b
+
+
+def _learn_config(cfg: ConfigRecord, batch_size: int):
+    from pydantic import ValidationError
+
+    from client.learn import LearnConfig  # torch: the lsq path only
+
+    raw = cfg.get("learn", "{}") or "{}"
+    try:
+        fields = json.loads(raw)
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        return LearnConfig(**{"batch_size": batch_size, **fields})
+    except (ValueError, TypeError, ValidationError) as e:
+        raise Refused("bad_instruction", f"config: learn: {e}") from None
+
+
+def _sequences(data: dict, split: str, node: Node) -> np.ndarray:
+    seqs = data[split]
+    if seqs.shape[0] == 0 or seqs.shape[1] < 2:
+        raise Refused("no_data", f"node {node.client_id}: no {split} sequences (shape {seqs.shape})")
+    return seqs
+
+
+def _precheck_budget(rt: DeviceRuntime, ins: Instruction, seqs, batch_size: int, profile: DeviceProfile) -> None:
+    """The memory plan of the job, before anything is patched (the jobs would raise the same
+    MemoryBudgetError, but only after an eval's patch)."""
+    if ins.job == "eval":
+        vocab = int(rt.linears["lm_head"][0].shape[0]) if "lm_head" in rt.linears else \
+            max(w.shape[0] for w, _ in rt.linears.values())
+        widths = [vocab]
+    else:
+        widths = jobs._exposed_widths(rt, ins.keys)
+    plan_batch(batch_size, seqs.shape[1], widths, profile, ins.job)
+
+
+def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) -> RecordDict:
+    cfg = _config(content)
+    profile_name = cfg.get("profile")
+    if profile_name != node.profile:
+        raise Refused("unknown_profile", f"the message is for profile {profile_name!r}, "
+                                         f"node {node.client_id} runs {node.profile!r}")
+    profile = get_profile(node.device_dir, node.profile)
+    ins = _instruction(content, cfg)
+    allowed = TRAIN_JOBS if message_type == "train" else EVAL_JOBS
+    if ins.job not in allowed:
+        raise Refused("unknown_job", f"job {ins.job!r} in a {message_type!r} message (expects {allowed})")
+    held = held_version(state, node)
+    if ins.version < held:
+        raise Refused("stale_version", f"instruction version {ins.version} is older than the held version {held}")
+    batch_size = _batch_size(cfg)
+    learn = _learn_config(cfg, batch_size) if ins.job == "lsq" else None
+    if ins.job in ("scout", "lsq") and not ins.keys:
+        raise Refused("bad_instruction", f"missing_key: a {ins.job} instruction must name its keys")
+    data = node_data(node)
+    seqs = _sequences(data, "test" if ins.job == "eval" else "train", node)
+
+    rt = get_runtime(node.device_dir, node.profile)
+    if ins.job == "lsq":
+        from client.learn import _chosen_keys
+        from quant.instrument import fingerprint
+
+        model = get_torch_model(node.device_dir, node.profile)
+        try:
+            _chosen_keys(model, ins.qparams, ins, learn.which)
+        except ValueError as e:
+            raise Refused("bad_instruction", f"keys: {e}") from None
+        if ins.qparams.model != fingerprint(model):  # learn_ranges loads them strictly
+            raise Refused("patch_refused", f"QParams are for model {ins.qparams.model!r}, the torch "
+                                           f"model is {fingerprint(model)!r}")
+    elif ins.job == "eval":
+        _precheck_budget(rt, ins, seqs, batch_size, profile)
+    else:
+        try:
+            jobs._keys(rt, ins)
+        except ValueError as e:
+            raise Refused("bad_instruction", f"keys: {e}") from None
+        _precheck_budget(rt, ins, seqs, batch_size, profile)
+
+    patch_s = None
+    if ins.qparams.points and (ins.job == "eval" or ins.version > held):
+        try:
+            patch_s = rt.patch(ins.qparams)["total_s"]
+        except PatchRefused as e:
+            raise Refused("patch_refused", str(e)) from None
+        _set_held(state, max(held, ins.version))
+
+    if ins.job == "eval":
+        metrics = jobs.evaluate(rt, None, seqs, batch_size=batch_size, profile=profile)
+        if patch_s is not None:
+            metrics["patch_s"] = patch_s
+        return RecordDict({"metrics": metric_record(metrics)})
+    if ins.job == "scout":
+        reply, metrics = jobs.scout(rt, ins, seqs, batch_size=batch_size, profile=profile)
+        flat, header = encode_scout_reply(reply, ins)
+    elif ins.job == "stats":
+        reply, metrics = jobs.statistics(rt, ins, seqs, batch_size=batch_size, profile=profile)
+        flat, header = encode_stats_reply(reply, ins)
+    else:
+        from client.learn import learn_ranges
+
+        reply, metrics = learn_ranges(model, ins.qparams, ins, seqs, learn)
+        flat, header = encode_lsq_reply(reply, ins)
+    if patch_s is not None:
+        metrics["patch_s"] = patch_s
+    metrics["reply_bytes"] = int(sum(np.asarray(a).nbytes for a in flat.values()))
+    return _payload_reply(flat, header, metrics)
+
+
+# ------------------------------------------------------------------------------ Flower
+
+def make_app(defaults: dict | None = None) -> ClientApp:
+    """The ClientApp; ``defaults`` fill run_config keys the run does not set (``fedquant simulate``
+    passes its ``device-dir`` this way, since Flower's simulation engine has no run config of its
+    own). The app object is pickled to every simulation actor, so it holds only this dict."""
+    defaults = dict(defaults or {})
+    client_app = ClientApp()
+
+    def answer(category: str, msg: Message, context: Context) -> Message:
+        run_config = {**defaults, **{k: v for k, v in context.run_config.items() if v not in (None, "")}}
+        content = handle(category, msg.content, context.node_config, run_config, context.state)
+        return Message(content=content, reply_to=msg)
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return answer("query", msg, context)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return answer("train", msg, context)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return answer("evaluate", msg, context)
+
+    return client_app
+
+
+app = make_app()
