@@ -1,0 +1,126 @@
+"""The server's run configuration (design.md sections 4, 7, 8), validated from TOML by
+``quant.configfile.load_config(path, ServerConfig)``.
+
+A run is a schedule of rounds; each entry names its job and how many rounds of it run, how many
+clients each samples and how many valid replies it needs to change anything. Example::
+
+    seed = 1
+    bins = 512
+    [[schedule]]
+    job = "scout"
+    [[schedule]]
+    job = "stats"
+    repeat = 3
+    fraction = 0.3
+    min_replies = 2
+    [[schedule]]
+    job = "lsq"
+    repeat = 5
+    fraction = 0.2
+    [calibrator]
+    method = "mse"
+    [learn]
+    steps = 8
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from quant.calibrate import CalibratorConfig
+from quant.wire import MAX_BINS
+from server.validate import ValidationConfig
+
+# Fields that change how a run waits, not what it computes: a run may resume with other values.
+OPERATIONAL = frozenset({"reply_timeout_s", "min_available", "wait_s"})
+
+
+class RoundSpec(BaseModel):
+    """One schedule entry: ``repeat`` rounds of ``job``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job: Literal["scout", "stats", "lsq", "eval"]
+    repeat: int = Field(1, ge=1, description="rounds of this job in a row")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of the roster sampled per round")
+    min_clients: int = Field(1, ge=1, description="sample at least this many, if available")
+    min_replies: int = Field(1, ge=1, description="fewer valid replies: the round changes nothing")
+
+
+class ServerConfig(BaseModel):
+    """Everything the server needs to run a federated quantization schedule."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schedule: list[RoundSpec]
+    bins: int = Field(512, ge=2, le=MAX_BINS, description="histogram bins per activation point")
+    grid_margin: float = Field(1.25, ge=1, description="grid half-width = margin x robust abs-max")
+    grid_quantile: float = Field(0.9, gt=0, le=1, description="quantile of the clients' abs-max reports")
+    widen_threshold: float = Field(1e-3, ge=0, lt=1,
+                                   description="share of the values outside the grid that triggers widening")
+    calibrator: CalibratorConfig = CalibratorConfig()
+    lsq_rule: Literal["mean", "median", "trimmed"] = "mean"
+    trim: float = Field(0.1, ge=0, lt=0.5, description="share trimmed on each side (lsq_rule = trimmed)")
+    server_opt: Literal["fedavg", "fedadam"] = "fedavg"
+    server_lr: float = Field(1.0, gt=0)
+    adam_b1: float = Field(0.9, ge=0, lt=1)
+    adam_b2: float = Field(0.99, ge=0, lt=1)
+    adam_eps: float = Field(1e-3, gt=0, description="FedAdam's tau (Reddi et al., 2021)")
+    learn: dict[str, Any] = Field(default_factory=dict,
+                                  description="client.learn.LearnConfig fields, sent as JSON to lsq clients")
+    batch_size: int = Field(8, ge=1)
+    validation: ValidationConfig = ValidationConfig()
+    seed: int = Field(0, ge=0)
+    reply_timeout_s: float = Field(600.0, gt=0)
+    min_available: int = Field(1, ge=1, description="nodes to wait for before the first round")
+    wait_s: float = Field(300.0, ge=0, description="how long to wait for them")
+
+    @field_validator("learn")
+    @classmethod
+    def _learn_is_json(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"learn must be plain JSON values: {e}") from None
+        if v.get("which", "activations") not in ("activations", "all"):
+            raise ValueError(f"learn.which must be 'activations' or 'all', got {v['which']!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "ServerConfig":
+        if not self.schedule:
+            raise ValueError("schedule is empty: add at least one [[schedule]] entry")
+        scouted = stats_seen = False
+        for i, spec in enumerate(self.schedule):
+            if spec.job == "scout":
+                if stats_seen:
+                    raise ValueError(f"schedule[{i}]: scout after a stats round would discard the "
+                                     f"running statistics (their grids come from scouting)")
+                scouted = True
+            elif spec.job == "stats":
+                if not scouted:
+                    raise ValueError(f"schedule[{i}]: stats before any scout round: the histogram "
+                                     f"grids come from scouting")
+                stats_seen = True
+        return self
+
+    def rounds(self) -> list[tuple[int, RoundSpec]]:
+        """The schedule unrolled: ``(round, spec)`` with rounds numbered from 1."""
+        specs = [spec for spec in self.schedule for _ in range(spec.repeat)]
+        return [(i + 1, spec) for i, spec in enumerate(specs)]
+
+    def digest(self) -> str:
+        """sha256 (16 hex digits) of everything that changes what a run computes (not the waiting
+        knobs): a checkpoint refuses to resume under another."""
+        data = self.model_dump(mode="json", exclude=set(OPERATIONAL))
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def sample_size(n_roster: int, fraction: float, min_clients: int) -> int:
+    """``max(ceil(fraction * n), min_clients)`` (the ceil forgives float noise: 0.3 x 10 is 3)."""
+    return max(math.ceil(fraction * n_roster - 1e-9), min_clients)

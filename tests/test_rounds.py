@@ -1,0 +1,319 @@
+"""Server rounds as pure functions: sampling, federated statistics equal to pooled calibration,
+server optimizers on (log s, beta), rounds that change nothing, robust rules against poison."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from quant.configfile import ConfigError, load_config
+from quant.ptq import activation_qparams
+from quant.qparams import PointParams, QParams
+from quant.spec import activation_spec, weight_spec
+from quant.stats import observe
+from quant.wire import LsqReply, ScoutReply, StatsReply
+from server.config import RoundSpec, ServerConfig
+from server.rounds import (Accepted, activation_keys, apply_round, instructions_for, sample_clients,
+                           validate_eval_metrics)
+from server.state import initial_state, states_equal
+from server.validate import Rejection, ValidationConfig
+
+KEYS = ("blk.q:input", "blk.o:input", "blk.attn:other")
+PROFILES = {"u8": activation_spec(8), "u4": activation_spec(4), "s16": activation_spec(16)}
+
+
+def make_initial() -> dict[str, QParams]:
+    out = {}
+    for name, spec in PROFILES.items():
+        z = spec.symmetric_zero_point if spec.symmetric else (spec.qmax + 1) // 2
+        pts = {k: PointParams(spec, np.float32(0.05), np.array(z, dtype=spec.numpy_dtype)) for k in KEYS}
+        pts["blk.q:weight"] = PointParams(weight_spec(8), np.full(4, 0.01), np.zeros(4))
+        out[name] = QParams(pts, "fp-test", 0)
+    return out
+
+
+def client_data(n_clients: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Per client, per point: activations of different scales; the ':other' point non-negative."""
+    rng = np.random.default_rng(seed)
+    data = {}
+    for i in range(n_clients):
+        scale = 1.0 + 0.3 * i
+        data[f"c{i:02d}"] = {
+            KEYS[0]: (rng.standard_t(4, size=(12, 8)) * scale).astype(np.float32),
+            KEYS[1]: (rng.normal(0.5, 2.0, size=(12, 8)) * scale).astype(np.float32),
+            KEYS[2]: rng.random(size=(12, 8)).astype(np.float32) ** 3}
+    return data
+
+
+def profile_of(cid: str) -> str:
+    return list(PROFILES)[int(cid[1:]) % len(PROFILES)]
+
+
+def config(**kw) -> ServerConfig:
+    base = dict(schedule=[{"job": "scout"}, {"job": "stats", "repeat": 3, "fraction": 0.34},
+                          {"job": "lsq"}, {"job": "eval"}], bins=64, grid_quantile=1.0)
+    return ServerConfig(**{**base, **kw})
+
+
+def scout_replies(data, cids):
+    out = {}
+    for c in cids:
+        ranges = {k: (float(x.min()), float(x.max())) for k, x in data[c].items()}
+        out.setdefault(profile_of(c), []).append(
+            Accepted(c, 12, ScoutReply(ranges, {k: x.size for k, x in data[c].items()})))
+    return out
+
+
+def stats_replies(data, cids, inss):
+    out = {}
+    for c in cids:
+        ins = inss[profile_of(c)]
+        out.setdefault(profile_of(c), []).append(
+            Accepted(c, 12, StatsReply({k: observe(data[c][k], ins.grids[k]) for k in ins.keys})))
+    return out
+
+
+def after_scout(cfg, data):
+    state = initial_state(make_initial(), "d")
+    state, m = apply_round(state, 1, cfg.schedule[0], scout_replies(data, sorted(data)), [], cfg)
+    assert m["applied"] and set(state.grids) == set(KEYS)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_sampling_is_deterministic_and_without_replacement_across_stats_rounds():
+    roster = [f"dev-{i}" for i in range(23)]
+    used: list[str] = []
+    seen = []
+    for rnd in range(2, 8):
+        s = sample_clients(roster, used, 0.2, 1, seed=7, round=rnd)
+        assert s == sample_clients(list(reversed(roster)), list(used), 0.2, 1, 7, rnd)   # order-free
+        assert len(s) == min(5, 23 - len(used)) and not set(s) & set(used)
+        used += s
+        seen.append(s)
+    assert sorted(used) == sorted(roster)                   # every client exactly once
+    assert sample_clients(roster, used, 0.2, 1, 7, 8) == []
+    assert sample_clients(roster, [], 0.2, 1, 7, 2) != sample_clients(roster, [], 0.2, 1, 8, 2)
+    assert len(sample_clients(roster, [], 0.01, 4, 0, 1)) == 4            # min_clients
+    assert len(sample_clients(roster[:3], [], 0.5, 10, 0, 1)) == 3        # as many as there are
+    assert len(sample_clients([f"c{i}" for i in range(10)], [], 0.3, 1, 0, 1)) == 3   # no float ceil surprise
+
+
+def test_federated_statistics_equal_pooled_calibration_bit_for_bit_for_every_profile():
+    cfg = config()
+    data = client_data(10)
+    state = after_scout(cfg, data)
+    grids0 = dict(state.grids)
+    spec = cfg.schedule[1]
+    for rnd in (2, 3, 4):
+        sampled = sample_clients(sorted(data), state.used, spec.fraction, spec.min_clients, cfg.seed, rnd)
+        assert sampled, rnd
+        inss = instructions_for(state, rnd, spec, cfg)
+        assert all(set(i.keys) == set(KEYS) for i in inss.values())
+        state, m = apply_round(state, rnd, spec, stats_replies(data, sampled, inss), [], cfg)
+        assert m["applied"] and m["widened"] == []
+    assert sorted(state.used) == sorted(data)               # every client counted once
+    assert state.grids == grids0
+    pooled = {k: np.concatenate([data[c][k].ravel() for c in sorted(data)]) for k in KEYS}
+    for k in KEYS:
+        assert state.sums[k] == observe(pooled[k], grids0[k])
+    for prof, qp in state.qparams.items():
+        central = activation_qparams({k: observe(pooled[k], grids0[k]) for k in KEYS},
+                                     {k: qp.points[k].spec for k in KEYS}, cfg.calibrator)
+        assert qp.version >= 1
+        for k in KEYS:
+            got = qp.points[k]
+            assert got.scale.tobytes() == central[k].scale.tobytes(), (prof, k)
+            assert got.zero_point.dtype == central[k].zero_point.dtype
+            assert got.zero_point.tobytes() == central[k].zero_point.tobytes(), (prof, k)
+        assert np.array_equal(qp.points["blk.q:weight"].scale, np.full(4, 0.01, np.float32))  # not an activation
+    # the profiles really differ: one merged histogram, calibrated per bit width
+    assert state.qparams["u8"].points[KEYS[0]].scale != state.qparams["u4"].points[KEYS[0]].scale
+
+
+def test_stats_widen_the_grid_and_rebin_the_sums_when_much_mass_falls_outside():
+    cfg = config(widen_threshold=0.01)
+    data = client_data(4)
+    state = after_scout(cfg, data)
+    g0 = state.grids[KEYS[0]]
+    wide = {c: {k: (v * (30.0 if k == KEYS[0] else 1.0)).astype(np.float32) for k, v in d.items()}
+            for c, d in data.items()}
+    spec = cfg.schedule[1]
+    inss = instructions_for(state, 2, spec, cfg)
+    new, m = apply_round(state, 2, spec, stats_replies(wide, ["c00", "c01"], inss), [], cfg)
+    assert m["widened"] == [KEYS[0]]
+    s = new.sums[KEYS[0]]
+    g1 = new.grids[KEYS[0]]
+    assert s.grid == g1 and g1.width > g0.width and g1.lo <= s.min and s.max < g1.hi
+    assert s.n == sum(wide[c][KEYS[0]].size for c in ("c00", "c01"))
+    assert new.grids[KEYS[1]] == state.grids[KEYS[1]]
+    assert instructions_for(new, 3, spec, cfg)["u8"].grids[KEYS[0]] == g1
+    # the next round collects on the new grid; its values land in bins, the old outside mass stays
+    inss = instructions_for(new, 3, spec, cfg)
+    newer, m = apply_round(new, 3, spec, stats_replies(wide, ["c02"], inss), [], cfg)
+    assert newer.sums[KEYS[0]].below + newer.sums[KEYS[0]].above == s.below + s.above
+    assert m["widened"] == []
+
+
+def _lsq_replies(deltas: dict[str, list[float]], beta=0.0, examples=None):
+    """Per profile, one reply per delta, the same delta for every learned point."""
+    out = {}
+    for prof, ds in deltas.items():
+        for i, d in enumerate(ds):
+            r = LsqReply({k: np.float32(d) for k in KEYS}, {k: np.float32(beta) for k in KEYS}, 2.0, 1.5)
+            out.setdefault(prof, []).append(Accepted(f"{prof}-{i}", (examples or [1] * len(ds))[i], r))
+    return out
+
+
+def test_lsq_round_moves_log_s_and_beta_as_fedavg_says():
+    cfg = config(server_lr=0.5, lsq_rule="mean")
+    state = initial_state(make_initial(), "d")
+    spec = RoundSpec(job="lsq")
+    deltas = {"u8": [0.02, 0.08], "s16": [-0.04, 0.0]}
+    new, m = apply_round(state, 1, spec, _lsq_replies(deltas, beta=0.01, examples=[3, 1]), [], cfg)
+    assert m["applied"] and set(m["lsq"]) == {"u8", "s16"}
+    for prof, ds in deltas.items():
+        mean = (3 * ds[0] + 1 * ds[1]) / 4
+        qp0, qp1 = state.qparams[prof], new.qparams[prof]
+        assert qp1.version == qp0.version + 1
+        for k in KEYS:
+            p0 = qp0.points[k]
+            ls0 = math.log(float(p0.scale))
+            b0 = -float(p0.zero_point) * math.exp(ls0)
+            d32 = (3 * float(np.float32(ds[0])) + float(np.float32(ds[1]))) / 4
+            assert new.learned[prof][f"log_s/{k}"] == pytest.approx(ls0 + 0.5 * d32, abs=1e-15)
+            assert abs(d32 - mean) < 1e-8
+            beta = b0 + 0.5 * float(np.float32(0.01))
+            assert new.learned[prof][f"beta/{k}"] == pytest.approx(beta, abs=1e-15)
+            s = np.float32(math.exp(ls0 + 0.5 * d32))
+            assert qp1.points[k].scale == s
+            spec_k = p0.spec
+            want_z = spec_k.symmetric_zero_point if spec_k.symmetric else \
+                np.clip(np.rint(-beta / math.exp(ls0 + 0.5 * d32)), spec_k.qmin, spec_k.qmax)
+            assert int(qp1.points[k].zero_point) == int(want_z)
+        assert qp1.points["blk.q:weight"] is qp0.points["blk.q:weight"]      # not learned
+    assert new.qparams["u4"] is state.qparams["u4"]                        # no replies: untouched
+    assert states_equal(state, initial_state(make_initial(), "d"))        # input not modified
+
+
+def test_lsq_round_with_fedadam_follows_reddi_et_al_for_two_rounds():
+    lr, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
+    cfg = config(server_opt="fedadam", server_lr=lr, adam_b1=b1, adam_b2=b2, adam_eps=tau, lsq_rule="median")
+    state = initial_state(make_initial(), "d")
+    spec = RoundSpec(job="lsq")
+    k = KEYS[0]
+    x = math.log(float(state.qparams["u8"].points[k].scale))
+    m = 0.0
+    v = tau * tau
+    for rnd, ds in ((1, [0.01, 0.03, 0.02]), (2, [-0.01, 0.0, 0.05])):
+        state, _ = apply_round(state, rnd, spec, _lsq_replies({"u8": ds}), [], cfg)
+        d = float(np.median(np.float32(ds).astype(np.float64)))
+        m = b1 * m + (1 - b1) * d
+        v = b2 * v + (1 - b2) * d * d
+        x = x + lr * m / (math.sqrt(v) + tau)
+        assert state.learned["u8"][f"log_s/{k}"] == pytest.approx(x, rel=1e-13)
+        assert state.moments["u8"][f"m/log_s/{k}"] == pytest.approx(m, rel=1e-13)
+        assert state.qparams["u8"].version == rnd
+    assert state.qparams["u8"].points[k].scale == np.float32(math.exp(x))
+
+
+def test_a_round_with_only_invalid_replies_changes_nothing_but_the_round_counter():
+    cfg = config()
+    data = client_data(6)
+    state = after_scout(cfg, data)
+    spec = cfg.schedule[1]
+    inss = instructions_for(state, 2, spec, cfg)
+    state, _ = apply_round(state, 2, spec, stats_replies(data, ["c00", "c01"], inss), [], cfg)
+    bad = [Rejection("nan"), Rejection("timeout"), "client:job_failed"]
+    for rnd, sp, replies in [(3, spec, {}), (4, RoundSpec(job="lsq"), {}), (5, RoundSpec(job="scout"), {}),
+                             (6, RoundSpec(job="stats", min_replies=3),
+                              stats_replies(data, ["c02", "c03"], instructions_for(state, 6, spec, cfg))),
+                             (7, RoundSpec(job="lsq", min_replies=3), _lsq_replies({"u8": [0.1, 0.1]}))]:
+        new, m = apply_round(state, rnd, sp, replies, bad, cfg)
+        assert not m["applied"] and m["rejections"] == {"client:job_failed": 1, "nan": 1, "timeout": 1}
+        assert new.round == rnd
+        assert states_equal(replace(new, round=state.round), state)
+        assert new.used == state.used == ("c00", "c01")     # the sampled clients are not marked used
+        for prof in PROFILES:
+            assert new.qparams[prof].version == state.qparams[prof].version
+    with pytest.raises(ValueError, match="already done"):
+        apply_round(state, 2, spec, {}, [], cfg)
+
+
+def test_poisoned_lsq_replies_are_bounded_by_the_median_and_not_by_the_mean():
+    honest = [0.010, 0.015, 0.020, 0.025, 0.030]
+    poison = [math.log(8) * 0.99] * 2                       # valid-looking: within max_log_scale_step
+    state = initial_state(make_initial(), "d")
+    k = KEYS[1]
+    ls0 = math.log(float(state.qparams["u8"].points[k].scale))
+    moved = {}
+    for rule in ("median", "trimmed", "mean"):
+        cfg = config(lsq_rule=rule, trim=0.3)
+        new, _ = apply_round(state, 1, RoundSpec(job="lsq"), _lsq_replies({"u8": honest + poison}), [], cfg)
+        moved[rule] = new.learned["u8"][f"log_s/{k}"] - ls0
+    for rule in ("median", "trimmed"):
+        assert min(honest) - 1e-7 <= moved[rule] <= max(honest) + 1e-7, rule
+    assert moved["mean"] > 0.5                               # dragged by 2/7 of the poison
+
+
+def test_eval_round_reports_token_weighted_perplexity_and_validates_metrics():
+    cfg = config()
+    state = initial_state(make_initial(), "d")
+    ins = instructions_for(state, 1, RoundSpec(job="eval"), cfg)["u8"]
+    ok = validate_eval_metrics({"num-examples": 4, "tokens": 100, "nll_sum": 200.0, "version": 0}, ins,
+                               cfg.validation)
+    ok2 = validate_eval_metrics({"num-examples": 4, "tokens": 300, "nll_sum": 300.0, "version": 0}, ins,
+                                cfg.validation)
+    for bad, code in [({"num-examples": 4, "tokens": 100, "nll_sum": float("nan"), "version": 0}, "nan"),
+                      ({"num-examples": 4, "tokens": 100, "nll_sum": 1.0, "version": 3}, "wrong_version"),
+                      ({"num-examples": 0, "tokens": 100, "nll_sum": 1.0, "version": 0}, "examples"),
+                      ({"num-examples": 4, "tokens": 1.5, "nll_sum": 1.0, "version": 0}, "count_mismatch"),
+                      ({"num-examples": 4, "tokens": 9, "nll_sum": "x", "version": 0}, "nan")]:
+        assert validate_eval_metrics(bad, ins, ValidationConfig()).code == code
+    new, m = apply_round(state, 1, RoundSpec(job="eval"),
+                         {"u8": [Accepted("a", 4, ok), Accepted("b", 4, ok2)]}, [], cfg)
+    assert m["eval"]["u8"]["perplexity"] == pytest.approx(math.exp(500 / 400))
+    assert m["eval_all"]["tokens"] == 400
+    assert states_equal(replace(new, round=0), state)
+
+
+def test_instructions_per_profile():
+    cfg = config(learn={"which": "all", "steps": 2})
+    state = initial_state(make_initial(), "d")
+    lsq = instructions_for(state, 1, RoundSpec(job="lsq"), cfg)
+    assert set(lsq) == set(PROFILES) and "blk.q:weight" in lsq["u8"].keys
+    scout = instructions_for(state, 1, RoundSpec(job="scout"), config())
+    assert scout["u4"].keys == tuple(sorted(KEYS)) == tuple(activation_keys(state.qparams["u4"]))
+    assert scout["u4"].qparams is state.qparams["u4"]
+
+
+def test_config_rejects_impossible_schedules_naming_the_entry(tmp_path):
+    with pytest.raises(ValueError, match="schedule is empty"):
+        ServerConfig(schedule=[])
+    with pytest.raises(ValueError, match=r"schedule\[1\]: stats before any scout"):
+        ServerConfig(schedule=[{"job": "eval"}, {"job": "stats"}])
+    with pytest.raises(ValueError, match=r"schedule\[2\]: scout after a stats"):
+        ServerConfig(schedule=[{"job": "scout"}, {"job": "stats"}, {"job": "scout"}])
+    ServerConfig(schedule=[{"job": "lsq"}, {"job": "eval"}])                  # nothing to scout: fine
+    for bad in ({"job": "lsq", "fraction": 0}, {"job": "lsq", "repeat": 0}, {"job": "x"},
+                {"job": "lsq", "extra": 1}):
+        with pytest.raises(ValueError):
+            ServerConfig(schedule=[bad])
+    with pytest.raises(ValueError, match="which"):
+        ServerConfig(schedule=[{"job": "lsq"}], learn={"which": "weights"})
+    toml = tmp_path / "server.toml"
+    toml.write_text('seed = 3\nbins = 256\nlsq_rule = "median"\n[[schedule]]\njob = "scout"\n'
+                    '[[schedule]]\njob = "stats"\nrepeat = 2\nfraction = 0.5\nmin_replies = 2\n'
+                    '[calibrator]\nmethod = "percentile"\n[learn]\nsteps = 4\n[validation]\nmax_examples = 99\n')
+    cfg = load_config(toml, ServerConfig)
+    assert [r for r, _ in cfg.rounds()] == [1, 2, 3] and cfg.rounds()[2][1].min_replies == 2
+    assert cfg.calibrator.method == "percentile" and cfg.learn == {"steps": 4} and cfg.validation.max_examples == 99
+    assert cfg.digest() == cfg.model_copy(update={"reply_timeout_s": 5.0}).digest()
+    assert cfg.digest() != cfg.model_copy(update={"seed": 4}).digest()
+    toml.write_text('[[schedule]]\njob = "stats"\n')
+    with pytest.raises(ConfigError, match="stats before any scout"):
+        load_config(toml, ServerConfig)

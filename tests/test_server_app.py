@@ -1,0 +1,284 @@
+"""The server loop on a fake in-process Grid: metrics lines, rejection codes, resume after an
+interruption gives the same QParams bit for bit, clear errors for bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from quant.stats import observe
+from quant.wire import (LsqReply, ScoutReply, StatsReply, decode_instruction, encode_lsq_reply,
+                        encode_scout_reply, encode_stats_reply)
+from server.app import CHECKPOINT, METRICS, run_server, wait_for_nodes
+from server.config import ServerConfig
+from server.state import CheckpointError, initial_state, load_checkpoint, save_checkpoint, states_equal
+from tests.test_rounds import KEYS, PROFILES, client_data, make_initial
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower 1.42 builds message metadata from TaskIdentity, which a ServerApp run sets."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class FakeNode:
+    """A client answering protocol.md messages from its own activations, or misbehaving:
+    ``garbage`` (unparseable payloads), ``crash`` (client error record), ``flower_error``,
+    ``timeout`` (no reply to jobs; it does answer hello)."""
+
+    def __init__(self, cid, profile, acts, behaviour="ok"):
+        self.cid, self.profile, self.acts, self.behaviour = cid, profile, acts, behaviour
+        self.jobs = 0
+
+    def handle(self, msg: Message) -> Message | None:
+        mtype = msg.metadata.message_type
+        if mtype == "query":
+            assert msg.content["config"]["fedquant"] == "hello"
+            return Message(RecordDict({"info": ConfigRecord({"client-id": self.cid, "profile": self.profile,
+                                                             "train-examples": 12, "test-examples": 4,
+                                                             "held-version": 0}),
+                                       "metrics": MetricRecord({"num-examples": 12})}), reply_to=msg)
+        self.jobs += 1
+        if self.behaviour == "timeout":
+            return None
+        if self.behaviour == "flower_error":
+            return Message(Error(code=2, reason="ClientApp raised"), reply_to=msg)
+        if self.behaviour == "crash":
+            return Message(RecordDict({"error": ConfigRecord({"code": "job_failed",
+                                                              "reason": "RuntimeError: boom"})}), reply_to=msg)
+        cfg = msg.content["config"]
+        assert cfg["profile"] == self.profile and cfg["batch-size"] == 4
+        ins = decode_instruction({k: v.numpy() for k, v in msg.content["arrays"].items()}, json.loads(cfg["header"]))
+        assert mtype == ("evaluate" if ins.job == "eval" else "train")
+        assert ("learn" in cfg) == (ins.job == "lsq")
+        metrics = {"num-examples": 12, "wall_s": 0.01}
+        if self.behaviour == "garbage":
+            if ins.job == "eval":
+                return Message(RecordDict({"metrics": MetricRecord({**metrics, "nll_sum": math.nan, "tokens": 10,
+                                                                    "version": ins.version})}), reply_to=msg)
+            return Message(RecordDict({"arrays": ArrayRecord({"float32": Array(np.ones(7, np.float32))}),
+                                       "config": ConfigRecord({"header": "{not json"}),
+                                       "metrics": MetricRecord(metrics)}), reply_to=msg)
+        if ins.job == "eval":
+            err = sum(float(np.abs(p.scale).sum()) for p in ins.qparams.points.values())
+            return Message(RecordDict({"metrics": MetricRecord({**metrics, "nll_sum": 100.0 + err, "tokens": 80,
+                                                                "perplexity": 1.0, "version": ins.version})}),
+                           reply_to=msg)
+        if ins.job == "scout":
+            flat, header = encode_scout_reply(ScoutReply(
+                {k: (float(self.acts[k].min()), float(self.acts[k].max())) for k in ins.keys},
+                {k: self.acts[k].size for k in ins.keys}), ins)
+        elif ins.job == "stats":
+            flat, header = encode_stats_reply(StatsReply({k: observe(self.acts[k], ins.grids[k]) for k in ins.keys}), ins)
+        else:
+            d = 0.01 * (1 + int(self.cid[1:]) % 3) * (-1) ** ins.round
+            flat, header = encode_lsq_reply(LsqReply({k: np.float32(d) for k in ins.keys},
+                                                     {k: np.float32(d / 10) for k in ins.keys}, 2.0, 1.9), ins)
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in flat.items()}),
+                                   "config": ConfigRecord({"header": json.dumps(header)}),
+                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+class FakeGrid:
+    """Flower's Grid as far as run_server uses it; node ids start at ``base`` (a restarted
+    fleet gets new node ids), and the grid can die when it is asked to send round ``die_at``."""
+
+    def __init__(self, nodes, base=100, die_at=None):
+        self.nodes = {base + i: n for i, n in enumerate(nodes)}
+        self.die_at = die_at
+        self.sent: list[tuple[str, int, str]] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        assert timeout is not None and timeout > 0
+        messages = list(messages)
+        if self.die_at is not None and any(m.metadata.group_id == str(self.die_at) for m in messages):
+            raise ConnectionError("SuperLink went away")
+        out = []
+        for m in messages:
+            self.sent.append((m.metadata.message_type, m.metadata.dst_node_id, m.metadata.group_id))
+            r = self.nodes[m.metadata.dst_node_id].handle(m)
+            if r is not None:
+                out.append(r)
+        return out
+
+
+BEHAVIOUR = {"c08": "garbage", "c09": "crash", "c10": "flower_error", "c11": "timeout"}
+
+
+def fleet(n=12):
+    data = client_data(n)
+    names = list(PROFILES)
+    return [FakeNode(c, names[i % len(names)], data[c], BEHAVIOUR.get(c, "ok")) for i, c in enumerate(sorted(data))]
+
+
+def config(**kw):
+    base = dict(schedule=[{"job": "scout"}, {"job": "stats", "repeat": 3, "fraction": 0.4, "min_replies": 2},
+                          {"job": "lsq", "repeat": 2, "fraction": 0.7, "min_replies": 2},
+                          {"job": "eval", "fraction": 1.0}],
+                bins=64, grid_quantile=1.0, server_opt="fedadam", server_lr=0.05, lsq_rule="median",
+                batch_size=4, seed=5, reply_timeout_s=5.0, min_available=4, wait_s=0.0, learn={"steps": 2})
+    return ServerConfig(**{**base, **kw})
+
+
+def server_eval(profile, qp):
+    return {"perplexity": 1.0 + qp.version, "points": len(qp.points)}
+
+
+def lines(out):
+    return [json.loads(x) for x in (out / METRICS).read_text().splitlines()]
+
+
+def same_qparams(a, b):
+    assert set(a) == set(b)
+    for prof in a:
+        assert a[prof].version == b[prof].version, prof
+        assert set(a[prof].points) == set(b[prof].points)
+        for k, p in a[prof].points.items():
+            q = b[prof].points[k]
+            assert p.scale.tobytes() == q.scale.tobytes() and p.zero_point.tobytes() == q.zero_point.tobytes(), (prof, k)
+            assert p.zero_point.dtype == q.zero_point.dtype
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_run_writes_one_metrics_line_per_round_and_counts_every_rejection(tmp_path):
+    grid = FakeGrid(fleet())
+    seen = []
+    final = run_server(grid, config(), make_initial(), tmp_path, evaluate_fn=server_eval, on_round=seen.append)
+    rows = lines(tmp_path)
+    assert [r["round"] for r in rows] == list(range(1, 8)) and [r["round"] for r in seen] == list(range(1, 8))
+    assert [r["job"] for r in rows] == ["scout", "stats", "stats", "stats", "lsq", "lsq", "eval"]
+    scout = rows[0]
+    assert scout["sampled"] == 12 and scout["replies"] == 8
+    assert scout["rejections"] == {"client:job_failed": 1, "flower_error": 1, "malformed": 1, "timeout": 1}
+    assert scout["roster"] == 12 and scout["roster_joined"] == 12
+    for r in rows:
+        assert sum(r["rejections"].values()) + r["replies"] == r["sampled"]
+        assert r["bytes_down_per_client"] > 0 and r["wall_s"] >= 0
+        assert set(r["versions"]) == set(PROFILES)
+    # stats rounds sample without replacement among the clients that have not contributed yet;
+    # the misbehaving four are never marked used, so they stay eligible
+    assert [r["sampled"] for r in rows[1:4]] == [5, 5, 4]
+    assert rows[1]["bytes_up_per_client"] > rows[4]["bytes_up_per_client"] > 0   # histograms > deltas
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT)
+    assert ckpt.round == 7 and set(ckpt.used) == {f"c{i:02d}" for i in range(8)}
+    assert all(ckpt.qparams[p].version == final[p].version for p in PROFILES)
+    assert final["u8"].version >= 3          # stats calibrated it, two lsq rounds moved it
+    ev = rows[-1]
+    assert ev["rejections"] == {"client:job_failed": 1, "flower_error": 1, "nan": 1, "timeout": 1}
+    assert set(ev["eval"]) == set(PROFILES) and ev["eval_all"]["tokens"] == 8 * 80
+    assert ev["server_eval"] == {p: server_eval(p, final[p]) for p in PROFILES}
+    # hello goes once to each node, not once per round
+    queries = [s for s in grid.sent if s[0] == "query"]
+    assert len(queries) == 12 and len({q[1] for q in queries}) == 12
+    assert sum(n.jobs for n in grid.nodes.values()) == sum(r["sampled"] for r in rows)
+
+
+@pytest.mark.parametrize("how", ["on_round", "grid_dies"])
+def test_an_interrupted_run_resumes_to_the_same_qparams_bit_for_bit(tmp_path, how):
+    full = run_server(FakeGrid(fleet()), config(), make_initial(), tmp_path / "full")
+
+    out = tmp_path / "cut"
+
+    def stop_after_5(m):          # after the first lsq round: FedAdam moments must survive
+        if m["round"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises((KeyboardInterrupt, ConnectionError)):
+        if how == "on_round":
+            run_server(FakeGrid(fleet()), config(), make_initial(), out, on_round=stop_after_5)
+        else:                       # mid-statistics: the running sums and used ids must survive
+            run_server(FakeGrid(fleet(), die_at=4), config(), make_initial(), out)
+    done = 5 if how == "on_round" else 3
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    assert ckpt.moments if how == "on_round" else (ckpt.sums and ckpt.used)
+    assert ckpt.round == done
+    with open(out / METRICS, "a") as f:      # as if the crash came after a later line was written
+        f.write(json.dumps({"round": done + 1, "job": "stale"}) + "\n" + '{"round": 9, "cut')
+    resumed = run_server(FakeGrid(fleet(), base=500), config(), make_initial(), out)   # new node ids
+    same_qparams(full, resumed)
+    assert [r["round"] for r in lines(out)] == list(range(1, 8))
+    assert all(r["job"] != "stale" for r in lines(out))
+    assert states_equal(load_checkpoint(out / CHECKPOINT), load_checkpoint(tmp_path / "full" / CHECKPOINT))
+    # a finished run resumes to its result without touching the grid
+    idle = FakeGrid([])
+    same_qparams(run_server(idle, config(), make_initial(), out), full)
+    assert idle.sent == []
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    cfg = config(schedule=[{"job": "scout"}])
+    run_server(FakeGrid(fleet()), cfg, make_initial(), tmp_path)
+    path = tmp_path / CHECKPOINT
+    raw = path.read_bytes()
+    with pytest.raises(CheckpointError, match="written by another config"):
+        run_server(FakeGrid(fleet()), config(schedule=[{"job": "scout"}], seed=6), make_initial(), tmp_path)
+    other = make_initial()
+    other["u8"] = other["u8"].with_points({}, version=1)
+    with pytest.raises(CheckpointError, match="another config"):
+        run_server(FakeGrid(fleet()), cfg, other, tmp_path)
+    # waiting knobs may change on resume
+    run_server(FakeGrid(fleet()), config(schedule=[{"job": "scout"}], reply_timeout_s=1.0), make_initial(), tmp_path)
+    for bad in (raw[: len(raw) // 2], b"not a checkpoint", b""):
+        path.write_bytes(bad)
+        with pytest.raises(CheckpointError, match=r"checkpoint\.safetensors: not a checkpoint \(corrupt or truncated"):
+            run_server(FakeGrid(fleet()), cfg, make_initial(), tmp_path)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"]["state"] = header["__metadata__"]["state"].replace('"grids"', '"gridz"')
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+    with pytest.raises(CheckpointError, match="inconsistent run state"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    state = initial_state(make_initial(), "abc")
+    save_checkpoint(state, tmp_path / "s.safetensors")
+    back = load_checkpoint(tmp_path / "s.safetensors", expect_digest="abc")
+    assert states_equal(state, back)
+    assert back.qparams["u8"].points[KEYS[0]].scale.shape == ()            # scalars stay scalars
+    assert not list(tmp_path.glob(".*.tmp"))                               # no temp file left behind
+
+
+def test_waits_for_min_available_nodes(tmp_path):
+    class Late(FakeGrid):
+        calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return list(self.nodes)[: 2 if self.calls < 3 else None]
+
+    grid = Late(fleet())
+    assert wait_for_nodes(grid, 10, wait_s=5.0, poll_s=0.01) == 12 and grid.calls == 3
+    with pytest.raises(TimeoutError, match="only 2 of min_available=10"):
+        wait_for_nodes(Late(fleet()), 10, wait_s=0.0)
+    with pytest.raises(TimeoutError):
+        run_server(FakeGrid(fleet(3)), config(), make_initial(), tmp_path)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_a_node_joining_later_is_asked_once_and_sampled(tmp_path):
+    nodes = fleet(13)
+    grid = FakeGrid(nodes[:12])
+    late = nodes[12]
+
+    def join(m):
+        if m["round"] == 2:
+            grid.nodes[999] = late
+
+    run_server(grid, config(), make_initial(), tmp_path, on_round=join)
+    assert [s for s in grid.sent if s[0] == "query" and s[1] == 999] == [("query", 999, "")]
+    assert late.jobs > 0 and lines(tmp_path)[2]["roster_joined"] == 1
