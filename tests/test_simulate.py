@@ -1,0 +1,140 @@
+"""`fedquant simulate` end to end on the tiny model (configs/smoke.toml), on Flower's real
+simulation engine (Ray), each run in its own process as a user starts it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quant.qparams import load_qparams
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.toml"
+FEDQUANT = [sys.executable, "-c", "from simulation.cli import main; main()"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def simulate(out: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*FEDQUANT, "simulate", "--config", str(SMOKE), "--out", str(out), *args],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"fedquant simulate failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _same_qparams(a, b) -> None:
+    assert set(a.points) == set(b.points)
+    for k in a.points:
+        pa, pb = a.points[k], b.points[k]
+        assert pa.spec == pb.spec, k
+        assert np.array_equal(pa.scale, pb.scale) and pa.scale.dtype == pb.scale.dtype, k
+        assert np.array_equal(pa.zero_point, pb.zero_point), k
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "smoke"
+    t0 = time.perf_counter()
+    proc = simulate(out)
+    return out, proc, time.perf_counter() - t0
+
+
+def test_smoke_run_writes_what_design_says(full_run):
+    out, proc, wall = full_run
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == list(range(1, len(metrics) + 1))
+    assert [m["job"] for m in metrics] == ["scout", "stats", "stats", "eval", "lsq", "eval"]
+    assert set(summary["profiles"]) == {"int8", "int16"}
+    for p, s in summary["profiles"].items():
+        for key in ("float_ppl", "random_calib_ppl", "centralized_ppl"):
+            assert isinstance(s[key], float) and np.isfinite(s[key]) and s[key] > 1, (p, key)
+        assert len(s["federated_ppl"]) == 2 and all(np.isfinite(s["federated_ppl"]))
+        assert s["bytes_up_per_client_round"] and s["bytes_down_per_client_round"]
+        assert s["clients"] >= 1
+        assert load_qparams(out / "qparams" / f"{p}.safetensors").version >= 1
+        for f in ("model.onnx", "model.names.json", "encodings.json"):
+            assert (out / "export" / p / f).is_file(), f
+        enc = json.loads((out / "export" / p / "encodings.json").read_text())
+        assert enc["activation_encodings"] and enc["param_encodings"]
+    assert summary["clients"] == 6 and summary["rounds"] == 6
+    for png in ("perplexity.png", "scale_drift.png"):
+        assert (out / png).stat().st_size > 10_000
+    # statistics rounds sample without replacement: every client contributed once
+    stats = [m for m in metrics if m["job"] == "stats"]
+    assert sum(m["replies"] for m in stats) == 6
+    assert "round   5 lsq" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path):
+    """Scouting + two statistics rounds (every client once, over two sampled rounds): the global
+    activation QParams equal the same calibrator on the pooled training data, bit for bit."""
+    out = tmp_path / "stats-only"
+    simulate(out, "--rounds", "3")
+    for p in ("int8", "int16"):
+        fed = load_qparams(out / "qparams" / f"{p}.safetensors")
+        central = load_qparams(out / "qparams" / f"{p}.centralized.safetensors")
+        _same_qparams(fed, central)
+        start = load_qparams(out / "initial" / f"{p}.safetensors")
+        changed = [k for k in fed.points if not np.array_equal(fed.points[k].scale, start.points[k].scale)]
+        assert len(changed) >= len([k for k in fed.points if k.endswith(":input")]) // 2
+
+
+def test_sigkill_then_resume_gives_the_same_result(full_run, tmp_path):
+    """The whole process group killed with SIGKILL after round 3's checkpoint; started again with
+    the same out directory, the run resumes and ends with the uninterrupted run's QParams."""
+    ref_out = full_run[0]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*FEDQUANT, "simulate", "--config", str(SMOKE), "--out", str(out)], cwd=ROOT,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            m = out / "metrics.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (out / "summary.json").exists()
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 3 <= done < 6
+    again = simulate(out)
+    assert "resum" in again.stderr.lower(), again.stderr[-2000:]
+    for p in ("int8", "int16"):
+        _same_qparams(load_qparams(out / "qparams" / f"{p}.safetensors"),
+                      load_qparams(ref_out / "qparams" / f"{p}.safetensors"))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == list(range(1, 7))
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SMOKE.read_text().replace('profile = "int16"', 'profile = "no-such-profile"'))
+    proc = subprocess.run([*FEDQUANT, "simulate", "--config", str(bad), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no-such-profile" in proc.stderr and "fleet[1]" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    bad.write_text(SMOKE.read_text().replace("[data]\n", "[data]\nclinets = 3\n"))
+    proc = subprocess.run([*FEDQUANT, "simulate", "--config", str(bad), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "data.clinets" in proc.stderr and str(bad) in proc.stderr
