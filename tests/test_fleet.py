@@ -1,0 +1,161 @@
+"""`fedquant fleet`: a real Flower 1.42 deployment on 127.0.0.1 -- a SuperLink with TLS, SuperNode
+authentication and a SQLite database, SuperNodes with registered keys -- running the fedquant app
+(configs/fleet-smoke.toml: 3 nodes, scout + stats) end to end; plus the certificate/key formats
+checked with Flower's own loaders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+
+from quant.qparams import load_qparams
+from simulation import fleet_cli as fc
+from simulation import pki
+
+ROOT = Path(__file__).resolve().parent.parent
+FLEET_SMOKE = ROOT / "configs" / "fleet-smoke.toml"
+
+# flwr's FAB builder uses a pathspec pattern class that pathspec deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")
+
+
+# ------------------------------------------------------------------------------ fast: formats
+
+def test_node_keys_are_what_flower_parses(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    k = pki.write_node_key(tmp_path, "node-0")
+    assert (k.private.stat().st_mode & 0o777) == 0o600
+    priv = pki.load_node_private_key(k.private)            # flower-supernode's loader
+    registered = try_load_public_key(k.public)              # flwr supernode register's loader
+    assert registered == public_key_to_bytes(priv.public_key())
+    assert k.public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    other = pki.write_node_key(tmp_path, "node-1")
+    assert pki.public_key_fingerprint(other.public) != pki.public_key_fingerprint(k.public)
+    with pytest.raises(ValueError):
+        pki.write_node_key(tmp_path, "../x")
+
+
+def test_server_certificate_names_its_hosts_and_chains_to_the_ca(tmp_path):
+    t = pki.write_tls(tmp_path, ["127.0.0.1", "localhost", "link.example.org"])
+    cert = x509.load_pem_x509_certificate(t.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "link.example.org"]
+    ca = x509.load_pem_x509_certificate(t.ca_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # the pair loads as a TLS server identity, and the CA as a client's trust root
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(t.server_cert, t.server_key)
+    ssl.create_default_context(cafile=str(t.ca_cert))
+    assert (t.server_key.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(ValueError):
+        pki.write_tls(tmp_path / "bad", ["not a host"])
+
+
+def test_node_config_argument_is_flower_syntax():
+    from flwr.common.config import parse_config_args
+
+    arg = fc.node_config_arg({"partition-id": 2, "profile": "int8", "data-path": "/data/n2.npz"})
+    assert parse_config_args([arg]) == {"partition-id": 2, "profile": "int8", "data-path": "/data/n2.npz"}
+    with pytest.raises(ValueError):
+        fc.node_config_arg({"data-path": "/a b.npz"})
+
+
+def test_staged_app_is_a_valid_flower_app_without_federations(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.config_utils import load_and_validate
+
+    before = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    app = fc.stage_app(tmp_path)
+    config, _ = load_and_validate(app / "pyproject.toml")
+    assert "federations" not in config["tool"]["flwr"]
+    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "simulation.flower:server_app",
+                                                         "clientapp": "client.app:app"}
+    assert (app / "client" / "app.py").is_file() and (app / "configs" / "fleet-smoke.toml").is_file()
+    assert len(build_fab_from_disk(app)) < 10 * 2**20      # Flower's FAB size limit
+    assert hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest() == before
+
+
+# ------------------------------------------------------------------------------ end to end
+
+def _all_pids(d: Path) -> list[int]:
+    state = fc.load_state(d)
+    pids = [r["pid"] for r in state["supernodes"].values()]
+    if state.get("superlink"):
+        pids.append(state["superlink"]["pid"])
+    return pids + [k for p in pids for k in fc.descendants(p)]
+
+
+@pytest.mark.slow
+def test_fleet_with_tls_and_node_auth_runs_two_rounds(tmp_path, monkeypatch):
+    for k, v in dict(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0",
+                     HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1").items():
+        monkeypatch.setenv(k, v)
+    d, out = tmp_path / "fleet", tmp_path / "run"
+    pyproject = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    t0 = time.perf_counter()
+    seen: set[int] = set()
+    try:
+        state = fc.up(d, FLEET_SMOKE, out)
+        seen.update(_all_pids(d))
+        sl = state["superlink"]
+        assert "Uvicorn running on https://127.0.0.1:" in Path(sl["log"]).read_text()   # TLS
+        assert Path(sl["database"]).is_file()                                             # SQLite state
+        nodes = state["supernodes"]
+        assert sorted(nodes) == ["node-0", "node-1", "node-2"]
+        assert [nodes[f"node-{i}"]["node-config"]["partition-id"] for i in range(3)] == [0, 1, 2]
+        fleet = json.loads((out / "device" / "fleet.json").read_text())
+        assert {n["node-config"]["profile"] for n in nodes.values()} == {"int8", "int16"}
+        for i in range(3):
+            assert nodes[f"node-{i}"]["node-config"]["profile"] == fleet["nodes"][str(i)]["profile"]
+        registered = {r["node-id"] for r in state["registered"].values()}
+        assert {n["node-id"] for n in nodes.values()} == registered and len(registered) == 3
+
+        # a SuperNode whose key was never registered is refused and never listed
+        intruder = fc.make_keys(d, ["intruder"])["intruder"]
+        rec = fc.start_supernode(d, "intruder", intruder.private, {"partition-id": 0, "profile": "int8"})
+        seen.add(rec["pid"])
+        assert rec["status"] == "refused" and not fc.alive(rec["pid"])
+        assert "Failed to activate SuperNode" in Path(rec["log"]).read_text()
+        listed = fc.list_supernodes(d)
+        assert {int(n["node-id"]) for n in listed} == registered
+        assert all(n["status"] == "online" for n in listed)
+
+        run_id = fc.submit_run(d, FLEET_SMOKE, out, out / "device")
+        status = fc.wait_run(d, run_id, timeout=900)
+        assert status == "finished:completed", fc.run_log(d, run_id)[-4000:]
+        seen.update(_all_pids(d))
+
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [(m["round"], m["job"]) for m in metrics] == [(1, "scout"), (2, "stats")]
+        for m in metrics:
+            assert m["replies"] == 3 and m["rejections"] == {} and m["applied"] and m["roster"] == 3
+        assert metrics[1]["versions"] == {"int8": 1, "int16": 1}
+        for p in ("int8", "int16"):
+            start = load_qparams(out / "initial" / f"{p}.safetensors")
+            final = load_qparams(out / "qparams" / f"{p}.safetensors")
+            assert (start.version, final.version) == (0, 1)
+            changed = [k for k in final.points if not np.array_equal(final.points[k].scale, start.points[k].scale)]
+            assert changed, p
+            assert (out / "export" / p / "encodings.json").is_file()
+        assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+    finally:
+        seen.update(_all_pids(d))
+        fc.stop_fleet(d)
+        print(f"fleet e2e: {time.perf_counter() - t0:.0f}s")
+    assert fc.running(d) == {}
+    deadline = time.monotonic() + 10
+    while any(fc.alive(p) for p in seen) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in seen if fc.alive(p)] == []
+    assert hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest() == pyproject
