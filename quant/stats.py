@@ -30,6 +30,7 @@ _MANTISSA_BITS = 20          # significant bits a grid width may have (see modul
 _MAX_INDEX = 2**31           # bound on |a| + bins, so x / w stays exact enough in float64
 _SNAP_BITS = 8               # Grid.snap rounds the width up to 8 significant bits (<0.4% wider)
 _CHUNK = 1 << 20             # values per chunk when binning (bounds the float64 temporaries)
+_MERGE_CHUNK = 256           # statistics stacked at once by merge_all (bounds the temporary)
 
 
 def _to_float32(x) -> np.ndarray:
@@ -187,6 +188,21 @@ class ActivationStats:
                 "n": np.array(self.n, dtype=np.int64)}
 
     @classmethod
+    def _trusted(cls, grid: Grid, counts: np.ndarray, below: int, above: int, mn: float, mx: float,
+                 n: int) -> "ActivationStats":
+        """Private fast constructor for decoders that have already checked, for many points at
+        once, everything :meth:`from_arrays` checks (quant.wire.decode_stats_reply). No copy and no
+        check: ``counts`` must be an int64 array of shape ``(grid.bins,)`` that nobody writes to
+        (it is made read-only here, and may be a view of a larger read-only array), ``below``,
+        ``above``, ``n`` Python ints and ``mn``, ``mx`` Python floats. The result equals what the
+        checked constructor gives (tests/test_fast_paths.py)."""
+        c = counts.view()
+        c.setflags(write=False)
+        obj = object.__new__(cls)
+        obj.__dict__.update(grid=grid, counts=c, below=below, above=above, min=mn, max=mx, n=n)
+        return obj
+
+    @classmethod
     def from_arrays(cls, d: dict[str, np.ndarray]) -> "ActivationStats":
         """Inverse of :meth:`to_arrays`; validates keys, dtypes, shapes and consistency. Counts may
         come in any integer dtype (the wire may send the smallest exact one)."""
@@ -281,20 +297,25 @@ def merge(a: ActivationStats, b: ActivationStats) -> ActivationStats:
 
 
 def merge_all(stats: Iterable[ActivationStats]) -> ActivationStats:
-    """Merge any number (at least one) of statistics on the same grid."""
-    it = iter(stats)
-    try:
-        first = next(it)
-    except StopIteration:
-        raise ValueError("merge_all needs at least one statistics object") from None
+    """Merge any number (at least one) of statistics on the same grid.
+
+    The same result as folding :func:`merge` from the first: the counts are summed with one numpy
+    reduction over stacked chunks (int64 addition is exact and associative, also modulo 2^64),
+    below/above/n as Python ints, and min/max by the builtins, which keep the first of equal
+    values as the pairwise fold does."""
+    stats = list(stats)
+    if not stats:
+        raise ValueError("merge_all needs at least one statistics object")
+    first = stats[0]
+    for s in stats:
+        if s.grid is not first.grid:
+            _check_same_grid(first, s)
     counts = first.counts.copy()
-    below, above, mn, mx, n = first.below, first.above, first.min, first.max, first.n
-    for s in it:
-        _check_same_grid(first, s)
-        counts += s.counts
-        below, above, n = below + s.below, above + s.above, n + s.n
-        mn, mx = min(mn, s.min), max(mx, s.max)
-    return ActivationStats(first.grid, counts, below, above, mn, mx, n)
+    for i in range(1, len(stats), _MERGE_CHUNK):
+        chunk = [s.counts for s in stats[i:i + _MERGE_CHUNK]]
+        counts += np.concatenate(chunk).reshape(len(chunk), -1).sum(axis=0, dtype=np.int64)
+    return ActivationStats(first.grid, counts, sum(s.below for s in stats), sum(s.above for s in stats),
+                           min(s.min for s in stats), max(s.max for s in stats), sum(s.n for s in stats))
 
 
 def widen(stats: ActivationStats, factor: int = 2,

@@ -310,6 +310,26 @@ class Instruction:
         return int(self.qparams.version)
 
     @cached_property
+    def _grid_table(self) -> dict[str, np.ndarray]:
+        """The grids of ``keys`` as arrays, for checking every point of a statistics reply at
+        once: bins, offset of each point's counts, lo, hi, width and start (``lo = start *
+        width``), the latter two as Grid computes them."""
+        g = [self.grids[k] for k in self.keys]
+        bins = np.array([x.bins for x in g], dtype=np.int64)
+        return {"bins": bins, "starts": np.concatenate([[0], np.cumsum(bins)[:-1]]).astype(np.int64),
+                "lo": np.array([x.lo for x in g], dtype=np.float64),
+                "hi": np.array([x.hi for x in g], dtype=np.float64),
+                "width": np.array([x.width for x in g], dtype=np.float64),
+                "start": np.array([float(x.start) for x in g], dtype=np.float64)}
+
+    @cached_property
+    def _lsq_layout(self) -> tuple[list, list, np.ndarray]:
+        """Shapes, sizes and offsets (K + 1) of the points of ``keys`` in an lsq reply."""
+        shapes = [self.qparams.points[k].scale.shape for k in self.keys]
+        sizes = [math.prod(sh) for sh in shapes]
+        return shapes, sizes, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @cached_property
     def digest(self) -> str:
         """sha256 (16 hex digits) of the encoded instruction: a reply names what it answers."""
         return request_digest(*encode_instruction(self))
@@ -544,7 +564,8 @@ def decode_stats_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_
     if np.any(counts > rep) or np.any(ba > n[:, None]):   # each term <= n <= 2^40: sums fit int64
         raise WireError("count_mismatch", "a count exceeds the number of values n")
     starts = np.concatenate([[0], np.cumsum(bins)[:-1]]).astype(np.int64)
-    sums = np.add.reduceat(counts.astype(np.int64), starts) if counts.size else np.zeros(k, dtype=np.int64)
+    c64 = counts.astype(np.int64)
+    sums = np.add.reduceat(c64, starts) if counts.size else np.zeros(k, dtype=np.int64)
     sums = sums + ba.sum(axis=1)
     if np.any(sums != n):
         j = int(np.flatnonzero(sums != n)[0])
@@ -552,14 +573,22 @@ def decode_stats_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_
     if np.isnan(mm).any():
         raise WireError("nan", f"{keys[int(np.argwhere(np.isnan(mm))[0, 0])]}: min/max is NaN")
     stats = {}
-    for j, key in enumerate(keys):
-        g = ins.grids[key]
-        try:
-            stats[key] = ActivationStats.from_arrays({
-                "lo_hi": np.array([g.lo, g.hi]), "counts": counts[starts[j]:starts[j] + bins[j]],
-                "below_above": ba[j], "min_max": mm[j], "n": n[j]})
-        except ValueError as e:
-            raise WireError("inconsistent", f"{key}: {e}") from None
+    if k and _inconsistent(c64, ba, n, mm, ins._grid_table).any():
+        for j, key in enumerate(keys):      # the first inconsistent point, with from_arrays' words
+            g = ins.grids[key]
+            try:
+                ActivationStats.from_arrays({
+                    "lo_hi": np.array([g.lo, g.hi]), "counts": counts[starts[j]:starts[j] + bins[j]],
+                    "below_above": ba[j], "min_max": mm[j], "n": n[j]})
+            except ValueError as e:
+                raise WireError("inconsistent", f"{key}: {e}") from None
+    # Everything ActivationStats.from_arrays checks per point holds for every point (above), so
+    # the points are built without checks, their counts read-only views of one int64 copy.
+    c64.setflags(write=False)
+    ends = (starts + bins).tolist()
+    for key, s0, s1, (below, above), (mn, mx), nj in zip(keys, starts.tolist(), ends, ba.tolist(),
+                                                          mm.tolist(), n.tolist()):
+        stats[key] = ActivationStats._trusted(ins.grids[key], c64[s0:s1], below, above, mn, mx, nj)
     absmax = {}
     for key in ins.absmax:
         v = a[f"absmax/{key}"]
@@ -569,6 +598,28 @@ def decode_stats_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_
             raise WireError("absmax_range", f"absmax/{key}: negative values")
         absmax[key] = v
     return StatsReply(stats, absmax)
+
+
+def _inconsistent(c64: np.ndarray, ba: np.ndarray, n: np.ndarray, mm: np.ndarray, t: dict) -> np.ndarray:
+    """Per point, whether ``ActivationStats.from_arrays`` refuses its min/max (the checks it makes
+    beyond those decode_stats_reply has made for all points: n = 0 with a range, min > max,
+    min/max outside the grid with nothing below/above it, min/max beyond the occupied bins), for
+    all points at once. The edges are computed as ``Grid.edges`` computes them."""
+    mn, mx, below, above, lo, hi = mm[:, 0], mm[:, 1], ba[:, 0], ba[:, 1], t["lo"], t["hi"]
+    bad = (n == 0) & ~((mn == math.inf) & (mx == -math.inf))
+    bad |= (n > 0) & ~(mn <= mx)
+    bad |= ((mn < lo) & (below == 0)) | ((mx >= hi) & (above == 0))
+    total = c64.size
+    idx = np.arange(total, dtype=np.int64)
+    nz = c64 != 0
+    first = np.minimum.reduceat(np.where(nz, idx, total), t["starts"])
+    last = np.maximum.reduceat(np.where(nz, idx, -1), t["starts"])
+    has = first < total
+    first_edge = (t["start"] + (np.where(has, first - t["starts"], 0) + 1).astype(np.float64)) * t["width"]
+    last_edge = (t["start"] + np.where(has, last - t["starts"], 0).astype(np.float64)) * t["width"]
+    bad |= (has & ~(mn < first_edge)) | ((below != 0) & ~(mn < hi))
+    bad |= (has & ~(mx >= last_edge)) | ((above != 0) & ~(mx >= lo))
+    return bad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,9 +658,14 @@ def encode_lsq_reply(reply: LsqReply, ins: Instruction) -> tuple[Flat, Header]:
 
 
 def decode_lsq_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIMITS) -> LsqReply:
-    shapes = [ins.qparams.points[k].scale.shape for k in ins.keys]
-    sizes = [math.prod(s) for s in shapes]
-    p = sum(sizes)
+    return _lsq_reply(_decode_lsq_arrays(flat, header, ins, limits), ins)
+
+
+def _decode_lsq_arrays(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+    """The checked flat arrays of an lsq reply (finite deltas and loss, in ``ins.keys`` order):
+    what server.validate checks further, all points at once, before :func:`_lsq_reply`."""
+    _, sizes, starts = ins._lsq_layout
+    p = int(starts[-1])
     a = _fields(flat, header, ins, "lsq", {"delta_log_s": ("float32", (p,)), "delta_beta": ("float32", (p,)),
                                            "loss": ("float32", (2,))}, limits)
     for name in ("delta_log_s", "delta_beta", "loss"):
@@ -617,9 +673,14 @@ def decode_lsq_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_LI
         if bad.any():
             where = "loss" if name == "loss" else _key_at(ins.keys, int(np.flatnonzero(bad)[0]), sizes)
             raise WireError("nan", f"{name} of {where}: NaN or infinite")
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return a
+
+
+def _lsq_reply(a: Mapping[str, np.ndarray], ins: Instruction) -> LsqReply:
+    shapes, _, starts = ins._lsq_layout
+    bounds = list(zip(ins.keys, starts[:-1].tolist(), starts[1:].tolist(), shapes))
 
     def split(v):
-        return {k: v[starts[j]:starts[j + 1]].reshape(shapes[j]) for j, k in enumerate(ins.keys)}
+        return {k: v[s0:s1].reshape(shape) for k, s0, s1, shape in bounds}
 
     return LsqReply(split(a["delta_log_s"]), split(a["delta_beta"]), float(a["loss"][0]), float(a["loss"][1]))

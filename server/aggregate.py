@@ -37,8 +37,11 @@ Arrays = Mapping[str, np.ndarray]
 def sum_statistics(replies: Sequence[Mapping[str, ActivationStats]]) -> dict[str, ActivationStats]:
     """Per point, the merge (sum of counts, min of mins, max of maxes, sum of n) of every reply
     that has it: exact and independent of order and partition (design.md s. 4)."""
-    keys = list(dict.fromkeys(k for r in replies for k in r))
-    return {k: merge_all(r[k] for r in replies if k in r) for k in keys}
+    per_key: dict[str, list[ActivationStats]] = {}
+    for r in replies:                       # in reply order, so each merge_all sees that order
+        for k, s in r.items():
+            per_key.setdefault(k, []).append(s)
+    return {k: merge_all(v) for k, v in per_key.items()}
 
 
 def max_absmax(replies: Sequence[Arrays]) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ harm of valid-looking but poisoned ones.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, TypeVar
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quant.spec import SCALE_FLOOR
 from quant.wire import (Limits, Instruction, LsqReply, ScoutReply, StatsReply, WireError,
-                        decode_lsq_reply, decode_scout_reply, decode_stats_reply)
+                        _decode_lsq_arrays, _lsq_reply, decode_scout_reply, decode_stats_reply)
 
 T = TypeVar("T")
 
@@ -75,8 +76,9 @@ def _check_examples(num_examples, config: ValidationConfig) -> None:
 def _check_n(n: Mapping[str, int], num_examples: int, values_per_example: ValuesPerExample) -> None:
     """n per point against the example count: within ``[lo, hi] * examples`` when the caller
     knows the values per example (per point, or one pair for all), else at least 1."""
+    per_point = isinstance(values_per_example, Mapping)
     for k, nk in n.items():
-        v = values_per_example.get(k) if isinstance(values_per_example, Mapping) else values_per_example
+        v = values_per_example.get(k) if per_point else values_per_example
         lo, hi = (1, None) if v is None else (int(v[0]) * num_examples, int(v[1]) * num_examples)
         if nk < lo or (hi is not None and nk > hi):
             raise WireError("count_mismatch", f"{k}: {nk} values from {num_examples} examples, "
@@ -117,30 +119,80 @@ def validate_lsq_reply(flat, header, ins: Instruction, num_examples,
     """A learned-range reply, relative to the QParams the instruction sent (what the client
     started from): finite deltas and loss; ``|delta log s| <= max_log_scale_step`` and the new
     scale within ``[min_scale, max_scale]``; for asymmetric specs the new offset's zero-point
-    ``-beta / s`` within the integer range (half a step of slack). Symmetric specs ignore beta."""
+    ``-beta / s`` within the integer range (half a step of slack). Symmetric specs ignore beta.
+    All points are checked at once on the flat arrays; a refused reply names its first bad point
+    with the words of :func:`_check_lsq_point`."""
     def run():
         _check_examples(num_examples, config)
-        r = decode_lsq_reply(flat, header, ins, config.limits)
-        lo_s, hi_s = math.log(config.min_scale), math.log(config.max_scale)
-        for k in ins.keys:
-            p = ins.qparams.points[k]
-            d_ls = r.delta_log_s[k].astype(np.float64)
-            if np.any(np.abs(d_ls) > config.max_log_scale_step):
-                raise WireError("scale_range", f"{k}: |delta log s| up to {np.abs(d_ls).max():.3g} "
-                                               f"> {config.max_log_scale_step:.3g}")
-            s0 = p.scale.astype(np.float64)
-            log_s = np.log(s0) + d_ls
-            if np.any(log_s < lo_s) or np.any(log_s > hi_s):
-                raise WireError("scale_range", f"{k}: new scale outside [{config.min_scale:.3g}, "
-                                               f"{config.max_scale:.3g}]")
-            if not p.spec.symmetric:
-                beta = -p.zero_point.astype(np.float64) * s0 + r.delta_beta[k].astype(np.float64)
-                z = -beta / np.exp(log_s)
-                if np.any(z < p.spec.qmin - 0.5) or np.any(z > p.spec.qmax + 0.5):
-                    raise WireError("zero_point_range", f"{k}: zero-point {np.ravel(z)[0]:.4g} "
-                                                        f"outside [{p.spec.qmin}, {p.spec.qmax}]")
+        a = _decode_lsq_arrays(flat, header, ins, config.limits)
+        bad = _lsq_bad_points(a["delta_log_s"], a["delta_beta"], ins, config)
+        r = _lsq_reply(a, ins)
+        for j in np.flatnonzero(bad).tolist():      # raises at the first (the loop is a guard)
+            k = ins.keys[j]
+            _check_lsq_point(k, ins.qparams.points[k], r.delta_log_s[k], r.delta_beta[k], config)
         return r
     return _guard(run)
+
+
+def _check_lsq_point(k: str, p, d_log_s: np.ndarray, d_beta: np.ndarray, config: ValidationConfig) -> None:
+    """One point of an lsq reply, as the checks read (the reference of :func:`_lsq_bad_points`)."""
+    lo_s, hi_s = math.log(config.min_scale), math.log(config.max_scale)
+    d_ls = d_log_s.astype(np.float64)
+    if np.any(np.abs(d_ls) > config.max_log_scale_step):
+        raise WireError("scale_range", f"{k}: |delta log s| up to {np.abs(d_ls).max():.3g} "
+                                       f"> {config.max_log_scale_step:.3g}")
+    s0 = p.scale.astype(np.float64)
+    log_s = np.log(s0) + d_ls
+    if np.any(log_s < lo_s) or np.any(log_s > hi_s):
+        raise WireError("scale_range", f"{k}: new scale outside [{config.min_scale:.3g}, "
+                                       f"{config.max_scale:.3g}]")
+    if not p.spec.symmetric:
+        beta = -p.zero_point.astype(np.float64) * s0 + d_beta.astype(np.float64)
+        z = -beta / np.exp(log_s)
+        if np.any(z < p.spec.qmin - 0.5) or np.any(z > p.spec.qmax + 0.5):
+            raise WireError("zero_point_range", f"{k}: zero-point {np.ravel(z)[0]:.4g} "
+                                                f"outside [{p.spec.qmin}, {p.spec.qmax}]")
+
+
+_LSQ_TABLES: "weakref.WeakKeyDictionary[Instruction, dict]" = weakref.WeakKeyDictionary()
+
+
+def _lsq_table(ins: Instruction) -> dict[str, np.ndarray]:
+    """Per element of the flat lsq arrays (``ins.keys`` order): the terms of
+    :func:`_check_lsq_point` that depend only on the instruction, computed per point exactly as
+    there; cached per instruction (an Instruction is immutable and hashed by identity)."""
+    t = _LSQ_TABLES.get(ins)
+    if t is None:
+        pts = [ins.qparams.points[k] for k in ins.keys]
+        s0 = [p.scale.astype(np.float64).reshape(-1) for p in pts]
+        sizes = [x.size for x in s0]
+
+        def cat(parts, dtype=np.float64):
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        t = {"log_s0": cat([np.log(x) for x in s0]),
+             "neg_z_s0": cat([-p.zero_point.astype(np.float64).reshape(-1) * x for p, x in zip(pts, s0)]),
+             "asym": cat([np.full(n, not p.spec.symmetric) for p, n in zip(pts, sizes)], bool),
+             "z_lo": cat([np.full(n, p.spec.qmin - 0.5) for p, n in zip(pts, sizes)]),
+             "z_hi": cat([np.full(n, p.spec.qmax + 0.5) for p, n in zip(pts, sizes)]),
+             "point": np.repeat(np.arange(len(pts)), sizes), "points": len(pts)}
+        _LSQ_TABLES[ins] = t
+    return t
+
+
+def _lsq_bad_points(d_log_s: np.ndarray, d_beta: np.ndarray, ins: Instruction,
+                    config: ValidationConfig) -> np.ndarray:
+    """Per point, whether :func:`_check_lsq_point` refuses it: the same elementwise operations on
+    the flat arrays of all points at once."""
+    t = _lsq_table(ins)
+    d_ls = d_log_s.astype(np.float64)
+    bad = np.abs(d_ls) > config.max_log_scale_step
+    log_s = t["log_s0"] + d_ls
+    bad |= (log_s < math.log(config.min_scale)) | (log_s > math.log(config.max_scale))
+    asym = t["asym"]
+    z = -(t["neg_z_s0"][asym] + d_beta[asym].astype(np.float64)) / np.exp(log_s[asym])
+    bad[asym] |= (z < t["z_lo"][asym]) | (z > t["z_hi"][asym])
+    return np.bincount(t["point"][bad], minlength=t["points"]) > 0
 
 
 def summarise_rejections(reasons: Iterable[Rejection | str]) -> dict[str, int]:
