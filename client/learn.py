@@ -29,8 +29,12 @@ the next-token loss 0.8705 -> 0.8682 but raised the distillation loss 0.00495 ->
 lowered both (-> 0.8635, -> 0.00345). In one probe at 4-bit activations widened x4 (~2 effective
 bits) every lr tried from 0.003 to 0.03 raised the next-token loss after 8 steps: not tuned there. ``beta`` is in the
 activation's units, which differ by orders of magnitude between points, so each point's ``beta``
-gets its own learning rate ``lr * (qmax - qmin) * s0`` (s0 the starting scale): a step moves the
-range's offset by the same fraction of the range as a ``log_s`` step moves its width.
+gets its own learning rate ``beta_step_lsb * s0`` (s0 the starting scale): a step moves the range's
+offset by about ``beta_step_lsb`` quantization steps. It used to be ``lr * (qmax - qmin) * s0``, the
+same fraction of the range as a ``log_s`` step; on SmolLM2 that moved the lower end of a
+``down_proj`` input's range (-52 .. 3261) by ~100 per step, clipped the dense mass near zero, and
+two steps took the local loss from 5.20 to 14.18 (bench/client_jobs.py). The offset of an 8-bit
+range needs LSB-sized moves, not range-sized ones.
 
 Metrics, as the other jobs: ``num-examples`` (local sequences, the aggregation weight), ``wall_s``,
 ``batch_size``, ``steps``, ``tokens`` (predicted tokens seen in training), ``loss_before`` /
@@ -65,6 +69,7 @@ class LearnConfig(BaseModel):
     steps: int = Field(8, ge=0, le=10_000, description="Adam steps per round")
     lr: float = Field(3e-2, gt=0, le=1.0, description="Adam step on log_s (beta: scaled per point)")
     batch_size: int = Field(8, ge=1, description="sequences per step")
+    beta_step_lsb: float = Field(0.5, ge=0, le=64, description="Adam step on beta, in quantization steps")
     loss: Literal["next_token", "distill"] = "next_token"
     which: Literal["activations", "all"] = "activations"
 
@@ -176,10 +181,9 @@ def learn_ranges(model: nn.Module, qparams: QParams | None, ins_or_keys, data,
             q = points[k]
             groups.append({"params": [q.log_s], "lr": config.lr})
             if q.beta is not None:
-                width = float(q.spec.qmax - q.spec.qmin)
                 s0 = torch.exp(q.log_s.detach())
                 # one lr per point: the largest starting scale of the point (per-tensor: the scale)
-                groups.append({"params": [q.beta], "lr": config.lr * width * float(s0.max())})
+                groups.append({"params": [q.beta], "lr": config.beta_step_lsb * float(s0.max())})
         first = seqs[:b]
         with torch.no_grad():
             loss_before = float(_loss(model, first, config.loss))
