@@ -262,6 +262,9 @@ def run_server(grid, config: ServerConfig, initial: Mapping[str, QParams], out_d
         t0 = time.perf_counter()
         joined = refresh_roster(grid, roster, state.qparams, config.reply_timeout_s)
         online = roster.online(grid.get_node_ids())
+        # a client is asked only for what it can do: evaluation needs held-out text, the rest training text
+        need = "test_examples" if spec.job == "eval" else "train_examples"
+        online = [c for c in online if getattr(roster.members[c], need) > 0]
         sampled = sample_clients(online, state.used if spec.job == "stats" else (), spec.fraction,
                                  spec.min_clients, config.seed, rnd)
         inss = instructions_for(state, rnd, spec, config)
