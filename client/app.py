@@ -66,7 +66,7 @@ from flwr.clientapp import ClientApp
 
 from client import device, jobs
 from client.profiles import DeviceProfile, MemoryBudgetError, plan_batch
-from client.runtime import DeviceRuntime, PatchRefused, qparams_path
+from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_path
 from quant.qparams import load_qparams
 from quant.wire import (Instruction, WireError, decode_instruction, encode_scout_reply,
                         encode_stats_reply, encode_lsq_reply)
@@ -92,6 +92,7 @@ class Refused(Exception):
 
 _LOCK = threading.RLock()
 _RUNTIMES: dict[tuple[str, str], DeviceRuntime] = {}
+_CAPTURES: dict[tuple[str, int], FloatCapture] = {}
 _PROFILES: dict[tuple[str, str], DeviceProfile] = {}
 _INSTALLED: dict[tuple[str, str], int] = {}
 _TORCH: dict[tuple[str, str], object] = {}
@@ -101,7 +102,7 @@ _DATA: dict[tuple[str, str], dict[str, np.ndarray]] = {}
 def clear_caches() -> None:
     """Forget every loaded model and dataset (tests; a process normally keeps them)."""
     with _LOCK:
-        for c in (_RUNTIMES, _PROFILES, _INSTALLED, _TORCH, _DATA):
+        for c in (_RUNTIMES, _CAPTURES, _PROFILES, _INSTALLED, _TORCH, _DATA):
             c.clear()
 
 
@@ -125,8 +126,10 @@ def get_runtime(device_dir: str, profile: str) -> DeviceRuntime:
 
     def load():
         device.bundle_model(device_dir, profile)  # a clear error when the bundle is missing
+        float_onnx = device.float_onnx_path(device_dir)
+        capture = _cached(_CAPTURES, (str(float_onnx), p.threads), lambda: FloatCapture(float_onnx, p.threads))
         return DeviceRuntime(device.model_path(device_dir, profile), threads=p.threads,
-                             float_onnx=device.float_onnx_path(device_dir))
+                             float_onnx=float_onnx, capture=capture)
     return _cached(_RUNTIMES, (device_dir, profile), load)
 
 

@@ -122,7 +122,7 @@ class DeviceRuntime:
     """The integer runtime of one device: an ORT session over the QDQ model, patchable by
     QParams key, plus (lazily) the float-graph session that statistics are captured on."""
 
-    def __init__(self, model_path, threads: int = 1, float_onnx=None):
+    def __init__(self, model_path, threads: int = 1, float_onnx=None, capture: "FloatCapture | None" = None):
         import onnx
 
         self.path = Path(model_path)
@@ -141,7 +141,9 @@ class DeviceRuntime:
         self._inits = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer
                        if t.name in self.name_map}
         self.session = ort_session(self.model, threads=self.threads)
-        self._capture = None
+        # the float graph is the same for every profile of a model: a process can share one
+        # FloatCapture between its runtimes (it holds the float graph and its session: ~1 GB on SmolLM2)
+        self._capture = capture
         self.last_patch: dict = {}
 
     # -------------------------------------------------------------------- patching

@@ -73,11 +73,22 @@ def sample_clients(roster_ids: Sequence[str], used: Sequence[str], fraction: flo
     return sorted(eligible[i] for i in rng.choice(len(eligible), size=k, replace=False))
 
 
+def movable_qparams(qp: QParams, config: ServerConfig) -> QParams:
+    """The part of a profile's QParams that a run can change: its activation points (and every point
+    when the learned-range rounds learn weights too), with the smoothing, version and fingerprint.
+    Clients merge it into what they hold, so weight scales -- most of the bytes: 8.5 MB of 4-bit
+    group scales on SmolLM2, against 5 KB of activation scales -- never travel in a round."""
+    keys = set(activation_keys(qp)) | set(learned_keys(qp, config))
+    return QParams({k: p for k, p in qp.points.items() if k in keys}, qp.model, qp.version,
+                   qp.smoothing, qp.meta)
+
+
 def instructions_for(state: RunState, round: int, spec: RoundSpec, config: ServerConfig) -> dict[str, Instruction]:
     """One instruction per profile for this round (protocol.md): the profile's global QParams and
     the points of the job (activation points; their grids in a stats round)."""
     out = {}
-    for prof, qp in sorted(state.qparams.items()):
+    for prof, full in sorted(state.qparams.items()):
+        qp = movable_qparams(full, config)
         if spec.job == "scout":
             out[prof] = Instruction(round, "scout", qp, keys=tuple(activation_keys(qp)))
         elif spec.job == "stats":

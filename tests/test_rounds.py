@@ -288,7 +288,13 @@ def test_instructions_per_profile():
     assert set(lsq) == set(PROFILES) and "blk.q:weight" in lsq["u8"].keys
     scout = instructions_for(state, 1, RoundSpec(job="scout"), config())
     assert scout["u4"].keys == tuple(sorted(KEYS)) == tuple(activation_keys(state.qparams["u4"]))
-    assert scout["u4"].qparams is state.qparams["u4"]
+    # only what a run can change travels: activation points here, weights too when learned
+    full = state.qparams["u4"]
+    sent = scout["u4"].qparams
+    assert set(sent.points) == set(activation_keys(full)) < set(full.points)
+    assert (sent.version, sent.model) == (full.version, full.model)
+    assert all(sent.points[k] is full.points[k] for k in sent.points)
+    assert set(lsq["u8"].qparams.points) == set(state.qparams["u8"].points)
 
 
 def test_config_rejects_impossible_schedules_naming_the_entry(tmp_path):
