@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.lock requirements-data.txt pyproject.toml
 	touch $@
 
 demo: venv
-	$(VENV)/bin/fedquant quality --out runs/quality
+	$(VENV)/bin/fedquant simulate --config configs/default.toml --out runs/default
 
 test: venv
 	$(PY) -m pytest -q

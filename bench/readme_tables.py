@@ -1,9 +1,10 @@
 """Regenerate the README's result tables from the JSON that produced them.
 
     .venv/bin/python bench/readme_tables.py [--quality runs/quality/quality.json]
+                                            [--simulate runs/default/summary.json]
 
-Copies the quality run's JSON to bench/results/quality.json (so the README's numbers stay next to
-their source) and rewrites the blocks between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``.
+Copies the quality run's JSON to bench/results/quality.json and the main job's summary to
+bench/results/simulate_default.json (so the README's numbers stay next to their source) and rewrites the blocks between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,29 @@ def calibrators_block(d: dict) -> str:
             + "\n".join(lines) + "\n")
 
 
+def simulate_block(d: dict) -> str:
+    """The main job's table, from a `fedquant simulate` summary.json."""
+    m = d["machine"]
+    lines = ["| profile | clients | float | random-token calibration | centralized (pooled data) "
+             "| federated, per evaluation round | last vs float |",
+             "|---|---|---|---|---|---|---|"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+    for p, s in d["profiles"].items():
+        fed = s["federated_ppl"]
+        last = f"{100 * (fed[-1] / s['float_ppl'] - 1):+.1f}%" if fed and s["float_ppl"] else "-"
+        lines.append(f"| {p} | {s['clients']} | {f(s['float_ppl'])} | {f(s['random_calib_ppl'])} | "
+                     f"{f(s['centralized_ppl'])} | {' -> '.join(f(v) for v in fed)} | {last} |")
+    data = d["data"]
+    return (f"`fedquant simulate --config configs/default.toml` ({d['model']}, {d['clients']} clients, "
+            f"{d['rounds']} rounds; {data['train_sequences']} training sequences of {data['seq_len']} tokens "
+            f"in all, perplexity on {data['eval_sequences']} sequences of roles no client holds, ONNX "
+            f"Runtime integer model; {m['cpu']}, {m['cores']} cores, {d['wall_s']:.0f} s of which "
+            f"{d['prepare_s']:.0f} s preparing). Source: `bench/results/simulate_default.json`.\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
     new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
@@ -63,10 +87,16 @@ def replace_block(text: str, name: str, body: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quality", type=Path, default=ROOT / "runs" / "quality" / "quality.json")
+    ap.add_argument("--simulate", type=Path, default=ROOT / "runs" / "default" / "summary.json")
     args = ap.parse_args()
     readme = (ROOT / "README.md").read_text()
     if args.quality.is_file() and args.quality.resolve() != (RESULTS / "quality.json").resolve():
         shutil.copyfile(args.quality, RESULTS / "quality.json")
+    if args.simulate.is_file():
+        shutil.copyfile(args.simulate, RESULTS / "simulate_default.json")
+    if (RESULTS / "simulate_default.json").is_file():
+        readme = replace_block(readme, "simulate",
+                               simulate_block(json.loads((RESULTS / "simulate_default.json").read_text())))
     q = json.loads((RESULTS / "quality.json").read_text())
     readme = replace_block(readme, "quality", quality_block(q))
     readme = replace_block(readme, "calibrators",
