@@ -435,16 +435,20 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
 
 # ------------------------------------------------------------------------------ Flower
 
-def make_app(defaults: dict | None = None) -> ClientApp:
+def make_app(defaults: dict | None = None, intercept=None) -> ClientApp:
     """The ClientApp; ``defaults`` fill run_config keys the run does not set (``fedquant simulate``
     passes its ``device-dir`` this way, since Flower's simulation engine has no run config of its
-    own). The app object is pickled to every simulation actor, so it holds only this dict."""
+    own). ``intercept(message_type, content, node_config)`` may answer a message before the device
+    does (a simulation's unreliable devices); None lets it through. The app object is pickled to
+    every simulation actor, so both must be picklable."""
     defaults = dict(defaults or {})
     client_app = ClientApp()
 
     def answer(category: str, msg: Message, context: Context) -> Message:
         run_config = {**defaults, **{k: v for k, v in context.run_config.items() if v not in (None, "")}}
-        content = handle(category, msg.content, context.node_config, run_config, context.state)
+        content = intercept(category, msg.content, context.node_config) if intercept else None
+        if content is None:
+            content = handle(category, msg.content, context.node_config, run_config, context.state)
         return Message(content=content, reply_to=msg)
 
     @client_app.query()

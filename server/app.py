@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 CLIENT_CODES = frozenset({"unknown_profile", "bad_instruction", "stale_version", "unknown_job",
-                          "patch_refused", "memory_budget", "no_data", "job_failed"})
+                          "patch_refused", "memory_budget", "no_data", "job_failed",
+                          "unavailable", "dropout"})   # the last two: simulated unreliable devices
 MAX_HELLO_TRIES = 3
 MESSAGE_TYPE = {"scout": "train", "stats": "train", "lsq": "train", "eval": "evaluate"}
 VALIDATORS = {"scout": validate_scout_reply, "stats": validate_stats_reply, "lsq": validate_lsq_reply}

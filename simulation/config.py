@@ -50,6 +50,8 @@ class FleetEntry(BaseModel):
                                             description="per-point specs (fnmatch keys), e.g. 16-bit "
                                                         "down_proj inputs: quant.instrument.QuantConfig")
     skip: list[str] = Field(default_factory=list, description="module patterns left float")
+    availability: float = Field(1.0, gt=0, le=1, description="probability that a device is online in a round")
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability that an online device drops out of a job")
 
     def load(self, base: Path | None = None) -> DeviceProfile:
         from client.profiles import load_profile

@@ -238,6 +238,48 @@ def centralized_qparams(prep: Prepared, grids: dict, batch_size: int = 8) -> dic
 
 # --------------------------------------------------------------------------------- the run
 
+def _uniform(*key) -> float:
+    """A deterministic draw in [0, 1) from ``key`` (sha256: the same in every process and run)."""
+    h = hashlib.sha256("|".join(map(str, key)).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class Unreliable:
+    """Simulated unreliable devices (the fleet entries' ``availability`` and ``dropout``): for each
+    partition id, a device is offline in a round with probability ``1 - availability`` and drops out
+    of a job it started with probability ``dropout``. Flower's simulation engine keeps every node
+    connected, so a lost device answers with an error record (``unavailable`` / ``dropout``) instead
+    of keeping the round waiting for its timeout; the server counts it like any lost reply. Draws
+    depend only on (seed, partition id, round): a resumed run loses the same devices."""
+
+    rates: dict[str, tuple[float, float]]
+    seed: int
+
+    def __call__(self, message_type: str, content, node_config):
+        if message_type == "query":
+            return None
+        from client.app import error_reply
+
+        pid = str(node_config.get("partition-id"))
+        availability, dropout = self.rates.get(pid, (1.0, 0.0))
+        try:
+            rnd = json.loads(content["config"]["header"])["round"]
+        except Exception:       # not an instruction: let the device answer it
+            return None
+        if _uniform(self.seed, "availability", pid, rnd) >= availability:
+            return error_reply("unavailable", f"simulated: device {pid} is offline in round {rnd}")
+        if _uniform(self.seed, "dropout", pid, rnd) < dropout:
+            return error_reply("dropout", f"simulated: device {pid} dropped out of round {rnd}")
+        return None
+
+
+def unreliable_for(prep: "Prepared") -> Unreliable | None:
+    by_profile = {e.load().name: (e.availability, e.dropout) for e in prep.cfg.fleet}
+    rates = {str(c.pid): by_profile[c.profile] for c in prep.clients if by_profile[c.profile] != (1.0, 0.0)}
+    return Unreliable(rates, prep.cfg.data.seed) if rates else None
+
+
 def backend_config(cfg: SimulationConfig) -> dict:
     return {"client_resources": {"num_cpus": cfg.engine.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": cfg.engine.num_cpus, "num_gpus": 0, "include_dashboard": False,
@@ -266,7 +308,7 @@ def run_federation(prep: Prepared, evaluate_fn, on_round=None) -> dict[str, QPar
         result["qparams"] = run_server(grid, prep.cfg.server, prep.initial, prep.out,
                                        evaluate_fn=evaluate_fn, on_round=round_done)
 
-    client_app = make_app({"device-dir": str(prep.device_dir.resolve())})
+    client_app = make_app({"device-dir": str(prep.device_dir.resolve())}, intercept=unreliable_for(prep))
     _quiet_flower()
     run_simulation(server_app, client_app, num_supernodes=len(prep.clients),
                    backend_config=backend_config(prep.cfg))
