@@ -35,7 +35,8 @@ from quant.wire import Instruction, encode_instruction, payload_nbytes
 from server.config import ServerConfig
 from server.rounds import Accepted, apply_round, instructions_for, sample_clients, validate_eval_metrics
 from server.state import initial_state, load_checkpoint, run_digest, save_checkpoint
-from server.validate import Rejection, validate_lsq_reply, validate_scout_reply, validate_stats_reply
+from server.validate import (Rejection, summarise_rejections, validate_lsq_reply, validate_scout_reply,
+                             validate_stats_reply)
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ def run_server(grid, config: ServerConfig, initial: Mapping[str, QParams], out_d
             if messages else {}
 
         accepted: dict[str, list[Accepted]] = {p: [] for p in profiles}
-        rejections, up = [], {p: [] for p in profiles}
+        rejections, up, by_profile = [], {p: [] for p in profiles}, {}
         for c in sampled:
             m = roster.members[c]
             r, n, nbytes = read_reply(replies.get(m.node_id), inss[m.profile], config)
@@ -288,6 +289,7 @@ def run_server(grid, config: ServerConfig, initial: Mapping[str, QParams], out_d
                 up[m.profile].append(nbytes)
             if isinstance(r, Rejection):
                 rejections.append(r)
+                by_profile.setdefault(m.profile, []).append(r)
                 log.info("round %d: reply of %s rejected: %s %s", rnd, c, r.code, r.detail[:200])
             else:
                 accepted[m.profile].append(Accepted(c, n, r))
@@ -302,6 +304,7 @@ def run_server(grid, config: ServerConfig, initial: Mapping[str, QParams], out_d
             "bytes_down_per_client": sum(all_down) / len(all_down) if all_down else 0,
             "bytes_up_per_client": sum(all_up) / len(all_up) if all_up else 0,
             "bytes_down_total": sum(all_down), "bytes_up_total": sum(all_up),
+            "rejections_by_profile": {p: summarise_rejections(r) for p, r in sorted(by_profile.items())},
             "bytes": {p: {"down_per_client": sum(n_down[p]) / len(n_down[p]) if n_down[p] else 0,
                           "up_per_client": sum(up[p]) / len(up[p]) if up[p] else 0} for p in profiles},
             "wall_s": time.perf_counter() - t0}

@@ -165,6 +165,11 @@ def test_run_writes_one_metrics_line_per_round_and_counts_every_rejection(tmp_pa
     assert scout["roster"] == 12 and scout["roster_joined"] == 12
     for r in rows:
         assert sum(r["rejections"].values()) + r["replies"] == r["sampled"]
+        per_profile = {}
+        for counts in r["rejections_by_profile"].values():
+            for code, n in counts.items():
+                per_profile[code] = per_profile.get(code, 0) + n
+        assert per_profile == r["rejections"]
         assert r["bytes_down_per_client"] > 0 and r["wall_s"] >= 0
         assert set(r["versions"]) == set(PROFILES)
     # stats rounds sample without replacement among the clients that have not contributed yet;
