@@ -33,10 +33,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from quant.qparams import QParams, atomic_write_bytes
 from quant.wire import Instruction, encode_instruction, payload_nbytes
 from server.config import ServerConfig
-from server.rounds import Accepted, apply_round, instructions_for, sample_clients, validate_eval_metrics
+from server.rounds import Accepted, apply_round, instructions_for, sample_clients
 from server.state import initial_state, load_checkpoint, run_digest, save_checkpoint
-from server.validate import (Rejection, summarise_rejections, validate_lsq_reply, validate_scout_reply,
-                             validate_stats_reply)
+from server.validate import (Rejection, summarise_rejections, validate_eval_metrics, validate_lsq_reply,
+                             validate_scout_reply, validate_stats_reply)
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from server.aggregate import (coordinate_median, fedadam_step, fedavg_step, grid
                               to_integer_qparams, trimmed_mean, weighted_mean)
 from server.config import RoundSpec, ServerConfig, sample_size
 from server.state import RunState
-from server.validate import Rejection, ValidationConfig, summarise_rejections
+from server.validate import Rejection, summarise_rejections
 
 ACTIVATION_SUFFIXES = (":input", ":other")
 
@@ -99,30 +99,6 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
         else:
             out[prof] = Instruction(round, "eval", qp)
     return out
-
-
-def validate_eval_metrics(metrics: Mapping[str, Any], ins: Instruction,
-                          config: ValidationConfig) -> dict | Rejection:
-    """An eval reply (metrics only): integer example and token counts in bounds, a finite
-    non-negative ``nll_sum``, and the parameter version the instruction sent. Never raises."""
-    try:
-        ex, tokens, nll, version = (metrics.get(k) for k in ("num-examples", "tokens", "nll_sum", "version"))
-
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-        if not (is_int(ex) and 1 <= ex <= config.max_examples):
-            return Rejection("examples", f"num-examples {str(ex)[:40]} not in [1, {config.max_examples}]")
-        if not (is_int(tokens) and 1 <= tokens <= config.max_examples * 1_000_000):
-            return Rejection("count_mismatch", f"tokens {str(tokens)[:40]} not a positive integer in bounds")
-        if isinstance(nll, bool) or not isinstance(nll, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(float(nll)) or nll < 0:
-            return Rejection("nan", f"nll_sum {str(nll)[:40]} not finite and non-negative")
-        if not is_int(version) or int(version) != ins.version:
-            return Rejection("wrong_version", f"evaluated version {str(version)[:40]}, sent {ins.version}")
-        return {"num-examples": int(ex), "tokens": int(tokens), "nll_sum": float(nll)}
-    except Exception as e:          # never let client garbage raise into the round
-        return Rejection("malformed", f"unexpected {type(e).__name__}: {str(e)[:200]}")
 
 
 # ---------------------------------------------------------------------------------------------

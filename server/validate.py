@@ -20,7 +20,7 @@ import math
 import weakref
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -193,6 +193,30 @@ def _lsq_bad_points(d_log_s: np.ndarray, d_beta: np.ndarray, ins: Instruction,
     z = -(t["neg_z_s0"][asym] + d_beta[asym].astype(np.float64)) / np.exp(log_s[asym])
     bad[asym] |= (z < t["z_lo"][asym]) | (z > t["z_hi"][asym])
     return np.bincount(t["point"][bad], minlength=t["points"]) > 0
+
+
+def validate_eval_metrics(metrics: Mapping[str, Any], ins: Instruction,
+                          config: ValidationConfig) -> dict | Rejection:
+    """An eval reply (metrics only): integer example and token counts in bounds, a finite
+    non-negative ``nll_sum``, and the parameter version the instruction sent. Never raises."""
+    try:
+        ex, tokens, nll, version = (metrics.get(k) for k in ("num-examples", "tokens", "nll_sum", "version"))
+
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+        if not (is_int(ex) and 1 <= ex <= config.max_examples):
+            return Rejection("examples", f"num-examples {str(ex)[:40]} not in [1, {config.max_examples}]")
+        if not (is_int(tokens) and 1 <= tokens <= config.max_examples * 1_000_000):
+            return Rejection("count_mismatch", f"tokens {str(tokens)[:40]} not a positive integer in bounds")
+        if isinstance(nll, bool) or not isinstance(nll, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(float(nll)) or nll < 0:
+            return Rejection("nan", f"nll_sum {str(nll)[:40]} not finite and non-negative")
+        if not is_int(version) or int(version) != ins.version:
+            return Rejection("wrong_version", f"evaluated version {str(version)[:40]}, sent {ins.version}")
+        return {"num-examples": int(ex), "tokens": int(tokens), "nll_sum": float(nll)}
+    except Exception as e:          # never let client garbage raise into the round
+        return Rejection("malformed", f"unexpected {type(e).__name__}: {str(e)[:200]}")
 
 
 def summarise_rejections(reasons: Iterable[Rejection | str]) -> dict[str, int]:

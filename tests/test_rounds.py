@@ -16,10 +16,9 @@ from quant.spec import activation_spec, weight_spec
 from quant.stats import observe
 from quant.wire import LsqReply, ScoutReply, StatsReply
 from server.config import RoundSpec, ServerConfig
-from server.rounds import (Accepted, activation_keys, apply_round, instructions_for, sample_clients,
-                           validate_eval_metrics)
+from server.rounds import Accepted, activation_keys, apply_round, instructions_for, sample_clients
 from server.state import initial_state, states_equal
-from server.validate import Rejection, ValidationConfig
+from server.validate import Rejection, ValidationConfig, validate_eval_metrics
 
 KEYS = ("blk.q:input", "blk.o:input", "blk.attn:other")
 PROFILES = {"u8": activation_spec(8), "u4": activation_spec(4), "s16": activation_spec(16)}
