@@ -356,7 +356,7 @@ def _precheck_budget(rt: DeviceRuntime, ins: Instruction, seqs, batch_size: int,
             max(w.shape[0] for w, _ in rt.linears.values())
         widths = [vocab]
     else:
-        widths = jobs._exposed_widths(rt, ins.keys)
+        widths = jobs.exposed_widths(rt, ins.keys)
     plan_batch(batch_size, seqs.shape[1], widths, profile, ins.job)
 
 
@@ -383,12 +383,12 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
 
     rt = get_runtime(node.device_dir, node.profile)
     if ins.job == "lsq":
-        from client.learn import _chosen_keys
+        from client.learn import chosen_keys
         from quant.instrument import fingerprint
 
         model = get_torch_model(node.device_dir, node.profile)
         try:
-            _chosen_keys(model, ins.qparams, ins, learn.which)
+            chosen_keys(model, ins.qparams, ins, learn.which)
         except ValueError as e:
             raise Refused("bad_instruction", f"keys: {e}") from None
         if ins.qparams.model != fingerprint(model):  # learn_ranges loads them strictly
@@ -398,7 +398,7 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
         _precheck_budget(rt, ins, seqs, batch_size, profile)
     else:
         try:
-            jobs._keys(rt, ins)
+            jobs.job_keys(rt, ins)
         except ValueError as e:
             raise Refused("bad_instruction", f"keys: {e}") from None
         _precheck_budget(rt, ins, seqs, batch_size, profile)

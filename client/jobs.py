@@ -51,7 +51,7 @@ def _sequences(data) -> np.ndarray:
     return seqs
 
 
-def _exposed_widths(rt: DeviceRuntime, keys) -> list[int]:
+def exposed_widths(rt: DeviceRuntime, keys) -> list[int]:
     """Width of each distinct float tensor the capture exposes for ``keys`` (the widest Linear
     input for points whose width the weights do not tell, e.g. attention operands)."""
     widths = rt.activation_widths()
@@ -62,7 +62,9 @@ def _exposed_widths(rt: DeviceRuntime, keys) -> list[int]:
     return list(by_tensor.values())
 
 
-def _keys(rt: DeviceRuntime, ins: Instruction) -> list[str]:
+def job_keys(rt: DeviceRuntime, ins: Instruction) -> list[str]:
+    """The points a job covers (the instruction's, or every activation point); ValueError naming
+    the ones this model does not have. Public: the ClientApp checks them before it patches."""
     keys = list(ins.keys) or rt.activation_keys()
     unknown = [k for k in keys if k not in rt.capture.tensors]
     if unknown:
@@ -71,7 +73,7 @@ def _keys(rt: DeviceRuntime, ins: Instruction) -> list[str]:
 
 
 def _batches(rt, seqs, keys, batch_size, profile, what):
-    b = plan_batch(batch_size, seqs.shape[1], _exposed_widths(rt, keys), profile, what)
+    b = plan_batch(batch_size, seqs.shape[1], exposed_widths(rt, keys), profile, what)
     for i in range(0, len(seqs), b):
         yield b, seqs[i:i + b], rt.float_activations(seqs[i:i + b], keys)
 
@@ -80,7 +82,7 @@ def scout(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
           profile: DeviceProfile | None = None) -> tuple[ScoutReply, dict]:
     """Observed (min, max) and value count per point of ``ins.keys`` on the float graph."""
     seqs = _sequences(data)
-    keys = _keys(rt, ins)
+    keys = job_keys(rt, ins)
     lo = {k: math.inf for k in keys}
     hi = {k: -math.inf for k in keys}
     n = {k: 0 for k in keys}
@@ -104,7 +106,7 @@ def statistics(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
     if ins.job != "stats":
         raise ValueError(f"statistics job got a {ins.job!r} instruction")
     seqs = _sequences(data)
-    keys = _keys(rt, ins)
+    keys = job_keys(rt, ins)
     stats: dict[str, ActivationStats] = {}
     absmax: dict[str, np.ndarray] = {}
     metrics = {"num-examples": len(seqs)}

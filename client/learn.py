@@ -83,7 +83,9 @@ def _sequences(data) -> torch.Tensor:
     return torch.from_numpy(seqs.astype(np.int64))
 
 
-def _chosen_keys(model: nn.Module, qparams: QParams, ins_or_keys, which: str) -> list[str]:
+def chosen_keys(model: nn.Module, qparams: QParams, ins_or_keys, which: str) -> list[str]:
+    """The points the job learns (see ``learn_ranges``); ValueError when they do not fit the model
+    or the QParams. Public: the ClientApp checks them before it patches."""
     if isinstance(ins_or_keys, Instruction):
         if ins_or_keys.job != "lsq":
             raise ValueError(f"learn_ranges got a {ins_or_keys.job!r} instruction")
@@ -161,7 +163,7 @@ def learn_ranges(model: nn.Module, qparams: QParams | None, ins_or_keys, data,
             raise ValueError("qparams may be None only with an Instruction")
         qparams = ins_or_keys.qparams
     seqs = _sequences(data)
-    keys = _chosen_keys(model, qparams, ins_or_keys, config.which)
+    keys = chosen_keys(model, qparams, ins_or_keys, config.which)
     b = min(config.batch_size, len(seqs))
     metrics = {"num-examples": int(len(seqs)), "batch_size": b, "steps": config.steps}
 

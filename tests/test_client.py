@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from client.jobs import _exposed_widths, evaluate, scout, statistics
+from client.jobs import exposed_widths, evaluate, scout, statistics
 from client.profiles import DeviceProfile, MemoryBudgetError, load_profile, plan_batch
 from client.runtime import DeviceRuntime, PatchRefused, ort_session, save_device_bundle
 from quant.configfile import ConfigError
@@ -196,7 +196,7 @@ def test_tiny_budget_lowers_batch(bundle, rt):
     grids = {k: Grid.snap(-8, 8, 64) for k in rt.activation_keys()}
     ins = Instruction(round=1, job="stats", qparams=qp, grids=grids)
     full, m_full = statistics(rt, ins, data, batch_size=8)
-    widths = _exposed_widths(rt, list(grids))
+    widths = exposed_widths(rt, list(grids))
     one = 32 * sum(widths) * 4 / 2**20  # MB of one sequence
     small = DeviceProfile(name="small", memory_mb=2.5 * one)
     low, m_low = statistics(rt, ins, data, batch_size=8, profile=small)
