@@ -133,11 +133,11 @@ def evaluate(rt: DeviceRuntime, ins: Instruction | None, data, batch_size: int =
     seqs = _sequences(data)
     metrics = {"num-examples": len(seqs)}
     with _measured(metrics):
-        if ins is not None and ins.qparams.points:
-            metrics["patch_s"] = rt.patch(ins.qparams)["total_s"]
         vocab = int(rt.linears["lm_head"][0].shape[0]) if "lm_head" in rt.linears else \
             max(w.shape[0] for w, _ in rt.linears.values())
-        b = plan_batch(batch_size, seqs.shape[1], [vocab], profile, "evaluate")
+        b = plan_batch(batch_size, seqs.shape[1], [vocab], profile, "evaluate")  # before patching:
+        if ins is not None and ins.qparams.points:                                # a budget error changes nothing
+            metrics["patch_s"] = rt.patch(ins.qparams)["total_s"]
         total, count = rt.evaluate(seqs, batch_size=b)
         metrics.update({"batch_size": b, "nll_sum": total, "tokens": count,
                         "perplexity": float(np.exp(total / count)), "version": int(rt.qparams.version)})
