@@ -34,7 +34,8 @@ app.add_typer(rollout, name="rollout")
 def _quiet_env() -> None:
     for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                  "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                 "TOKENIZERS_PARALLELISM": "false"}.items():
+                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                 "TRANSFORMERS_VERBOSITY": "error"}.items():
         os.environ.setdefault(k, v)
 
 
