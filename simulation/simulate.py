@@ -56,8 +56,9 @@ def _say(progress, msg: str) -> None:
 
 
 def config_digest(cfg: SimulationConfig) -> str:
-    """What must not change for a run to resume: everything but the schedule's length (``--rounds``
-    may extend a run) and the engine (how many CPUs does not change a result)."""
+    """What must not change for a run directory to be reused: everything but the engine (how many
+    CPUs does not change a result) and the schedule, which the server's checkpoint digest checks
+    itself (``server.config.ServerConfig.digest``: a run resumes only under the same schedule)."""
     d = cfg.model_dump(mode="json")
     d.pop("engine", None)
     d.get("server", {}).pop("schedule", None)
