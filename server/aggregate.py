@@ -51,6 +51,32 @@ def max_absmax(replies: Sequence[Arrays]) -> dict[str, np.ndarray]:
     return {k: reduce(merge_absmax, [r[k] for r in replies if k in r]) for k in keys}
 
 
+def smoothquant_factors(act_absmax: Arrays, weights: Mapping[str, np.ndarray], alpha: float = 0.5,
+                        bounds: tuple[float, float] = (1e-5, 1e5)) -> dict[str, np.ndarray]:
+    """Per Linear, SmoothQuant's per-input-channel factors ``m_j = max|X_j|^a / max|W_j|^(1-a)``
+    (Xiao et al., ICML 2023, eq. 4) from the fleet's merged activation abs-max (``max_absmax``,
+    keyed by Linear path) and the Linear's float weight ``(out, in)``. The device divides the input
+    by ``m`` and multiplies the weight's columns by ``m`` (``QParams.smoothing``), which leaves the
+    float product unchanged and, at ``a = 0.5``, gives each channel the same range in both.
+    Channels no client saw (abs-max 0) or with an all-zero weight column keep ``m = 1``; the
+    factors are clipped to ``bounds`` so that a near-dead channel cannot blow up the weight."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out = {}
+    for path, x in act_absmax.items():
+        if path not in weights:
+            raise ValueError(f"no weight for {path!r}: smoothing needs the Linear's float weight")
+        w = np.abs(np.asarray(weights[path], dtype=np.float64)).max(axis=0)
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != w.shape:
+            raise ValueError(f"{path}: {x.shape[0]} activation channels, the weight has {w.shape[0]} inputs")
+        live = (x > 0) & (w > 0)
+        m = np.ones_like(x)
+        m[live] = x[live] ** alpha / w[live] ** (1.0 - alpha)
+        out[path] = np.clip(m, *bounds).astype(np.float32)
+    return out
+
+
 def grids_from_scouting(replies: Sequence[ScoutReply], bins: int, margin: float = 1.25,
                         quantile: float = 0.9) -> dict[str, Grid]:
     """A histogram grid per point from the clients' scouting reports: a robust upper value of

@@ -180,3 +180,30 @@ def test_zero_points_come_from_averaged_log_s_and_beta_never_from_averaged_z():
     assert int(got.zero_point) == round(2.0 / s) == 141     # -beta / s with beta = -(0 + 4.0) / 2
     assert int(got.zero_point) != (0 + 200) // 2            # what averaging z would give
     assert (got.scale, got.zero_point) == tuple(to_qparams(log_s["p"], beta["p"], spec))
+
+
+def test_smoothquant_factors_balance_ranges_and_keep_the_product():
+    """At alpha 0.5 every live channel has the same range in the smoothed input and the smoothed
+    weight; any alpha leaves the float product unchanged; dead channels keep m = 1."""
+    from server.aggregate import max_absmax, smoothquant_factors
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 16)) * np.r_[np.ones(15), 300.0]).astype(np.float32)  # one outlier channel
+    w = rng.standard_normal((8, 16))
+    w[:, 3] = 0.0                                                        # a dead weight column
+    clients = [np.abs(x[i::4]).max(axis=0) for i in range(4)]           # four clients' abs-max
+    merged = max_absmax([{"l": c} for c in clients])["l"]
+    np.testing.assert_array_equal(merged, np.abs(x).max(axis=0))
+    m = smoothquant_factors({"l": merged}, {"l": w}, alpha=0.5)["l"].astype(np.float64)
+    assert m[3] == 1.0
+    live = np.arange(16) != 3
+    np.testing.assert_allclose((np.abs(x).max(axis=0) / m)[live], (np.abs(w).max(axis=0) * m)[live], rtol=1e-6)
+    assert m[15] > 10 * np.median(m[live])                               # the outlier moves into the weight
+    for a in (0.0, 0.5, 0.8, 1.0):
+        m = smoothquant_factors({"l": merged}, {"l": w}, alpha=a)["l"].astype(np.float64)
+        x64 = x.astype(np.float64)
+        np.testing.assert_allclose((x64 / m) @ (w * m).T, x64 @ w.T, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="alpha"):
+        smoothquant_factors({"l": merged}, {"l": w}, alpha=1.5)
+    with pytest.raises(ValueError, match="inputs"):
+        smoothquant_factors({"l": merged[:8]}, {"l": w})
