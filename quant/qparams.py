@@ -131,7 +131,7 @@ def load_qparams(path: str | os.PathLike, expect_model: str | None = None) -> QP
         raise ValueError(f"{path}: cannot read QParams file ({e.strerror})") from None
     try:
         tensors = load(raw)
-        header = _read_header(raw)
+        header = safetensors_metadata(raw)
     except (SafetensorError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a QParams file (corrupt or truncated safetensors: {e})") from None
     if header.get("format") != FORMAT:
@@ -166,7 +166,9 @@ def load_qparams(path: str | os.PathLike, expect_model: str | None = None) -> QP
     return qp
 
 
-def _read_header(raw: bytes) -> dict[str, str]:
+def safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file's bytes (ValueError when the header is
+    cut); QParams files and server checkpoints keep their JSON there."""
     if len(raw) < 8:
         raise ValueError("file shorter than a safetensors header")
     n = int.from_bytes(raw[:8], "little")

@@ -22,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-from quant.qparams import PointParams, QParams, atomic_write_bytes
+from quant.qparams import PointParams, QParams, atomic_write_bytes, safetensors_metadata
 from quant.spec import QuantSpec
 from quant.stats import ActivationStats, Grid
 
@@ -179,8 +179,7 @@ def load_checkpoint(path: str | os.PathLike, expect_digest: str | None = None) -
         raise CheckpointError(f"{path}: cannot read checkpoint ({e.strerror})") from None
     try:
         arrays = load(raw)
-        n = int.from_bytes(raw[:8], "little")
-        meta_s = json.loads(raw[8:8 + n]).get("__metadata__", {}).get("state")
+        meta_s = safetensors_metadata(raw).get("state")
         meta = json.loads(meta_s) if isinstance(meta_s, str) else None
     except (SafetensorError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a checkpoint (corrupt or truncated safetensors: "
