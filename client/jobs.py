@@ -80,12 +80,14 @@ def _batches(rt, seqs, keys, batch_size, profile, what):
 
 def scout(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
           profile: DeviceProfile | None = None) -> tuple[ScoutReply, dict]:
-    """Observed (min, max) and value count per point of ``ins.keys`` on the float graph."""
+    """Observed (min, max) and value count per point of ``ins.keys`` on the float graph, and the
+    per-channel abs-max of the points in ``ins.absmax`` (SmoothQuant's statistic)."""
     seqs = _sequences(data)
     keys = job_keys(rt, ins)
     lo = {k: math.inf for k in keys}
     hi = {k: -math.inf for k in keys}
     n = {k: 0 for k in keys}
+    absmax: dict[str, np.ndarray] = {}
     metrics = {"num-examples": len(seqs)}
     with _measured(metrics):
         for b, _, acts in _batches(rt, seqs, keys, batch_size, profile, "scout"):
@@ -94,9 +96,21 @@ def scout(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
                     raise ValueError(f"{k}: activation has NaN values")
                 lo[k], hi[k] = min(lo[k], float(x.min())), max(hi[k], float(x.max()))
                 n[k] += x.size
+                if k in ins.absmax:
+                    m = channel_absmax(x, axis=-1)
+                    absmax[k] = merge_absmax(absmax[k], m) if k in absmax else m
             del acts
         metrics["batch_size"] = b
-    return ScoutReply({k: (lo[k], hi[k]) for k in keys}, n), metrics
+    _check_channels(absmax, ins)
+    return ScoutReply({k: (lo[k], hi[k]) for k in keys}, n, absmax), metrics
+
+
+def _check_channels(absmax: dict[str, np.ndarray], ins: Instruction) -> None:
+    for k, c in ins.absmax.items():
+        if k not in absmax:
+            raise ValueError(f"{k}: abs-max asked for a point the job did not cover")
+        if absmax[k].shape != (c,):
+            raise ValueError(f"{k}: the server expects {c} channels, the activation has {absmax[k].shape[0]}")
 
 
 def statistics(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
@@ -120,9 +134,7 @@ def statistics(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
                     absmax[k] = merge_absmax(absmax[k], m) if k in absmax else m
             del acts
         metrics["batch_size"] = b
-    for k, c in ins.absmax.items():
-        if absmax[k].shape != (c,):
-            raise ValueError(f"{k}: the server expects {c} channels, the activation has {absmax[k].shape[0]}")
+    _check_channels(absmax, ins)
     return StatsReply(stats, absmax), metrics
 
 

@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 
 from quant.metrics import nll_sum_and_count  # noqa: E402
 from quant.qparams import QParams, atomic_write_bytes, load_qparams, save_qparams  # noqa: E402
+from quant.smoothing import smoothed_weight_point  # noqa: E402
 
 BUNDLE_FORMAT = "fedquant.device/1"
 
@@ -174,11 +175,29 @@ class DeviceRuntime:
         unknown_s = sorted(set(qp.smoothing) - set(self.qparams.smoothing))
         if unknown_s:
             errors.append(f"smoothing for Linears the model has no smoothing Div for: {unknown_s[:5]}")
+        for path, m in qp.smoothing.items():
+            w = self.linears.get(path)
+            if w is not None and np.asarray(m).shape != (w[0].shape[1],):
+                errors.append(f"smoothing {path}: {np.asarray(m).shape} factors for {w[0].shape[1]} inputs")
         if errors:
             raise PatchRefused("QParams refused: " + "; ".join(errors))
-        return QParams({**self.qparams.points, **qp.points}, self.qparams.model or qp.model,
+        return QParams({**self.qparams.points, **self._folded(qp), **qp.points}, self.qparams.model or qp.model,
                        int(qp.version), {**self.qparams.smoothing, **qp.smoothing},
                        {**self.qparams.meta, **qp.meta})
+
+    def _folded(self, qp: QParams) -> dict:
+        """The weight points of the Linears whose smoothing ``qp`` changes without sending their
+        weight point: folded here from the device's own float weights (``quant.smoothing``), the
+        same bits the server derives, so a round's instruction carries no weight scales."""
+        out = {}
+        for path, m in qp.smoothing.items():
+            key = f"{path}:weight"
+            held = self.qparams.smoothing.get(path)
+            if key in qp.points or key not in self.qparams.points or path not in self.linears \
+                    or (held is not None and np.array_equal(held, m)):
+                continue
+            out[key] = smoothed_weight_point(self.linears[path][0], m, self.qparams.points[key].spec)
+        return out
 
     def _affected(self, merged: QParams) -> tuple[QParams, dict]:
         """The part of ``merged`` that differs from the held QParams, widened to whole Linears

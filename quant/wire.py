@@ -295,8 +295,10 @@ class Instruction:
         object.__setattr__(self, "absmax", {k: int(c) for k, c in sorted(self.absmax.items())})
         if self.job == "stats" and set(self.grids) != set(keys):
             raise ValueError("a statistics instruction needs one grid per key")
-        if self.job != "stats" and (self.grids or self.absmax):
-            raise ValueError("grids and absmax belong to statistics instructions")
+        if self.job != "stats" and self.grids:
+            raise ValueError("grids belong to statistics instructions")
+        if self.job not in ("scout", "stats") and self.absmax:
+            raise ValueError("absmax belongs to scouting and statistics instructions")
         for g in self.grids.values():
             if g.bins > MAX_BINS:
                 raise ValueError(f"grid has {g.bins} bins, at most {MAX_BINS}")
@@ -458,12 +460,14 @@ def _expect_exactly(arrays, expect: dict[str, tuple[str, tuple | None]], what: s
 # ---------------------------------------------------------------------------------------------
 # Scouting reply: min, max and n per point
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ScoutReply:
-    """Observed ``(min, max)`` and number of values per point (design.md s. 4, scouting round)."""
+    """Observed ``(min, max)`` and number of values per point (design.md s. 4, scouting round), and
+    the per-channel abs-max of the points the server asked for (SmoothQuant's statistic)."""
 
     ranges: Mapping[str, tuple[float, float]]
     n: Mapping[str, int]
+    channel_absmax: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def absmax(self) -> dict[str, float]:
@@ -472,17 +476,24 @@ class ScoutReply:
 
 
 def encode_scout_reply(reply: ScoutReply, ins: Instruction) -> tuple[Flat, Header]:
-    """``min_max`` float64 (K, 2) and ``n`` int64 (K,) in the order of ``ins.keys``."""
+    """``min_max`` float64 (K, 2) and ``n`` int64 (K,) in the order of ``ins.keys``, and
+    ``absmax/<key>`` float32 per point of ``ins.absmax``."""
     _same_keys(reply.ranges, ins.keys, "scout reply")
     _same_keys(reply.n, ins.keys, "scout reply")
-    flat, index = pack({"min_max": np.array([reply.ranges[k] for k in ins.keys], dtype=np.float64).reshape(-1, 2),
-                        "n": np.array([reply.n[k] for k in ins.keys], dtype=np.int64)})
+    _same_keys(reply.channel_absmax, ins.absmax, "scout reply abs-max")
+    arrays = {"min_max": np.array([reply.ranges[k] for k in ins.keys], dtype=np.float64).reshape(-1, 2),
+              "n": np.array([reply.n[k] for k in ins.keys], dtype=np.int64)}
+    for k, c in ins.absmax.items():
+        arrays[f"absmax/{k}"] = np.asarray(reply.channel_absmax[k], dtype=np.float32).reshape(c)
+    flat, index = pack(arrays)
     return flat, _reply_header("scout", ins, index)
 
 
 def decode_scout_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIMITS) -> ScoutReply:
     k = len(ins.keys)
-    a = _fields(flat, header, ins, "scout", {"min_max": ("float64", (k, 2)), "n": ("int64", (k,))}, limits)
+    expect = {"min_max": ("float64", (k, 2)), "n": ("int64", (k,))}
+    expect |= {f"absmax/{key}": ("float32", (c,)) for key, c in ins.absmax.items()}
+    a = _fields(flat, header, ins, "scout", expect, limits)
     mm, n = a["min_max"], a["n"]
     if np.isnan(mm).any():
         raise WireError("nan", f"{ins.keys[int(np.argwhere(np.isnan(mm))[0, 0])]}: min/max is NaN")
@@ -493,7 +504,19 @@ def decode_scout_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_
         j = int(np.flatnonzero(~ok)[0])
         raise WireError("inconsistent", f"{ins.keys[j]}: min {mm[j, 0]}, max {mm[j, 1]} with n = {n[j]}")
     return ScoutReply({key: (float(mm[j, 0]), float(mm[j, 1])) for j, key in enumerate(ins.keys)},
-                      {key: int(n[j]) for j, key in enumerate(ins.keys)})
+                      {key: int(n[j]) for j, key in enumerate(ins.keys)}, _channel_absmax(a, ins))
+
+
+def _channel_absmax(a: Mapping[str, np.ndarray], ins: Instruction) -> dict[str, np.ndarray]:
+    out = {}
+    for key in ins.absmax:
+        v = a[f"absmax/{key}"]
+        if not np.all(np.isfinite(v)):
+            raise WireError("nan", f"absmax/{key}: non-finite values")
+        if np.any(v < 0):
+            raise WireError("absmax_range", f"absmax/{key}: negative values")
+        out[key] = v
+    return out
 
 
 def _check_n(n: np.ndarray, keys) -> None:
@@ -589,14 +612,7 @@ def decode_stats_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_
     for key, s0, s1, (below, above), (mn, mx), nj in zip(keys, starts.tolist(), ends, ba.tolist(),
                                                           mm.tolist(), n.tolist()):
         stats[key] = ActivationStats._trusted(ins.grids[key], c64[s0:s1], below, above, mn, mx, nj)
-    absmax = {}
-    for key in ins.absmax:
-        v = a[f"absmax/{key}"]
-        if not np.all(np.isfinite(v)):
-            raise WireError("nan", f"absmax/{key}: non-finite values")
-        if np.any(v < 0):
-            raise WireError("absmax_range", f"absmax/{key}: negative values")
-        absmax[key] = v
+    absmax = _channel_absmax(a, ins)
     return StatsReply(stats, absmax)
 
 

@@ -237,3 +237,38 @@ def test_smoothing_patch_and_capture(bundle, tmp_path):
     tm.get_submodule(path).set_smooth(qp2.smoothing[path])
     ref = absmax_per_channel(tm, [torch.from_numpy(x)], [key])[key]
     np.testing.assert_allclose(np.abs(got).reshape(-1, 128).max(0), ref, rtol=1e-5)
+
+
+def test_new_smoothing_without_weight_points_is_folded_on_the_device(bundle, tmp_path):
+    """A round's instruction carries the smoothing factors but not the weight scales: the device
+    derives the smoothed weight's min-max point from its own float weights -- the same bits the
+    server (quant.smoothing) and torch's QuantLinear.set_smooth derive -- and ends up with the
+    model a fresh export of the full QParams gives."""
+    from quant.instrument import get_qparams
+    from quant.qparams import QParams
+    from quant.smoothing import smoothed_weight_point
+
+    model, qp = bundle["model"], bundle["qp"]
+    linears = float_linears(model)
+    path = next(p for p in linears if p.endswith("self_attn.q_proj"))
+    ones = QParams(qp.points, qp.model, 0, {path: np.ones(linears[path][0].shape[1], np.float32)}, qp.meta)
+    save_device_bundle(model, ones, tmp_path / "s.onnx", float_onnx=bundle["dir"] / "float.onnx")
+    rt = DeviceRuntime(tmp_path / "s.onnx")
+    m = np.random.default_rng(3).uniform(0.2, 5.0, linears[path][0].shape[1]).astype(np.float32)
+    rt.patch(QParams({}, qp.model, 1, {path: m}))                    # factors only: no points at all
+    wk = f"{path}:weight"
+    expect = smoothed_weight_point(linears[path][0], m, qp.points[wk].spec)
+    got = rt.qparams.points[wk]
+    assert not np.array_equal(got.scale, qp.points[wk].scale)
+    np.testing.assert_array_equal(got.scale, expect.scale)
+    np.testing.assert_array_equal(got.zero_point, expect.zero_point)
+    tm = copy.deepcopy(model)
+    quantize_(tm)
+    tm.get_submodule(path).set_smooth(m)
+    np.testing.assert_array_equal(get_qparams(tm).points[wk].scale, expect.scale)   # torch derives the same bits
+    full = QParams({**qp.points, wk: expect}, qp.model, 1, {path: m})
+    export_qdq(model, full, tmp_path / "re.onnx", float_onnx=bundle["dir"] / "float.onnx")
+    x = ids(6, (2, 32))
+    np.testing.assert_array_equal(rt.logits(x), ort_session(tmp_path / "re.onnx").run(["logits"], {"input_ids": x})[0])
+    with pytest.raises(PatchRefused, match="factors"):
+        rt.patch(QParams({}, qp.model, 2, {path: m[:-1]}))
