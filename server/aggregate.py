@@ -25,6 +25,7 @@ from quant.lsq import to_qparams
 from quant.ptq import activation_qparams
 from quant.qparams import PointParams
 from quant.spec import QuantSpec
+from quant.smoothing import smoothing_factors
 from quant.stats import ActivationStats, Grid, grid_from_absmax, merge_absmax, merge_all
 from quant.wire import ScoutReply
 
@@ -53,27 +54,19 @@ def max_absmax(replies: Sequence[Arrays]) -> dict[str, np.ndarray]:
 
 def smoothquant_factors(act_absmax: Arrays, weights: Mapping[str, np.ndarray], alpha: float = 0.5,
                         bounds: tuple[float, float] = (1e-5, 1e5)) -> dict[str, np.ndarray]:
-    """Per Linear, SmoothQuant's per-input-channel factors ``m_j = max|X_j|^a / max|W_j|^(1-a)``
-    (Xiao et al., ICML 2023, eq. 4) from the fleet's merged activation abs-max (``max_absmax``,
+    """Per Linear, SmoothQuant's per-input-channel factors (``quant.smoothing.smoothing_factors``,
+    Xiao et al., ICML 2023, eq. 4) from the fleet's merged activation abs-max (``max_absmax``,
     keyed by Linear path) and the Linear's float weight ``(out, in)``. The device divides the input
     by ``m`` and multiplies the weight's columns by ``m`` (``QParams.smoothing``), which leaves the
-    float product unchanged and, at ``a = 0.5``, gives each channel the same range in both.
-    Channels no client saw (abs-max 0) or with an all-zero weight column keep ``m = 1``; the
-    factors are clipped to ``bounds`` so that a near-dead channel cannot blow up the weight."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    float product unchanged."""
     out = {}
     for path, x in act_absmax.items():
         if path not in weights:
             raise ValueError(f"no weight for {path!r}: smoothing needs the Linear's float weight")
-        w = np.abs(np.asarray(weights[path], dtype=np.float64)).max(axis=0)
-        x = np.asarray(x, dtype=np.float64)
-        if x.shape != w.shape:
-            raise ValueError(f"{path}: {x.shape[0]} activation channels, the weight has {w.shape[0]} inputs")
-        live = (x > 0) & (w > 0)
-        m = np.ones_like(x)
-        m[live] = x[live] ** alpha / w[live] ** (1.0 - alpha)
-        out[path] = np.clip(m, *bounds).astype(np.float32)
+        try:
+            out[path] = smoothing_factors(x, weights[path], alpha, bounds)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return out
 
 

@@ -238,10 +238,12 @@ def _append_line(path: Path, row: dict) -> None:
 
 def run_server(grid, config: ServerConfig, initial: Mapping[str, QParams], out_dir, *,
                evaluate_fn: EvaluateFn | None = None,
-               on_round: Callable[[dict], None] | None = None) -> dict[str, QParams]:
+               on_round: Callable[[dict], None] | None = None,
+               weights: Mapping[str, Any] | None = None) -> dict[str, QParams]:
     """Run (or resume) the schedule of ``config`` on ``grid`` and return the final QParams per
     profile. ``evaluate_fn(profile, qparams) -> metrics`` runs on eval rounds (server-side
-    evaluation); ``on_round(metrics)`` is called after each round's checkpoint and metrics line."""
+    evaluation); ``on_round(metrics)`` is called after each round's checkpoint and metrics line;
+    ``weights`` (Linear path -> float weight) are needed when ``config.smoothing`` is set."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_path = out / CHECKPOINT, out / METRICS
@@ -253,6 +255,8 @@ def run_server(grid, config: ServerConfig, initial: Mapping[str, QParams], out_d
         log.info("resuming after round %d from %s", state.round, ckpt)
     else:
         state = initial_state(initial, digest)
+    if config.smoothing is not None and weights is None:
+        raise ValueError("config.smoothing is set: run_server needs the float weights (weights=...)")
     _trim_metrics(metrics_path, state.round)
     schedule = [(r, spec) for r, spec in config.rounds() if r > state.round]
     if not schedule:
@@ -269,7 +273,7 @@ def run_server(grid, config: ServerConfig, initial: Mapping[str, QParams], out_d
         online = [c for c in online if getattr(roster.members[c], need) > 0]
         sampled = sample_clients(online, state.used if spec.job == "stats" else (), spec.fraction,
                                  spec.min_clients, config.seed, rnd)
-        inss = instructions_for(state, rnd, spec, config)
+        inss = instructions_for(state, rnd, spec, config, weights)
         profiles = sorted({roster.members[c].profile for c in sampled})
         encoded = {p: encode_instruction(inss[p]) for p in profiles}
         down = {p: payload_nbytes(*encoded[p]) for p in profiles}
@@ -294,7 +298,7 @@ def run_server(grid, config: ServerConfig, initial: Mapping[str, QParams], out_d
             else:
                 accepted[m.profile].append(Accepted(c, n, r))
 
-        state, metrics = apply_round(state, rnd, spec, accepted, rejections, config)
+        state, metrics = apply_round(state, rnd, spec, accepted, rejections, config, weights)
         if spec.job == "eval" and evaluate_fn is not None:
             metrics["server_eval"] = {p: dict(evaluate_fn(p, qp)) for p, qp in sorted(state.qparams.items())}
         n_down = {p: [down[p] for c in sampled if roster.members[c].profile == p] for p in profiles}

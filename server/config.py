@@ -52,6 +52,37 @@ class RoundSpec(BaseModel):
     min_replies: int = Field(1, ge=1, description="fewer valid replies: the round changes nothing")
 
 
+class SmoothingConfig(BaseModel):
+    """SmoothQuant in a run (design.md s. 4, outlier migration): the scouting round also collects
+    each Linear input's per-channel abs-max; the server merges them by max, computes the factors
+    from them and the float weights, and every later round runs on the smoothed model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alpha: float = Field(0.8, ge=0, le=1, description="migration strength: 0 none, 1 all into the weights")
+    profiles: dict[str, float] = Field(default_factory=dict,
+                                       description="per-profile alpha (a 4-bit weight takes less of the outliers)")
+    skip_profiles: list[str] = Field(default_factory=list, description="profiles left unsmoothed")
+    min_factor: float = Field(1e-5, gt=0)
+    max_factor: float = Field(1e5, gt=0)
+
+    def alpha_for(self, profile: str) -> float | None:
+        """The profile's migration strength, or None when it is not smoothed."""
+        return None if profile in self.skip_profiles else self.profiles.get(profile, self.alpha)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SmoothingConfig":
+        if self.min_factor >= self.max_factor:
+            raise ValueError(f"min_factor {self.min_factor} must be below max_factor {self.max_factor}")
+        bad = {p: a for p, a in self.profiles.items() if not 0.0 <= a <= 1.0}
+        if bad:
+            raise ValueError(f"profiles: alpha must be in [0, 1], got {bad}")
+        both = sorted(set(self.profiles) & set(self.skip_profiles))
+        if both:
+            raise ValueError(f"profiles {both} are both given an alpha and skipped")
+        return self
+
+
 class ServerConfig(BaseModel):
     """Everything the server needs to run a federated quantization schedule."""
 
@@ -64,6 +95,9 @@ class ServerConfig(BaseModel):
     widen_threshold: float = Field(1e-3, ge=0, lt=1,
                                    description="share of the values outside the grid that triggers widening")
     calibrator: CalibratorConfig = CalibratorConfig()
+    profile_calibrators: dict[str, CalibratorConfig] = Field(
+        default_factory=dict, description="per-profile calibrator (the best clipping depends on the bit widths)")
+    smoothing: SmoothingConfig | None = Field(None, description="SmoothQuant factors from the scouting round")
     lsq_rule: Literal["mean", "median", "trimmed"] = "mean"
     trim: float = Field(0.1, ge=0, lt=0.5, description="share trimmed on each side (lsq_rule = trimmed)")
     server_opt: Literal["fedavg", "fedadam"] = "fedavg"
@@ -101,6 +135,9 @@ class ServerConfig(BaseModel):
                 if stats_seen:
                     raise ValueError(f"schedule[{i}]: scout after a stats round would discard the "
                                      f"running statistics (their grids come from scouting)")
+                if self.smoothing is not None and (scouted or spec.repeat > 1):
+                    raise ValueError(f"schedule[{i}]: with smoothing, one scouting round: it fixes the "
+                                     f"smoothing factors, and a second one would smooth the smoothed model")
                 scouted = True
             elif spec.job == "stats":
                 if not scouted:
@@ -108,6 +145,16 @@ class ServerConfig(BaseModel):
                                      f"grids come from scouting")
                 stats_seen = True
         return self
+
+    @model_validator(mode="after")
+    def _smoothing_needs_scouting(self) -> "ServerConfig":
+        if self.smoothing is not None and not any(s.job == "scout" for s in self.schedule):
+            raise ValueError("smoothing is set but the schedule has no scout round: the factors come "
+                             "from the scouting round's per-channel abs-max")
+        return self
+
+    def calibrator_for(self, profile: str) -> CalibratorConfig:
+        return self.profile_calibrators.get(profile, self.calibrator)
 
     def rounds(self) -> list[tuple[int, RoundSpec]]:
         """The schedule unrolled: ``(round, spec)`` with rounds numbered from 1."""

@@ -3,7 +3,11 @@ who is sampled, what each profile is sent, and what the valid replies change. No
 ``server.app`` does the messaging and the files.
 
 - scout: the clients' (min, max) give each activation point a histogram grid
-  (``server.aggregate.grids_from_scouting``).
+  (``server.aggregate.grids_from_scouting``). With ``config.smoothing`` the round also collects
+  each smoothable Linear input's per-channel abs-max: the server merges them by max, computes
+  SmoothQuant factors from them and the float weights, folds them into every profile (smoothing
+  factors, the weights' min-max points, the inputs' ranges) and takes the grids of the smoothed
+  inputs from the same reports (``quant.smoothing.smoothed_absmax``: exact, no second scouting).
 - stats: the replies are added to the running sums (exact); a point whose mass outside its grid
   exceeds ``widen_threshold`` gets a coarser grid and its sums are re-binned exactly
   (``quant.stats.widen``); then every profile's activation ranges are calibrated from the sums
@@ -27,12 +31,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from quant.qparams import QParams
+from quant.affine import range_to_qparams
+from quant.qparams import PointParams, QParams
+from quant.smoothing import smoothed_absmax, smoothed_weight_point
 from quant.stats import needs_widening, widen
-from quant.wire import Instruction
+from quant.wire import Instruction, ScoutReply
 from server.aggregate import (coordinate_median, fedadam_step, fedavg_step, grids_from_scouting,
-                              learned_from_qparams, ranges_for_profile, sum_statistics,
-                              to_integer_qparams, trimmed_mean, weighted_mean)
+                              learned_from_qparams, max_absmax, ranges_for_profile, smoothquant_factors,
+                              sum_statistics, to_integer_qparams, trimmed_mean, weighted_mean)
 from server.config import RoundSpec, ServerConfig, sample_size
 from server.state import RunState
 from server.validate import Rejection, summarise_rejections
@@ -83,16 +89,56 @@ def movable_qparams(qp: QParams, config: ServerConfig) -> QParams:
                    qp.smoothing, qp.meta)
 
 
-def instructions_for(state: RunState, round: int, spec: RoundSpec, config: ServerConfig) -> dict[str, Instruction]:
+def smoothing_groups(profiles, config: ServerConfig) -> dict[float, list[str]]:
+    """Smoothed profiles by migration strength (``smoothing.alpha_for``): the profiles of one group
+    get the same factors, so they share the statistics of their smoothed inputs."""
+    out: dict[float, list[str]] = {}
+    if config.smoothing is not None:
+        for prof in sorted(profiles):
+            a = config.smoothing.alpha_for(prof)
+            if a is not None:
+                out.setdefault(a, []).append(prof)
+    return out
+
+
+def smoothable_paths(qparams: Mapping[str, QParams], config: ServerConfig, weights: Mapping[str, np.ndarray]
+                     ) -> list[str]:
+    """The Linears a run smooths: those with a float weight whose input is a point of every
+    smoothed profile (``qparams`` may be all profiles or one group's)."""
+    smoothed = [qp for prof, qp in qparams.items()
+                if config.smoothing is not None and config.smoothing.alpha_for(prof) is not None]
+    paths = None
+    for qp in smoothed:
+        ok = {k.rsplit(":", 1)[0] for k in qp.points if k.endswith(":input")}
+        paths = ok if paths is None else paths & ok
+    return sorted(p for p in (paths or ()) if p in weights)
+
+
+def stat_key(profile: str, qp: QParams, key: str, config: ServerConfig) -> str:
+    """Where a profile's point keeps its grid and statistics sums: the point's key, shared by every
+    profile (design.md s. 4) -- except a smoothed input, whose histogram of ``x / m`` depends on
+    the factors: ``<key>@<alpha>``, shared by the profiles smoothed with the same strength."""
+    a = config.smoothing.alpha_for(profile) if config.smoothing is not None else None
+    if a is None or not key.endswith(":input") or key.rsplit(":", 1)[0] not in qp.smoothing:
+        return key
+    return f"{key}@{a:g}"
+
+
+def instructions_for(state: RunState, round: int, spec: RoundSpec, config: ServerConfig,
+                     weights: Mapping[str, np.ndarray] | None = None) -> dict[str, Instruction]:
     """One instruction per profile for this round (protocol.md): the profile's global QParams and
-    the points of the job (activation points; their grids in a stats round)."""
+    the points of the job (activation points; their grids in a stats round; with smoothing, the
+    scouting round asks for the smoothable inputs' per-channel abs-max)."""
+    absmax = {f"{p}:input": int(np.shape(weights[p])[1])   # asked of every client: the float activations are the same
+              for p in smoothable_paths(state.qparams, config, weights or {})} if spec.job == "scout" else {}
     out = {}
     for prof, full in sorted(state.qparams.items()):
         qp = movable_qparams(full, config)
         if spec.job == "scout":
-            out[prof] = Instruction(round, "scout", qp, keys=tuple(activation_keys(qp)))
+            out[prof] = Instruction(round, "scout", qp, keys=tuple(activation_keys(qp)), absmax=absmax)
         elif spec.job == "stats":
-            grids = {k: state.grids[k] for k in activation_keys(qp) if k in state.grids}
+            sk = {k: stat_key(prof, full, k, config) for k in activation_keys(qp)}
+            grids = {k: state.grids[sk[k]] for k in sk if sk[k] in state.grids}
             out[prof] = Instruction(round, "stats", qp, grids=grids)
         elif spec.job == "lsq":
             out[prof] = Instruction(round, "lsq", qp, keys=tuple(learned_keys(qp, config)))
@@ -105,10 +151,12 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
 
 def apply_round(state: RunState, round: int, spec: RoundSpec,
                 replies: Mapping[str, Sequence[Accepted]], rejections: Sequence[Rejection | str],
-                config: ServerConfig) -> tuple[RunState, dict]:
+                config: ServerConfig, weights: Mapping[str, np.ndarray] | None = None
+                ) -> tuple[RunState, dict]:
     """The state after ``round`` given its valid replies per profile, and the round's metrics
     (``replies``, ``rejections`` by code, ``applied``, ``versions`` per profile, and per job:
-    ``widened`` points, lsq losses, eval perplexities). ``state`` is not modified."""
+    ``widened`` points, lsq losses, eval perplexities). ``state`` is not modified. ``weights``
+    (Linear path -> float weight (out, in)) are needed by a scouting round with smoothing."""
     if round <= state.round:
         raise ValueError(f"round {round} is already done (the state is after round {state.round})")
     unknown = sorted(set(replies) - set(state.qparams))
@@ -124,7 +172,7 @@ def apply_round(state: RunState, round: int, spec: RoundSpec,
     elif n_valid < spec.min_replies:
         metrics["applied"] = False
     elif spec.job == "scout":
-        new, m = _scout(new, replies, config)
+        new, m = _scout(new, replies, config, weights)
         metrics |= m
     elif spec.job == "stats":
         new, m = _stats(new, replies, config)
@@ -140,17 +188,82 @@ def _all(replies: Mapping[str, Sequence[Accepted]]) -> list[Accepted]:
     return [a for prof in sorted(replies) for a in replies[prof]]
 
 
-def _scout(state: RunState, replies, config: ServerConfig) -> tuple[RunState, dict]:
+def _scout(state: RunState, replies, config: ServerConfig, weights) -> tuple[RunState, dict]:
     if state.sums:
         raise ValueError("a scout round after statistics would discard the running sums")
-    grids = grids_from_scouting([a.reply for a in _all(replies)], config.bins, config.grid_margin,
-                                config.grid_quantile)
-    return replace(state, grids={**state.grids, **grids}), {"applied": True, "grids": len(grids)}
+    scouting = [a.reply for a in _all(replies)]
+    qparams, learned, moments, metrics = dict(state.qparams), dict(state.learned), dict(state.moments), {}
+    grids = grids_from_scouting(scouting, config.bins, config.grid_margin, config.grid_quantile)
+    groups = smoothing_groups(state.qparams, config)
+    if groups and weights is None:
+        raise ValueError("a scouting round with smoothing needs the Linears' float weights")
+    for alpha, profs in groups.items():
+        group = {p: state.qparams[p] for p in profs}
+        factors = smoothing_from_scouting(scouting, smoothable_paths(group, config, weights), weights,
+                                          alpha, config)
+        smoothed = [smoothed_scouting(r, factors) for r in scouting]
+        g = grids_from_scouting(smoothed, config.bins, config.grid_margin, config.grid_quantile)
+        for prof in profs:
+            qparams[prof] = smoothed_qparams(state.qparams[prof], factors, weights, smoothed)
+            learned.pop(prof, None)
+            moments.pop(prof, None)
+            for k in activation_keys(qparams[prof]):
+                sk = stat_key(prof, qparams[prof], k, config)
+                if sk != k and k in g:
+                    grids[sk] = g[k]
+        metrics.setdefault("smoothed", {}).update({p: len(factors) for p in profs})
+    new = replace(state, qparams=qparams, learned=learned, moments=moments, grids={**state.grids, **grids})
+    return new, {"applied": True, "grids": len(grids), **metrics}
+
+
+def smoothing_from_scouting(scouting: Sequence[ScoutReply], paths: Sequence[str],
+                            weights: Mapping[str, np.ndarray], alpha: float, config: ServerConfig
+                            ) -> dict[str, np.ndarray]:
+    """SmoothQuant factors of ``paths`` at strength ``alpha`` from the clients' per-channel
+    abs-max, merged by max (exact: the pooled data's abs-max); a Linear no client reported on
+    keeps no factors."""
+    merged = max_absmax([r.channel_absmax for r in scouting])
+    sc = config.smoothing
+    return smoothquant_factors({p: merged[f"{p}:input"] for p in paths if f"{p}:input" in merged},
+                               weights, alpha, (sc.min_factor, sc.max_factor))
+
+
+def smoothed_scouting(reply: ScoutReply, factors: Mapping[str, np.ndarray]) -> ScoutReply:
+    """A client's scouting report as the smoothed model would have given it: the abs-max of
+    ``x / m`` is exact from the per-channel abs-max, and the sign of ``x`` does not change."""
+    ranges = dict(reply.ranges)
+    for path, m in factors.items():
+        k = f"{path}:input"
+        if reply.n.get(k, 0) > 0 and k in reply.channel_absmax:
+            a = smoothed_absmax(reply.channel_absmax[k], m)
+            ranges[k] = (0.0 if ranges[k][0] >= 0 else -a, a)
+    return ScoutReply(ranges, dict(reply.n), reply.channel_absmax)
+
+
+def smoothed_qparams(qp: QParams, factors: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray],
+                     scouting: Sequence[ScoutReply]) -> QParams:
+    """``qp`` with the factors folded in (version + 1): the smoothing, each smoothed weight's
+    min-max point (what a device derives from its own weights) and, until statistics come, each
+    smoothed input's min-max range over the (smoothed) scouting reports."""
+    points = {}
+    for path, m in factors.items():
+        wk, xk = f"{path}:weight", f"{path}:input"
+        if wk in qp.points:
+            points[wk] = smoothed_weight_point(weights[path], m, qp.points[wk].spec)
+        seen = [r.ranges[xk] for r in scouting if r.n.get(xk, 0) > 0]
+        if xk in qp.points and seen:
+            spec = qp.points[xk].spec
+            s, z = range_to_qparams(min(lo for lo, _ in seen), max(hi for _, hi in seen), spec)
+            points[xk] = PointParams(spec, s, z)
+    return QParams({**qp.points, **points}, qp.model, qp.version + 1,
+                   {**qp.smoothing, **{p: np.asarray(m, np.float32) for p, m in factors.items()}}, qp.meta)
 
 
 def _stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState, dict]:
     accepted = _all(replies)
-    sums = sum_statistics([dict(state.sums), *[a.reply.stats for a in accepted]])
+    sums = sum_statistics([dict(state.sums), *[
+        {stat_key(prof, state.qparams[prof], k, config): st for k, st in a.reply.stats.items()}
+        for prof in sorted(replies) for a in replies[prof]]])
     grids = dict(state.grids)
     widened = []
     for k in sorted(sums):
@@ -163,10 +276,11 @@ def _stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState, di
     qparams, learned, moments = dict(state.qparams), dict(state.learned), dict(state.moments)
     changed = []
     for prof, qp in sorted(state.qparams.items()):
-        specs = {k: qp.points[k].spec for k in activation_keys(qp) if k in sums and sums[k].n > 0}
+        sk = {k: stat_key(prof, qp, k, config) for k in activation_keys(qp)}
+        specs = {k: qp.points[k].spec for k in sk if sk[k] in sums and sums[sk[k]].n > 0}
         if not specs:
             continue
-        pts = ranges_for_profile(sums, specs, config.calibrator)
+        pts = ranges_for_profile({k: sums[sk[k]] for k in specs}, specs, config.calibrator_for(prof))
         if any(not _same_point(qp.points[k], p) for k, p in pts.items()):
             qparams[prof] = qp.with_points(pts, version=qp.version + 1)
             learned.pop(prof, None)             # lsq restarts from the new ranges

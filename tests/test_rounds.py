@@ -322,3 +322,107 @@ def test_config_rejects_impossible_schedules_naming_the_entry(tmp_path):
     toml.write_text('[[schedule]]\njob = "stats"\n')
     with pytest.raises(ConfigError, match="stats before any scout"):
         load_config(toml, ServerConfig)
+
+
+def test_scouting_with_smoothing_folds_exact_factors_into_every_profile():
+    """With ``smoothing`` the scouting round asks for the Linear inputs' per-channel abs-max; the
+    server merges them by max (the pooled data's abs-max, exactly), computes factors from them and
+    the float weight at each profile's strength (u8: 0.8; u4: 0.5; s16: skipped), folds them in
+    (weight point = min-max of W * m; version + 1), and the grid of a smoothed input -- kept apart
+    per strength -- is what scouting x / m itself gives. The statistics round then calibrates a
+    smoothed input from the histograms of x / m of the clients holding that m."""
+    from quant.smoothing import smoothed_weight_point, smoothing_factors
+    from server.aggregate import grids_from_scouting, ranges_for_profile
+
+    cfg = config(smoothing={"alpha": 0.8, "profiles": {"u4": 0.5}, "skip_profiles": ["s16"]},
+                 schedule=[{"job": "scout"}, {"job": "stats"}])
+    data = client_data(6)
+    for i, c in enumerate(sorted(data)):
+        data[c][KEYS[0]][:, 5] *= 40.0 + i                              # an outlier channel
+    w = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    weights = {"blk.q": w}                                              # blk.o has no weight here: not smoothed
+    initial = make_initial()
+    for prof in ("u8", "u4"):                                           # what prepare gives smoothed profiles
+        initial[prof] = QParams(initial[prof].points, "fp-test", 0, {"blk.q": np.ones(8, np.float32)})
+    state = initial_state(initial, "d")
+    ins = instructions_for(state, 1, cfg.schedule[0], cfg, weights)
+    assert all(i.absmax == {"blk.q:input": 8} for i in ins.values())
+    replies = scout_replies(data, sorted(data))
+    for accepted in replies.values():
+        for a in accepted:
+            a.reply.channel_absmax["blk.q:input"] = np.abs(data[a.client_id][KEYS[0]]).max(axis=0)
+    new, m = apply_round(state, 1, cfg.schedule[0], replies, [], cfg, weights)
+    assert m["smoothed"] == {"u8": 1, "u4": 1}
+    pooled = np.concatenate([data[c][KEYS[0]] for c in sorted(data)])
+    assert new.qparams["s16"] is state.qparams["s16"]
+    for prof, alpha in (("u8", 0.8), ("u4", 0.5)):
+        qp = new.qparams[prof]
+        factors = smoothing_factors(np.abs(pooled).max(axis=0), w, alpha)
+        assert factors[5] > 5 * np.median(factors)
+        assert qp.version == 1 and set(qp.smoothing) == {"blk.q"}
+        np.testing.assert_array_equal(qp.smoothing["blk.q"], factors)
+        expect = smoothed_weight_point(w, factors, qp.points["blk.q:weight"].spec)
+        np.testing.assert_array_equal(qp.points["blk.q:weight"].scale, expect.scale)
+        assert qp.points[KEYS[1]] is state.qparams[prof].points[KEYS[1]]          # unsmoothed input: untouched
+        smoothed = [ScoutReply({KEYS[0]: (float((x := data[c][KEYS[0]] / factors).min()), float(x.max()))},
+                               {KEYS[0]: x.size}) for c in sorted(data)]
+        grid = grids_from_scouting(smoothed, cfg.bins, cfg.grid_margin, cfg.grid_quantile)[KEYS[0]]
+        assert new.grids[f"{KEYS[0]}@{alpha:g}"] == grid
+    assert new.grids[KEYS[0]] == after_scout(config(), data).grids[KEYS[0]]   # s16: the unsmoothed grid
+
+    inss = instructions_for(new, 2, cfg.schedule[1], cfg, weights)
+    assert inss["u4"].grids[KEYS[0]] == new.grids[f"{KEYS[0]}@0.5"]
+    stats = {}
+    for c in sorted(data):
+        prof = profile_of(c)
+        m_ = new.qparams[prof].smoothing.get("blk.q", np.ones(8, np.float32))
+        x = {k: (v / m_ if k == KEYS[0] else v) for k, v in data[c].items()}
+        stats.setdefault(prof, []).append(Accepted(c, 12, StatsReply(
+            {k: observe(x[k], inss[prof].grids[k]) for k in inss[prof].keys})))
+    done, _ = apply_round(new, 2, cfg.schedule[1], stats, [], cfg, weights)
+    for prof in ("u8", "u4", "s16"):
+        qp = new.qparams[prof]
+        m_ = qp.smoothing.get("blk.q", np.ones(8, np.float32))
+        # a smoothed input: the histograms of x / m come from the clients that hold m (this
+        # profile's); an unsmoothed one (s16) pools every client's, whatever its profile
+        holders = [c for c in sorted(data) if prof == "s16" or profile_of(c) == prof]
+        x = np.concatenate([data[c][KEYS[0]] / m_ for c in holders])
+        ref = ranges_for_profile({KEYS[0]: observe(x, inss[prof].grids[KEYS[0]])},
+                                 {KEYS[0]: qp.points[KEYS[0]].spec}, cfg.calibrator)[KEYS[0]]
+        np.testing.assert_array_equal(done.qparams[prof].points[KEYS[0]].scale, ref.scale)
+        np.testing.assert_array_equal(done.qparams[prof].points[KEYS[0]].zero_point, ref.zero_point)
+    with pytest.raises(ValueError, match="weights"):
+        apply_round(state, 1, cfg.schedule[0], replies, [], cfg)
+
+
+def test_smoothing_needs_exactly_one_scouting_round():
+    with pytest.raises(ValueError, match="one scouting round"):
+        config(smoothing={}, schedule=[{"job": "scout", "repeat": 2}, {"job": "stats"}])
+    with pytest.raises(ValueError, match="no scout round"):
+        config(smoothing={}, schedule=[{"job": "lsq"}])
+    with pytest.raises(ValueError, match="min_factor"):
+        config(smoothing={"min_factor": 2.0, "max_factor": 1.0})
+    with pytest.raises(ValueError, match="both"):
+        config(smoothing={"profiles": {"u4": 0.5}, "skip_profiles": ["u4"]})
+
+
+def test_a_profile_can_have_its_own_calibrator():
+    """``profile_calibrators``: the statistics round calibrates u8 with min-max, the rest with MSE,
+    from the same sums."""
+    from server.aggregate import ranges_for_profile
+    from quant.calibrate import CalibratorConfig
+
+    cfg = config(profile_calibrators={"u8": {"method": "minmax"}})
+    data = client_data(6)
+    state = after_scout(cfg, data)
+    spec = cfg.schedule[1]
+    inss = instructions_for(state, 2, spec, cfg)
+    new, _ = apply_round(state, 2, spec, stats_replies(data, sorted(data), inss), [], cfg)
+    for prof, method in (("u8", "minmax"), ("u4", "mse")):
+        qp = state.qparams[prof]
+        ref = ranges_for_profile(new.sums, {k: qp.points[k].spec for k in activation_keys(qp)},
+                                 CalibratorConfig(method=method))
+        for k, p in ref.items():
+            np.testing.assert_array_equal(new.qparams[prof].points[k].scale, p.scale)
+    assert not np.array_equal(new.qparams["u8"].points[KEYS[0]].scale,
+                              ranges_for_profile(new.sums, {KEYS[0]: PROFILES["u8"]}, CalibratorConfig())[KEYS[0]].scale)
