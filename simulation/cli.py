@@ -153,6 +153,10 @@ def simulate(
     clients: Optional[int] = typer.Option(None, "--clients", help="number of simulated clients"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<name>); an existing "
                                                           "one of the same config is resumed"),
+    prepared_from: Optional[Path] = typer.Option(
+        None, "--prepared-from", help="reuse the prepared starting QParams, device directory and references of "
+                                      "this run directory (same model, data, profiles, server recipe; another "
+                                      "schedule is fine): skips minutes of preparation"),
 ) -> None:
     """Simulate a fleet on this machine with Flower's simulation engine: federated statistics and
     learned ranges for every device profile, evaluated with the ONNX Runtime integer model on
@@ -179,6 +183,9 @@ def simulate(
             progress.update(task, completed=m["round"], description=f"round {m['round']}/{total}")
 
         try:
+            if prepared_from is not None:
+                from simulation.simulate import seed_run_dir
+                seed_run_dir(cfg, out, prepared_from)
             summary = run(cfg, out, progress=lambda msg: progress.update(task, description=msg),
                           on_round=on_round)
         except (FileNotFoundError, ValueError) as e:

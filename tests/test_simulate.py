@@ -42,6 +42,9 @@ def _same_qparams(a, b) -> None:
         assert pa.spec == pb.spec, k
         assert np.array_equal(pa.scale, pb.scale) and pa.scale.dtype == pb.scale.dtype, k
         assert np.array_equal(pa.zero_point, pb.zero_point), k
+    assert set(a.smoothing) == set(b.smoothing)
+    for k in a.smoothing:
+        assert np.array_equal(a.smoothing[k], b.smoothing[k]) and a.smoothing[k].dtype == b.smoothing[k].dtype, k
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +83,9 @@ def test_smoke_run_writes_what_design_says(full_run):
 
 
 def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path):
-    """Scouting + two statistics rounds (every client once, over two sampled rounds): the global
-    activation QParams equal the same calibrator on the pooled training data, bit for bit."""
+    """Scouting with SmoothQuant (configs/smoke.toml) + two statistics rounds (every client once,
+    over two sampled rounds): the global QParams -- smoothing factors, smoothed weight points,
+    activation ranges -- equal the same recipe on the pooled training data, bit for bit."""
     out = tmp_path / "stats-only"
     simulate(out, "--rounds", "3")
     for p in ("int8", "int16"):
@@ -89,6 +93,9 @@ def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path):
         central = load_qparams(out / "qparams" / f"{p}.centralized.safetensors")
         _same_qparams(fed, central)
         start = load_qparams(out / "initial" / f"{p}.safetensors")
+        assert set(fed.smoothing) == set(start.smoothing) and len(fed.smoothing) >= 7   # every Linear
+        assert all(np.all(start.smoothing[k] == 1) for k in start.smoothing)
+        assert all(not np.all(fed.smoothing[k] == 1) for k in fed.smoothing)
         changed = [k for k in fed.points if not np.array_equal(fed.points[k].scale, start.points[k].scale)]
         assert len(changed) >= len([k for k in fed.points if k.endswith(":input")]) // 2
 
@@ -138,6 +145,12 @@ def test_bad_config_fails_before_any_work(tmp_path):
     proc = subprocess.run([*FEDQUANT, "simulate", "--config", str(bad), "--out", str(tmp_path / "o")],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "data.clinets" in proc.stderr and str(bad) in proc.stderr
+    bad.write_text(SMOKE.read_text().replace("smoothing = { alpha = 0.8 }",
+                                             'smoothing = { alpha = 0.8, profiles = { int4 = 0.5 } }'))
+    proc = subprocess.run([*FEDQUANT, "simulate", "--config", str(bad), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "server.smoothing.profiles" in proc.stderr and "int4" in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_unreliable_devices_drop_at_their_rates_deterministically():
