@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/readme_tables.py [--quality runs/quality/quality.json]
                                             [--simulate runs/default/summary.json]
+                                            [--quality-bench bench/results/quality_bench.json]
 
 Copies the quality run's JSON to bench/results/quality.json and the main job's summary to
 bench/results/simulate_default.json (so the README's numbers stay next to their source) and rewrites the blocks between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``.
@@ -13,9 +14,11 @@ import argparse
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))     # bench/quality.py's table
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -76,6 +79,21 @@ def simulate_block(d: dict) -> str:
             + "\n".join(lines) + "\n")
 
 
+def quality_bench_block(d: dict) -> str:
+    """Issue 5's benchmark table, from bench/quality.py's quality_bench.json."""
+    from quality import markdown_table
+
+    m, c, data, lat = d["machine"], d["config"], d["data"], d["latency"]
+    return (f"`.venv/bin/python bench/quality.py` ({c['model']}, the clients and held-out roles of "
+            f"`{c['path']}`: {data['pooled_train_sequences']} pooled training sequences for the peers' "
+            f"calibration, perplexity on {data['eval_sequences']} held-out sequences of {c['seq_len']} "
+            f"tokens; every row runs in ONNX Runtime {m['onnxruntime']}; latency: median of "
+            f"{lat['runs']} runs of a {lat['batch'][0]} x {lat['batch'][1]} batch on 1 thread, the ratio to "
+            f"float measured interleaved; integer MatMuls: integer kernels / all matmul nodes ORT runs, "
+            f"attention matmuls included; {m['cpu']}, {m['cores']} cores, {d['wall_s']:.0f} s). "
+            f"Source: `bench/results/quality_bench.json`.\n\n" + markdown_table(d))
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
     new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
@@ -88,6 +106,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quality", type=Path, default=ROOT / "runs" / "quality" / "quality.json")
     ap.add_argument("--simulate", type=Path, default=ROOT / "runs" / "default" / "summary.json")
+    ap.add_argument("--quality-bench", type=Path, default=RESULTS / "quality_bench.json",
+                    help="bench/quality.py's JSON (the quality-bench block)")
     args = ap.parse_args()
     readme = (ROOT / "README.md").read_text()
     if args.quality.is_file() and args.quality.resolve() != (RESULTS / "quality.json").resolve():
@@ -101,6 +121,14 @@ def main() -> None:
     readme = replace_block(readme, "quality", quality_block(q))
     readme = replace_block(readme, "calibrators",
                            calibrators_block(json.loads((RESULTS / "calibrators.json").read_text())))
+    if args.quality_bench.is_file():
+        if args.quality_bench.resolve() != (RESULTS / "quality_bench.json").resolve():
+            shutil.copyfile(args.quality_bench, RESULTS / "quality_bench.json")
+        if "<!-- quality-bench:begin -->" in readme:
+            readme = replace_block(readme, "quality-bench", quality_bench_block(
+                json.loads((RESULTS / "quality_bench.json").read_text())))
+        else:
+            print("README.md has no <!-- quality-bench:begin --> block: quality_bench.json not shown")
     (ROOT / "README.md").write_text(readme)
     print("README.md tables regenerated")
 
