@@ -146,8 +146,16 @@ def installed_version(device_dir: str, profile: str) -> int:
 
 def get_torch_model(device_dir: str, profile: str):
     """The instrumented torch model for the lsq job: the float ``torch/`` model, quantized with
-    the profile's QuantConfig. torch and transformers are imported here, on the first lsq job."""
+    the profile's QuantConfig. torch and transformers are imported here, on the first lsq job.
+    A process keeps one torch model: a simulation actor that serves nodes of several profiles
+    would otherwise hold one per profile (on SmolLM2, two of them next to the ONNX runtimes ran a
+    24 GB machine out of memory); switching profile costs a rebuild of a few seconds."""
     def load():
+        import gc
+
+        for key in [k for k in _TORCH if k != (device_dir, profile)]:
+            del _TORCH[key]
+        gc.collect()
         from transformers import AutoModelForCausalLM
 
         from quant.instrument import quantize_

@@ -350,3 +350,12 @@ def test_app_imports_without_torch():
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_one_torch_model_per_process(dd):
+    """A simulation actor serves nodes of several profiles; it keeps one torch model (the last
+    profile's), so two LSQ profiles do not hold two copies of the weights."""
+    a = capp.get_torch_model(str(dd["dir"]), "int8")
+    assert capp.get_torch_model(str(dd["dir"]), "int8") is a and list(capp._TORCH) == [(str(dd["dir"]), "int8")]
+    b = capp.get_torch_model(str(dd["dir"]), "a16")
+    assert b is not a and list(capp._TORCH) == [(str(dd["dir"]), "a16")]
