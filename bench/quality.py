@@ -401,6 +401,25 @@ def peer_model(d: Data, recipe: str, data: str, method: str, cache: Path, fresh:
 
 # --------------------------------------------------------------------------------- fedquant
 
+def reference_rows(run_dir: Path, label: str) -> list[dict]:
+    """The run's own reference rows per profile (summary.json): the random-token recipe with the
+    run's calibrator (its starting point) and the same recipe centralized on the pooled data."""
+    f = run_dir / "summary.json"
+    if not f.is_file():
+        return []
+    rows = []
+    for p, ps in json.loads(f.read_text())["profiles"].items():
+        for key, what, leaves in (("random_calib_ppl", "random ids, same calibrator", False),
+                                  ("centralized_ppl", "centralized, same recipe on pooled data", True)):
+            if ps.get(key):
+                rows.append({"label": f"{label}: {what} ({p})", "recipe": f"{run_dir.name}:{key}",
+                             "source": "reference", "profile": p, "perplexity": ps[key],
+                             "float_ppl_run": ps.get("float_ppl"), "integer_share": None, "kernels": None,
+                             "latency_ms": None, "latency_vs_float": None, "rounds": None,
+                             "bytes_per_client": None, "seconds": None, "raw_data_leaves_clients": leaves})
+    return rows
+
+
 def fedquant_rows(run_dir: Path, label: str, ev: Evaluator, d: Data) -> list[dict]:
     """One row per profile of a ``fedquant simulate`` run directory (none, with a warning, when
     it has no summary.json or was run on another model / held-out set)."""
@@ -612,7 +631,8 @@ def main(argv: list[str] | None = None) -> dict:
                  f"{' (cached)' if meta['cached'] else ''}, peak RSS {peak_rss_mb()} MB")
         for spec in args.runs:
             run_dir, label = _parse_run(spec)
-            rows += [finish_row(r, ev.float_ppl) for r in fedquant_rows(run_dir, label, ev, d)]
+            refs = reference_rows(run_dir, label) if spec is args.runs[0] else []
+            rows += [finish_row(r, ev.float_ppl) for r in refs + fedquant_rows(run_dir, label, ev, d)]
         rows[0]["latency_ms"] = round(statistics.median(ev.float_times) * 1e3, 1)
     cfg = d.cfg
     result = {

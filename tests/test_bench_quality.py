@@ -94,6 +94,9 @@ def test_peer_models_are_cached(quick):
 
 def test_fedquant_row_from_summary(quick):
     _, second, _ = quick
+    refs = {r["recipe"]: r for r in second["rows"] if r["source"] == "reference"}   # the first run's references
+    assert refs["smoke:random_calib_ppl"]["perplexity"] == pytest.approx(second["float_perplexity"] * 1.2)
+    assert refs["smoke:centralized_ppl"]["raw_data_leaves_clients"] is True
     fed = [r for r in second["rows"] if r["source"] == "fedquant"]
     assert len(fed) == 2            # one row per server-side evaluation; the missing run directory is skipped
     stats, r = fed
