@@ -133,8 +133,8 @@ def _float_onnx(model, cfg: SimulationConfig, out: Path, progress) -> Path:
 
 def random_calibration(model, qcfg, cfg: SimulationConfig, vocab: int, name: str = "") -> QParams:
     """The starting QParams of profile ``name``: weights min-max per channel/group, activations
-    calibrated (the server's calibrator for the profile, and bins) on random token ids -- the common ``representative_dataset``
-    recipe, and the reference row ``random_calib_ppl``."""
+    calibrated (the server's calibrator for the profile, and bins) on random token ids -- the
+    common ``representative_dataset`` recipe, and the reference row ``random_calib_ppl``."""
     import torch
 
     from quant.instrument import fingerprint, get_qparams, quantize_, set_mode, set_qparams
@@ -304,12 +304,12 @@ def centralized_qparams(prep: Prepared, batch_size: int = 8) -> dict[str, QParam
         qp0 = initial[profiles[0]]
         keys = tuple(k for k in sorted(grids) if k in rt.capture.tensors and k in qp0.points)
         sins = Instruction(round=0, job="stats", qparams=qp0, keys=keys, grids={k: grids[k] for k in keys})
-        smoothed = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
-                    and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
+        own = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
+               and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
         # a smoothed input's histograms come from the clients holding its factors (the federation
         # cannot have others'); every other point pools every client, as the federation does
         merged = sum_statistics([{k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
-                                  if k not in smoothed or c.profile in profiles} for c in prep.clients])
+                                  if k not in own or c.profile in profiles} for c in prep.clients])
         out = {}
         for p in profiles:
             qp = initial[p]
