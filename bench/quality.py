@@ -508,7 +508,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-COLORS = {"float": "#777777", "peer": "#d62728", "fedquant": "#1f77b4"}
+COLORS = {"float": "#777777", "peer": "#d62728", "reference": "#2ca02c", "fedquant": "#1f77b4"}
 
 
 def plot(result: dict, path: Path) -> Path:
