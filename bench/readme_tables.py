@@ -84,7 +84,8 @@ def quality_bench_block(d: dict) -> str:
     from quality import markdown_table
 
     m, c, data, lat = d["machine"], d["config"], d["data"], d["latency"]
-    return (f"`.venv/bin/python bench/quality.py` ({c['model']}, the clients and held-out roles of "
+    cmd = "`make bench-quality`, i.e. `fedquant simulate` of each run, then " if "--runs" in d.get("command", "") else ""
+    return (f"{cmd}`.venv/bin/python bench/quality.py` ({c['model']}, the clients and held-out roles of "
             f"`{c['path']}`: {data['pooled_train_sequences']} pooled training sequences for the peers' "
             f"calibration, perplexity on {data['eval_sequences']} held-out sequences of {c['seq_len']} "
             f"tokens; every row runs in ONNX Runtime {m['onnxruntime']}; latency: median of "
