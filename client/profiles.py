@@ -27,6 +27,8 @@ class DeviceProfile(BaseModel):
     activation_signed: bool = False
     weight_bits: Literal[4, 8] = 8
     weight_group_size: int | None = Field(None, gt=0, description="None: per channel")
+    weight_symmetric: bool = Field(True, description="false: unsigned weights with a zero point per "
+                                   "channel or group")
     int16_activations: bool = False
     threads: int = Field(1, ge=1, le=64)
     memory_mb: float = Field(512.0, gt=0, description="budget for one job's exposed activations")

@@ -111,13 +111,14 @@ class QuantSpec(BaseModel):
 
 
 # Defaults by tensor class (design.md section 3; TFLite/XNNPACK conventions).
-def weight_spec(bits: int = 8, group_size: int | None = None) -> QuantSpec:
-    """Symmetric signed weights of an nn.Linear (out, in): per output channel, or per group of
-    ``group_size`` input elements."""
+def weight_spec(bits: int = 8, group_size: int | None = None, symmetric: bool = True) -> QuantSpec:
+    """Weights of an nn.Linear (out, in): per output channel, or per group of ``group_size`` input
+    elements. Symmetric signed by default; ``symmetric=False`` is unsigned with a zero point per
+    channel or group (a 4-bit grid then spends all 16 levels on a skewed group's range)."""
+    kind = dict(signed=True, symmetric=True) if symmetric else dict(signed=False, symmetric=False)
     if group_size:
-        return QuantSpec(bits=bits, signed=True, symmetric=True, granularity="per_group",
-                         axis=1, group_size=group_size)
-    return QuantSpec(bits=bits, signed=True, symmetric=True, granularity="per_channel", axis=0)
+        return QuantSpec(bits=bits, granularity="per_group", axis=1, group_size=group_size, **kind)
+    return QuantSpec(bits=bits, granularity="per_channel", axis=0, **kind)
 
 
 def activation_spec(bits: int = 8, signed: bool = False) -> QuantSpec:

@@ -131,5 +131,5 @@ def quant_config_for(profile: DeviceProfile, entry: FleetEntry) -> QuantConfig:
             raise ValueError(f"overrides[{key!r}]: 16-bit activations, but profile {profile.name!r} "
                              f"has int16_activations = false")
     return QuantConfig(activation=activation_spec(profile.activation_bits, profile.activation_signed),
-                       weight=weight_spec(profile.weight_bits, profile.weight_group_size),
+                       weight=weight_spec(profile.weight_bits, profile.weight_group_size, profile.weight_symmetric),
                        overrides=dict(entry.overrides), skip=list(entry.skip))

@@ -270,7 +270,7 @@ def float_perplexity(float_onnx: Path, evals: np.ndarray, threads: int, batch_si
     return float(np.exp(total / count))
 
 
-def centralized_qparams(prep: Prepared, batch_size: int = 8) -> dict[str, QParams]:
+def centralized_qparams(prep: Prepared) -> dict[str, QParams]:
     """What a data-collecting server would get: the same recipe (scouting, smoothing if the config
     has it, grids, statistics, calibrator) on the pooled training data of every client (a smoothed
     input: of the clients whose profile has that smoothing, as in the federation). Each step

@@ -181,6 +181,7 @@ def test_profiles(tmp_path):
     a, b = load_profile(ROOT / "configs/profiles/int8.toml"), load_profile(ROOT / "configs/profiles/mixed.toml")
     assert (a.activation_bits, b.activation_bits, b.weight_bits, b.weight_group_size) == (8, 8, 4, 64)
     assert b.int16_activations and not a.int16_activations
+    assert a.weight_symmetric and not b.weight_symmetric   # the mixed profile's uint4 groups
     f = tmp_path / "p.toml"
     f.write_text('name = "x"\nmemory_budget = 12\n')
     with pytest.raises(ConfigError, match="memory_budget"):

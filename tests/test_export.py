@@ -385,6 +385,7 @@ COMBOS = {  # activation spec, weight spec
     "u8/s4 channel": (activation_spec(8), weight_spec(4)),
     "u8/s4 group32": (activation_spec(8), weight_spec(4, group_size=32)),
     "u8/s8 group32": (activation_spec(8), weight_spec(8, group_size=32)),
+    "u8/u4 group32 asymmetric": (activation_spec(8), weight_spec(4, group_size=32, symmetric=False)),
     "float/s4 group32": (None, weight_spec(4, group_size=32)),
 }
 # Where ORT 1.32's fused kernels on this x86 CPU (AVX2, no VNNI) disagree with the graph.
