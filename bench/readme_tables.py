@@ -95,6 +95,24 @@ def quality_bench_block(d: dict) -> str:
             f"Source: `bench/results/quality_bench.json`.\n\n" + markdown_table(d))
 
 
+def mixed_plan_block(d: dict) -> str:
+    """The mixed profile's design measurements, from bench/mixed_plan.py's mixed_plan.json."""
+    f, plan, data = d["float"], d["plan"], d["data"]
+    lines = ["| weights only (activations float) | clients' own held-out text | held-out roles |",
+             "|---|---|---|",
+             f"| float | {f['clients_test']:.2f} | {f['heldout']:.2f} |"]
+    for r in d["weights_only"]:
+        lines.append(f"| {r['recipe']} | {r['clients_test']:.2f} ({r['clients_test_increase_pct']:+.1f}%) | "
+                     f"{r['heldout']:.2f} ({r['heldout_increase_pct']:+.1f}%) |")
+    layers = ", ".join(k.split(".")[2] for k in plan["int16"])
+    return (f"`.venv/bin/python bench/mixed_plan.py` (torch, {data['train_sequences']} pooled training "
+            f"sequences, {d['wall_s']:.0f} s; source `bench/results/mixed_plan.json`).\n\n" + "\n".join(lines)
+            + f"\n\nint16 `down_proj` inputs by the plan: layers {layers} ({len(plan['int16'])} of "
+            f"{plan['activation_points']} activation points); the config's overrides "
+            f"{'match' if plan['matches_config'] else 'do not match'} it. Average weight bits "
+            f"{plan['avg_weight_bits']:.2f}.\n")
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
     new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
@@ -130,6 +148,8 @@ def main() -> None:
                 json.loads((RESULTS / "quality_bench.json").read_text())))
         else:
             print("README.md has no <!-- quality-bench:begin --> block: quality_bench.json not shown")
+    if (RESULTS / "mixed_plan.json").is_file():
+        readme = replace_block(readme, "mixed-plan", mixed_plan_block(json.loads((RESULTS / "mixed_plan.json").read_text())))
     (ROOT / "README.md").write_text(readme)
     print("README.md tables regenerated")
 
