@@ -29,7 +29,8 @@ symmetric weights, MatMul outputs float):
 Columns: perplexity on the held-out roles, increase over float, integer MatMul kernels / all
 matmul-like nodes in the graph ORT runs (``SessionOptions.optimized_model_filepath``), median latency
 of one batch (8 x seq_len, 1 thread, interleaved with the float model so that machine load hits both
-alike), rounds, bytes per client. The peer models are cached (calibration is the slow part) under
+alike), the mixed-precision budget a fedquant profile spends (numel-weighted average weight bits;
+activation points at 16 bits / all), rounds, bytes per client. The peer models are cached (calibration is the slow part) under
 ``~/.cache/fedquant/bench/quality/<digest>/``, keyed by the config, the data, the float graph and
 the library versions; every model is re-evaluated on each run. ``--fresh`` recalibrates.
 Writes ``bench/results/quality_bench.json`` and ``quality_bench.png`` (``--out`` for elsewhere).
@@ -119,10 +120,12 @@ def load_data(config_path: Path, work: Path) -> Data:
 
 
 def peer_config_key(cfg) -> str:
-    """The parts of a simulation config the peer rows depend on: model, data and fleet (not the
-    server's schedule or aggregation, which only the fedquant rows use)."""
+    """The parts of a simulation config the peer rows depend on: model, data and the fleet's
+    profiles and shares (which client holds which data). Not a fleet entry's overrides, nor the
+    server's schedule or aggregation: only the fedquant rows use those."""
     d = cfg.model_dump(mode="json")
-    return json.dumps({k: d[k] for k in ("model", "data", "fleet")}, sort_keys=True)
+    fleet = [[e["profile"], e["share"]] for e in d["fleet"]]
+    return json.dumps({"model": d["model"], "data": d["data"], "fleet": fleet}, sort_keys=True)
 
 
 def data_digest(d: Data, settings: dict) -> str:
@@ -420,6 +423,26 @@ def reference_rows(run_dir: Path, label: str) -> list[dict]:
     return rows
 
 
+def profile_budget(run_dir: Path, profile: str) -> dict:
+    """What a profile spends of issue 5's mixed-precision budget (at most 10% of activation points
+    at 16 bits, at most 6 average weight bits): from the run's starting QParams and the device's
+    float weights. Empty when the run directory lacks them."""
+    from client.runtime import load_float_linears, weights_path
+    from quant.qparams import load_qparams
+
+    qf, wf = run_dir / "initial" / f"{profile}.safetensors", weights_path(run_dir / "device" / profile / "model.onnx")
+    if not (qf.is_file() and wf.is_file()):
+        return {}
+    qp = load_qparams(qf)
+    numel = {f"{p}:weight": int(w.size) for p, (w, _) in load_float_linears(wf).items()}
+    weights = [k for k in qp.points if k.endswith(":weight")]
+    acts = [k for k in qp.points if not k.endswith(":weight")]
+    total = sum(numel[k] for k in weights)
+    return {"avg_weight_bits": round(sum(qp.points[k].spec.bits * numel[k] for k in weights) / total, 3)
+            if total else None,
+            "act16_points": sum(qp.points[k].spec.bits == 16 for k in acts), "act_points": len(acts)}
+
+
 def fedquant_rows(run_dir: Path, label: str, ev: Evaluator, d: Data) -> list[dict]:
     """One row per profile of a ``fedquant simulate`` run directory (none, with a warning, when
     it has no summary.json or was run on another model / held-out set)."""
@@ -436,6 +459,7 @@ def fedquant_rows(run_dir: Path, label: str, ev: Evaluator, d: Data) -> list[dic
         if (run_dir / "metrics.jsonl").is_file() else []
     rows = []
     for p, ps in s["profiles"].items():
+        budget = profile_budget(run_dir, p)
         evals = [m for m in lines if (m.get("server_eval") or {}).get(p) is not None]
         if not evals:
             _log(f"warning: {run_dir}: profile {p} has no federated evaluation, skipped")
@@ -459,7 +483,7 @@ def fedquant_rows(run_dir: Path, label: str, ev: Evaluator, d: Data) -> list[dic
                    "profile": p, "perplexity": ppl, "float_ppl_run": ps.get("float_ppl"),
                    "rounds": len(jobs), "bytes_per_client": int(up + down), "bytes_up_per_client": int(up),
                    "bytes_down_per_client": int(down), "clients": ps.get("clients"), "seconds": s.get("wall_s"),
-                   "run_dir": str(run_dir), "raw_data_leaves_clients": False}
+                   "run_dir": str(run_dir), "raw_data_leaves_clients": False, **budget}
             if final is not None:   # one graph per profile: every round's model has the same nodes
                 row.update(integer_share=final["integer_share"], kernels=final["kernels"],
                            latency_ms=final["latency_ms"], latency_vs_float=final["latency_vs_float"])
@@ -493,7 +517,8 @@ def fmt_bytes(b) -> str:
 
 def markdown_table(result: dict) -> str:
     lines = ["| row | source | profile | perplexity | vs float | integer MatMuls | latency / batch "
-             "| rounds | bytes per client |", "|---|---|---|---|---|---|---|---|---|"]
+             "| avg weight bits, 16-bit activations | rounds | bytes per client |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         k = r.get("kernels") or {}
         ints = integer_kernels(k)
@@ -502,8 +527,10 @@ def markdown_table(result: dict) -> str:
         if r.get("latency_vs_float") not in (None, 1.0) and r["source"] != "float":
             lat += f" ({r['latency_vs_float']:.2f}x)"
         inc = "-" if r.get("increase_pct") is None else f"{r['increase_pct']:+.1f}%"
+        bits = "-" if r.get("avg_weight_bits") is None else \
+            f"{r['avg_weight_bits']:.2f}, {r['act16_points']}/{r['act_points']}"
         lines.append(f"| {r['label']} | {r['source']} | {r['profile']} | {r['perplexity']:.2f} | {inc} | "
-                     f"{share} | {lat} | {r.get('rounds') if r.get('rounds') is not None else '-'} | "
+                     f"{share} | {lat} | {bits} | {r.get('rounds') if r.get('rounds') is not None else '-'} | "
                      f"{fmt_bytes(r.get('bytes_per_client'))} |")
     return "\n".join(lines) + "\n"
 

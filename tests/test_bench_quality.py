@@ -121,3 +121,26 @@ def test_readme_block(quick):
     text = "a\n<!-- quality-bench:begin -->\nold\n<!-- quality-bench:end -->\nb\n"
     new = readme_tables.replace_block(text, "quality-bench", block)
     assert "old" not in new and block in new and new.startswith("a\n") and new.endswith("b\n")
+
+
+def test_profile_budget_counts_bits_by_numel(tmp_path):
+    """A profile's budget: numel-weighted weight bits and the activation points at 16 bits."""
+    import numpy as np
+
+    from quant.affine import range_to_qparams
+    from quant.qparams import PointParams, QParams, save_qparams
+    from quant.spec import activation_spec, weight_spec
+
+    w_big, w_small = np.ones((8, 64), np.float32), np.ones((4, 16), np.float32)   # 512 and 64 elements
+    w4, w8 = weight_spec(4, group_size=16, symmetric=False), weight_spec(8)
+    points = {"big:weight": PointParams(w4, *range_to_qparams(np.zeros((8, 4)), np.ones((8, 4)), w4)),
+              "small:weight": PointParams(w8, *range_to_qparams(np.zeros(4), np.ones(4), w8)),
+              "big:input": PointParams(activation_spec(16), *range_to_qparams(-1.0, 1.0, activation_spec(16))),
+              "small:input": PointParams(activation_spec(8), *range_to_qparams(0.0, 1.0, activation_spec(8)))}
+    (tmp_path / "initial").mkdir()
+    save_qparams(QParams(points, "m"), tmp_path / "initial" / "mixed.safetensors")
+    (tmp_path / "device" / "mixed").mkdir(parents=True)
+    np.savez(tmp_path / "device" / "mixed" / "model.weights.npz", **{"w:big": w_big, "w:small": w_small})
+    b = quality.profile_budget(tmp_path, "mixed")
+    assert b == {"avg_weight_bits": round((4 * 512 + 8 * 64) / 576, 3), "act16_points": 1, "act_points": 2}
+    assert quality.profile_budget(tmp_path, "int8") == {}           # no such profile in the run
