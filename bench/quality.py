@@ -30,9 +30,9 @@ Columns: perplexity on the held-out roles, increase over float, integer MatMul k
 matmul-like nodes in the graph ORT runs (``SessionOptions.optimized_model_filepath``), median latency
 of one batch (8 x seq_len, 1 thread, interleaved with the float model so that machine load hits both
 alike), the mixed-precision budget a fedquant profile spends (numel-weighted average weight bits;
-activation points at 16 bits / all), rounds, bytes per client. The peer models are cached (calibration is the slow part) under
-``~/.cache/fedquant/bench/quality/<digest>/``, keyed by the config, the data, the float graph and
-the library versions; every model is re-evaluated on each run. ``--fresh`` recalibrates.
+activation points at 16 bits / all), rounds, bytes per client. The peer models are cached
+(calibration is the slow part) under ``~/.cache/fedquant/bench/quality/<digest>/``, keyed by the
+config, the data, the float graph and the library versions; every model is re-evaluated on each run. ``--fresh`` recalibrates.
 Writes ``bench/results/quality_bench.json`` and ``quality_bench.png`` (``--out`` for elsewhere).
 """
 
