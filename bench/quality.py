@@ -428,6 +428,7 @@ def profile_budget(run_dir: Path, profile: str) -> dict:
     at 16 bits, at most 6 average weight bits): from the run's starting QParams and the device's
     float weights. Empty when the run directory lacks them."""
     from client.runtime import load_float_linears, weights_path
+    from quant.mixed import average_weight_bits
     from quant.qparams import load_qparams
 
     qf, wf = run_dir / "initial" / f"{profile}.safetensors", weights_path(run_dir / "device" / profile / "model.onnx")
@@ -435,12 +436,10 @@ def profile_budget(run_dir: Path, profile: str) -> dict:
         return {}
     qp = load_qparams(qf)
     numel = {f"{p}:weight": int(w.size) for p, (w, _) in load_float_linears(wf).items()}
-    weights = [k for k in qp.points if k.endswith(":weight")]
-    acts = [k for k in qp.points if not k.endswith(":weight")]
-    total = sum(numel[k] for k in weights)
-    return {"avg_weight_bits": round(sum(qp.points[k].spec.bits * numel[k] for k in weights) / total, 3)
-            if total else None,
-            "act16_points": sum(qp.points[k].spec.bits == 16 for k in acts), "act_points": len(acts)}
+    weights = {k: p.spec for k, p in qp.points.items() if k.endswith(":weight")}
+    acts = [p.spec for k, p in qp.points.items() if not k.endswith(":weight")]
+    return {"avg_weight_bits": round(average_weight_bits(weights, numel), 3) if weights else None,
+            "act16_points": sum(s.bits == 16 for s in acts), "act_points": len(acts)}
 
 
 def fedquant_rows(run_dir: Path, label: str, ev: Evaluator, d: Data) -> list[dict]:
