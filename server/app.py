@@ -33,7 +33,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from quant.qparams import QParams, atomic_write_bytes
 from quant.wire import Instruction, encode_instruction, payload_nbytes
 from server.config import ServerConfig
-from server.rounds import Accepted, apply_round, instructions_for, sample_clients
+from server.rounds import Accepted, apply_round, instructions_for, sample_by_profile, sample_clients
 from server.state import initial_state, load_checkpoint, run_digest, save_checkpoint
 from server.validate import (Rejection, summarise_rejections, validate_eval_metrics, validate_lsq_reply,
                              validate_scout_reply, validate_stats_reply)
@@ -271,8 +271,10 @@ def run_server(grid, config: ServerConfig, initial: Mapping[str, QParams], out_d
         # a client is asked only for what it can do: evaluation needs held-out text, the rest training text
         need = "test_examples" if spec.job == "eval" else "train_examples"
         online = [c for c in online if getattr(roster.members[c], need) > 0]
-        sampled = sample_clients(online, state.used if spec.job == "stats" else (), spec.fraction,
-                                 spec.min_clients, config.seed, rnd)
+        used = state.used if spec.job == "stats" else ()
+        sampled = sample_by_profile({c: roster.members[c].profile for c in online}, used, spec.fraction,
+                                    spec.min_clients, config.seed, rnd) if spec.by_profile else \
+            sample_clients(online, used, spec.fraction, spec.min_clients, config.seed, rnd)
         inss = instructions_for(state, rnd, spec, config, weights)
         profiles = sorted({roster.members[c].profile for c in sampled})
         encoded = {p: encode_instruction(inss[p]) for p in profiles}

@@ -50,6 +50,8 @@ class RoundSpec(BaseModel):
     fraction: float = Field(1.0, gt=0, le=1, description="share of the roster sampled per round")
     min_clients: int = Field(1, ge=1, description="sample at least this many, if available")
     min_replies: int = Field(1, ge=1, description="fewer valid replies: the round changes nothing")
+    by_profile: bool = Field(False, description="sample fraction and min_clients within each device profile "
+                                                "(stratified), so a small profile is never left out of a round")
 
 
 class SmoothingConfig(BaseModel):
@@ -165,6 +167,9 @@ class ServerConfig(BaseModel):
         """sha256 (16 hex digits) of everything that changes what a run computes (not the waiting
         knobs): a checkpoint refuses to resume under another."""
         data = self.model_dump(mode="json", exclude=set(OPERATIONAL))
+        for spec in data["schedule"]:   # added later: a schedule without it keeps its digest (and its runs)
+            if not spec["by_profile"]:
+                del spec["by_profile"]
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 

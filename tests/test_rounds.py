@@ -16,7 +16,8 @@ from quant.spec import activation_spec, weight_spec
 from quant.stats import observe
 from quant.wire import LsqReply, ScoutReply, StatsReply
 from server.config import RoundSpec, ServerConfig
-from server.rounds import Accepted, activation_keys, apply_round, instructions_for, sample_clients
+from server.rounds import (Accepted, activation_keys, apply_round, instructions_for, sample_by_profile,
+                           sample_clients)
 from server.state import initial_state, states_equal
 from server.validate import Rejection, ValidationConfig, validate_eval_metrics
 
@@ -100,6 +101,28 @@ def test_sampling_is_deterministic_and_without_replacement_across_stats_rounds()
     assert len(sample_clients(roster, [], 0.01, 4, 0, 1)) == 4            # min_clients
     assert len(sample_clients(roster[:3], [], 0.5, 10, 0, 1)) == 3        # as many as there are
     assert len(sample_clients([f"c{i}" for i in range(10)], [], 0.3, 1, 0, 1)) == 3   # no float ceil surprise
+
+
+def test_sampling_by_profile_gives_every_profile_its_fraction_of_every_round():
+    profile_of = {f"dev-{i}": ("mixed" if i % 3 == 0 else "int8") for i in range(24)}   # 8 mixed, 16 int8
+    mixed = {c for c, p in profile_of.items() if p == "mixed"}
+    for rnd in range(1, 11):
+        s = sample_by_profile(profile_of, [], 0.33, 1, seed=0, round=rnd)
+        assert s == sample_by_profile(dict(reversed(list(profile_of.items()))), [], 0.33, 1, 0, rnd)
+        assert len(set(s) & mixed) == 3 and len(set(s) - mixed) == 6      # ceil(0.33 x 8), ceil(0.33 x 16)
+    # what stratifying fixes: a uniform draw of 3 of 24 mostly leaves a one-client profile out
+    lone = {**{f"dev-{i}": "int8" for i in range(23)}, "npu": "mixed"}
+    uniform = [("npu" in sample_clients(sorted(lone), [], 0.1, 1, 0, rnd)) for rnd in range(1, 11)]
+    assert not all(uniform)
+    assert all("npu" in sample_by_profile(lone, [], 0.1, 1, 0, rnd) for rnd in range(1, 11))
+    # min_clients and "without replacement" (stats rounds) hold within each profile
+    assert len(sample_by_profile({"a": "x", "b": "x", "c": "y"}, [], 0.1, 2, 0, 1)) == 3
+    assert sample_by_profile(profile_of, sorted(mixed), 0.33, 1, 0, 1) and \
+        not set(sample_by_profile(profile_of, sorted(mixed), 0.33, 1, 0, 1)) & mixed
+    # the profile streams are independent of each other: a profile's draw ignores the others' members
+    only_mixed = {c: p for c, p in profile_of.items() if p == "mixed"}
+    assert set(sample_by_profile(profile_of, [], 0.33, 1, 0, 5)) & mixed == \
+        set(sample_by_profile(only_mixed, [], 0.33, 1, 0, 5))
 
 
 def test_federated_statistics_equal_pooled_calibration_bit_for_bit_for_every_profile():
@@ -319,6 +342,11 @@ def test_config_rejects_impossible_schedules_naming_the_entry(tmp_path):
     assert cfg.calibrator.method == "percentile" and cfg.learn == {"steps": 4} and cfg.validation.max_examples == 99
     assert cfg.digest() == cfg.model_copy(update={"reply_timeout_s": 5.0}).digest()
     assert cfg.digest() != cfg.model_copy(update={"seed": 4}).digest()
+    # by_profile came later: schedules without it keep the digest their checkpoints carry
+    plain = ServerConfig(schedule=[{"job": "scout"}, {"job": "lsq", "fraction": 0.3}])
+    assert plain.digest() == "eae493354fd4270f"    # what the code before by_profile computed
+    strat = ServerConfig(schedule=[{"job": "scout"}, {"job": "lsq", "fraction": 0.3, "by_profile": True}])
+    assert strat.digest() != plain.digest()
     toml.write_text('[[schedule]]\njob = "stats"\n')
     with pytest.raises(ConfigError, match="stats before any scout"):
         load_config(toml, ServerConfig)

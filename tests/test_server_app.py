@@ -287,3 +287,21 @@ def test_a_node_joining_later_is_asked_once_and_sampled(tmp_path):
     run_server(grid, config(), make_initial(), tmp_path, on_round=join)
     assert [s for s in grid.sent if s[0] == "query" and s[1] == 999] == [("query", 999, "")]
     assert late.jobs > 0 and lines(tmp_path)[2]["roster_joined"] == 1
+
+
+def test_rounds_sampled_by_profile_ask_each_profile_for_its_fraction(tmp_path):
+    # 12 nodes, 4 per profile; lsq rounds take ceil(0.25 x 4) = 1 of each profile, never 3 of one
+    nodes = [FakeNode(n.cid, n.profile, n.acts) for n in fleet(12)]    # every node behaves
+    grid = FakeGrid(nodes)
+    cfg = config(schedule=[{"job": "scout"}, {"job": "stats", "min_replies": 2},
+                           {"job": "lsq", "repeat": 6, "fraction": 0.25, "by_profile": True}])
+    run_server(grid, cfg, make_initial(), tmp_path)
+    profile_of = {nid: n.profile for nid, n in grid.nodes.items()}
+    for r in range(3, 9):
+        asked = sorted(profile_of[s[1]] for s in grid.sent if s[0] == "train" and s[2] == str(r))
+        assert asked == sorted(set(profile_of.values())), r
+    assert len(set(profile_of.values())) == 3
+    # so every profile's ranges move in every lsq round
+    versions = [lines(tmp_path)[r - 1]["versions"] for r in range(2, 9)]
+    for before, after in zip(versions, versions[1:]):
+        assert all(after[p] == before[p] + 1 for p in PROFILES), (before, after)
