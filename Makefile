@@ -36,10 +36,11 @@ bench: venv
 	$(PY) bench/calibrators.py
 
 # Issue 5's quality table: the main run, the runs of its variants (each resumes if already done),
-# then the peer tools on the same data and the README table. About 1.5 hours on 2 cores.
+# then the peer tools on the same data and the README table. About 3 hours on 2 cores.
 QUALITY_RUNS := runs/default=fedquant runs/q-nosmooth="fedquant, no smoothing" \
 	runs/q-sample10="fedquant, 10% per round" runs/q-sample30="fedquant, 30% per round" runs/q-iid="fedquant, IID" \
-	runs/q-w8a16="fedquant, 8/16"
+	runs/q-w8a16="fedquant, 8/16" runs/q-lsq4="fedquant, lsq by profile" \
+	runs/q-distill="fedquant, lsq by profile, distill"
 bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/default.toml --out runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/nosmooth.toml --out runs/q-nosmooth
@@ -47,6 +48,8 @@ bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/quality/sample30.toml --out runs/q-sample30 --prepared-from runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/iid.toml --out runs/q-iid
 	$(VENV)/bin/fedquant simulate --config configs/quality/w8a16.toml --out runs/q-w8a16
+	$(VENV)/bin/fedquant simulate --config configs/quality/lsq4.toml --out runs/q-lsq4 --prepared-from runs/default
+	$(VENV)/bin/fedquant simulate --config configs/quality/distill.toml --out runs/q-distill
 	$(PY) bench/quality.py --runs $(QUALITY_RUNS)
 	$(PY) bench/readme_tables.py
 

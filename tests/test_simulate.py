@@ -175,3 +175,25 @@ def test_unreliable_devices_drop_at_their_rates_deterministically():
                    for c in (u("evaluate", msg(r), {"partition-id": 0}) for r in range(4000))]
     assert all(u("train", msg(r), {"partition-id": 1}) is None for r in range(200))
     assert u("query", msg(1), {"partition-id": 0}) is None
+
+
+def test_every_shipped_simulation_config_loads_and_prepared_from_pairs_match():
+    """The Makefile's ``--prepared-from runs/default`` works only for a config with the default's
+    recipe (``config_digest``: everything but the schedule and the name)."""
+    import re
+
+    from simulation.simulate import config_digest, load_simulation_config
+
+    shipped = [ROOT / "configs" / n for n in ("default.toml", "smoke.toml", "fleet-smoke.toml")]
+    shipped += sorted((ROOT / "configs" / "quality").glob("*.toml"))
+    cfgs = {p.name: load_simulation_config(p) for p in shipped}
+    make = (ROOT / "Makefile").read_text()
+    reused = re.findall(r"--config configs/quality/(\S+) --out \S+ --prepared-from runs/default", make)
+    assert {"sample10.toml", "lsq4.toml"} <= set(reused)
+    for name in reused:
+        assert config_digest(cfgs[name]) == config_digest(cfgs["default.toml"]), name
+    for name in set(cfgs) - set(reused) - {"default.toml", "smoke.toml", "fleet-smoke.toml"}:
+        assert f"configs/quality/{name}" in make, f"{name} is not run by make bench-quality"
+    lsq = [s for s in cfgs["lsq4.toml"].server.schedule if s.job == "lsq"]
+    assert len(lsq) == 2 and all(s.by_profile and s.repeat == 2 for s in lsq)
+    assert cfgs["distill.toml"].server.learn["loss"] == "distill"
