@@ -36,7 +36,8 @@ bench: venv
 	$(PY) bench/calibrators.py
 
 # Issue 5's quality table: the main run, the runs of its variants (each resumes if already done),
-# then the peer tools on the same data and the README table. About 3 hours on 2 cores.
+# then the peer tools on the same data and the README table. About 2.3 hours on 2 cores with the peer
+# calibrations cached: the sum of the runs' wall_s (summary.json) and bench/quality.py's wall_s.
 QUALITY_RUNS := runs/default=fedquant runs/q-nosmooth="fedquant, no smoothing" \
 	runs/q-sample10="fedquant, 10% per round" runs/q-sample30="fedquant, 30% per round" runs/q-iid="fedquant, IID" \
 	runs/q-w8a16="fedquant, 8/16" runs/q-lsq4="fedquant, lsq by profile" \

@@ -2,7 +2,7 @@
 cost, and which down_proj inputs get int16.
 
     .venv/bin/python bench/mixed_plan.py   # writes bench/results/mixed_plan.json; 42 min beside the
-                                           # benchmark's simulations (alone: an estimated 15)
+                                           # benchmark's simulations (its wall_s in the JSON)
 
 On SmolLM2 in torch, two measurements, both on the pooled training text of every client (the
 design decision of the engineer who ships the profile, made once per model; the held-out roles are
