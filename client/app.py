@@ -1,7 +1,7 @@
 """The fedquant ClientApp (Flower 1.42 Message API): protocol ``fedquant.flower/1``.
 
-This docstring is the protocol as the client implements it (the plan's protocol.md is the
-contract it was written from). Everything a message asks is answered by :func:`handle`, a plain
+This docstring is the protocol as the client implements it; the contract, with the server's side,
+is docs/protocol.md. Everything a message asks is answered by :func:`handle`, a plain
 function of ``(message_type, content, node_config, run_config, state) -> RecordDict`` that the
 three decorated Flower functions wrap, so tests and benches can call it without Flower's runtime.
 
@@ -20,7 +20,7 @@ Messages (server -> client) and OK replies
     ``train`` (jobs ``scout``, ``stats``, ``lsq``) and ``evaluate`` (job ``eval``), content
         ``arrays`` ArrayRecord (flat of ``quant.wire.encode_instruction``), ``config`` ConfigRecord
         ``header`` (json), ``profile`` (whose QParams these are), ``batch-size`` int, ``learn``
-        (json of client.learn.LearnConfig fields, lsq only; its batch_size defaults to batch-size)
+        (json of quant.learn_config.LearnConfig fields, lsq only; its batch_size defaults to batch-size)
         -> scout/stats/lsq: ``arrays`` (flat of the encoded reply), ``config`` ``{"header": json}``,
            ``metrics``; eval: ``metrics`` only (``num-examples``, ``nll_sum``, ``tokens``,
            ``perplexity``, ``version``, ...). Metrics hold plain int/float only (others dropped).
@@ -67,6 +67,7 @@ from flwr.clientapp import ClientApp
 from client import device, jobs
 from client.profiles import DeviceProfile, MemoryBudgetError, plan_batch
 from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_path
+from quant.learn_config import LearnConfig
 from quant.qparams import load_qparams
 from quant.wire import (Instruction, WireError, decode_instruction, encode_scout_reply,
                         encode_stats_reply, encode_lsq_reply)
@@ -337,8 +338,6 @@ def _batch_size(cfg: ConfigRecord) -> int:
 def _learn_config(cfg: ConfigRecord, batch_size: int):
     from pydantic import ValidationError
 
-    from client.learn import LearnConfig  # torch: the lsq path only
-
     raw = cfg.get("learn", "{}") or "{}"
     try:
         fields = json.loads(raw)
@@ -443,20 +442,18 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
 
 # ------------------------------------------------------------------------------ Flower
 
-def make_app(defaults: dict | None = None, intercept=None) -> ClientApp:
+def make_app(defaults: dict | None = None, mods: list | None = None) -> ClientApp:
     """The ClientApp; ``defaults`` fill run_config keys the run does not set (``fedquant simulate``
     passes its ``device-dir`` this way, since Flower's simulation engine has no run config of its
-    own). ``intercept(message_type, content, node_config)`` may answer a message before the device
-    does (a simulation's unreliable devices); None lets it through. The app object is pickled to
-    every simulation actor, so both must be picklable."""
+    own). ``mods`` are Flower ClientApp mods around every message (a simulation's unreliable
+    devices: ``simulation.faults``). The app object is pickled to every simulation actor, so both
+    must be picklable."""
     defaults = dict(defaults or {})
-    client_app = ClientApp()
+    client_app = ClientApp(mods=list(mods or []))
 
     def answer(category: str, msg: Message, context: Context) -> Message:
         run_config = {**defaults, **{k: v for k, v in context.run_config.items() if v not in (None, "")}}
-        content = intercept(category, msg.content, context.node_config) if intercept else None
-        if content is None:
-            content = handle(category, msg.content, context.node_config, run_config, context.state)
+        content = handle(category, msg.content, context.node_config, run_config, context.state)
         return Message(content=content, reply_to=msg)
 
     @client_app.query()

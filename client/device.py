@@ -1,4 +1,4 @@
-"""The device directory (/work/plan/protocol.md, "Where a node finds its model, profile and data"):
+"""The device directory (docs/protocol.md, "Where a node finds its model, profile and data"):
 one writer on the export side, and the readers a node uses to find its profile, model and data.
 
     <device-dir>/fleet.json                 {"format": "fedquant.fleet/1", "nodes": {"<pid>": {"profile",

@@ -3,7 +3,8 @@
 Unlike the rest of ``client/`` (numpy + onnxruntime), this job needs autograd, so torch is imported
 here and only here. It does not import ``server/`` or ``simulation/``.
 
-``learn_ranges(model, qparams, ins_or_keys, data, config)``:
+``learn_ranges(model, qparams, ins_or_keys, data, config)``, ``config`` a
+``quant.learn_config.LearnConfig`` (torch-free there, so that the server's config can hold one):
 
 1. loads the global ``qparams`` (``set_qparams``) and puts the chosen points in ``learn`` mode, i.e.
    LSQ+ with trainable ``(log_s, beta)`` started from ``quant.lsq.init_from_qparams``; every other
@@ -47,31 +48,18 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from typing import Iterable, Literal
+from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from quant import lsq
 from quant.instrument import quant_points, set_qparams
+from quant.learn_config import LearnConfig
 from quant.qparams import QParams
 from quant.wire import Instruction, LsqReply
-
-
-class LearnConfig(BaseModel):
-    """Knobs of the local LSQ / LSQ+ steps (see the module docstring for the step-size choice)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    steps: int = Field(8, ge=0, le=10_000, description="Adam steps per round")
-    lr: float = Field(3e-2, gt=0, le=1.0, description="Adam step on log_s (beta: scaled per point)")
-    batch_size: int = Field(8, ge=1, description="sequences per step")
-    beta_step_lsb: float = Field(0.5, ge=0, le=64, description="Adam step on beta, in quantization steps")
-    loss: Literal["next_token", "distill"] = "next_token"
-    which: Literal["activations", "all"] = "activations"
 
 
 def _sequences(data) -> torch.Tensor:
@@ -226,4 +214,4 @@ def learn_ranges(model: nn.Module, qparams: QParams | None, ins_or_keys, data,
     return LsqReply(d_log_s, d_beta, loss_before, loss_after), metrics
 
 
-__all__ = ["LearnConfig", "learn_ranges"]
+__all__ = ["learn_ranges"]

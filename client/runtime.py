@@ -38,9 +38,8 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
 # What a phone holds (design.md section 5): the QDQ model, its name map, the QParams it was made
 # with, the float weights/biases the integer ones are re-quantized from when a scale changes, and
 # the float graph that statistics are captured on. All numpy + onnxruntime + onnx: torch stays
-# out of the device path -- except that ``quant.export`` (qdq_values, patch_initializers,
-# add_outputs, onnx_encoding_names) imports torch at module level, so ``patch`` and
-# ``FloatCapture`` still pull it in until that import is made lazy there (reported).
+# out of the device path (``quant.qdq`` and ``quant.encodings``, which ``patch`` and
+# ``FloatCapture`` use, import onnx and numpy only; tests/test_device_path.py).
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -102,9 +101,10 @@ def load_float_linears(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
 def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_weights: bool = True
                        ) -> Path:
     """Export side (needs torch): write everything ``DeviceRuntime`` loads, beside ``model_path``:
-    the QDQ model + name map (``quant.export.export_qdq``), the float weights (npz), the QParams
+    the QDQ model + name map (``quant.qdq.export_qdq``), the float weights (npz), the QParams
     (safetensors) and ``model.device.json`` naming the float graph used for statistics."""
-    from quant.export import export_qdq, float_linears
+    from quant.export import float_linears
+    from quant.qdq import export_qdq
 
     export_qdq(model, qparams, model_path, float_onnx=float_onnx, u8_weights=u8_weights)
     save_float_linears(float_linears(model), model_path)
@@ -114,17 +114,14 @@ def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_we
     return atomic_write_bytes(bundle_path(model_path), json.dumps(doc, indent=1).encode())
 
 
-def _read_name_map(model_path) -> dict[str, tuple[str, str]]:
-    p = Path(model_path).with_suffix(".names.json")  # == quant.export.names_path
-    return {k: tuple(v) for k, v in json.loads(p.read_text()).items()}
-
-
 class DeviceRuntime:
     """The integer runtime of one device: an ORT session over the QDQ model, patchable by
     QParams key, plus (lazily) the float-graph session that statistics are captured on."""
 
     def __init__(self, model_path, threads: int = 1, float_onnx=None, capture: "FloatCapture | None" = None):
         import onnx
+
+        from quant.qdq import load_name_map, names_path
 
         self.path = Path(model_path)
         self.threads = int(threads)
@@ -133,7 +130,7 @@ class DeviceRuntime:
             raise ValueError(f"{bundle_path(self.path)}: not a {BUNDLE_FORMAT} bundle")
         self.u8_weights = bool(meta["u8_weights"])
         self.float_onnx = Path(float_onnx or meta["float_onnx"])
-        self.name_map = _read_name_map(self.path)
+        self.name_map = load_name_map(names_path(self.path))
         self.linears = load_float_linears(weights_path(self.path))
         self.qparams = load_qparams(qparams_path(self.path))
         self.model = onnx.load(str(self.path))
@@ -223,7 +220,7 @@ class DeviceRuntime:
         that depend on them, then rebuild the session. All checks run first and a failure while
         rebuilding restores the old initializers, so a refused patch changes nothing. Returns
         timings ``{changed, compute_s, patch_s, session_s, total_s}`` (also ``last_patch``)."""
-        from quant.export import patch_initializers, qdq_values
+        from quant.qdq import patch_initializers, qdq_values
 
         t0 = time.perf_counter()
         merged = self._check(qparams)
@@ -310,7 +307,7 @@ class FloatCapture:
     def __init__(self, float_onnx, threads: int = 1):
         import onnx
 
-        from quant.export import onnx_encoding_names
+        from quant.encodings import onnx_encoding_names
 
         self.model = onnx.load(str(float_onnx))
         self.threads = threads
@@ -322,13 +319,14 @@ class FloatCapture:
         if names not in self._sessions:
             import onnx
 
-            from quant.export import _prune, add_outputs
+            from quant.export import prune_unused
+            from quant.qdq import add_outputs
 
             mp = onnx.ModelProto()
             mp.CopyFrom(self.model)
             del mp.graph.output[:]  # only the exposed tensors: the lm_head and softmax are pruned
             add_outputs(mp, names)
-            _prune(mp.graph)
+            prune_unused(mp.graph)
             self._sessions = {names: ort_session(mp, threads=self.threads)}  # keep one
         return self._sessions[names]
 

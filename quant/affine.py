@@ -32,7 +32,7 @@ def broadcast_param(p, spec: QuantSpec, x_shape: tuple[int, ...]):
     """Expand a scale or zero-point of ``spec.param_shape(x_shape)`` so it broadcasts against x."""
     if spec.granularity == "per_tensor":
         return p
-    axis = spec._norm_axis(len(x_shape))
+    axis = spec.resolved_axis(len(x_shape))
     if spec.granularity == "per_channel":
         shape = [1] * len(x_shape)
         shape[axis] = x_shape[axis]
@@ -123,7 +123,7 @@ def tensor_range(x, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     x = x.detach().cpu().float().numpy() if _is_torch(x) else np.asarray(x, dtype=np.float32)
     if spec.granularity == "per_tensor":
         return np.asarray(x.min()), np.asarray(x.max())
-    axis = spec._norm_axis(x.ndim)
+    axis = spec.resolved_axis(x.ndim)
     if spec.granularity == "per_channel":
         other = tuple(i for i in range(x.ndim) if i != axis)
         return x.min(axis=other), x.max(axis=other)

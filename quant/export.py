@@ -1,47 +1,36 @@
-"""Export a Hugging Face causal LM and its QParams to what a phone runs: an ONNX QDQ model.
+"""Export a Hugging Face causal LM to the float ONNX graph that its QDQ model is built from.
 
-Three artifacts (design.md sections 5 and 8):
+What a phone runs is made in three steps (design.md sections 5 and 8), one module each:
 
-- ``export_float_onnx``: the float graph ``input_ids -> logits`` (no KV cache, no mask input),
+- here, ``export_float_onnx``: the float graph ``input_ids -> logits`` (no KV cache, no mask input),
   with every ``nn.Linear`` found by the exporter's ``pkg.torch.onnx.name_scopes`` metadata and its
   weight stored as a real initializer named ``<module path>.weight_t`` (ONNX layout, in x out).
   The exporter's own names (``val_113``) mean nothing, it deduplicates equal initializers across
   modules and writes a tied ``lm_head`` as a Transpose of the embedding; we take every weight
-  from the torch module instead.
-- ``export_qdq``: the same graph with QuantizeLinear/DequantizeLinear on the activation input of
-  every Linear (static, per tensor), integer weights behind a DequantizeLinear (per tensor, per
-  channel, or blocked per group), an int32 bias with scale ``s_x * s_w``, SmoothQuant factors as a
-  Div before the input's QuantizeLinear, and, when QParams has quant.instrument's attention points
-  (``<attn>.qk_matmul:input`` / ``:other``, ``<attn>.av_matmul:...``), QDQ on both operands of the
-  two attention matmuls (exported as HF eager attention). MatMul outputs stay float. Every scale,
-  zero-point and integer tensor is a named initializer, and a name map
-  ``{initializer: (qparams key, kind)}`` written beside the model lets a client patch by key.
-- ``write_encodings_json``: the same parameters as AIMET/QNN encodings.
+  from the torch module instead. Each Linear's MatMul (and bias Add) and each eager attention
+  matmul carries a metadata tag naming its module path (``node_tag``), which the later steps find
+  their points by;
+- ``quant.qdq.export_qdq``: the same graph with QuantizeLinear/DequantizeLinear and its QParams;
+- ``quant.encodings.write_encodings_json``: the same parameters as AIMET/QNN encodings.
 
-The QDQ graph is built by our own graph surgery, not by ``onnxruntime.quantization``: that tool
-computes weight parameters itself, names tensors after the exporter's meaningless names, and has
-no int32 bias for MatMul + Add; the surgery here is a few dozen lines and exact by construction.
+torch is imported inside the functions that trace a model, not at module load: the graph helpers
+(``node_tag``, ``prune_unused``, ``linear_paths``) serve a phone that has onnx and numpy only.
 """
 
 from __future__ import annotations
 
 import ast
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
-from quant.affine import dequantize, quantize
-from quant.qparams import PointParams, QParams, atomic_write_bytes
-from quant.spec import QuantSpec
+from quant.qparams import atomic_write_bytes
 
 OPSET = 21  # int16/int4 QuantizeLinear and blocked DequantizeLinear need opset 21
 LINEAR_TAG = "fedquant.linear"  # metadata_props key we put on each Linear's MatMul and bias Add
 MATMUL_TAG = "fedquant.matmul"  # ... and on each attention matmul (<attention path>.qk_matmul)
-KINDS = ("scale", "zero_point", "weight_q", "bias_q", "bias_scale", "smoothing")
 _SCOPES = "pkg.torch.onnx.name_scopes"
 _WRAP = "lm"  # attribute holding the model inside the export wrapper; stripped from module paths
 
@@ -85,7 +74,9 @@ def _scopes(node) -> list[str]:
     return []
 
 
-def _tag(node, key: str = LINEAR_TAG) -> str | None:
+def node_tag(node, key: str = LINEAR_TAG) -> str | None:
+    """The module path a node of a graph from this module is tagged with (``LINEAR_TAG``: a
+    Linear's MatMul or bias Add; ``MATMUL_TAG``: an attention matmul), or None."""
     for p in node.metadata_props:
         if p.key == key:
             return p.value
@@ -96,8 +87,9 @@ def _set_tag(node, path: str, key: str = LINEAR_TAG) -> None:
     node.metadata_props.add(key=key, value=path)
 
 
-def _prune(graph) -> None:
-    """Drop nodes, initializers and value_info that no graph output depends on."""
+def prune_unused(graph) -> None:
+    """Drop nodes, initializers and value_info that no graph output depends on (after surgery,
+    and when a client keeps only the tensors it captures)."""
     needed = {o.name for o in graph.output}
     keep = []
     for node in reversed(graph.node):
@@ -176,7 +168,7 @@ def _tidy_linears(mp: onnx.ModelProto, linears: dict, attention: list[str] = ())
                 node.name = f"{path}.{op}/MatMul"
                 _set_tag(node, f"{path}.{op}", MATMUL_TAG)
     g.initializer.extend(new_inits)
-    _prune(g)
+    prune_unused(g)
 
 
 def _attention_paths(model) -> list[str]:
@@ -186,9 +178,11 @@ def _attention_paths(model) -> list[str]:
             if hasattr(m, "num_key_value_groups") and hasattr(m, "scaling")]
 
 
-def _export(model, batch: int, seq_len: int, dynamic: bool, opset: int) -> onnx.ModelProto:
-    """torch.onnx.export (dynamo) + tidy. The example batch is >= 2: a batch of 1 is specialized
-    to a static dimension by torch.export. Attention is exported as HF's eager math (Q K^T,
+def float_graph(model, *, seq_len: int = 16, batch: int = 2, dynamic: bool = True,
+                opset: int = OPSET) -> onnx.ModelProto:
+    """The float graph of ``export_float_onnx``, in memory (``quant.qdq.export_qdq`` builds on it):
+    torch.onnx.export (dynamo) + tidy. The example batch is >= 2: a batch of 1 is specialized to a
+    static dimension by torch.export. Attention is exported as HF's eager math (Q K^T,
     scale, mask, softmax, P V), which is what quant.instrument fake-quantizes, so its two matmuls
     can carry QDQ too (SDPA's export scales Q and K by sqrt(scale) before the matmul instead)."""
     import tempfile
@@ -219,7 +213,8 @@ def _export(model, batch: int, seq_len: int, dynamic: bool, opset: int) -> onnx.
     return mp
 
 
-def _save(mp: onnx.ModelProto, path) -> Path:
+def save_onnx(mp: onnx.ModelProto, path) -> Path:
+    """Write a model atomically (a crash leaves the old file or the new one, never half)."""
     return atomic_write_bytes(path, mp.SerializeToString())
 
 
@@ -231,380 +226,14 @@ def export_float_onnx(model, path, *, seq_len: int = 16, batch: int = 2, dynamic
     otherwise the graph is fixed to ``(batch, seq_len)``. SmolLM2 takes 40 s on an idle machine,
     3-4 minutes on a busy one (measured).
     """
-    return _save(_export(model, batch, seq_len, dynamic, opset), path)
+    return save_onnx(float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset), path)
 
 
 def linear_paths(mp: onnx.ModelProto) -> list[str]:
     """Module paths of the Linears in a graph written by this module, in graph order."""
-    return [_tag(n) for n in mp.graph.node if n.op_type == "MatMul" and _tag(n)]
+    return [node_tag(n) for n in mp.graph.node if n.op_type == "MatMul" and node_tag(n)]
 
 
 def matmul_paths(mp: onnx.ModelProto) -> list[str]:
     """``<attention path>.qk_matmul`` / ``.av_matmul`` of the attention matmuls, in graph order."""
-    return [_tag(n, MATMUL_TAG) for n in mp.graph.node if _tag(n, MATMUL_TAG)]
-
-
-# --------------------------------------------------------------------------- QDQ values
-
-
-@dataclass
-class _Plan:
-    """What one Linear becomes: initializer values by name, and the DequantizeLinear attributes."""
-
-    values: dict[str, np.ndarray]
-    names: dict[str, tuple[str, str]]  # initializer -> (qparams key, kind)
-    w_attrs: dict
-    b_attrs: dict
-
-
-def _storage(a, spec: QuantSpec) -> np.ndarray:
-    """Cast integers to the storage dtype ONNX wants (ml_dtypes int4/uint4 for 4 bits)."""
-    a = np.asarray(a)
-    if spec.bits == 4:
-        import ml_dtypes
-
-        return a.astype(np.int8 if spec.signed else np.uint8).astype(
-            ml_dtypes.int4 if spec.signed else ml_dtypes.uint4)
-    return a.astype(spec.numpy_dtype)
-
-
-def bias_quant(b: np.ndarray, s_x, s_w) -> tuple[np.ndarray, np.ndarray]:
-    """int32 bias and its scale ``s_x * s_w`` (float32), z = 0 (design.md section 3)."""
-    bs = (np.float32(s_x) * np.asarray(s_w, np.float32)).astype(np.float32)
-    q = np.rint(b.astype(np.float32) / bs).astype(np.float64)
-    return np.clip(q, -2**31, 2**31 - 1).astype(np.int32), bs
-
-
-def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weights: bool) -> _Plan:
-    values, names, w_attrs, b_attrs = {}, {}, {}, {}
-    ki, kw = f"{path}:input", f"{path}:weight"
-    pi, pw = qp.points.get(ki), qp.points.get(kw)
-    m = qp.smoothing.get(path)
-    if m is not None:  # SmoothQuant, as QuantLinear computes it: F.linear(fq(x / m), fq(W * m), b)
-        m = np.asarray(m, np.float32)
-        if m.shape != (w.shape[1],):
-            raise ValueError(f"smoothing {path}: {m.shape[0]} factors for {w.shape[1]} inputs")
-        w = w * m
-        values[f"{path}.input.smooth"] = m
-        names[f"{path}.input.smooth"] = (path, "smoothing")
-    if pi is not None:
-        _act_point(f"{path}.input", ki, qp, values, names)
-    if pw is not None:
-        spec = pw.spec
-        q = quantize(w, pw.scale, pw.zero_point, spec)  # torch layout (out, in)
-        s, z = np.asarray(pw.scale, np.float32), np.asarray(pw.zero_point)
-        if spec.granularity == "per_channel":
-            w_attrs["axis"] = 1 - spec._norm_axis(2)  # ONNX weight is the transpose
-        elif spec.granularity == "per_group":
-            w_attrs["axis"] = 1 - spec._norm_axis(2)
-            w_attrs["block_size"] = spec.group_size
-            s, z = s.T, z.T
-        q, z = _storage(np.ascontiguousarray(q.T), spec), _storage(np.ascontiguousarray(z), spec)
-        if u8_weights and spec.bits == 8 and spec.signed and pi is not None and not pi.spec.signed \
-                and pi.spec.bits == 8:
-            # Same real values on the uint8 grid (q + 128, z + 128): ORT's x86 u8s8 kernels
-            # (AVX2 without VNNI) saturate int16 pair sums, its u8u8 kernels are exact.
-            q, z = (q.astype(np.int16) + 128).astype(np.uint8), (z.astype(np.int16) + 128).astype(np.uint8)
-        values[f"{path}.weight.q"] = q
-        values[f"{path}.weight.scale"] = np.ascontiguousarray(s)
-        values[f"{path}.weight.zero_point"] = z
-        names[f"{path}.weight.q"] = (kw, "weight_q")
-        names[f"{path}.weight.scale"] = (kw, "scale")
-        names[f"{path}.weight.zero_point"] = (kw, "zero_point")
-        # int32 bias needs one weight scale per output: per tensor, or per channel along out.
-        per_out = spec.granularity == "per_tensor" or (
-            spec.granularity == "per_channel" and spec._norm_axis(2) == 0)
-        if b is not None and pi is not None and per_out:
-            bq, bs = bias_quant(b, pi.scale, pw.scale)
-            values[f"{path}.bias.q"] = bq
-            values[f"{path}.bias.scale"] = bs
-            names[f"{path}.bias.q"] = (kw, "bias_q")
-            names[f"{path}.bias.scale"] = (kw, "bias_scale")
-            if bs.ndim == 1:
-                b_attrs["axis"] = 0
-    return _Plan(values, names, w_attrs, b_attrs)
-
-
-def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = True
-               ) -> tuple[dict[str, np.ndarray], dict]:
-    """All QDQ initializer values and the name map for ``qparams`` and the float weights
-    ``linears`` (from ``float_linears``). A client that changes QParams recomputes these and
-    overwrites the initializers by name (``patch_initializers``): weights and the int32 bias
-    follow every change of ``s_x`` or ``s_w`` (a stale bias drifts, design.md section 3)."""
-    values, names = {}, {}
-    for path, (w, b) in linears.items():
-        p = _plan(path, w, b, qparams, u8_weights)
-        values.update(p.values)
-        names.update(p.names)
-    for key in qparams.points:  # attention matmul operands
-        path, kind = key.rsplit(":", 1)
-        if path not in linears:
-            _act_point(f"{path}.{kind}", key, qparams, values, names)
-    return values, names
-
-
-# ---------------------------------------------------------------------------- QDQ export
-
-
-def _to_tensor(name: str, a: np.ndarray) -> TensorProto:
-    return numpy_helper.from_array(np.asarray(a), name)
-
-
-def _act_point(prefix: str, key: str, qp: QParams, values: dict, names: dict) -> None:
-    """Scale and zero-point initializers ``<prefix>.scale`` / ``.zero_point`` of an activation."""
-    p = qp.points[key]
-    if p.spec.granularity != "per_tensor":
-        raise ValueError(f"{key}: activations are quantized per tensor, got {p.spec.short()}")
-    values[f"{prefix}.scale"] = np.asarray(p.scale, np.float32).reshape(())
-    values[f"{prefix}.zero_point"] = _storage(p.zero_point, p.spec).reshape(())
-    names[f"{prefix}.scale"] = (key, "scale")
-    names[f"{prefix}.zero_point"] = (key, "zero_point")
-
-
-def _qdq_nodes(prefix: str, x: str) -> list:
-    """QuantizeLinear -> DequantizeLinear of tensor ``x`` with ``<prefix>.scale/.zero_point``;
-    the float result is ``<prefix>.dq``."""
-    sz = [f"{prefix}.scale", f"{prefix}.zero_point"]
-    return [helper.make_node("QuantizeLinear", [x, *sz], [f"{prefix}.q"], name=f"{prefix}.Q"),
-            helper.make_node("DequantizeLinear", [f"{prefix}.q", *sz], [f"{prefix}.dq"],
-                             name=f"{prefix}.DQ")]
-
-
-def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights: bool) -> dict:
-    g = mp.graph
-    plans = {path: _plan(path, *linears[path], qparams, u8_weights) for path in linear_paths(mp)}
-    name_map, mm_values = {}, {}
-    for path in matmul_paths(mp):  # attention matmuls: both operands are activations
-        for i, kind in enumerate(("input", "other")):
-            if f"{path}:{kind}" in qparams.points:
-                _act_point(f"{path}.{kind}", f"{path}:{kind}", qparams, mm_values, name_map)
-    nodes = []
-    for node in g.node:
-        path = _tag(node)
-        plan = plans.get(path)
-        mm = _tag(node, MATMUL_TAG)
-        if mm is not None:
-            for i, kind in enumerate(("input", "other")):
-                if f"{mm}.{kind}.scale" in mm_values:
-                    nodes.extend(_qdq_nodes(f"{mm}.{kind}", node.input[i]))
-                    node.input[i] = f"{mm}.{kind}.dq"
-        if plan is not None and node.op_type == "MatMul":
-            v = plan.values
-            if f"{path}.input.smooth" in v:
-                nodes.append(helper.make_node("Div", [node.input[0], f"{path}.input.smooth"],
-                                              [f"{path}.input.smoothed"], name=f"{path}.input.Div"))
-                node.input[0] = f"{path}.input.smoothed"
-            if f"{path}.input.scale" in v:
-                nodes.extend(_qdq_nodes(f"{path}.input", node.input[0]))
-                node.input[0] = f"{path}.input.dq"
-            if f"{path}.weight.q" in v:
-                nodes.append(helper.make_node(
-                    "DequantizeLinear", [f"{path}.weight.q", f"{path}.weight.scale",
-                                         f"{path}.weight.zero_point"],
-                    [f"{path}.weight.dq"], name=f"{path}.weight.DQ", **plan.w_attrs))
-                node.input[1] = f"{path}.weight.dq"
-        if plan is not None and node.op_type == "Add" and f"{path}.bias.q" in plan.values:
-            nodes.append(helper.make_node(
-                "DequantizeLinear", [f"{path}.bias.q", f"{path}.bias.scale"],
-                [f"{path}.bias.dq"], name=f"{path}.bias.DQ", **plan.b_attrs))
-            node.input[list(node.input).index(f"{path}.bias")] = f"{path}.bias.dq"
-        nodes.append(node)
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(_to_tensor(n, a) for n, a in mm_values.items())
-    for plan in plans.values():
-        g.initializer.extend(_to_tensor(n, a) for n, a in plan.values.items())
-        name_map.update(plan.names)
-    _prune(g)
-    return name_map
-
-
-def _opset(mp: onnx.ModelProto) -> int:
-    return next(o.version for o in mp.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _check_opset(mp: onnx.ModelProto, qparams: QParams) -> None:
-    need = 13
-    for key, p in qparams.points.items():
-        if p.spec.bits in (4, 16) or p.spec.granularity == "per_group":
-            need = 21
-    if _opset(mp) < need:
-        raise ValueError(f"QParams need opset {need} (int4/int16 or blocked quantization), the "
-                         f"float graph has opset {_opset(mp)}: export it with opset={need}")
-
-
-def names_path(model_path) -> Path:
-    """Where the name map of a QDQ model lives: ``model.onnx`` -> ``model.names.json``."""
-    return Path(model_path).with_suffix(".names.json")
-
-
-def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int = 16,
-               batch: int = 2, dynamic: bool = True, opset: int = OPSET,
-               u8_weights: bool = True) -> dict[str, tuple[str, str]]:
-    """Write the QDQ model for ``model`` (a float torch model) and ``qparams`` to ``path`` and its
-    name map to ``names_path(path)``; return the name map.
-
-    Linears without a ``:input`` / ``:weight`` key keep a float input / weight; a Linear with
-    SmoothQuant factors ``m`` in ``qparams.smoothing`` gets its input divided by ``m`` (a Div
-    before the QuantizeLinear) and its weight multiplied by ``m``, as QuantLinear does. ``float_onnx``
-    (a path or ModelProto from ``export_float_onnx`` of the same model) skips the slow torch
-    export, so one float export serves many QParams.
-
-    ``u8_weights`` stores signed 8-bit weights of a Linear whose input is uint8 on the uint8 grid
-    (``q + 128``, ``z + 128``): the same real values, and the combination (u8u8) that ONNX
-    Runtime runs exactly everywhere; its x86 u8s8 kernels without VNNI saturate int16 pair sums
-    (measured: up to 27 LSB off on a tiny Llama, SmolLM2's next-token loss 12.9 instead of 5.5).
-    The name map then holds ``z + 128`` for such a weight's zero-point: patch through
-    ``qdq_values`` with the same flag.
-    """
-    qparams.validate()
-    if float_onnx is None:
-        mp = _export(model, batch, seq_len, dynamic, opset)
-    elif isinstance(float_onnx, onnx.ModelProto):
-        mp = onnx.ModelProto()
-        mp.CopyFrom(float_onnx)
-    else:
-        mp = onnx.load(str(float_onnx))
-    _check_opset(mp, qparams)
-    linears = float_linears(model)
-    unknown = sorted(({k.rsplit(":", 1)[0] for k in qparams.points} | set(qparams.smoothing))
-                     - set(linear_paths(mp)) - set(matmul_paths(mp)))
-    if unknown:
-        raise ValueError(f"QParams keys name no Linear of this graph: {unknown[:5]}")
-    name_map = _qdq_graph(mp, qparams, linears, u8_weights)
-    _save(mp, path)
-    atomic_write_bytes(names_path(path), json.dumps(
-        {k: list(v) for k, v in sorted(name_map.items())}, indent=1).encode())
-    return name_map
-
-
-def load_name_map(path) -> dict[str, tuple[str, str]]:
-    """Read a name map (the JSON beside a QDQ model, or the model path itself)."""
-    p = Path(path)
-    if p.suffix == ".onnx":
-        p = names_path(p)
-    return {k: tuple(v) for k, v in json.loads(p.read_text()).items()}
-
-
-def patch_initializers(mp: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
-    """Overwrite initializers by name in place, keeping each one's ONNX data type and shape."""
-    index = {t.name: i for i, t in enumerate(mp.graph.initializer)}
-    for name, a in values.items():
-        if name not in index:
-            raise KeyError(f"no initializer named {name!r}")
-        old = mp.graph.initializer[index[name]]
-        ref = numpy_helper.to_array(old)
-        a = np.asarray(a)
-        if a.shape != ref.shape:
-            raise ValueError(f"{name}: shape {a.shape} != {ref.shape}")
-        mp.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(a.astype(ref.dtype), name))
-
-
-def activation_inputs(mp: onnx.ModelProto) -> dict[str, str]:
-    """``{'<path>:input' (or ':other'): name of the float tensor entering its QuantizeLinear}``:
-    what a client exposes as extra outputs to collect statistics."""
-    out = {}
-    for n in mp.graph.node:
-        for kind in ("input", "other"):
-            if n.op_type == "QuantizeLinear" and n.name.endswith(f".{kind}.Q"):
-                out[n.name[:-len(f".{kind}.Q")] + f":{kind}"] = n.input[0]
-    return out
-
-
-def add_outputs(mp: onnx.ModelProto, names) -> None:
-    """Expose float32 tensors as extra graph outputs (shape left open)."""
-    have = {o.name for o in mp.graph.output}
-    for n in names:
-        if n not in have:
-            mp.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
-            have.add(n)
-
-
-# --------------------------------------------------------------------------- encodings JSON
-
-
-def _aimet_entries(p: PointParams) -> list[dict]:
-    """AIMET encodings express every tensor on an unsigned grid ``[0, 2^b - 1]``:
-    ``real = (q_u + offset) * scale``. With ours ``real = (q - z) * s`` and ``q_u = q - qmin``,
-    ``offset = qmin - z``: ``-z`` for unsigned storage, ``-2^(b-1) - z`` for signed (so a symmetric
-    int8 weight has offset -128, as AIMET writes it). min/max are the grid's ends."""
-    spec = p.spec
-    s = np.asarray(p.scale, np.float32).reshape(-1)
-    off = spec.qmin - np.asarray(p.zero_point, np.int64).reshape(-1)
-    span = 2**spec.bits - 1
-    return [{"bitwidth": spec.bits, "dtype": "int", "is_symmetric": str(spec.symmetric),
-             "scale": float(si), "offset": int(oi), "min": float(np.float32(oi) * si),
-             "max": float(np.float32(oi + span) * si)} for si, oi in zip(s, off)]
-
-
-def encoding_names(qparams: QParams) -> dict[str, str]:
-    """Default tensor names: the QParams key for an activation, ``<path>.weight`` (the torch
-    parameter name, as AIMET's torch export uses) for a weight."""
-    return {k: (k.rsplit(":", 1)[0] + ".weight" if k.endswith(":weight") else k)
-            for k in qparams.points}
-
-
-def onnx_encoding_names(float_mp: onnx.ModelProto) -> dict[str, str]:
-    """QParams key -> tensor name in a float graph from ``export_float_onnx``: the MatMul's
-    activation input and its weight initializer ``<path>.weight_t``, for a QNN/AIMET consumer that
-    quantizes the float graph itself. q/k/v (and gate/up) share one input tensor, so their
-    ``:input`` encodings land on one name: give them equal parameters."""
-    out = {}
-    for n in float_mp.graph.node:
-        path, mm = _tag(n), _tag(n, MATMUL_TAG)
-        if path and n.op_type == "MatMul":
-            out[f"{path}:input"], out[f"{path}:weight"] = n.input[0], n.input[1]
-        if mm:
-            out[f"{mm}:input"], out[f"{mm}:other"] = n.input[0], n.input[1]
-    return out
-
-
-def write_encodings_json(qparams: QParams, path, names: dict[str, str] | None = None) -> Path:
-    """Write AIMET/QNN encodings (format 0.6.1): ``activation_encodings`` and ``param_encodings``,
-    each ``name -> [encoding per channel]``. ``names`` maps QParams keys to tensor names (e.g. the
-    float ONNX graph's), default ``encoding_names``. Per-group weights are written as one flat
-    list in (out, group) row-major order, which the 0.6.1 format has no field to describe."""
-    names = {**encoding_names(qparams), **(names or {})}
-    act, par = {}, {}
-    for key, p in sorted(qparams.points.items()):
-        (par if key.endswith(":weight") else act)[names[key]] = _aimet_entries(p)
-    doc = {"version": "0.6.1", "activation_encodings": act, "param_encodings": par,
-           "excluded_layers": [], "quantizer_args": {}}
-    return atomic_write_bytes(path, json.dumps(doc, indent=1).encode())
-
-
-def read_encodings_json(path, like: QParams, names: dict[str, str] | None = None) -> QParams:
-    """Read encodings back into QParams with the specs (and model, version) of ``like``:
-    ``z = qmin - offset``. Signedness is a storage choice the format does not record."""
-    doc = json.loads(Path(path).read_text())
-    names = {**encoding_names(like), **(names or {})}
-    pts = {}
-    for key, p in like.points.items():
-        sec = doc["param_encodings" if key.endswith(":weight") else "activation_encodings"]
-        ents = sec[names[key]]
-        s = np.array([e["scale"] for e in ents], np.float32).reshape(p.scale.shape)
-        z = (p.spec.qmin - np.array([e["offset"] for e in ents], np.int64)).reshape(p.scale.shape)
-        pts[key] = PointParams(p.spec, s, z)
-    return QParams(pts, like.model, like.version, dict(like.smoothing), dict(like.meta))
-
-
-# ------------------------------------------------------------------------- ORT helpers
-
-
-INTEGER_MATMULS = ("QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
-                   "MatMulInteger", "QGemm")
-
-
-def count_matmuls(optimized: onnx.ModelProto) -> dict[str, int]:
-    """Op-type counts of the matmul-like nodes in an ORT-optimized graph."""
-    counts: dict[str, int] = {}
-    for n in optimized.graph.node:
-        if n.op_type in INTEGER_MATMULS + ("MatMul", "Gemm", "FusedMatMul"):
-            counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts
-
-
-def dequantized_weight(path: str, qparams: QParams, w: np.ndarray) -> np.ndarray:
-    """The weight (torch layout) the QDQ graph computes with: ``dequantize(quantize(w))``."""
-    p = qparams.points[f"{path}:weight"]
-    return dequantize(quantize(w, p.scale, p.zero_point, p.spec), p.scale, p.zero_point, p.spec)
+    return [node_tag(n, MATMUL_TAG) for n in mp.graph.node if node_tag(n, MATMUL_TAG)]

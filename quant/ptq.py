@@ -3,7 +3,8 @@
 The same three steps a federation runs (design.md section 4), here on one process's batches:
 scouting gives each activation point its observed range, which fixes the histogram grid; a second
 pass collects ``ActivationStats`` on that grid; the calibrator turns each histogram into a range and
-``range_to_qparams`` into ``(s, z)``. The statistics of several data holders can be merged before
+``range_to_qparams`` into ``(s, z)``. ``calibrate_activations`` is the whole recipe in one call
+(``calibration_stats`` its first two steps). The statistics of several data holders can be merged before
 the last step (``quant.stats.merge_all``), which is what makes federated calibration equal to
 central calibration on the pooled data.
 """
@@ -94,6 +95,29 @@ def activation_qparams(stats: dict[str, ActivationStats], specs: dict[str, Quant
 def activation_specs(model: nn.Module) -> dict[str, QuantSpec]:
     """The spec of every activation point of an instrumented model."""
     return {k: q.spec for k, q in quant_points(model).items() if q.kind == "activations"}
+
+
+def calibration_stats(model: nn.Module, batches: Batches, bins: int, *,
+                      on_batch: Callable[[], None] | None = None) -> dict[str, ActivationStats]:
+    """What a calibrator runs on, from one holder's batches: scout every activation point's range,
+    fix a ``bins`` grid around it (``grids_for``), collect ``ActivationStats`` on that grid. Two
+    passes over ``batches`` (a generator is read into a list first); ``on_batch`` hears every batch
+    of both. The points see what the model's modes give them: put the activations in float mode
+    first to calibrate on the float model's ranges."""
+    batches = list(batches)
+    with torch.no_grad():
+        grids = grids_for(scout_ranges(model, batches, on_batch=on_batch), bins)
+        return collect_stats(model, batches, grids, on_batch=on_batch)
+
+
+def calibrate_activations(model: nn.Module, batches: Batches, bins: int, calibrator: CalibratorConfig,
+                          *, on_batch: Callable[[], None] | None = None) -> dict[str, PointParams]:
+    """Central post-training calibration in one call, ``(s, z)`` per activation point:
+    ``calibration_stats``, then ``activation_qparams`` with the points' specs. To compare several
+    calibrators on the same data, take ``calibration_stats`` once and run ``activation_qparams``
+    per calibrator."""
+    stats = calibration_stats(model, batches, bins, on_batch=on_batch)
+    return activation_qparams(stats, activation_specs(model), calibrator)
 
 
 def absmax_per_channel(model: nn.Module, batches: Batches, keys: list[str] | None = None

@@ -2,7 +2,7 @@
 Large Language Models", ICML 2023): per-input-channel factors ``m`` that move activation outliers
 into the weights. A smoothed Linear computes ``(x / m) @ (W * m)^T``, the same float product, and
 quantizes ``x / m`` and ``W * m`` (``quant.instrument.QuantLinear``, the Div node of
-``quant.export``).
+``quant.qdq``).
 
 Everything here is a pure function of float32 arrays, so the server and every device derive the
 same bits: the server computes the factors from the fleet's merged per-channel abs-max and the

@@ -86,7 +86,7 @@ class QuantSpec(BaseModel):
         """Shape of scale and zero-point for a tensor of ``tensor_shape`` (ONNX layout)."""
         if self.granularity == "per_tensor":
             return ()
-        axis = self._norm_axis(len(tensor_shape))
+        axis = self.resolved_axis(len(tensor_shape))
         if self.granularity == "per_channel":
             return (tensor_shape[axis],)
         n = tensor_shape[axis]
@@ -97,7 +97,8 @@ class QuantSpec(BaseModel):
         shape[axis] = n // self.group_size
         return tuple(shape)
 
-    def _norm_axis(self, ndim: int) -> int:
+    def resolved_axis(self, ndim: int) -> int:
+        """``axis`` as an index into a tensor of rank ``ndim`` (a negative axis counts from the end)."""
         axis = self.axis
         if not -ndim <= axis < ndim:
             raise ValueError(f"axis {axis} out of range for a tensor of rank {ndim}")

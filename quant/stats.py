@@ -188,9 +188,9 @@ class ActivationStats:
                 "n": np.array(self.n, dtype=np.int64)}
 
     @classmethod
-    def _trusted(cls, grid: Grid, counts: np.ndarray, below: int, above: int, mn: float, mx: float,
-                 n: int) -> "ActivationStats":
-        """Private fast constructor for decoders that have already checked, for many points at
+    def unchecked(cls, grid: Grid, counts: np.ndarray, below: int, above: int, mn: float, mx: float,
+                  n: int) -> "ActivationStats":
+        """Fast constructor for decoders that have already checked, for many points at
         once, everything :meth:`from_arrays` checks (quant.wire.decode_stats_reply). No copy and no
         check: ``counts`` must be an int64 array of shape ``(grid.bins,)`` that nobody writes to
         (it is made read-only here, and may be a view of a larger read-only array), ``below``,

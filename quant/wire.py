@@ -611,7 +611,7 @@ def decode_stats_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_
     ends = (starts + bins).tolist()
     for key, s0, s1, (below, above), (mn, mx), nj in zip(keys, starts.tolist(), ends, ba.tolist(),
                                                           mm.tolist(), n.tolist()):
-        stats[key] = ActivationStats._trusted(ins.grids[key], c64[s0:s1], below, above, mn, mx, nj)
+        stats[key] = ActivationStats.unchecked(ins.grids[key], c64[s0:s1], below, above, mn, mx, nj)
     absmax = _channel_absmax(a, ins)
     return StatsReply(stats, absmax)
 
@@ -674,12 +674,12 @@ def encode_lsq_reply(reply: LsqReply, ins: Instruction) -> tuple[Flat, Header]:
 
 
 def decode_lsq_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIMITS) -> LsqReply:
-    return _lsq_reply(_decode_lsq_arrays(flat, header, ins, limits), ins)
+    return lsq_reply_from_arrays(decode_lsq_arrays(flat, header, ins, limits), ins)
 
 
-def _decode_lsq_arrays(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+def decode_lsq_arrays(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
     """The checked flat arrays of an lsq reply (finite deltas and loss, in ``ins.keys`` order):
-    what server.validate checks further, all points at once, before :func:`_lsq_reply`."""
+    what server.validate checks further, all points at once, before :func:`lsq_reply_from_arrays`."""
     _, sizes, starts = ins._lsq_layout
     p = int(starts[-1])
     a = _fields(flat, header, ins, "lsq", {"delta_log_s": ("float32", (p,)), "delta_beta": ("float32", (p,)),
@@ -692,7 +692,9 @@ def _decode_lsq_arrays(flat, header, ins: Instruction, limits: Limits = DEFAULT_
     return a
 
 
-def _lsq_reply(a: Mapping[str, np.ndarray], ins: Instruction) -> LsqReply:
+def lsq_reply_from_arrays(a: Mapping[str, np.ndarray], ins: Instruction) -> LsqReply:
+    """The reply of :func:`decode_lsq_arrays`' flat arrays: split into one delta per key of
+    ``ins`` (views, no copy). Public so that server.validate can check the flat arrays first."""
     shapes, _, starts = ins._lsq_layout
     bounds = list(zip(ins.keys, starts[:-1].tolist(), starts[1:].tolist(), shapes))
 

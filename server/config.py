@@ -30,9 +30,10 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from quant.calibrate import CalibratorConfig
+from quant.learn_config import LearnConfig
 from quant.wire import MAX_BINS
 from server.validate import ValidationConfig
 
@@ -107,8 +108,8 @@ class ServerConfig(BaseModel):
     adam_b1: float = Field(0.9, ge=0, lt=1)
     adam_b2: float = Field(0.99, ge=0, lt=1)
     adam_eps: float = Field(1e-3, gt=0, description="FedAdam's tau (Reddi et al., 2021)")
-    learn: dict[str, Any] = Field(default_factory=dict,
-                                  description="client.learn.LearnConfig fields, sent as JSON to lsq clients")
+    learn: LearnConfig = Field(default_factory=LearnConfig,
+                               description="the learned-range job's knobs; the ones set are sent to lsq clients")
     batch_size: int = Field(8, ge=1)
     validation: ValidationConfig = ValidationConfig()
     seed: int = Field(0, ge=0)
@@ -118,14 +119,18 @@ class ServerConfig(BaseModel):
 
     @field_validator("learn")
     @classmethod
-    def _learn_is_json(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _learn_is_json(cls, v: LearnConfig) -> LearnConfig:
         try:
-            json.dumps(v, allow_nan=False)
+            json.dumps(v.given(), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"learn must be plain JSON values: {e}") from None
-        if v.get("which", "activations") not in ("activations", "all"):
-            raise ValueError(f"learn.which must be 'activations' or 'all', got {v['which']!r}")
         return v
+
+    @field_serializer("learn")
+    def _learn_as_given(self, v: LearnConfig) -> dict[str, Any]:
+        """Dumped as the fields the user set, as set: the digest, ``run.json`` and a config
+        validated again from its dump stay what they were when ``learn`` was a plain table."""
+        return v.given()
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "ServerConfig":
@@ -162,6 +167,11 @@ class ServerConfig(BaseModel):
         """The schedule unrolled: ``(round, spec)`` with rounds numbered from 1."""
         specs = [spec for spec in self.schedule for _ in range(spec.repeat)]
         return [(i + 1, spec) for i, spec in enumerate(specs)]
+
+    def learn_json(self) -> str:
+        """What lsq clients receive as ``learn``: only the fields the user set (a client fills in
+        the rest, ``batch_size`` from the message's ``batch-size``), as set."""
+        return json.dumps(self.learn.given(), sort_keys=True)
 
     def digest(self) -> str:
         """sha256 (16 hex digits) of everything that changes what a run computes (not the waiting

@@ -1,6 +1,6 @@
 """One round of the schedule as pure functions over the run state (design.md sections 4 and 7):
 who is sampled, what each profile is sent, and what the valid replies change. No Flower, no I/O:
-``server.app`` does the messaging and the files.
+``server.strategy`` does the messaging and the files.
 
 - scout: the clients' (min, max) give each activation point a histogram grid
   (``server.aggregate.grids_from_scouting``). With ``config.smoothing`` the round also collects
@@ -64,7 +64,7 @@ def activation_keys(qp: QParams) -> list[str]:
 
 def learned_keys(qp: QParams, config: ServerConfig) -> list[str]:
     """The points an lsq round moves: the activations, or every point (``learn.which = 'all'``)."""
-    return sorted(qp.points) if config.learn.get("which") == "all" else activation_keys(qp)
+    return sorted(qp.points) if config.learn.which == "all" else activation_keys(qp)
 
 
 def sample_clients(roster_ids: Sequence[str], used: Sequence[str], fraction: float, min_clients: int,
@@ -143,7 +143,7 @@ def stat_key(profile: str, qp: QParams, key: str, config: ServerConfig) -> str:
 
 def instructions_for(state: RunState, round: int, spec: RoundSpec, config: ServerConfig,
                      weights: Mapping[str, np.ndarray] | None = None) -> dict[str, Instruction]:
-    """One instruction per profile for this round (protocol.md): the profile's global QParams and
+    """One instruction per profile for this round (docs/protocol.md): the profile's global QParams and
     the points of the job (activation points; their grids in a stats round; with smoothing, the
     scouting round asks for the smoothable inputs' per-channel abs-max)."""
     absmax = {f"{p}:input": int(np.shape(weights[p])[1])   # asked of every client: the float activations are the same

@@ -5,6 +5,9 @@ global QParams of each profile, the histogram grids and the running statistics s
 profile's float ``(log s, beta)`` and FedAdam moments, the client ids that already contributed
 statistics, and the digest of the config (and initial QParams) that made it.
 
+``metrics.jsonl`` holds one JSON line per round done (``append_metrics``, flushed and fsynced); a
+resumed run first drops the lines of rounds after its checkpoint (``trim_metrics``).
+
 The checkpoint is one safetensors file: arrays as tensors (named ``t0, t1, ...``) and one JSON
 string in the header metadata that gives the structure and points at them. No pickle. It is written
 atomically (``quant.qparams.atomic_write_bytes``), so a crash leaves the previous checkpoint or the
@@ -15,6 +18,7 @@ equal files; :func:`states_equal` compares states that way.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,3 +200,43 @@ def load_checkpoint(path: str | os.PathLike, expect_digest: str | None = None) -
         return _unflatten(arrays, meta)
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CheckpointError(f"{path}: inconsistent run state ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+def trim_metrics(path: str | os.PathLike, upto: int) -> None:
+    """Keep the metrics lines of rounds ``<= upto`` (a resumed run redoes the later ones)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue                # a line cut by a crash
+        if isinstance(row, dict) and isinstance(row.get("round"), int) and row["round"] <= upto:
+            keep.append(line)
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
+
+
+def json_safe(x):
+    """JSON-safe: non-finite floats become null, numpy scalars plain numbers."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def append_metrics(path: str | os.PathLike, row: dict) -> None:
+    """Append one round's line to ``metrics.jsonl`` and make it durable before the next round."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quant.spec import SCALE_FLOOR
 from quant.wire import (Limits, Instruction, LsqReply, ScoutReply, StatsReply, WireError,
-                        _decode_lsq_arrays, _lsq_reply, decode_scout_reply, decode_stats_reply)
+                        decode_lsq_arrays, decode_scout_reply, decode_stats_reply, lsq_reply_from_arrays)
 
 T = TypeVar("T")
 
@@ -124,9 +124,9 @@ def validate_lsq_reply(flat, header, ins: Instruction, num_examples,
     with the words of :func:`_check_lsq_point`."""
     def run():
         _check_examples(num_examples, config)
-        a = _decode_lsq_arrays(flat, header, ins, config.limits)
+        a = decode_lsq_arrays(flat, header, ins, config.limits)
         bad = _lsq_bad_points(a["delta_log_s"], a["delta_beta"], ins, config)
-        r = _lsq_reply(a, ins)
+        r = lsq_reply_from_arrays(a, ins)
         for j in np.flatnonzero(bad).tolist():      # raises at the first (the loop is a guard)
             k = ins.keys[j]
             _check_lsq_point(k, ins.qparams.points[k], r.delta_log_s[k], r.delta_beta[k], config)

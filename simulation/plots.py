@@ -93,7 +93,7 @@ def plot_scale_drift(out: Path) -> Path | None:
 
 
 def plot_run(out: Path, summary: dict) -> list[str]:
-    from simulation.simulate import read_metrics
+    from simulation.report import read_metrics
 
     paths = [plot_perplexity(out, summary, read_metrics(out)), plot_scale_drift(out)]
     return [str(p) for p in paths if p is not None]

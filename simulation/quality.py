@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from quant.calibrate import CalibratorConfig
 from quant.instrument import (QuantConfig, fingerprint, get_qparams, quantize_, set_mode,
                               set_qparams)
-from quant.ptq import activation_qparams, activation_specs, collect_stats, grids_for, scout_ranges
+from quant.ptq import activation_qparams, activation_specs, calibration_stats
 from quant.qparams import QParams, save_qparams
 from quant.spec import activation_spec, weight_spec
 
@@ -114,11 +114,9 @@ def run_quality(cfg: QualityConfig, out: Path | None = None, progress=None, on_r
         for source_name, ids in sources:
             set_mode(m, "float", "activations")
             batches = _batches(ids, cfg.batch_size)
-            with bar(f"scout ({source_name})", len(batches)) as b:
-                ranges = scout_ranges(m, batches, on_batch=b.advance)
-            with bar(f"histograms ({source_name})", len(batches)) as b:
-                stats = collect_stats(m, batches, grids_for(ranges, cfg.bins), on_batch=b.advance)
-            for method in methods:
+            with bar(f"scout + histograms ({source_name})", 2 * len(batches)) as b:
+                stats = calibration_stats(m, batches, cfg.bins, on_batch=b.advance)
+            for method in methods:  # one pass of statistics serves every calibrator
                 cal = CalibratorConfig(method=method, percentile=cfg.percentile)
                 points = activation_qparams(stats, specs, cal)
                 set_qparams(m, QParams(points, model=fingerprint(m)))

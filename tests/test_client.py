@@ -17,7 +17,8 @@ from client.jobs import exposed_widths, evaluate, scout, statistics
 from client.profiles import DeviceProfile, MemoryBudgetError, load_profile, plan_batch
 from client.runtime import DeviceRuntime, PatchRefused, ort_session, save_device_bundle
 from quant.configfile import ConfigError
-from quant.export import export_float_onnx, export_qdq, float_linears
+from quant.export import export_float_onnx, float_linears
+from quant.qdq import export_qdq
 from quant.instrument import quantize_, set_mode
 from quant.metrics import nll_sum_and_count
 from quant.ptq import absmax_per_channel, collect_stats, grids_for, scout_ranges

@@ -11,7 +11,8 @@ def guarded(name, *args, **kwargs):
         raise ImportError("torch is not installed on this device")
     return real(name, *args, **kwargs)
 builtins.__import__ = guarded
-import quant, quant.wire, quant.stats, quant.calibrate, quant.export
+import quant, quant.wire, quant.stats, quant.calibrate, quant.export, quant.qdq, quant.encodings
+import quant.learn_config
 import client.runtime, client.jobs, client.profiles, client.app, client.device, client.updates
 import numpy as np
 from quant import QuantSpec, quantize, range_to_qparams

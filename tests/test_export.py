@@ -1,7 +1,8 @@
 """Export to ONNX QDQ: the graph ORT runs agrees with the torch fake-quant computation.
 
 Fixtures build their own tiny models and QParams (min-max from weights and from activations
-captured with forward hooks), so this file depends only on quant.affine/spec/qparams/export.
+captured with forward hooks), so this file depends only on quant.affine/spec/qparams and the
+export modules (quant.export, quant.qdq, quant.encodings).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from onnx import numpy_helper
 
 from quant.affine import fake_quant, quantize, range_to_qparams, tensor_range
 from client.runtime import ort_session
-from quant.export import (activation_inputs, add_outputs, bias_quant, count_matmuls,
-                          dequantized_weight, export_float_onnx, export_qdq, float_linears,
-                          linear_paths, load_name_map, matmul_paths, names_path,
-                          onnx_encoding_names, patch_initializers, qdq_values,
-                          read_encodings_json, write_encodings_json)
+from quant.encodings import onnx_encoding_names, read_encodings_json, write_encodings_json
+from quant.export import export_float_onnx, float_linears, linear_paths, matmul_paths
+from quant.qdq import (activation_inputs, add_outputs, bias_quant, count_matmuls, dequantized_weight,
+                       export_qdq, load_name_map, names_path, patch_initializers, qdq_values)
 from quant.qparams import PointParams, QParams
 from quant.spec import QuantSpec, activation_spec, weight_spec
 

@@ -48,17 +48,17 @@ def same_stats(a: ActivationStats, b: ActivationStats) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# ActivationStats._trusted and decode_stats_reply
+# ActivationStats.unchecked and decode_stats_reply
 
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), bins=st.sampled_from([2, 7, 64]))
-def test_trusted_constructor_equals_the_checked_one(seed, bins):
+def test_unchecked_constructor_equals_the_checked_one(seed, bins):
     rng = np.random.default_rng(seed)
     g = grid_from_absmax([rng.uniform(0.1, 4)], bins)
     s = observe(values(rng, int(rng.integers(0, 50))), g)
     d = s.to_arrays()
-    t = ActivationStats._trusted(g, d["counts"], int(d["below_above"][0]), int(d["below_above"][1]),
-                                 float(d["min_max"][0]), float(d["min_max"][1]), int(d["n"]))
+    t = ActivationStats.unchecked(g, d["counts"], int(d["below_above"][0]), int(d["below_above"][1]),
+                                  float(d["min_max"][0]), float(d["min_max"][1]), int(d["n"]))
     assert same_stats(t, ActivationStats.from_arrays(d)) and same_stats(t, s)
 
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import ssl
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ import pytest
 from cryptography import x509
 
 from quant.qparams import load_qparams
-from simulation import fleet_cli as fc
-from simulation import pki
+from server.fleet import deployment, pki
+from server.fleet.processes import FleetError, alive, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEET_SMOKE = ROOT / "configs" / "fleet-smoke.toml"
@@ -65,10 +66,10 @@ def test_server_certificate_names_its_hosts_and_chains_to_the_ca(tmp_path):
 def test_node_config_argument_is_flower_syntax():
     from flwr.common.config import parse_config_args
 
-    arg = fc.node_config_arg({"partition-id": 2, "profile": "int8", "data-path": "/data/n2.npz"})
+    arg = deployment.node_config_arg({"partition-id": 2, "profile": "int8", "data-path": "/data/n2.npz"})
     assert parse_config_args([arg]) == {"partition-id": 2, "profile": "int8", "data-path": "/data/n2.npz"}
     with pytest.raises(ValueError):
-        fc.node_config_arg({"data-path": "/a b.npz"})
+        deployment.node_config_arg({"data-path": "/a b.npz"})
 
 
 def test_staged_app_is_a_valid_flower_app_without_federations(tmp_path):
@@ -76,24 +77,52 @@ def test_staged_app_is_a_valid_flower_app_without_federations(tmp_path):
     from flwr.cli.config_utils import load_and_validate
 
     before = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    app = fc.stage_app(tmp_path)
+    app = deployment.stage_app(tmp_path)
     config, _ = load_and_validate(app / "pyproject.toml")
     assert "federations" not in config["tool"]["flwr"]
-    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "simulation.flower:server_app",
-                                                         "clientapp": "client.app:app"}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert config["tool"]["flwr"]["app"]["components"] == project["components"]
+    assert config["tool"]["flwr"]["app"]["components"]["clientapp"] == "client.app:app"
+    assert config["tool"]["flwr"]["app"]["config"] == project["config"]       # the run's setup with it
     assert (app / "client" / "app.py").is_file() and (app / "configs" / "fleet-smoke.toml").is_file()
     assert len(build_fab_from_disk(app)) < 10 * 2**20      # Flower's FAB size limit
     assert hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest() == before
 
 
+def test_prepare_run_calls_the_setup_the_run_config_names(tmp_path, monkeypatch, capsys):
+    """The fleet prepares the run with the app's own ``setup`` (pyproject ``[tool.flwr.app.config]``),
+    as the ServerApp will, with absolute paths: the server side never imports the simulation."""
+    import server.app
+
+    (tmp_path / "pyproject.toml").write_text('[tool.flwr.app.config]\nsetup = "somewhere:setup"\n')
+    monkeypatch.setattr(deployment, "ROOT", tmp_path)
+    calls = []
+
+    def setup(run_config):
+        calls.append(run_config)
+        print("preparing")                                   # progress goes to stderr
+        return type("Run", (), {"device_dir": Path(run_config["device-dir"])})()
+
+    monkeypatch.setattr(server.app, "load_setup", lambda spec: calls.append(spec) or setup)
+    monkeypatch.chdir(tmp_path)
+    assert deployment.prepare_run(Path("configs/x.toml"), Path("run")) == tmp_path / "run" / "device"
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == "preparing\n"
+    assert calls == ["somewhere:setup", {"config": str(tmp_path / "configs" / "x.toml"), "out": str(tmp_path / "run"),
+                                         "device-dir": str(tmp_path / "run" / "device")}]
+    (tmp_path / "pyproject.toml").write_text("[tool.flwr.app.config]\n")
+    with pytest.raises(FleetError, match="no `setup`"):
+        deployment.prepare_run(Path("configs/x.toml"), Path("run"))
+
+
 # ------------------------------------------------------------------------------ end to end
 
 def _all_pids(d: Path) -> list[int]:
-    state = fc.load_state(d)
+    state = deployment.load_state(d)
     pids = [r["pid"] for r in state["supernodes"].values()]
     if state.get("superlink"):
         pids.append(state["superlink"]["pid"])
-    return pids + [k for p in pids for k in fc.descendants(p)]
+    return pids + [k for p in pids for k in descendants(p)]
 
 
 @pytest.mark.slow
@@ -106,7 +135,7 @@ def test_fleet_with_tls_and_node_auth_runs_two_rounds(tmp_path, monkeypatch):
     t0 = time.perf_counter()
     seen: set[int] = set()
     try:
-        state = fc.up(d, FLEET_SMOKE, out)
+        state = deployment.up(d, FLEET_SMOKE, out)
         seen.update(_all_pids(d))
         sl = state["superlink"]
         assert "Uvicorn running on https://127.0.0.1:" in Path(sl["log"]).read_text()   # TLS
@@ -122,18 +151,18 @@ def test_fleet_with_tls_and_node_auth_runs_two_rounds(tmp_path, monkeypatch):
         assert {n["node-id"] for n in nodes.values()} == registered and len(registered) == 3
 
         # a SuperNode whose key was never registered is refused and never listed
-        intruder = fc.make_keys(d, ["intruder"])["intruder"]
-        rec = fc.start_supernode(d, "intruder", intruder.private, {"partition-id": 0, "profile": "int8"})
+        intruder = deployment.make_keys(d, ["intruder"])["intruder"]
+        rec = deployment.start_supernode(d, "intruder", intruder.private, {"partition-id": 0, "profile": "int8"})
         seen.add(rec["pid"])
-        assert rec["status"] == "refused" and not fc.alive(rec["pid"])
+        assert rec["status"] == "refused" and not alive(rec["pid"])
         assert "Failed to activate SuperNode" in Path(rec["log"]).read_text()
-        listed = fc.list_supernodes(d)
+        listed = deployment.list_supernodes(d)
         assert {int(n["node-id"]) for n in listed} == registered
         assert all(n["status"] == "online" for n in listed)
 
-        run_id = fc.submit_run(d, FLEET_SMOKE, out, out / "device")
-        status = fc.wait_run(d, run_id, timeout=900)
-        assert status == "finished:completed", fc.run_log(d, run_id)[-4000:]
+        run_id = deployment.submit_run(d, FLEET_SMOKE, out, out / "device")
+        status = deployment.wait_run(d, run_id, timeout=900)
+        assert status == "finished:completed", deployment.run_log(d, run_id)[-4000:]
         seen.update(_all_pids(d))
 
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -151,11 +180,11 @@ def test_fleet_with_tls_and_node_auth_runs_two_rounds(tmp_path, monkeypatch):
         assert json.loads((out / "summary.json").read_text())["rounds"] == 2
     finally:
         seen.update(_all_pids(d))
-        fc.stop_fleet(d)
+        deployment.stop_fleet(d)
         print(f"fleet e2e: {time.perf_counter() - t0:.0f}s")
-    assert fc.running(d) == {}
+    assert deployment.running(d) == {}
     deadline = time.monotonic() + 10
-    while any(fc.alive(p) for p in seen) and time.monotonic() < deadline:
+    while any(alive(p) for p in seen) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [p for p in seen if fc.alive(p)] == []
+    assert [p for p in seen if alive(p)] == []
     assert hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest() == pyproject

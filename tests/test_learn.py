@@ -9,9 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from client.learn import LearnConfig, learn_ranges
+from client.learn import learn_ranges
 from quant.calibrate import CalibratorConfig
 from quant.instrument import QuantConfig, get_qparams, quant_points, quantize_, set_qparams
+from quant.learn_config import LearnConfig
 from quant.lsq import init_from_qparams, to_qparams
 from quant.ptq import activation_qparams, activation_specs, collect_stats, grids_for, scout_ranges
 from quant.qparams import PointParams

@@ -6,8 +6,8 @@ import torch
 
 from quant.calibrate import CalibratorConfig
 from quant.instrument import QuantConfig, fingerprint, quantize_, set_mode, set_qparams
-from quant.ptq import (absmax_per_channel, activation_qparams, activation_specs, collect_stats,
-                       grids_for, scout_ranges)
+from quant.ptq import (absmax_per_channel, activation_qparams, activation_specs, calibrate_activations,
+                       calibration_stats, collect_stats, grids_for, scout_ranges)
 from quant.qparams import QParams
 from quant.stats import merge_all
 from simulation.models import tiny_llama
@@ -66,6 +66,28 @@ def test_calibrated_activations_quantize_close_to_float(model):
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 0.05  # quantized (not identical) yet close
 
+
+
+def test_calibrate_activations_is_the_spelled_out_recipe_bit_for_bit(model):
+    """scout -> grids -> statistics -> activation_qparams, as callers used to write it out."""
+    batches = [_ids(2, s) for s in range(4)]
+    set_mode(model, "float", "activations")
+    with torch.no_grad():
+        stats = collect_stats(model, batches, grids_for(scout_ranges(model, batches), 96))
+    calls = []
+    got_stats = calibration_stats(model, iter(batches), 96, on_batch=lambda: calls.append(1))
+    assert len(calls) == 2 * len(batches)                  # both passes, every batch
+    assert list(got_stats) == list(stats) and all(got_stats[k] == stats[k] for k in stats)
+    for method in ("minmax", "mse"):
+        cfg = CalibratorConfig(method=method)
+        want = activation_qparams(stats, activation_specs(model), cfg)
+        got = calibrate_activations(model, batches, 96, cfg)
+        assert list(got) == list(want)
+        for k, p in want.items():
+            assert got[k].spec == p.spec
+            for a, b in ((got[k].scale, p.scale), (got[k].zero_point, p.zero_point)):
+                a, b = np.asarray(a), np.asarray(b)
+                assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 def test_per_channel_absmax_matches_the_tensors(model):
     seen = {}

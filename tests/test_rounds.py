@@ -339,7 +339,8 @@ def test_config_rejects_impossible_schedules_naming_the_entry(tmp_path):
                     '[calibrator]\nmethod = "percentile"\n[learn]\nsteps = 4\n[validation]\nmax_examples = 99\n')
     cfg = load_config(toml, ServerConfig)
     assert [r for r, _ in cfg.rounds()] == [1, 2, 3] and cfg.rounds()[2][1].min_replies == 2
-    assert cfg.calibrator.method == "percentile" and cfg.learn == {"steps": 4} and cfg.validation.max_examples == 99
+    assert cfg.calibrator.method == "percentile" and cfg.validation.max_examples == 99
+    assert cfg.learn.steps == 4 and cfg.learn.given() == {"steps": 4} and cfg.learn_json() == '{"steps": 4}'
     assert cfg.digest() == cfg.model_copy(update={"reply_timeout_s": 5.0}).digest()
     assert cfg.digest() != cfg.model_copy(update={"seed": 4}).digest()
     # by_profile came later: schedules without it keep the digest their checkpoints carry
@@ -350,6 +351,51 @@ def test_config_rejects_impossible_schedules_naming_the_entry(tmp_path):
     toml.write_text('[[schedule]]\njob = "stats"\n')
     with pytest.raises(ConfigError, match="stats before any scout"):
         load_config(toml, ServerConfig)
+
+
+def test_typed_learn_table_keeps_the_digest_and_the_message(tmp_path):
+    """``learn`` was a plain table before it was typed (quant.learn_config.LearnConfig): the digest
+    (what a checkpoint resumes under) and the JSON an lsq client gets hold the fields the user set,
+    as set (``lr = 1`` stays 1, an unset batch_size is not sent: the client takes the message's)."""
+    sched = [{"job": "scout"}, {"job": "stats"}, {"job": "lsq", "fraction": 0.3}]
+    full = {"steps": 4, "batch_size": 2, "lr": 0.03, "beta_step_lsb": 0.5, "loss": "distill", "which": "all"}
+    pinned = [  # digest and message computed by the code before learn was typed
+        (full, "3afeb72e1acd59df",
+         '{"batch_size": 2, "beta_step_lsb": 0.5, "loss": "distill", "lr": 0.03, "steps": 4, "which": "all"}'),
+        ({"steps": 4, "lr": 1, "beta_step_lsb": 2}, "b8285956b83e2c0c", '{"beta_step_lsb": 2, "lr": 1, "steps": 4}'),
+        ({"steps": 2, "batch_size": 2}, "82e9f7d178d388f2", '{"batch_size": 2, "steps": 2}'),
+        ({}, "558aa3534ad1e4f3", "{}"),
+    ]
+    for learn, digest, message in pinned:
+        cfg = ServerConfig(schedule=sched, learn=learn)
+        assert (cfg.digest(), cfg.learn_json()) == (digest, message), learn
+        again = ServerConfig.model_validate(cfg.model_dump())        # as --rounds rebuilds it
+        assert (again.digest(), again.learn_json()) == (digest, message)
+        assert cfg.model_dump(mode="json")["learn"] == learn
+    cfg = ServerConfig(schedule=sched, learn=full)
+    assert cfg.learn.which == "all" and cfg.learn.lr == 0.03 and isinstance(cfg.learn.lr, float)
+    assert ServerConfig(schedule=sched).learn.which == "activations"
+    toml = tmp_path / "server.toml"
+    toml.write_text('[[schedule]]\njob = "scout"\n[[schedule]]\njob = "stats"\n[[schedule]]\njob = "lsq"\n'
+                    'fraction = 0.3\n[learn]\nsteps = 4\nlr = 1\nbeta_step_lsb = 2\n')
+    assert load_config(toml, ServerConfig).digest() == "b8285956b83e2c0c"
+
+
+def test_bad_learn_tables_name_the_key():
+    """Unknown keys and bad values are refused where the config is read, naming ``server.learn.<key>``
+    (they used to reach the clients, which refused the job)."""
+    from pathlib import Path
+
+    from simulation.config import SimulationConfig
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+    for key, value, says in (("bogus", 1, "server.learn.bogus: Extra inputs are not permitted"),
+                             ("which", "weights", "server.learn.which: Input should be 'activations' or 'all'"),
+                             ("lr", 0, "server.learn.lr: Input should be greater than 0"),
+                             ("steps", "many", "server.learn.steps: Input should be a valid integer")):
+        with pytest.raises(ConfigError) as e:
+            load_config(smoke, SimulationConfig, {f"server.learn.{key}": value})
+        assert says in str(e.value), str(e.value)
 
 
 def test_scouting_with_smoothing_folds_exact_factors_into_every_profile():

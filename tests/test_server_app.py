@@ -1,5 +1,6 @@
-"""The server loop on a fake in-process Grid: metrics lines, rejection codes, resume after an
-interruption gives the same QParams bit for bit, clear errors for bad checkpoints."""
+"""The FedQuant strategy on a fake in-process Grid: metrics lines, rejection codes, resume after an
+interruption gives the same QParams bit for bit, clear errors for bad checkpoints, Flower's hooks
+and Result, the ServerApp's setup."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from quant.stats import observe
 from quant.wire import (LsqReply, ScoutReply, StatsReply, decode_instruction, encode_lsq_reply,
                         encode_scout_reply, encode_stats_reply)
-from server.app import CHECKPOINT, METRICS, run_server, wait_for_nodes
+from server.app import run_server
 from server.config import ServerConfig
+from server.roster import wait_for_nodes
 from server.state import CheckpointError, initial_state, load_checkpoint, save_checkpoint, states_equal
+from server.strategy import CHECKPOINT, METRICS
 from tests.test_rounds import KEYS, PROFILES, client_data, make_initial
 
 
@@ -30,7 +33,7 @@ def task_identity():
 
 
 class FakeNode:
-    """A client answering protocol.md messages from its own activations, or misbehaving:
+    """A client answering docs/protocol.md messages from its own activations, or misbehaving:
     ``garbage`` (unparseable payloads), ``crash`` (client error record), ``flower_error``,
     ``timeout`` (no reply to jobs; it does answer hello)."""
 
@@ -88,7 +91,7 @@ class FakeNode:
 
 
 class FakeGrid:
-    """Flower's Grid as far as run_server uses it; node ids start at ``base`` (a restarted
+    """Flower's Grid as far as the strategy uses it; node ids start at ``base`` (a restarted
     fleet gets new node ids), and the grid can die when it is asked to send round ``die_at``."""
 
     def __init__(self, nodes, base=100, die_at=None):
@@ -305,3 +308,63 @@ def test_rounds_sampled_by_profile_ask_each_profile_for_its_fraction(tmp_path):
     versions = [lines(tmp_path)[r - 1]["versions"] for r in range(2, 9)]
     for before, after in zip(versions, versions[1:]):
         assert all(after[p] == before[p] + 1 for p in PROFILES), (before, after)
+
+
+# --------------------------------------------------------------------------------- the Strategy
+
+def test_fedquant_is_a_flower_strategy_whose_hooks_run_a_round(tmp_path):
+    """Driven hook by hook, as Flower's own ``Strategy.start`` drives a strategy, the first round
+    gives the same run state as the schedule run by ``start``."""
+    from flwr.serverapp.strategy import Strategy
+
+    from server.strategy import FedQuant
+
+    cfg = config(schedule=[{"job": "scout"}, {"job": "stats", "fraction": 1.0, "min_replies": 2}])
+    strategy = FedQuant(cfg, make_initial(), tmp_path / "hooks")
+    assert isinstance(strategy, Strategy)
+    grid = FakeGrid(fleet())
+    for rnd in (1, 2):
+        messages = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+        assert len(messages) == 12 and {m.metadata.message_type for m in messages} == {"train"}
+        arrays, metrics = strategy.aggregate_train(rnd, grid.send_and_receive(messages, timeout=5.0))
+        assert arrays is None and metrics["replies"] == 8 and metrics["rejected"] == 4
+        assert metrics["applied"] == 1
+    whole = FedQuant(cfg, make_initial(), tmp_path / "start")
+    result = whole.start(FakeGrid(fleet()))
+    assert states_equal(strategy.state, whole.state)
+    assert sorted(result.train_metrics_clientapp) == [1, 2] and not result.evaluate_metrics_clientapp
+
+
+def test_start_returns_flowers_result_with_each_kind_of_round(tmp_path):
+    from server.strategy import FedQuant
+
+    result = FedQuant(config(), make_initial(), tmp_path, evaluate_fn=server_eval).start(FakeGrid(fleet()))
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3, 4, 5, 6]
+    assert sorted(result.evaluate_metrics_clientapp) == [7] and sorted(result.evaluate_metrics_serverapp) == [7]
+    assert result.train_metrics_clientapp[1]["replies"] == 8
+    assert set(result.evaluate_metrics_serverapp[7]) == {f"{p}.perplexity" for p in PROFILES}
+
+
+def test_the_server_app_finds_its_setup_in_the_run_config():
+    from server.app import load_setup, setup_from_run_config
+
+    assert load_setup("server.app:run_server").__name__ == "run_server"
+    with pytest.raises(ValueError, match="must be 'module:function'"):
+        load_setup("server.app")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        load_setup("server.nope:setup")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        load_setup("server.app:nope")
+    with pytest.raises(ValueError, match="has no 'setup'"):
+        setup_from_run_config({"config": "configs/default.toml"})
+
+
+def test_the_pyproject_names_the_server_and_client_apps_of_server_and_client():
+    import tomllib
+    from pathlib import Path
+
+    from server.app import load_setup
+
+    app = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.app:server_app", "clientapp": "client.app:app"}
+    assert callable(load_setup(app["config"]["setup"]))

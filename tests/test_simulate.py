@@ -160,21 +160,51 @@ def test_unreliable_devices_drop_at_their_rates_deterministically():
 
     from flwr.app import ConfigRecord, RecordDict
 
-    from simulation.simulate import Unreliable
+    from simulation.faults import Unreliable
 
     u = Unreliable({"0": (0.7, 0.2), "1": (1.0, 0.0)}, seed=3)
 
     def msg(rnd):
         return RecordDict({"config": ConfigRecord({"header": _json.dumps({"round": rnd})})})
 
-    codes = [u("train", msg(r), {"partition-id": 0}) for r in range(4000)]
+    codes = [u.lost("train", msg(r), {"partition-id": 0}) for r in range(4000)]
     got = [None if c is None else c["error"]["code"] for c in codes]
     assert abs(got.count("unavailable") / 4000 - 0.3) < 0.03
     assert abs(got.count("dropout") / 4000 - 0.7 * 0.2) < 0.03
     assert got == [None if c is None else c["error"]["code"]
-                   for c in (u("evaluate", msg(r), {"partition-id": 0}) for r in range(4000))]
-    assert all(u("train", msg(r), {"partition-id": 1}) is None for r in range(200))
-    assert u("query", msg(1), {"partition-id": 0}) is None
+                   for c in (u.lost("evaluate", msg(r), {"partition-id": 0}) for r in range(4000))]
+    assert all(u.lost("train", msg(r), {"partition-id": 1}) is None for r in range(200))
+    assert u.lost("query", msg(1), {"partition-id": 0}) is None
+
+
+def test_unreliable_devices_are_a_client_app_mod_around_the_real_client():
+    """As a Flower mod: a lost device's message never reaches the ClientApp, and its reply is the
+    error record; any other message goes through to the app unchanged."""
+    import json as _json
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from simulation.faults import Unreliable
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    offline = Unreliable({"0": (0.0, 0.0)}, seed=3)          # never available
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reached = []
+
+    def app(msg, context):
+        reached.append(msg.metadata.message_type)
+        return Message(RecordDict({"config": ConfigRecord({"ok": 1})}), reply_to=msg)
+
+    def sent(message_type):
+        m = Message(RecordDict({"config": ConfigRecord({"header": _json.dumps({"round": 4})})}), dst_node_id=7,
+                    message_type=message_type)
+        m.metadata.__dict__["_message_id"] = m.object_id
+        return m
+
+    reply = offline(sent("train"), ctx, app)
+    assert reply.content["error"]["code"] == "unavailable" and reached == []
+    assert offline(sent("query"), ctx, app).content["config"]["ok"] == 1 and reached == ["query"]
 
 
 def test_every_shipped_simulation_config_loads_and_prepared_from_pairs_match():
@@ -182,7 +212,7 @@ def test_every_shipped_simulation_config_loads_and_prepared_from_pairs_match():
     recipe (``config_digest``: everything but the schedule and the name)."""
     import re
 
-    from simulation.simulate import config_digest, load_simulation_config
+    from simulation.prepare import config_digest, load_simulation_config
 
     shipped = [ROOT / "configs" / n for n in ("default.toml", "smoke.toml", "fleet-smoke.toml")]
     shipped += sorted((ROOT / "configs" / "quality").glob("*.toml"))
@@ -196,4 +226,4 @@ def test_every_shipped_simulation_config_loads_and_prepared_from_pairs_match():
         assert f"configs/quality/{name}" in make, f"{name} is not run by make bench-quality"
     lsq = [s for s in cfgs["lsq4.toml"].server.schedule if s.job == "lsq"]
     assert len(lsq) == 2 and all(s.by_profile and s.repeat == 2 for s in lsq)
-    assert cfgs["distill.toml"].server.learn["loss"] == "distill"
+    assert cfgs["distill.toml"].server.learn.loss == "distill"

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-rollout = typer.Typer(add_completion=False, no_args_is_help=True,
+rollout = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                       help="Signed, staged releases of QParams: publish, promote, pause, roll back.")
 err = Console(stderr=True)
 out = Console()

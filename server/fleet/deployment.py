@@ -1,4 +1,6 @@
-"""`fedquant fleet`: a real Flower 1.42 deployment (SuperLink + SuperNodes) of the fedquant app.
+"""A real Flower 1.42 deployment (SuperLink + SuperNodes) of the fedquant app, as the fleet operator
+runs it: the fleet's state file, certificates and keys, the SuperLink, the ``flwr`` CLI, SuperNodes,
+the staged app and its runs. ``fedquant fleet`` (server.fleet.commands) is the command over it.
 
 What Flower 1.42 does (read from its sources and ``--help``; see docs/fleet.md):
 
@@ -11,7 +13,7 @@ What Flower 1.42 does (read from its sources and ``--help``; see docs/fleet.md):
 - SuperNode authentication: the SuperLink learns a node's public key from ``flwr supernode
   register <key.pub> <connection>`` (Control API); a node then starts with
   ``flower-supernode --auth-supernode-private-key <key>``. Keys are EC on a NIST curve, OpenSSH
-  format (simulation.pki). A node whose key is not registered exits with code 305 ("Failed to
+  format (server.fleet.pki). A node whose key is not registered exits with code 305 ("Failed to
   activate SuperNode") and never appears in ``flwr supernode list``. Registrations are kept in the
   SQLite ``--database``, so a restarted SuperLink still knows its nodes.
 - The ``flwr`` CLI reads its connections from ``$FLWR_HOME/config.toml`` (``[superlink.<name>]``
@@ -34,38 +36,31 @@ Layout of a fleet directory (default ``runs/fleet``)::
     app/fedquant/         the staged Flower app
 
 Processes bind 127.0.0.1 by default, start in their own session (``start_new_session``) and are
-stopped by the PIDs recorded here (their process group, then any descendant left), never by name.
+stopped by the PIDs recorded here (their process group, then any descendant left), never by name
+(server.fleet.processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import typer
+from server.fleet import pki
+from server.fleet.processes import (FleetError, flower_bin, flower_env, free_port, runs_program, start_process,
+                                    stop_pid, wait_for_log)
 
-from simulation import pki
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]          # server/fleet/deployment.py -> the project
 CONNECTION = "fedquant-fleet"
 STATE = "state.json"
-APP_PACKAGES = ("quant", "client", "server", "simulation")
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+APP_PACKAGES = ("quant", "client", "server", "simulation")   # staged: the run's setup lives in simulation
 EXIT_NOT_ACTIVATED = 305          # flower-supernode: "Failed to activate SuperNode"
-
-
-class FleetError(RuntimeError):
-    """Something in the fleet did not start or answer; the message says what and where to look."""
 
 
 # ------------------------------------------------------------------------------ state
@@ -82,146 +77,6 @@ def save_state(d: Path, state: dict) -> None:
 
     Path(d).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(d) / STATE, json.dumps(state, indent=1).encode())
-
-
-# ------------------------------------------------------------------------------ processes
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def flower_bin(name: str) -> str:
-    """A Flower console script of this environment (the venv's, not whatever PATH has first)."""
-    p = Path(sys.executable).parent / name
-    if p.is_file():
-        return str(p)
-    found = shutil.which(name)
-    if not found:
-        raise FleetError(f"{name} not found next to {sys.executable} nor on PATH (is flwr installed?)")
-    return found
-
-
-def flower_env(flwr_home: Path) -> dict:
-    """The environment of a Flower process: no telemetry, no update check, no ``uv sync``, its
-    own FLWR_HOME, and this environment's bin first on PATH (the SuperLink and SuperNode start
-    ``flower-superexec`` by name)."""
-    env = dict(os.environ)
-    env.update(FLOWER_ENV)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    Path(flwr_home).mkdir(parents=True, exist_ok=True)
-    return env
-
-
-def start_process(cmd: list[str], log: Path, env: dict, cwd: Path) -> int:
-    """Start ``cmd`` in a new session (its own process group), output to ``log``; its PID."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True)
-    return proc.pid
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)          # our own child that exited: not a zombie any more
-    except ChildProcessError:
-        pass
-
-
-def alive(pid: Optional[int]) -> bool:
-    if not pid:
-        return False
-    _reap(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        import psutil
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:  # noqa: BLE001 -- no psutil, or it is gone: kill(0) said it was there
-        return True
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of the processes ``pid`` started (SuperExec, ServerApp/ClientApp processes)."""
-    try:
-        import psutil
-        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except Exception:  # noqa: BLE001 -- no psutil or no process: only the group is stopped
-        return []
-
-
-def runs_program(pid: Optional[int], program: str) -> bool:
-    """Is ``pid`` alive and running ``program``? (A PID in an old state file may have been
-    reused by an unrelated process since: never signal that one.)"""
-    if not alive(pid):
-        return False
-    try:
-        import psutil
-        return any(Path(a).name == program for a in psutil.Process(pid).cmdline())
-    except ImportError:
-        return True
-    except Exception:  # noqa: BLE001 -- gone meanwhile
-        return False
-
-
-def stop_pid(pid: Optional[int], grace: float = 10.0) -> bool:
-    """Stop a process this module started, and what it started: SIGTERM to its process group
-    (it leads one: ``start_new_session``), SIGKILL after ``grace`` seconds, then any descendant
-    still running (Flower starts SuperExec in a session of its own), by PID. True if it ran."""
-    if not alive(pid):
-        return False
-    kids = descendants(pid)
-    try:
-        leads = os.getpgid(pid) == pid
-    except ProcessLookupError:
-        return False
-    send = (lambda s: os.killpg(pid, s)) if leads else (lambda s: os.kill(pid, s))
-    try:
-        send(signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + grace
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if alive(pid):
-        try:
-            send(signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for k in kids:
-        deadline = time.monotonic() + 3
-        while alive(k) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if alive(k):
-            try:
-                os.kill(k, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return True
-
-
-def wait_for_log(log: Path, pattern: str, pid: int, timeout: float) -> Optional[re.Match]:
-    """The first match of ``pattern`` in ``log``; None if the process ended first. Raises
-    FleetError after ``timeout`` seconds."""
-    rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        text = log.read_text(errors="replace") if log.is_file() else ""
-        m = rx.search(text)
-        if m:
-            return m
-        if not alive(pid):
-            return None
-        if time.monotonic() > deadline:
-            raise FleetError(f"no {pattern!r} in {log} after {timeout:.0f}s:\n{text[-2000:]}")
-        time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------------ PKI
@@ -393,12 +248,23 @@ def start_supernode(d: Path, name: str, private_key: Path, node_config: dict, ti
 # ------------------------------------------------------------------------------ the app and the run
 
 def prepare_run(config: Path, out: Path) -> Path:
-    """The run's starting QParams and device directory (``simulation.simulate.prepare``), made
-    before the SuperNodes start so their ClientApps find it; returns the device directory."""
-    from simulation.simulate import load_simulation_config, prepare
+    """The run's starting QParams and device directory, made before the SuperNodes start so their
+    ClientApps find it; returns the device directory. The setup function is the one the app's run
+    config names (``setup`` in pyproject.toml's ``[tool.flwr.app.config]``), called as the
+    ServerApp calls it: the server side never imports the simulation."""
+    import tomllib
 
-    cfg = load_simulation_config(config)
-    return prepare(cfg, Path(out).resolve(), progress=lambda m: typer.echo(m, err=True)).device_dir.resolve()
+    from server.app import load_setup    # here, not at the top: server.app loads flwr
+
+    pyproject = ROOT / "pyproject.toml"
+    spec = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"].get("setup")
+    if not spec:
+        raise FleetError(f"{pyproject}: no `setup` in [tool.flwr.app.config] (the run's setup, \"module:function\")")
+    out = Path(out).resolve()
+    with contextlib.redirect_stdout(sys.stderr):     # its progress; stdout is what the command reports
+        run = load_setup(spec)({"config": str(Path(config).resolve()), "out": str(out),
+                                "device-dir": str(out / "device")})
+    return Path(run.device_dir).resolve()
 
 
 def _strip_federations(pyproject: str) -> str:
@@ -536,148 +402,3 @@ def up(d: Path, config: Path, out: Path, nodes: Optional[int] = None, hosts=pki.
     save_state(d, state)
     return state
 
-
-# ------------------------------------------------------------------------------ the typer app
-
-fleet = typer.Typer(help="A Flower deployment: SuperLink (TLS, node auth, SQLite) and SuperNodes; see docs/fleet.md.",
-                    no_args_is_help=True)
-DirOpt = typer.Option(Path("runs/fleet"), "--dir", help="the fleet directory (state, keys, logs)")
-
-
-def _fail(e: Exception):
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
-@fleet.command()
-def certs(dir: Path = DirOpt,
-          host: list[str] = typer.Option(list(pki.DEFAULT_HOSTS), "--host", help="SAN of the SuperLink's certificate"),
-          force: bool = typer.Option(False, help="replace existing certificates")):
-    """A CA and the SuperLink's TLS certificate (tls/ca.pem goes to every device)."""
-    t = make_certs(dir, host, force)
-    typer.echo(f"{t.ca_cert}\n{t.server_cert}\n{t.server_key}")
-
-
-@fleet.command()
-def keys(names: list[str] = typer.Argument(..., help="node names, e.g. node-0 node-1"), dir: Path = DirOpt,
-         force: bool = typer.Option(False, help="replace existing keys")):
-    """An EC P-384 key pair per SuperNode (keys/<name> to the device, keys/<name>.pub to register)."""
-    for n, k in make_keys(dir, names, force).items():
-        typer.echo(f"{n}: {k.private} {k.public} ({pki.public_key_fingerprint(k.public)})")
-
-
-@fleet.command()
-def superlink(dir: Path = DirOpt, host: str = typer.Option("127.0.0.1", help="address to bind"),
-              port: int = typer.Option(0, help="0: a free port")):
-    """Start the SuperLink (TLS + SuperNode authentication + SQLite database)."""
-    try:
-        sl = start_superlink(dir, host, port)
-    except FleetError as e:
-        _fail(e)
-    typer.echo(f"SuperLink pid {sl['pid']} on https://{sl['address']} (log {sl['log']})")
-
-
-@fleet.command("register")
-def register_cmd(public_keys: list[Path] = typer.Argument(..., help="<name>.pub files"), dir: Path = DirOpt):
-    """Register SuperNode public keys with the SuperLink (flwr supernode register)."""
-    try:
-        for k in public_keys:
-            name = k.name[:-4] if k.name.endswith(".pub") else k.stem
-            typer.echo(f"{name}: node id {register(dir, name, k)}")
-    except (FleetError, ValueError) as e:
-        _fail(e)
-
-
-@fleet.command()
-def supernode(name: str, dir: Path = DirOpt,
-              key: Optional[Path] = typer.Option(None, help="private key (default keys/<name>)"),
-              partition_id: Optional[str] = typer.Option(None, help="the node's entry in the device directory"),
-              profile: Optional[str] = typer.Option(None, help="device profile (default: the device directory's)"),
-              data_path: Optional[str] = typer.Option(None, help="the node's data (.npz), instead of a partition"),
-              superlink: Optional[str] = typer.Option(None, help="host:port of a remote SuperLink (default: this fleet's)"),
-              ca: Optional[Path] = typer.Option(None, help="its CA certificate (default: this fleet's tls/ca.pem)")):
-    """Start one SuperNode with its key and node config (partition-id / profile / data-path)."""
-    nc = {k: v for k, v in {"partition-id": int(partition_id) if partition_id and partition_id.isdigit() else partition_id,
-                            "profile": profile, "data-path": data_path}.items() if v is not None}
-    try:
-        rec = start_supernode(dir, name, key or Path(dir) / "keys" / name, nc, superlink=superlink, ca=ca)
-    except (FleetError, ValueError) as e:
-        _fail(e)
-    if rec["status"] != "online":
-        _fail(FleetError(f"SuperNode {name} was refused by the SuperLink (is its key registered?); see {rec['log']}"))
-    typer.echo(f"SuperNode {name} pid {rec['pid']} node id {rec['node-id']}")
-
-
-@fleet.command("prepare")
-def prepare_cmd(config: Path = typer.Option(..., help="simulation config TOML"),
-                out: Path = typer.Option(..., help="run directory")):
-    """Write the run's starting QParams and device directory (before the SuperNodes start)."""
-    typer.echo(prepare_run(config, out))
-
-
-@fleet.command("run")
-def run_cmd(dir: Path = DirOpt, config: Optional[Path] = typer.Option(None, help="default: the one `up` prepared"),
-            out: Optional[Path] = typer.Option(None), wait: bool = typer.Option(True, help="wait for the end"),
-            timeout: float = typer.Option(3600)):
-    """Submit the fedquant app to the SuperLink (flwr run) and wait for it to finish."""
-    prep = load_state(dir).get("prepared") or {}
-    config = config or (Path(prep["config"]) if prep else None)
-    out = out or (Path(prep["out"]) if prep else None)
-    if config is None or out is None:
-        _fail(FleetError("give --config and --out (or run `fedquant fleet up` first)"))
-    try:
-        device_dir = prep.get("device-dir") if prep.get("out") == str(out.resolve()) else None
-        device_dir = Path(device_dir) if device_dir else prepare_run(config, out)
-        run_id = submit_run(dir, config, out, device_dir)
-        typer.echo(f"run {run_id} submitted")
-        if wait:
-            status = wait_run(dir, run_id, timeout)
-            typer.echo(f"run {run_id}: {status}; results in {out}")
-            if status != "finished:completed":
-                raise typer.Exit(1)
-    except FleetError as e:
-        _fail(e)
-
-
-@fleet.command("up")
-def up_cmd(config: Path = typer.Option(Path("configs/fleet-smoke.toml")), dir: Path = DirOpt,
-           out: Optional[Path] = typer.Option(None, help="run directory (default <dir>/run)"),
-           nodes: Optional[int] = typer.Option(None, help="SuperNodes to start (default: every node of the config)")):
-    """Certificates, keys, SuperLink, registration, device directory and SuperNodes, on this machine."""
-    try:
-        state = up(dir, config, out or Path(dir) / "run", nodes)
-    except (FleetError, ValueError) as e:
-        stop_fleet(dir)
-        _fail(e)
-    typer.echo(f"SuperLink https://{state['superlink']['address']}; SuperNodes: "
-               + ", ".join(f"{n} (pid {r['pid']})" for n, r in state["supernodes"].items() if r.get("status") == "online"))
-    typer.echo(f"next: fedquant fleet run --dir {dir}")
-
-
-@fleet.command()
-def status(dir: Path = DirOpt):
-    """What runs (by recorded PID) and what the SuperLink knows about the nodes."""
-    r = running(dir)
-    for name, pid in r.items():
-        typer.echo(f"{name}: pid {pid}")
-    if "superlink" in r:
-        try:
-            for n in list_supernodes(dir):
-                typer.echo(f"node {n['node-id']}: {n['status']}")
-        except FleetError as e:
-            _fail(e)
-
-
-@fleet.command("stop")
-def stop_cmd(names: Optional[list[str]] = typer.Argument(None, help="SuperNodes to stop (default: everything)"),
-             dir: Path = DirOpt):
-    """Stop SuperNodes (or everything) by their recorded PIDs."""
-    for s in stop_fleet(dir, names or None):
-        typer.echo(f"stopped {s}")
-
-
-@fleet.command("down")
-def down_cmd(dir: Path = DirOpt):
-    """Stop every SuperNode and the SuperLink of the fleet directory."""
-    for s in stop_fleet(dir):
-        typer.echo(f"stopped {s}")

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 from quant import PointParams, QParams, save_qparams
 from quant.qparams import model_fingerprint
 from quant.spec import activation_spec
-from simulation.rollout_cli import rollout
+from server.rollout_commands import rollout
 
-app = typer.Typer()
+app = typer.Typer(pretty_exceptions_show_locals=False)
 
 
 @app.callback()

@@ -1,0 +1,48 @@
+"""The knobs of the learned-range job (design.md section 4, LSQ / LSQ+), shared by both sides.
+
+The server reads them from its config's ``[learn]`` table and sends them to lsq clients as JSON;
+the client's job (``client.learn.learn_ranges``, which needs torch) runs with them. pydantic only,
+so that ``server/`` can type its config without importing torch or ``client/``. The step-size
+choices are explained in ``client.learn``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+
+class LearnConfig(BaseModel):
+    """Knobs of the local LSQ / LSQ+ steps (see client.learn's docstring for the step-size choice).
+
+    ``given()`` is what the config was built from, as given (before coercion): the server sends
+    exactly that to lsq clients, which fill the rest in themselves (``batch_size`` from the
+    message's ``batch-size``), and hashes it into the run's digest, as it did when ``learn`` was a
+    plain table (``lr = 1`` stays ``1``, not ``1.0``: old runs keep their digest)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(8, ge=0, le=10_000, description="Adam steps per round")
+    lr: float = Field(3e-2, gt=0, le=1.0, description="Adam step on log_s (beta: scaled per point)")
+    batch_size: int = Field(8, ge=1, description="sequences per step")
+    beta_step_lsb: float = Field(0.5, ge=0, le=64, description="Adam step on beta, in quantization steps")
+    loss: Literal["next_token", "distill"] = "next_token"
+    which: Literal["activations", "all"] = "activations"
+
+    _given: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_given(cls, data: Any, handler) -> "LearnConfig":
+        config = handler(data)
+        if isinstance(data, dict):
+            config._given = dict(data)
+        return config
+
+    def given(self) -> dict[str, Any]:
+        """The fields set when this config was made, with the values as given."""
+        return dict(self._given)
+
+
+__all__ = ["LearnConfig"]

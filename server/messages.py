@@ -1,0 +1,63 @@
+"""The server's side of the wire (docs/protocol.md): the instruction message one sampled node
+gets, and what its reply is worth after validation.
+
+``read_reply`` never raises: whatever a client sends costs at most its own reply, which becomes a
+``Rejection`` with a code (the client's own error codes are kept as ``client:<code>``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from quant.wire import Instruction, payload_nbytes
+from server.config import ServerConfig
+from server.validate import (Rejection, validate_eval_metrics, validate_lsq_reply, validate_scout_reply,
+                             validate_stats_reply)
+
+CLIENT_CODES = frozenset({"unknown_profile", "bad_instruction", "stale_version", "unknown_job",
+                          "patch_refused", "memory_budget", "no_data", "job_failed",
+                          "unavailable", "dropout"})   # the last two: simulated unreliable devices
+MESSAGE_TYPE = {"scout": "train", "stats": "train", "lsq": "train", "eval": "evaluate"}
+VALIDATORS = {"scout": validate_scout_reply, "stats": validate_stats_reply, "lsq": validate_lsq_reply}
+
+
+def instruction_message(node_id: int, profile: str, ins: Instruction, flat, header, config: ServerConfig) -> Message:
+    """The job message of docs/protocol.md for one sampled node."""
+    cfg = {"header": json.dumps(header), "profile": profile, "batch-size": int(config.batch_size)}
+    if ins.job == "lsq":
+        cfg["learn"] = config.learn_json()
+    content = RecordDict({"arrays": ArrayRecord({dt: Array(a) for dt, a in flat.items()}),
+                          "config": ConfigRecord(cfg)})
+    return Message(content, dst_node_id=int(node_id), message_type=MESSAGE_TYPE[ins.job],
+                   group_id=str(ins.round))
+
+
+def read_reply(msg: Message | None, ins: Instruction, config: ServerConfig) -> tuple[Any, int, int]:
+    """``(decoded reply or Rejection, num-examples, payload bytes)`` of one node's reply."""
+    if msg is None:
+        return Rejection("timeout", "no reply before reply_timeout_s"), 0, 0
+    nbytes = 0
+    try:
+        if msg.has_error():
+            return Rejection("flower_error", str(msg.error.reason)[:300]), 0, 0
+        content = msg.content
+        if "error" in content:
+            rec = content["error"]
+            code = rec.get("code")
+            code = code if code in CLIENT_CODES else "other"
+            return Rejection(f"client:{code}", str(rec.get("reason"))[:300]), 0, 0
+        metrics = dict(content["metrics"]) if "metrics" in content else {}
+        n = metrics.get("num-examples")
+        if ins.job == "eval":
+            r = validate_eval_metrics(metrics, ins, config.validation)
+        else:
+            flat = {k: v.numpy() for k, v in content["arrays"].items()}
+            header = content["config"]["header"]
+            nbytes = payload_nbytes(flat, header if isinstance(header, str) else "")
+            r = VALIDATORS[ins.job](flat, header, ins, n, config.validation)
+        return r, (0 if isinstance(r, Rejection) else int(n)), nbytes
+    except Exception as e:          # a reply that does not even have the protocol's shape
+        return Rejection("malformed", f"{type(e).__name__}: {str(e)[:300]}"), 0, nbytes

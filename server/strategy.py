@@ -1,0 +1,239 @@
+"""FedQuant: federated calibration of quantization parameters as a Flower Strategy.
+
+Each round of the config's schedule is one job: ``scout``, ``stats`` and ``lsq`` are Flower
+*train* rounds, ``eval`` an *evaluate* round (docs/protocol.md). The four hooks do what Flower's
+own strategies do, per device profile:
+
+- ``configure_train`` / ``configure_evaluate``: refresh the roster (a hello to new nodes), sample
+  client ids (``server.rounds.sample_clients``, or per profile), and send each sampled node its
+  profile's instruction;
+- ``aggregate_train`` / ``aggregate_evaluate``: validate every reply (a missing, failed, refused or
+  garbage reply is dropped with a code, never fails the round) and apply the round
+  (``server.rounds.apply_round``: statistics sums, calibration per profile, learned-range steps;
+  the arithmetic is in ``server.aggregate``).
+
+``start`` is overridden only where the schedule, checkpoint and resume need it: a round is one job
+(not Flower's train-then-evaluate pair), the run state is checkpointed atomically after every round
+and a started-again run resumes from it, ``metrics.jsonl`` gets one line per round, and server-side
+evaluation runs on eval rounds. Flower 1.42 has no resume of its own.
+
+Statistics: federated histograms summed exactly (so federated = centralized calibration on the
+pooled data), calibrated by min-max / percentile / MSE search (PyTorch HistogramObserver, AIMET
+tf_enhanced) / entropy (TensorRT). Learned ranges: LSQ (Esser et al., ICLR 2020) and LSQ+ (Bhalgat
+et al., CVPR-W 2020) deltas averaged or robustly merged, stepped with FedAvg (McMahan et al., 2017)
+or FedAdam (Reddi et al., ICLR 2021). Smoothing: SmoothQuant (Xiao et al., ICML 2023).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from quant.qparams import QParams
+from quant.wire import encode_instruction, payload_nbytes
+from server.config import RoundSpec, ServerConfig
+from server.messages import instruction_message, read_reply
+from server.roster import Roster, first_reply_by_node, refresh_roster, wait_for_nodes
+from server.rounds import Accepted, apply_round, instructions_for, sample_by_profile, sample_clients
+from server.state import (RunState, append_metrics, initial_state, load_checkpoint, run_digest, save_checkpoint,
+                          trim_metrics)
+from server.validate import Rejection, summarise_rejections
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+
+EvaluateFn = Callable[[str, QParams], Mapping[str, Any]]
+
+
+class FedQuant(Strategy):
+    """The schedule of ``config`` from the initial QParams of each device profile.
+
+    ``weights`` (Linear path -> float weight (out, in)) are needed when ``config.smoothing`` is
+    set; ``evaluate_fn(profile, qparams) -> metrics`` is server-side evaluation on eval rounds;
+    ``on_round(metrics)`` is called after each round's checkpoint and metrics line."""
+
+    def __init__(self, config: ServerConfig, initial: Mapping[str, QParams], out_dir, *,
+                 weights: Mapping[str, Any] | None = None, evaluate_fn: EvaluateFn | None = None,
+                 on_round: Callable[[dict], None] | None = None):
+        if config.smoothing is not None and weights is None:
+            raise ValueError("config.smoothing is set: the strategy needs the float weights (weights=...)")
+        self.config, self.initial, self.out = config, dict(initial), Path(out_dir)
+        self.weights, self.evaluate_fn, self.on_round = weights, evaluate_fn, on_round
+        self.state: RunState | None = None
+        self.roster = Roster()
+        self.round: dict = {}           # what configure_* sent and aggregate_* needs
+
+    # ------------------------------------------------------------------ Flower's hooks
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Instructions of a scout, stats or lsq round, one per sampled client."""
+        return self._configure(server_round, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the replies and apply the round. The global parameters are per profile and
+        live in the run state (``self.state.qparams``), so no single ArrayRecord is returned."""
+        return None, self._aggregate(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Instructions of an eval round (each profile's QParams, evaluated on the held-out split)."""
+        return self._configure(server_round, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Token-weighted perplexity per profile of the valid eval replies."""
+        return self._aggregate(server_round, replies)
+
+    def summary(self) -> None:
+        c = self.config
+        log.info("FedQuant: profiles %s, %d rounds (%s), calibrator %s, lsq rule %s, server opt %s",
+                 sorted(self.initial), sum(e.repeat for e in c.schedule),
+                 ", ".join(f"{e.job}x{e.repeat}" for e in c.schedule), c.calibrator.method, c.lsq_rule,
+                 c.server_opt)
+
+    # ------------------------------------------------------------------ the schedule
+
+    def start(self, grid: Grid, timeout: float | None = None) -> Result:  # type: ignore[override]
+        """Run (or resume) the schedule on ``grid``; the final QParams per profile are
+        ``self.state.qparams`` (and ``self.final()``). ``timeout`` defaults to
+        ``config.reply_timeout_s``."""
+        timeout = self.config.reply_timeout_s if timeout is None else timeout
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state = self._resume_or_start()
+        trim_metrics(self.out / METRICS, self.state.round)
+        result = Result()
+        schedule = [(r, spec) for r, spec in self.config.rounds() if r > self.state.round]
+        if not schedule:
+            return result
+        self.summary()
+        wait_for_nodes(grid, self.config.min_available, self.config.wait_s)
+        for rnd, spec in schedule:
+            t0 = time.perf_counter()
+            evaluate = spec.job == "eval"
+            configure = self.configure_evaluate if evaluate else self.configure_train
+            messages = list(configure(rnd, ArrayRecord(), ConfigRecord(), grid))
+            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+            if evaluate:
+                result.evaluate_metrics_clientapp[rnd] = self.aggregate_evaluate(rnd, replies)
+            else:
+                result.train_metrics_clientapp[rnd] = self.aggregate_train(rnd, replies)[1]
+            metrics = self.round["metrics"]
+            if evaluate and self.evaluate_fn is not None:
+                metrics["server_eval"] = {p: dict(self.evaluate_fn(p, qp))
+                                          for p, qp in sorted(self.state.qparams.items())}
+                result.evaluate_metrics_serverapp[rnd] = MetricRecord(
+                    {f"{p}.perplexity": float(e["perplexity"]) for p, e in metrics["server_eval"].items()})
+            metrics["wall_s"] = time.perf_counter() - t0
+            metrics = {k: metrics[k] for k in _metric_order(metrics)}
+            save_checkpoint(self.state, self.out / CHECKPOINT)
+            append_metrics(self.out / METRICS, metrics)
+            log.info("round %d (%s): %d sampled, %d valid, rejections %s, versions %s", rnd, spec.job,
+                     metrics["sampled"], metrics["replies"], metrics["rejections"], metrics["versions"])
+            if self.on_round is not None:
+                self.on_round(metrics)
+        return result
+
+    def final(self) -> dict[str, QParams]:
+        """The global QParams per profile after the rounds done so far."""
+        return dict((self.state or self._resume_or_start()).qparams)
+
+    def _resume_or_start(self) -> RunState:
+        ckpt = self.out / CHECKPOINT
+        digest = run_digest(self.config.digest(), self.initial)
+        if not ckpt.exists():
+            return initial_state(self.initial, digest)
+        state = load_checkpoint(ckpt, expect_digest=digest)
+        if set(state.qparams) != set(self.initial):
+            raise ValueError(f"{ckpt}: profiles {sorted(state.qparams)} differ from {sorted(self.initial)}")
+        log.info("resuming after round %d from %s", state.round, ckpt)
+        return state
+
+    # ------------------------------------------------------------------ one round
+
+    def _configure(self, rnd: int, grid: Grid) -> list[Message]:
+        spec: RoundSpec = dict(self.config.rounds())[rnd]
+        if self.state is None:              # hooks driven without start (as Flower's own start would)
+            self.state = self._resume_or_start()
+        state, roster, config = self.state, self.roster, self.config
+        joined = refresh_roster(grid, roster, state.qparams, config.reply_timeout_s)
+        online = roster.online(grid.get_node_ids())
+        # a client is asked only for what it can do: evaluation needs held-out text, the rest training text
+        need = "test_examples" if spec.job == "eval" else "train_examples"
+        online = [c for c in online if getattr(roster.members[c], need) > 0]
+        used = state.used if spec.job == "stats" else ()
+        sampled = sample_by_profile({c: roster.members[c].profile for c in online}, used, spec.fraction,
+                                    spec.min_clients, config.seed, rnd) if spec.by_profile else \
+            sample_clients(online, used, spec.fraction, spec.min_clients, config.seed, rnd)
+        inss = instructions_for(state, rnd, spec, config, self.weights)
+        profile = {c: roster.members[c].profile for c in sampled}
+        encoded = {p: encode_instruction(inss[p]) for p in sorted(set(profile.values()))}
+        messages = [instruction_message(roster.members[c].node_id, profile[c], inss[profile[c]],
+                                        *encoded[profile[c]], config) for c in sampled]
+        self.round = {"spec": spec, "sampled": sampled, "profile": profile, "instructions": inss,
+                      "down": {p: payload_nbytes(*e) for p, e in encoded.items()}, "roster": len(online),
+                      "joined": joined}
+        return messages
+
+    def _aggregate(self, rnd: int, replies: Iterable[Message]) -> MetricRecord:
+        r = self.round
+        spec, sampled, profile, inss = r["spec"], r["sampled"], r["profile"], r["instructions"]
+        profiles = sorted(set(profile.values()))
+        by_node = first_reply_by_node(replies, [self.roster.members[c].node_id for c in sampled])
+        accepted: dict[str, list[Accepted]] = {p: [] for p in profiles}
+        rejections, up, rejected_by_profile = [], {p: [] for p in profiles}, {}
+        for c in sampled:
+            m = self.roster.members[c]
+            reply, n, nbytes = read_reply(by_node.get(m.node_id), inss[m.profile], self.config)
+            if nbytes:
+                up[m.profile].append(nbytes)
+            if isinstance(reply, Rejection):
+                rejections.append(reply)
+                rejected_by_profile.setdefault(m.profile, []).append(reply)
+                log.info("round %d: reply of %s rejected: %s %s", rnd, c, reply.code, reply.detail[:200])
+            else:
+                accepted[m.profile].append(Accepted(c, n, reply))
+
+        self.state, metrics = apply_round(self.state, rnd, spec, accepted, rejections, self.config, self.weights)
+        metrics |= round_traffic(sampled, profile, r["down"], up)
+        metrics |= {"sampled": len(sampled), "roster": r["roster"],
+                    **{f"roster_{k}": v for k, v in r["joined"].items()},
+                    "rejections_by_profile": {p: summarise_rejections(x)
+                                              for p, x in sorted(rejected_by_profile.items())}}
+        r["metrics"] = metrics
+        return MetricRecord({"replies": int(metrics["replies"]), "rejected": len(rejections),
+                             "applied": int(bool(metrics.get("applied")))})
+
+
+def round_traffic(sampled: list[str], profile: Mapping[str, str], down: Mapping[str, int],
+                  up: Mapping[str, list[int]]) -> dict:
+    """Bytes per client and in total, down (instructions) and up (valid-shaped replies), per
+    profile and overall: the wire budget of design.md section 6."""
+    profiles = sorted(down)
+    n_down = {p: [down[p] for c in sampled if profile[c] == p] for p in profiles}
+    all_down, all_up = sum(n_down.values(), []), sum(up.values(), [])
+    return {"bytes_down_per_client": sum(all_down) / len(all_down) if all_down else 0,
+            "bytes_up_per_client": sum(all_up) / len(all_up) if all_up else 0,
+            "bytes_down_total": sum(all_down), "bytes_up_total": sum(all_up),
+            "bytes": {p: {"down_per_client": sum(n_down[p]) / len(n_down[p]) if n_down[p] else 0,
+                          "up_per_client": sum(up[p]) / len(up[p]) if up[p] else 0} for p in profiles}}
+
+
+def _metric_order(metrics: dict) -> list[str]:
+    """The key order of a metrics line as it has always been written (apply_round's keys, then
+    server_eval, then the round's roster and traffic, then wall_s)."""
+    head = [k for k in metrics if k not in _TAIL]
+    return head + [k for k in _TAIL if k in metrics]
+
+
+_TAIL = ("sampled", "roster", "roster_online", "roster_joined", "roster_hello_failed",
+         "bytes_down_per_client", "bytes_up_per_client", "bytes_down_total", "bytes_up_total",
+         "rejections_by_profile", "bytes", "wall_s")

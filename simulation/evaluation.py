@@ -1,0 +1,125 @@
+"""Server-side evaluation and the reference rows of a run's table (design.md section 8).
+
+The server evaluates each profile's QParams on held-out roles with the ONNX Runtime integer model
+(``ServerEval``); the references beside the federated result are the float model, the starting
+random-token calibration, and ``centralized_qparams``: what a data-collecting server would get with
+the same recipe on the pooled training data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from quant.qparams import QParams, atomic_write_bytes
+from simulation.prepare import Prepared, say, server_weights
+
+
+class ServerEval:
+    """Server-side evaluation on the held-out roles with each profile's ONNX Runtime integer
+    model (a ``client.runtime.DeviceRuntime`` of the device directory, patched to the QParams)."""
+
+    def __init__(self, device_dir: Path, evals: np.ndarray, threads: int, batch_size: int = 8):
+        self.device_dir, self.evals, self.threads, self.batch_size = device_dir, evals, threads, batch_size
+        self.runtimes: dict = {}
+
+    def runtime(self, profile: str):
+        from client.runtime import DeviceRuntime
+
+        if profile not in self.runtimes:
+            self.runtimes[profile] = DeviceRuntime(self.device_dir / profile / "model.onnx", threads=self.threads)
+        return self.runtimes[profile]
+
+    def __call__(self, profile: str, qparams: QParams) -> dict:
+        rt = self.runtime(profile)
+        if int(qparams.version) < int(rt.qparams.version):   # a reference evaluated after the run
+            qparams = QParams(qparams.points, qparams.model, rt.qparams.version, qparams.smoothing, qparams.meta)
+        rt.patch(qparams)
+        nll, tokens = rt.evaluate(self.evals, batch_size=self.batch_size)
+        return {"perplexity": float(np.exp(nll / tokens)), "nll_sum": float(nll), "tokens": int(tokens)}
+
+
+def float_perplexity(float_onnx: Path, evals: np.ndarray, threads: int, batch_size: int = 8) -> float:
+    from client.runtime import ort_session
+    from quant.metrics import nll_sum_and_count
+
+    sess = ort_session(float_onnx, threads=threads)
+    total, count = 0.0, 0
+    for i in range(0, len(evals), batch_size):
+        ids = evals[i:i + batch_size]
+        s, c = nll_sum_and_count(sess.run(["logits"], {"input_ids": ids})[0], ids)
+        total, count = total + s, count + c
+    return float(np.exp(total / count))
+
+
+def centralized_qparams(prep: Prepared) -> dict[str, QParams]:
+    """What a data-collecting server would get: the same recipe (scouting, smoothing if the config
+    has it, grids, statistics, calibrator) on the pooled training data of every client (a smoothed
+    input: of the clients whose profile has that smoothing, as in the federation). Each step
+    runs client by client with the clients' own job functions (the float activations are the same
+    numbers) and is merged with the server's functions: merges are exact, so this equals one pass
+    over the pooled data, and a federation whose rounds reach every client gives the same bits."""
+    from client.jobs import scout, statistics
+    from client.runtime import DeviceRuntime
+    from quant.wire import Instruction
+    from server.aggregate import grids_from_scouting, ranges_for_profile, sum_statistics
+    from server.rounds import (activation_keys, smoothable_paths, smoothed_qparams, smoothed_scouting,
+                               smoothing_from_scouting, smoothing_groups)
+
+    scfg, bs = prep.cfg.server, prep.cfg.server.batch_size
+    weights = server_weights(prep) if scfg.smoothing is not None else {}
+    groups = smoothing_groups(prep.initial, scfg)
+    plain = [p for p in sorted(prep.initial) if not any(p in g for g in groups.values())]
+    first = next(iter(sorted(prep.initial)))
+    rt = DeviceRuntime(prep.device_dir / first / "model.onnx", threads=prep.cfg.threads)
+    held = prep.initial[first]
+    ins = Instruction(round=0, job="scout", qparams=held, keys=tuple(activation_keys(held)),
+                      absmax={f"{p}:input": int(weights[p].shape[1])
+                              for p in smoothable_paths(prep.initial, scfg, weights)})
+    scouting = [scout(rt, ins, c.train, batch_size=bs)[0] for c in prep.clients]
+
+    def pooled(profiles, initial, replies) -> dict[str, QParams]:
+        """Grids, statistics of every client and calibration for profiles sharing a smoothing."""
+        rt = DeviceRuntime(prep.device_dir / profiles[0] / "model.onnx", threads=prep.cfg.threads)
+        rt.patch(initial[profiles[0]])
+        grids = grids_from_scouting(replies, scfg.bins, scfg.grid_margin, scfg.grid_quantile)
+        qp0 = initial[profiles[0]]
+        keys = tuple(k for k in sorted(grids) if k in rt.capture.tensors and k in qp0.points)
+        sins = Instruction(round=0, job="stats", qparams=qp0, keys=keys, grids={k: grids[k] for k in keys})
+        own = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
+               and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
+        # a smoothed input's histograms come from the clients holding its factors (the federation
+        # cannot have others'); every other point pools every client, as the federation does
+        merged = sum_statistics([{k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
+                                  if k not in own or c.profile in profiles} for c in prep.clients])
+        out = {}
+        for p in profiles:
+            qp = initial[p]
+            specs = {k: qp.points[k].spec for k in activation_keys(qp) if k in merged and merged[k].n > 0}
+            points = ranges_for_profile(merged, specs, scfg.calibrator_for(p))
+            out[p] = QParams({**qp.points, **points}, qp.model, qp.version, qp.smoothing,
+                             {**qp.meta, "recipe": "centralized calibration, pooled training data"})
+        return out
+
+    out = pooled(plain, prep.initial, scouting) if plain else {}
+    for alpha, profiles in groups.items():
+        group = {p: prep.initial[p] for p in profiles}
+        factors = smoothing_from_scouting(scouting, smoothable_paths(group, scfg, weights), weights, alpha, scfg)
+        smoothed = [smoothed_scouting(r, factors) for r in scouting]
+        initial = {p: smoothed_qparams(qp, factors, weights, smoothed) for p, qp in group.items()}
+        out |= pooled(profiles, initial, smoothed)
+    return out
+
+
+def references(prep: Prepared, ev: ServerEval, progress) -> dict[str, dict]:
+    """Float and random-token-calibration perplexity per profile, cached in the run directory."""
+    f = prep.out / "references.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    say(progress, "references: float and random-token calibration perplexity")
+    fl = float_perplexity(prep.float_onnx, prep.evals, prep.cfg.threads, prep.cfg.server.batch_size)
+    refs = {p: {"float_ppl": fl, "random_calib_ppl": ev(p, qp)["perplexity"]} for p, qp in prep.initial.items()}
+    atomic_write_bytes(f, json.dumps(refs, indent=1).encode())
+    return refs

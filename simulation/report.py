@@ -1,0 +1,116 @@
+"""What a run leaves behind (design.md section 8): ``scales.jsonl`` round by round, then the
+final QParams, QDQ ONNX model and AIMET/QNN encodings per profile, the centralized reference,
+``summary.json`` and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from quant.qparams import QParams, atomic_write_bytes, save_qparams
+from simulation.evaluation import ServerEval, centralized_qparams
+from simulation.prepare import RUN_FORMAT, Prepared, say
+
+
+def record_scales(out: Path, round_: int) -> None:
+    """Append each profile's activation scales after ``round_`` to ``scales.jsonl`` (from the
+    checkpoint just written), for the drift plot; a resumed run rewrites the rounds it repeats."""
+    from server.state import load_checkpoint
+
+    state = load_checkpoint(out / "checkpoint.safetensors")
+    row = {"round": int(round_), "profiles": {
+        p: {"version": int(qp.version),
+            "scales": {k: float(np.asarray(pt.scale).reshape(-1)[0]) for k, pt in sorted(qp.points.items())
+                       if k.endswith((":input", ":other"))}}
+        for p, qp in state.qparams.items()}}
+    f = out / "scales.jsonl"
+    kept = [line for line in (f.read_text().splitlines() if f.is_file() else [])
+            if line.strip() and json.loads(line)["round"] < round_]
+    atomic_write_bytes(f, ("\n".join(kept + [json.dumps(row)]) + "\n").encode())
+
+
+def report(prep: Prepared, ev: "ServerEval", refs: dict, final: dict[str, QParams], progress=None,
+           wall_s: float | None = None) -> dict:
+    """After the federation: the artifacts, the centralized reference, summary.json and plots."""
+    from server.state import load_checkpoint
+    from simulation.plots import plot_run
+
+    say(progress, "writing the final QParams, QDQ models and encodings")
+    artifacts = write_artifacts(prep, ev, final)
+    say(progress, "centralized reference: the same calibrator on the pooled training data")
+    state = load_checkpoint(prep.out / "checkpoint.safetensors")
+    if state.grids:         # the run scouted: compare it with the same recipe on pooled data
+        central = centralized_qparams(prep)
+        for p, qp in central.items():
+            save_qparams(qp, prep.out / "qparams" / f"{p}.centralized.safetensors")
+            refs[p]["centralized_ppl"] = ev(p, qp)["perplexity"]
+    summary = summarise(prep, refs, artifacts, wall_s if wall_s is not None else prep.prepare_s)
+    summary["plots"] = plot_run(prep.out, summary)
+    atomic_write_bytes(prep.out / "summary.json", json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def write_artifacts(prep: Prepared, ev: ServerEval, final: dict[str, QParams]) -> dict[str, dict]:
+    """Per profile: the final QParams (safetensors), the QDQ ONNX model the evaluation ran (with its
+    name map) and encodings JSON in the AIMET/QNN style (design.md section 8)."""
+    import onnx
+
+    from quant.encodings import onnx_encoding_names, write_encodings_json
+    from quant.qdq import names_path
+
+    names = onnx_encoding_names(onnx.load(str(prep.float_onnx), load_external_data=False))
+    out = {}
+    for p, qp in final.items():
+        d = prep.out / "export" / p
+        d.mkdir(parents=True, exist_ok=True)
+        rt = ev.runtime(p)
+        rt.patch(qp)
+        tmp = d / f".model.onnx.tmp{os.getpid()}"
+        onnx.save(rt.model, str(tmp))
+        os.replace(tmp, d / "model.onnx")
+        shutil.copyfile(names_path(rt.path), names_path(d / "model.onnx"))
+        save_qparams(qp, prep.out / "qparams" / f"{p}.safetensors")
+        write_encodings_json(qp, d / "encodings.json", names=names)
+        out[p] = {"qparams": str(prep.out / "qparams" / f"{p}.safetensors"), "onnx": str(d / "model.onnx"),
+                  "encodings": str(d / "encodings.json"), "version": int(qp.version)}
+    return out
+
+
+def read_metrics(out: Path) -> list[dict]:
+    f = out / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def summarise(prep: Prepared, refs: dict, artifacts: dict, wall_s: float) -> dict:
+    """summary.json (issue: per profile float/random/centralized/federated perplexity, bytes per
+    client per round, clients, rounds, wall time)."""
+    from simulation.quality import machine_info
+
+    lines = read_metrics(prep.out)
+    profiles = {}
+    for p in prep.initial:
+        fed, up, down = [], [], []
+        for m in lines:
+            ev = (m.get("server_eval") or {}).get(p)
+            if ev is not None:
+                fed.append(ev["perplexity"] if isinstance(ev, dict) else ev)
+            b = (m.get("bytes") or {}).get(p) or {}
+            if b.get("up_per_client"):
+                up.append({"round": m["round"], "job": m["job"], "bytes": b["up_per_client"]})
+            if b.get("down_per_client"):
+                down.append({"round": m["round"], "job": m["job"], "bytes": b["down_per_client"]})
+        r = refs.get(p, {})
+        profiles[p] = {"float_ppl": r.get("float_ppl"), "random_calib_ppl": r.get("random_calib_ppl"),
+                       "centralized_ppl": r.get("centralized_ppl"), "federated_ppl": fed,
+                       "bytes_up_per_client_round": up, "bytes_down_per_client_round": down,
+                       "clients": sum(1 for c in prep.clients if c.profile == p),
+                       "artifacts": artifacts.get(p, {})}
+    return {"format": RUN_FORMAT, "name": prep.cfg.name, "model": prep.cfg.model, "profiles": profiles,
+            "clients": len(prep.clients), "rounds": len(lines), "data": prep.about,
+            "wall_s": round(wall_s, 1), "prepare_s": round(prep.prepare_s, 1), "machine": machine_info()}
