@@ -33,7 +33,7 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 bench: venv
-	$(PY) bench/calibrators.py
+	$(PY) -m bench.calibrators
 
 # Issue 5's quality table: the main run, the runs of its variants (each resumes if already done),
 # then the peer tools on the same data and the README table. About 2.3 hours on 2 cores with the peer
@@ -51,8 +51,8 @@ bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/quality/w8a16.toml --out runs/q-w8a16
 	$(VENV)/bin/fedquant simulate --config configs/quality/lsq4.toml --out runs/q-lsq4 --prepared-from runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/distill.toml --out runs/q-distill
-	$(PY) bench/quality.py --runs $(QUALITY_RUNS)
-	$(PY) bench/readme_tables.py
+	$(PY) -m bench.quality --runs $(QUALITY_RUNS)
+	$(PY) -m bench.readme_tables
 
 # Regenerate the lock from requirements.txt in a scratch venv (needs the package registry).
 lock:

@@ -2,7 +2,7 @@
 
 Every method only chooses a range ``[lo, hi]``; all ranges go through the same
 ``range_to_qparams`` and ``fake_quant`` (ONNX semantics), so the SQNR compares the choice of range
-and nothing else. Run: ``.venv/bin/python bench/calibrators.py [--source real|synthetic]``.
+and nothing else. Run: ``.venv/bin/python -m bench.calibrators [--source real|synthetic]``.
 ``real`` (the default) captures SmolLM2's activations on Shakespeare text from the training roles,
 as our PTQ sees them: the inputs of the activation points of the instrumented model (weights
 fake-quantized at the default W8, activations in float). Writes bench/results/calibrators.json.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -23,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import RESULTS, cpu_model, machine, write_json
 from quant.affine import fake_quant, range_to_qparams
 from quant.calibrate import CalibratorConfig, calibrate
 from quant.spec import QuantSpec, activation_spec
 from quant.stats import grid_from_absmax, observe
 
 torch.set_num_threads(1)
-RESULTS = Path(__file__).resolve().parent / "results" / "calibrators.json"
+DEFAULT_OUT = RESULTS / "calibrators.json"
 OURS = ("minmax", "percentile", "mse", "entropy")
 SPECS = (activation_spec(8), activation_spec(8, signed=True), activation_spec(4), activation_spec(16))
 REAL_POINTS = [f"model.layers.{i}.{m}:input" for i in (0, 14, 29) for m in (
@@ -239,22 +238,18 @@ def print_tables(result: dict) -> None:
               + " | ".join(str(summ["best_count"][m]) for m in methods) + " | |")
 
 
-def machine() -> dict:
+def _machine() -> dict:
+    """bench.common.machine, "cpu" being the model name (the README's calibrators block shows it)."""
     import onnxruntime
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-            "torch_threads": torch.get_num_threads()}
+    return machine(cpu=cpu_model(), onnxruntime=onnxruntime.__version__, numpy=np.__version__)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", choices=("real", "synthetic"), default="real")
     ap.add_argument("--bins", type=int, default=2048, help="histogram bins of our statistics")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     tensors = real_activations() if args.source == "real" else synthetic_activations()
@@ -267,10 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
             "the activation points on 8 x 256 tokens of training-role speeches (split_roles 0.1, "
             "seed 0; shuffled, seed 0)" if args.source == "real" else "synthetic_activations(seed=0)")
     result = {"source": args.source, "data": data, "bins": args.bins, "tie_db": TIE_DB,
-              "machine": machine(), "source_seconds": round(t_source, 1),
+              "machine": _machine(), "source_seconds": round(t_source, 1),
               "wall_seconds": round(time.perf_counter() - t0, 1), "specs": summarize(rows)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print_tables(result)
     print(f"\nwrote {args.out}")
     return result

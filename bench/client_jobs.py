@@ -20,8 +20,8 @@ of the integer session, of the float session and of the statistics capture sessi
 Targets (the issue): statistics job <= 2x a plain float pass in time and <= 1.5x in peak memory;
 the learned-range job is reported as it is.
 
-    .venv/bin/python bench/client_jobs.py --steps 2 # SmolLM2 -> bench/results/client_jobs.json (27 min busy)
-    .venv/bin/python bench/client_jobs.py --quick   # tiny Llama, seconds (what the test runs)
+    .venv/bin/python -m bench.client_jobs --steps 2 # SmolLM2 -> bench/results/client_jobs.json (27 min busy)
+    .venv/bin/python -m bench.client_jobs --quick   # tiny Llama, seconds (what the test runs)
 
 The float ONNX export of SmolLM2 (3-4 minutes) and the int8 device bundle are cached under
 ``~/.cache/fedquant/bench/<model>/`` and reused.
@@ -41,19 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, ROOT, cache_dir, machine, minmax_points, quiet_env, versions, write_json
 
-for _k, _v in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-               ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
-               ("TOKENIZERS_PARALLELISM", "false")):
-    os.environ.setdefault(_k, _v)
+quiet_env()
 
 KINDS = ("float", "int", "stats", "learn", "patch")
 TARGETS = {"stats_time_vs_float": 2.0, "stats_memory_vs_float": 1.5}
 BINS = 512
 PROFILE = ROOT / "configs" / "profiles" / "int8.toml"
-DEFAULT_OUT = ROOT / "bench" / "results" / "client_jobs.json"
+DEFAULT_OUT = RESULTS / "client_jobs.json"
 
 
 # ------------------------------------------------------------------------------ memory probes
@@ -142,11 +138,6 @@ def model_key(quick: bool, model=None) -> str:
     return smollm2_cache_dir().name
 
 
-def default_cache() -> Path:
-    """``$FEDQUANT_CACHE`` (default ~/.cache/fedquant) / bench, beside the SmolLM2 weights cache."""
-    return Path(os.environ.get("FEDQUANT_CACHE") or Path.home() / ".cache" / "fedquant") / "bench"
-
-
 def load_torch_model(quick: bool):
     from simulation.models import ByteTokenizer, load_smollm2, tiny_llama
 
@@ -185,19 +176,14 @@ def minmax_qparams(model, calib: np.ndarray, profile):
 
     import torch
 
-    from quant.affine import range_to_qparams
     from quant.instrument import get_qparams, quantize_, set_mode
     from quant.ptq import activation_specs, scout_ranges
-    from quant.qparams import PointParams
 
     qm = copy.deepcopy(model)
     quantize_(qm, quant_config(profile))
     set_mode(qm, "float")
     ranges = scout_ranges(qm, [torch.from_numpy(calib)])
-    specs = activation_specs(qm)
-    qp = get_qparams(qm)
-    return qp.with_points({k: PointParams(specs[k], *range_to_qparams(lo, hi, specs[k]))
-                           for k, (lo, hi) in ranges.items()})
+    return get_qparams(qm).with_points(minmax_points(ranges, activation_specs(qm)))
 
 
 def prepare(cache: Path, quick: bool, n: int, seq: int, log=print) -> dict:
@@ -292,9 +278,10 @@ def worker(kind: str, cfg: dict) -> dict:
     if kind == "learn":
         import torch
 
-        from client.learn import LearnConfig, learn_ranges
+        from client.learn import learn_ranges
         from client.runtime import qparams_path
         from quant.instrument import quantize_, set_qparams
+        from quant.learn_config import LearnConfig
         from quant.qparams import load_qparams
         from quant.wire import Instruction
 
@@ -382,12 +369,10 @@ PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "transformers",
 def setup(cfg: dict) -> dict:
     """Preparation in a forked child too, so that the parent never imports torch (the server did):
     the cached files and batch, the statistics grid, and the machine and library versions."""
-    from simulation.quality import machine_info
-
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     info = prepare(Path(cfg["cache"]), cfg["quick"], cfg["sequences"], cfg["seq_len"], log)
     info["grids"] = make_grids(info, cfg["batch_size"])
-    info["machine"] = dict(machine_info(), cpu_model=_cpu_model())
+    info["machine"] = machine()
     return info
 
 
@@ -473,18 +458,6 @@ def summarize(raw: dict[str, list[dict]]) -> dict:
     return {"medians": med, "ratios": ratios, "targets": targets}
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("onnxruntime", "onnx", "numpy", "torch", "transformers", "flwr"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def table(result: dict) -> str:
     med, r = result["medians"], result["ratios"]
     rows = [("plain float pass", med["float"], None), ("plain integer pass", med["int"], None),
@@ -526,7 +499,7 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else DEFAULT_OUT
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     ctx = worker_context()
-    info = run_worker(ctx, "setup", {"cache": str(Path(args.cache) if args.cache else default_cache()),
+    info = run_worker(ctx, "setup", {"cache": str(Path(args.cache) if args.cache else cache_dir()),
                                      "quick": args.quick, "sequences": args.sequences, "seq_len": seq,
                                      "batch_size": args.batch_size}, args.timeout)
     cfg = dict(info, quick=args.quick, batch_size=args.batch_size, steps=args.steps)
@@ -543,7 +516,8 @@ def main(argv=None) -> dict:
     result = {
         "model": "tiny-llama" if args.quick else "SmolLM2-135M-Instruct", "quick": args.quick,
         "machine": dict(info["machine"], load_avg_1_5_15=load),
-        "versions": versions(), "threads": {"onnxruntime": 1, "torch": 1}, "profile": info["profile"],
+        "versions": versions(("onnxruntime", "onnx", "numpy", "torch", "transformers", "flwr")),
+        "threads": {"onnxruntime": 1, "torch": 1}, "profile": info["profile"],
         "batch": {"sequences": args.sequences, "seq_len": seq, "requested_batch_size": args.batch_size,
                   "float_pass_batch_size": raw["float"][0]["batch_size"],
                   "int_pass_batch_size": raw["int"][0]["batch_size"],
@@ -563,21 +537,10 @@ def main(argv=None) -> dict:
         "raw": raw, **summarize(raw),
     }
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     print(table(result))
     log(f"wrote {out} in {result['wall_s']} s")
     return result
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 With the tiny model (so that Flower's own cost dominates), for N = 10, 100 and 1000 simulated
 clients, one Flower simulation per N on the Ray backend (``simulation.simulate.backend_config``):
 
-- **fedquant rounds**: the real pieces -- ``simulation.simulate.prepare`` (Shakespeare roles, one
+- **fedquant rounds**: the real pieces -- ``simulation.prepare.prepare`` (Shakespeare roles, one
   training sequence of 32 tokens per client, one int8 profile), ``client.app.make_app`` and a
   ServerApp whose main is ``server.app.run_server`` on the schedule scout + stats + lsq (fraction 1,
   lsq: one local step). Round times are ``wall_s`` of ``metrics.jsonl`` (the scout round's includes
@@ -28,9 +28,9 @@ Targets (the issue): stats round <= 1.5x the bare round per message; learned-ran
 bytes up + down per client <= 1% of the float weight bytes (statistics rounds are reported);
 aggregation of 1000 replies < 1 s (``apply_round``; decode + validate is reported beside it).
 
-    .venv/bin/python bench/flower_rounds.py            # N = 10, 100, 1000 -> bench/results/flower_rounds.json
-    .venv/bin/python bench/flower_rounds.py --quick    # N = 10, no lsq, 20 tiny replies to aggregate (the test)
-    .venv/bin/python bench/flower_rounds.py --only-aggregation   # 1000 SmolLM2-layout replies, no Flower
+    .venv/bin/python -m bench.flower_rounds            # N = 10, 100, 1000 -> bench/results/flower_rounds.json
+    .venv/bin/python -m bench.flower_rounds --quick    # N = 10, no lsq, 20 tiny replies to aggregate (the test)
+    .venv/bin/python -m bench.flower_rounds --only-aggregation   # 1000 SmolLM2-layout replies, no Flower
 """
 
 from __future__ import annotations
@@ -49,15 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, ROOT, cache_dir, machine, quiet_env, versions, write_json
 
-for _k, _v in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-               ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
-               ("TOKENIZERS_PARALLELISM", "false")):
-    os.environ.setdefault(_k, _v)
+quiet_env()
 
-DEFAULT_OUT = ROOT / "bench" / "results" / "flower_rounds.json"
+DEFAULT_OUT = RESULTS / "flower_rounds.json"
 PROFILE = "int8"
 BINS = 512
 TARGETS = {"stats_per_message_vs_bare": 1.5, "lsq_bytes_vs_float_weights": 0.01, "aggregate_1000_s": 1.0}
@@ -92,7 +88,7 @@ def sim_config(n: int, lsq: bool):
 # ------------------------------------------------------------------------------ the mirror
 
 def job_content(ins, config):
-    """The content of protocol.md's job message (what server.app.instruction_message sends)."""
+    """The content of docs/protocol.md's job message (what server.messages.instruction_message sends)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     from quant.wire import encode_instruction
@@ -203,8 +199,10 @@ def run_n(n: int, work: Path, lsq: bool, bare_before: int, bare_after: int) -> d
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from server.app import run_server, wait_for_nodes
-    from simulation.simulate import _quiet_flower, backend_config, prepare
+    from server.app import run_server
+    from server.roster import wait_for_nodes
+    from simulation.prepare import prepare
+    from simulation.simulate import backend_config, quiet_flower
 
     t0 = time.perf_counter()
     prep = prepare(sim_config(n, lsq), work / f"n{n}", progress=log)
@@ -235,7 +233,7 @@ def run_n(n: int, work: Path, lsq: bool, bare_before: int, bare_after: int) -> d
         except BaseException:  # noqa: BLE001 -- reported after the simulation ends
             out["error"] = traceback.format_exc()
 
-    _quiet_flower()
+    quiet_flower()
     t1 = time.perf_counter()
     run_simulation(server_app, client_app(prep, m), num_supernodes=n, backend_config=backend_config(prep.cfg))
     sim_s = time.perf_counter() - t1
@@ -292,8 +290,7 @@ def layout_check(qp) -> dict | None:
     from quant.qparams import load_qparams
     from simulation.models import smollm2_cache_dir
 
-    root = Path(os.environ.get("FEDQUANT_CACHE") or Path.home() / ".cache" / "fedquant") / "bench"
-    f = root / smollm2_cache_dir().name / "int8" / "model.qdq.qparams.safetensors"
+    f = cache_dir() / smollm2_cache_dir().name / "int8" / "model.qdq.qparams.safetensors"
     if not f.is_file():
         return None
     ref = load_qparams(f)
@@ -429,24 +426,8 @@ def float_weight_bytes_tiny() -> int:
 
 # ------------------------------------------------------------------------------ main
 
-def machine() -> dict:
-    import importlib.metadata as md
-
-    from simulation.quality import machine_info
-
-    cpu = "unknown"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    vers = {}
-    for pkg in ("flwr", "ray", "onnxruntime", "numpy", "torch"):
-        try:
-            vers[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            vers[pkg] = None
-    return dict(machine_info(), cpu_model=cpu, versions=vers)
+def _machine() -> dict:
+    return machine(versions=versions(("flwr", "ray", "onnxruntime", "numpy", "torch")))
 
 
 def target(value, bound, what) -> dict:
@@ -478,11 +459,11 @@ def main(argv=None) -> dict:
         n_agg = args.agg_replies or 1000
         log(f"aggregation only: {n_agg} replies, SmolLM2 layout")
         res = {"aggregation": {"smollm2-layout": aggregation(smollm2_qparams(), n_agg, values=4096)},
-               "machine": dict(machine(), load_avg_1_5_15=os.getloadavg())}
+               "machine": dict(_machine(), load_avg_1_5_15=os.getloadavg())}
         res["wall_s"] = round(time.perf_counter() - t_start, 1)
         print(json.dumps(res, indent=1))
         if args.out:
-            Path(args.out).write_text(json.dumps(res, indent=1))
+            write_json(Path(args.out), res)
         return res
     ns = args.clients or ([10] if args.quick else [10, 100, 1000])
     agg_n = args.agg_replies or (20 if args.quick else 1000)
@@ -556,7 +537,7 @@ def main(argv=None) -> dict:
 
     result = {
         "quick": args.quick, "model": "tiny-llama", "profile": PROFILE, "bins": BINS,
-        "machine": dict(machine(), load_avg_1_5_15=load),
+        "machine": dict(_machine(), load_avg_1_5_15=load),
         "engine": {"backend": "ray", "num_cpus": 2, "client_cpus": 1},
         "data": {"seq_len": 32, "train_sequences": 1, "test_sequences": 0},
         "learn": {"steps": 1, "batch_size": 1},
@@ -574,8 +555,7 @@ def main(argv=None) -> dict:
         "runs": runs, "aggregation": agg, "bytes": bytes_, "ratios": ratios, "targets": targets,
     }
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     print(table(result))
     log(f"wrote {out} in {result['wall_s']} s")
     if tmp is not None:

@@ -6,7 +6,7 @@ model from one float export, asks ORT for the graph it actually runs
 model against the float model on the same batch (1 intra-op thread, runs interleaved so machine
 load hits both alike), and checks the logits against the torch fake-quant computation.
 
-    .venv/bin/python bench/kernels.py            # writes bench/results/kernels.json (~25 min)
+    .venv/bin/python -m bench.kernels            # writes bench/results/kernels.json (~25 min)
 
 "fused" counts matmuls ORT replaced by a quantized kernel; "integer math" leaves out MatMulNBits at
 accuracy level 1, which dequantizes its 4/8-bit weights and multiplies in fp32.
@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,14 +26,13 @@ import numpy as np
 import onnx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quant.affine import fake_quant, range_to_qparams, tensor_range  # noqa: E402
+from bench.common import RESULTS, cpu_model, minmax_points, simd_flags, write_json
 from client.runtime import ort_session
-from quant.export import (bias_quant, count_matmuls, dequantized_weight, export_float_onnx,  # noqa: E402
-                          export_qdq, float_linears, INTEGER_MATMULS)
-from quant.qparams import PointParams, QParams  # noqa: E402
-from quant.spec import QuantSpec, activation_spec, weight_spec  # noqa: E402
+from quant.affine import fake_quant, range_to_qparams, tensor_range
+from quant.export import export_float_onnx, float_linears
+from quant.qdq import INTEGER_MATMULS, bias_quant, count_matmuls, dequantized_weight, export_qdq
+from quant.qparams import PointParams, QParams
+from quant.spec import QuantSpec, activation_spec, weight_spec
 
 # name: (activation spec or None, weight spec, u8_weights, MatMulNBits accuracy level)
 COMBOS = {
@@ -86,20 +84,12 @@ def minmax_qparams(model, ids, act, wspec) -> QParams:
 def instrumented(model, act, wspec, calib):
     """quant.instrument's fake-quant model with the attention matmuls quantized too, and min-max
     QParams for all its points (Linear inputs and weights, Q/K^T and P/V operands)."""
-    from quant.instrument import QuantConfig, capture_inputs, get_qparams, quantize_, set_mode, set_qparams
+    from quant.instrument import QuantConfig, get_qparams, quantize_, set_mode, set_qparams
+    from quant.ptq import scout_ranges
 
     qm = copy.deepcopy(model)
     quantize_(qm, QuantConfig(activation=act, weight=wspec, attention_matmuls=True))
-    ranges = {}
-
-    def seen(key, x):
-        lo, hi = x.min().item(), x.max().item()
-        old = ranges.get(key, (lo, hi))
-        ranges[key] = (min(old[0], lo), max(old[1], hi))
-    with capture_inputs(qm, seen), torch.no_grad():
-        qm(input_ids=calib, use_cache=False)
-    qp = get_qparams(qm)
-    qp = qp.with_points({k: PointParams(act, *range_to_qparams(*r, act)) for k, r in ranges.items()})
+    qp = get_qparams(qm).with_points(minmax_points(scout_ranges(qm, [calib]), act))
     set_qparams(qm, qp)
     set_mode(qm, "quant")
     return qm, qp
@@ -152,7 +142,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default=None, help="folder for the ONNX files (default: a temp dir)")
     ap.add_argument("--only", nargs="*", default=None, help="combination names to run")
     ap.add_argument("--reuse-float", action="store_true", help="reuse <work>/float.onnx if present")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    ap.add_argument("--out", default=str(RESULTS / "kernels.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -233,9 +223,7 @@ def main(argv=None) -> dict:
         "float_ort_vs_torch_max_diff": float(np.abs(ort_float - float_logits).max()),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(Path(args.out), result)
     print(table(result))
     if tmp is not None:
         tmp.cleanup()
@@ -243,13 +231,8 @@ def main(argv=None) -> dict:
 
 
 def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
-        flags = next(l for l in info.splitlines() if l.startswith("flags")).split()
-        return f"{name}; " + " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags)
-    except (OSError, StopIteration):
-        return "unknown"
+    """The CPU's model name and its SIMD flags, in one string: "AMD EPYC; avx2"."""
+    return f"{cpu_model()}; " + " ".join(simd_flags())
 
 
 def table(result: dict) -> str:

@@ -1,7 +1,7 @@
 """Where the mixed 4/8/16 profile of configs/default.toml comes from (issue 5): what its 4-bit weights
 cost, and which down_proj inputs get int16.
 
-    .venv/bin/python bench/mixed_plan.py   # writes bench/results/mixed_plan.json; 42 min beside the
+    .venv/bin/python -m bench.mixed_plan   # writes bench/results/mixed_plan.json; 42 min beside the
                                            # benchmark's simulations (its wall_s in the JSON)
 
 On SmolLM2 in torch, two measurements, both on the pooled training text of every client (the
@@ -24,15 +24,12 @@ The plan is compared with the overrides of configs/default.toml's mixed fleet en
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, ROOT, write_json
 
 
 def perplexity(model, ids: np.ndarray, batch: int = 8) -> float:
@@ -159,12 +156,12 @@ def main(argv=None) -> dict:
     from simulation.config import quant_config_for
     from simulation.fleet import build_fleet
     from simulation.models import load_model
-    from simulation.simulate import load_simulation_config
+    from simulation.prepare import load_simulation_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default.toml")
     ap.add_argument("--profile", default="mixed")
-    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "mixed_plan.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "mixed_plan.json")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -216,7 +213,7 @@ def main(argv=None) -> dict:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     print(f"int16 plan ({len(lifted)} of {len(points)}): {lifted}\nconfig: {configured}\n"
           f"matches the config: {lifted == configured}; average weight bits {res['plan']['avg_weight_bits']}")
-    args.json.write_text(json.dumps(res, indent=1))
+    write_json(args.json, res)
     return res
 
 

@@ -1,9 +1,9 @@
 """The quality benchmark of issue 5: every recipe evaluated in the same ONNX Runtime integer runtime
 on the same held-out roles as ``fedquant simulate --config configs/default.toml``.
 
-    .venv/bin/python bench/quality.py                        # peer rows on SmolLM2 (~20 min, cached)
-    .venv/bin/python bench/quality.py --runs runs/default=fedquant runs/smooth="fedquant + smoothing"
-    .venv/bin/python bench/quality.py --quick --out /tmp/q   # the smoke config's tiny model (seconds)
+    .venv/bin/python -m bench.quality                        # peer rows on SmolLM2 (~20 min, cached)
+    .venv/bin/python -m bench.quality --runs runs/default=fedquant runs/smooth="fedquant + smoothing"
+    .venv/bin/python -m bench.quality --quick --out /tmp/q   # the smoke config's tiny model (seconds)
 
 Rows (profile int8: uint8 per-tensor asymmetric activations at every Linear input, int8 per-channel
 symmetric weights, MatMul outputs float):
@@ -18,7 +18,7 @@ symmetric weights, MatMul outputs float):
   Percentile/Entropy calibrators otherwise keep every intermediate output of every batch in memory.
   ORT's int8 weights are stored on the uint8 grid afterwards (``q + 128``, same real values,
   ``--ort-weights u8``): this CPU's u8s8 kernels (AVX2 without VNNI) saturate int16 pair sums, the
-  u8u8 ones are exact, and our own export stores weights the same way (quant.export.export_qdq);
+  u8u8 ones are exact, and our own export stores weights the same way (quant.qdq.export_qdq);
 - the other peer, PyTorch's ``HistogramObserver`` (quint8, per_tensor_affine) on every activation
   point over the pooled data, its (scale, zero_point) as our QParams (weights min-max per channel,
   as the profile does), exported by our QDQ exporter;
@@ -58,16 +58,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, ROOT, cache_dir, cpu_model, machine, write_json
+from quant.qdq import INTEGER_MATMULS
 
-RESULTS = ROOT / "bench" / "results"
 FORMAT = "fedquant.bench.quality/1"
 RECIPES_VERSION = "2"        # bump when a recipe changes: cached models are then recomputed
 PROFILE = "int8"
-INTEGER_MATMULS = ("QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
-                   "MatMulInteger", "QGemm")
-ALL_MATMULS = INTEGER_MATMULS + ("MatMul", "Gemm", "FusedMatMul")
 
 
 def _log(msg: str) -> None:
@@ -80,7 +76,7 @@ def peak_rss_mb() -> float:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FEDQUANT_CACHE", Path.home() / ".cache" / "fedquant")) / "bench" / "quality"
+    return cache_dir() / "quality"
 
 
 # ------------------------------------------------------------------------------------ data
@@ -98,13 +94,13 @@ class Data:
 
 
 def load_data(config_path: Path, work: Path) -> Data:
-    """Model, clients and held-out ids exactly as ``simulation.simulate.prepare`` builds them."""
+    """Model, clients and held-out ids exactly as ``simulation.prepare.prepare`` builds them."""
     import torch
 
     from simulation.fleet import build_fleet
     from simulation.models import load_model
     from simulation.sequences import random_token_sequences
-    from simulation.simulate import _float_onnx, load_simulation_config
+    from simulation.prepare import float_onnx_graph, load_simulation_config
 
     cfg = load_simulation_config(config_path)
     torch.set_num_threads(cfg.threads)
@@ -112,7 +108,7 @@ def load_data(config_path: Path, work: Path) -> Data:
     model.eval()
     profiles = {e.load().name: (e.load(), e) for e in cfg.fleet}
     clients, evals, about = build_fleet(cfg.data, tokenizer, [(n, e.share) for n, (_, e) in profiles.items()])
-    float_onnx = _float_onnx(model, cfg, work, _log)
+    float_onnx = float_onnx_graph(model, cfg, work, _log)
     train = np.concatenate([c.train for c in clients]).astype(np.int64)
     rnd = random_token_sequences(model.config.vocab_size, cfg.data.random_sequences, cfg.data.seq_len,
                                  cfg.data.seed).numpy().astype(np.int64)
@@ -148,12 +144,9 @@ def data_digest(d: Data, settings: dict) -> str:
 def count_kernels(optimized_path: Path) -> dict[str, int]:
     import onnx
 
-    mp = onnx.load(str(optimized_path), load_external_data=False)
-    counts: dict[str, int] = {}
-    for n in mp.graph.node:
-        if n.op_type in ALL_MATMULS:
-            counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts
+    from quant.qdq import count_matmuls
+
+    return count_matmuls(onnx.load(str(optimized_path), load_external_data=False))
 
 
 def integer_kernels(counts: dict[str, int]) -> int:
@@ -227,10 +220,10 @@ def linear_matmul_nodes(float_onnx: Path) -> list[str]:
     matmuls are left float, as the int8 profile leaves them."""
     import onnx
 
-    from quant.export import LINEAR_TAG, _tag
+    from quant.export import LINEAR_TAG, node_tag
 
     mp = onnx.load(str(float_onnx), load_external_data=False)
-    return [n.name for n in mp.graph.node if n.op_type == "MatMul" and _tag(n, LINEAR_TAG) is not None]
+    return [n.name for n in mp.graph.node if n.op_type == "MatMul" and node_tag(n, LINEAR_TAG) is not None]
 
 
 class _Reader:
@@ -325,9 +318,9 @@ def torch_histogram(d: Data, out: Path, batch: int) -> dict:
     import torch
     from torch.ao.quantization.observer import HistogramObserver
 
-    from quant.export import export_qdq
     from quant.instrument import capture_inputs, get_qparams, quantize_, set_mode
     from quant.ptq import activation_specs
+    from quant.qdq import export_qdq
     from quant.qparams import PointParams
     from simulation.config import quant_config_for
 
@@ -365,7 +358,7 @@ def torch_histogram(d: Data, out: Path, batch: int) -> dict:
     export_qdq(d.model, qp, out, float_onnx=d.float_onnx)
     return {"tool": "torch.ao.quantization.HistogramObserver", "dtype": "quint8",
             "qscheme": "per_tensor_affine", "weights": "min-max per channel (profile int8)",
-            "export": "quant.export.export_qdq (u8 weights)", "points": len(points),
+            "export": "quant.qdq.export_qdq (u8 weights)", "points": len(points),
             "observed_tensors": len(observers), "calibration_sequences": int(len(d.train)),
             "batch": batch, "torch": torch.__version__}
 
@@ -398,7 +391,7 @@ def peer_model(d: Data, recipe: str, data: str, method: str, cache: Path, fresh:
         settings = ort_static(d.float_onnx, ids, method, tmp, batch, weights)
     meta = {**settings, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": peak_rss_mb()}
     os.replace(tmp, path)
-    meta_f.write_text(json.dumps(meta, indent=1))
+    write_json(meta_f, meta)
     return path, {**meta, "cached": False}
 
 
@@ -566,18 +559,11 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
-def machine() -> dict:
+def _machine() -> dict:
+    """bench.common.machine, "cpu" being the model name (the README's quality-bench block shows it)."""
     import onnxruntime
-    import torch
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-               platform.processor())
-    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "").split()
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "simd": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags],
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__}
+    return machine(platform=platform.platform(), cpu=cpu_model(), onnxruntime=onnxruntime.__version__)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -611,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
 
     settings = {"ort_weights": args.ort_weights, "calib_batch": args.calib_batch}
-    from simulation.simulate import load_simulation_config
+    from simulation.prepare import load_simulation_config
 
     model_key = hashlib.sha256(load_simulation_config(config).model.encode()).hexdigest()[:12]
     float_work = cache_root() / "float" / model_key   # tiny/local models: exported once per model
@@ -662,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows[0]["latency_ms"] = round(statistics.median(ev.float_times) * 1e3, 1)
     cfg = d.cfg
     result = {
-        "format": FORMAT, "machine": machine(),
+        "format": FORMAT, "machine": _machine(),
         "config": {"path": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
                    "model": cfg.model, "seq_len": cfg.data.seq_len, "clients": cfg.data.clients,
                    "seed": cfg.data.seed, "profile": PROFILE},
@@ -672,9 +658,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                       "threads": 1, "runs": runs, "statistic": "median"},
         "settings": settings, "cache": str(cache), "rows": rows,
         "wall_s": round(time.perf_counter() - t_start, 1), "peak_rss_mb": peak_rss_mb(),
-        "command": "bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    (args.out / "quality_bench.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out / "quality_bench.json", result)
     plot(result, args.out / "quality_bench.png")
     print(markdown_table(result))
     _log(f"wrote {args.out / 'quality_bench.json'} and .png in {result['wall_s']} s, peak RSS "

@@ -1,6 +1,6 @@
 """Regenerate the README's result tables from the JSON that produced them.
 
-    .venv/bin/python bench/readme_tables.py [--quality runs/quality/quality.json]
+    .venv/bin/python -m bench.readme_tables [--quality runs/quality/quality.json]
                                             [--simulate runs/default/summary.json]
                                             [--quality-bench bench/results/quality_bench.json]
 
@@ -14,12 +14,9 @@ import argparse
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))     # bench/quality.py's table
-RESULTS = ROOT / "bench" / "results"
+from bench.common import RESULTS, ROOT
 
 
 def quality_block(q: dict) -> str:
@@ -52,7 +49,7 @@ def calibrators_block(d: dict) -> str:
     return ("Rows `minmax` ... `entropy` are ours; `torch_histogram` is PyTorch's HistogramObserver, "
             "`ort_*` ONNX Runtime's calibrators. 'best on N': the points (of 13) where the method is "
             f"within {d['tie_db']} dB of the best. {m['cpu']}, torch {m['torch']}, ORT "
-            f"{m['onnxruntime']}; `.venv/bin/python bench/calibrators.py` ({d['wall_seconds']:.0f} s).\n\n"
+            f"{m['onnxruntime']}; `.venv/bin/python -m bench.calibrators` ({d['wall_seconds']:.0f} s).\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -81,11 +78,11 @@ def simulate_block(d: dict) -> str:
 
 def quality_bench_block(d: dict) -> str:
     """Issue 5's benchmark table, from bench/quality.py's quality_bench.json."""
-    from quality import markdown_table
+    from bench.quality import markdown_table
 
     m, c, data, lat = d["machine"], d["config"], d["data"], d["latency"]
     cmd = "`make bench-quality`, i.e. `fedquant simulate` of each run, then " if "--runs" in d.get("command", "") else ""
-    return (f"{cmd}`.venv/bin/python bench/quality.py` ({c['model']}, the clients and held-out roles of "
+    return (f"{cmd}`.venv/bin/python -m bench.quality` ({c['model']}, the clients and held-out roles of "
             f"`{c['path']}`: {data['pooled_train_sequences']} pooled training sequences for the peers' "
             f"calibration, perplexity on {data['eval_sequences']} held-out sequences of {c['seq_len']} "
             f"tokens; every row runs in ONNX Runtime {m['onnxruntime']}; latency: median of "
@@ -105,7 +102,7 @@ def mixed_plan_block(d: dict) -> str:
         lines.append(f"| {r['recipe']} | {r['clients_test']:.2f} ({r['clients_test_increase_pct']:+.1f}%) | "
                      f"{r['heldout']:.2f} ({r['heldout_increase_pct']:+.1f}%) |")
     layers = ", ".join(k.split(".")[2] for k in plan["int16"])
-    return (f"`.venv/bin/python bench/mixed_plan.py` (torch, {data['train_sequences']} pooled training "
+    return (f"`.venv/bin/python -m bench.mixed_plan` (torch, {data['train_sequences']} pooled training "
             f"sequences, {d['wall_s']:.0f} s; source `bench/results/mixed_plan.json`).\n\n" + "\n".join(lines)
             + f"\n\nint16 `down_proj` inputs by the plan: layers {layers} ({len(plan['int16'])} of "
             f"{plan['activation_points']} activation points); the config's overrides "

@@ -1,6 +1,6 @@
 """The sweep behind configs/default.toml's smoothing strengths and range rules (issue 5).
 
-    .venv/bin/python bench/smoothing_sweep.py [--alphas 0 0.5 0.8]    # about 25 min on 2 cores
+    .venv/bin/python -m bench.smoothing_sweep [--alphas 0 0.5 0.8]    # about 25 min on 2 cores
 
 On SmolLM2 and the clients of configs/default.toml: every client's scouting reply (with per-channel
 abs-max), then, per SmoothQuant strength alpha (0 = no smoothing), the smoothing factors, the
@@ -19,15 +19,12 @@ comes from issue 5's own measurement. Writes bench/results/smoothing_sweep.json.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, ROOT, write_json
 
 
 def main(argv=None) -> dict:
@@ -40,12 +37,13 @@ def main(argv=None) -> dict:
     from server.config import SmoothingConfig
     from server.rounds import (activation_keys, smoothable_paths, smoothed_qparams, smoothed_scouting,
                                smoothing_from_scouting)
-    from simulation.simulate import ServerEval, float_perplexity, load_simulation_config, prepare, server_weights
+    from simulation.evaluation import ServerEval, float_perplexity
+    from simulation.prepare import load_simulation_config, prepare, server_weights
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.8])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "smoothing-sweep", help="its prepared run directory")
-    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "smoothing_sweep.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "smoothing_sweep.json")
     args = ap.parse_args(argv)
 
     cfg = load_simulation_config(ROOT / "configs" / "default.toml")
@@ -88,7 +86,7 @@ def main(argv=None) -> dict:
                                                  "inc": 100 * (e / res["float"] - 1)}
                 print(p, alpha, method, res[f"{p}/a{alpha}/{method}"], flush=True)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
-    args.json.write_text(json.dumps(res, indent=1))
+    write_json(args.json, res)
     return res
 
 

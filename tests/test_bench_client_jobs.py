@@ -1,4 +1,4 @@
-"""bench/client_jobs.py in its quick mode (tiny Llama): every measured thing runs in its own
+"""bench.client_jobs in its quick mode (tiny Llama): every measured thing runs in its own
 subprocess and the JSON carries the per-job medians, the ratios to the plain passes and the targets."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quick_bench_writes_ratios(tmp_path):
     out = tmp_path / "client_jobs.json"
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "client_jobs.py"), "--quick",
+    p = subprocess.run([sys.executable, "-m", "bench.client_jobs", "--quick",
                         "--out", str(out), "--steps", "2"],
                        capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert p.returncode == 0, p.stderr[-3000:]

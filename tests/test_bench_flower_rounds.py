@@ -1,4 +1,4 @@
-"""bench/flower_rounds.py in its quick mode: 10 simulated clients on Flower's Ray backend (tiny
+"""bench.flower_rounds in its quick mode: 10 simulated clients on Flower's Ray backend (tiny
 Llama), fedquant's scout and stats rounds beside bare Flower rounds of the same messages, the pure
 aggregation timing and the bytes against the float weight bytes, all in one JSON."""
 
@@ -11,25 +11,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench.common import QUIET_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env():
-    env = dict(os.environ)
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return env
 
 
 def _pos(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.bench      # about a minute: Ray starts and 10 clients run 4 rounds
 def test_quick_bench_writes_rounds_bare_rounds_bytes_and_aggregation(tmp_path):
     out = tmp_path / "flower_rounds.json"
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "flower_rounds.py"), "--quick", "--out", str(out),
+    p = subprocess.run([sys.executable, "-m", "bench.flower_rounds", "--quick", "--out", str(out),
                         "--work", str(tmp_path / "work")],
-                       capture_output=True, text=True, timeout=400, cwd=str(ROOT), env=_env())
+                       capture_output=True, text=True, timeout=400, cwd=str(ROOT), env={**os.environ, **QUIET_ENV})
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["quick"] is True and list(res["runs"]) == ["10"] and res["lsq_run_for"] == []

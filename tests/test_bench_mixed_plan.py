@@ -4,11 +4,11 @@ losses, within the budget, and is compared with the config's overrides."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from bench import mixed_plan, readme_tables
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
 
 CONFIG = '''
 name = "tiny-mixed"
@@ -38,8 +38,6 @@ job = "stats"
 
 
 def test_mixed_plan_follows_the_rule_within_budget(tmp_path):
-    import mixed_plan
-
     cfg = tmp_path / "c.toml"
     cfg.write_text(CONFIG.format(profiles=ROOT / "configs" / "profiles"))
     out = tmp_path / "plan.json"
@@ -55,8 +53,6 @@ def test_mixed_plan_follows_the_rule_within_budget(tmp_path):
     assert [r["recipe"] for r in res["weights_only"]][:2] == ["W4 sym g64, down_proj W8", "+ lm_head W8"]
     assert all(r["clients_test"] > 0 and r["heldout"] > 0 for r in res["weights_only"])
     assert 4.0 < plan["avg_weight_bits"] < 8.0
-    import readme_tables
-
     block = readme_tables.mixed_plan_block(res)
     assert block.count("\n| ") == 2 + len(res["weights_only"])     # separator, float, one per recipe
     assert f"({len(plan['int16'])} of {plan['activation_points']} activation points)" in block

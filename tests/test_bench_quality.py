@@ -3,16 +3,11 @@ plot, a fedquant row taken from a hand-written run directory, and the README blo
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import quality  # noqa: E402
-import readme_tables  # noqa: E402
+from bench import quality, readme_tables
 
 
 @pytest.fixture(scope="module")
