@@ -1,31 +1,109 @@
-"""The ``fedquant`` console command."""
+"""The ``fedquant`` console command.
+
+A failure prints one line (what failed, where, what to do) and exits non-zero: 2 for a bad config
+or path the command checks, 1 for anything unexpected. ``fedquant --debug ...`` or
+``FEDQUANT_DEBUG=1`` adds the full traceback (never the locals: they hold whole tensors) and
+shows the library warnings that ``simulation.quiet`` otherwise hides.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import textwrap
+import traceback
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="fedquant: federated calibration of quantization parameters.")
+from simulation.quiet import quiet_known_warnings
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("quant", "client", "server", "simulation")
 err = Console(stderr=True)
 
 
+def _debug(ctx: click.Context) -> bool:
+    env = os.environ.get("FEDQUANT_DEBUG", "").strip().lower()
+    return bool(ctx.params.get("debug")) or env not in ("", "0", "false", "no", "off")
+
+
+def _where(tb) -> str:
+    """``file:line in function`` of the innermost frame in this project's packages (else the
+    innermost frame)."""
+    frames = traceback.extract_tb(tb)
+    if not frames:
+        return "?"
+    for f in reversed(frames):
+        path = Path(f.filename).resolve()
+        if path.is_relative_to(ROOT) and path.relative_to(ROOT).parts[0] in PACKAGES:
+            return f"{path.relative_to(ROOT).as_posix()}:{f.lineno} in {f.name}"
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}"
+
+
+def _advice(e: BaseException, command: str) -> str:
+    if isinstance(e, MemoryError):
+        advice = "The machine ran out of memory: try fewer clients (--clients) or a smaller model."
+    elif isinstance(e, OSError):
+        advice = "Check the path, its permissions and the free disk space."
+    else:
+        advice = "This is a bug or a state fedquant does not expect."
+    if command == "simulate":
+        advice += " Started again, the run resumes from its last checkpoint."
+    return advice
+
+
+def crash_message(e: BaseException, command: str, debug: bool) -> str:
+    """The one line an unexpected exception becomes."""
+    what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    line = f"fedquant {command} failed: {what} (at {_where(e.__traceback__)}). {_advice(e, command)}"
+    if not debug:
+        line += " For the full traceback run it again with --debug (or FEDQUANT_DEBUG=1)."
+    return " ".join(line.split())       # one line, even if the exception's message has several
+
+
+class FriendlyGroup(TyperGroup):
+    """The root group: whatever a command (of any sub-app) raises becomes one line and exit code
+    1; with --debug or FEDQUANT_DEBUG=1 the traceback is printed first."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise                       # typer.Exit, Ctrl-C, usage errors: click reports them
+        except Exception as e:
+            debug = _debug(ctx)
+            if debug:
+                print("".join(traceback.format_exception(e)), file=sys.stderr, end="")
+            err.print(f"[red]error:[/red] {escape(crash_message(e, ctx.invoked_subcommand or '', debug))}",
+                      soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(cls=FriendlyGroup, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_show_locals=False,
+                  help="fedquant: federated calibration of quantization parameters.")
+
+
 @app.callback()
-def _root() -> None:
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="on an unexpected error show the full traceback; show "
+                                                            "every library warning (also: FEDQUANT_DEBUG=1)")) -> None:
     """fedquant: federated calibration of quantization parameters."""
+    if not _debug(ctx):
+        quiet_known_warnings()
 
 
-from simulation.fleet_cli import fleet  # noqa: E402
-from simulation.rollout_cli import rollout  # noqa: E402
+from server.fleet.commands import fleet  # noqa: E402
+from server.rollout_commands import rollout  # noqa: E402
 
 app.add_typer(fleet, name="fleet")
 app.add_typer(rollout, name="rollout")
@@ -37,6 +115,14 @@ def _quiet_env() -> None:
                  "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                  "TRANSFORMERS_VERBOSITY": "error"}.items():
         os.environ.setdefault(k, v)
+
+
+def _progress(transient: bool) -> Progress:
+    """A progress line that fits the terminal (80 columns too): a fixed short bar, and the
+    description cut with an ellipsis to what is left."""
+    desc = Column(no_wrap=True, overflow="ellipsis", max_width=max(16, err.width - 40))
+    return Progress(TextColumn("{task.description}", table_column=desc), BarColumn(bar_width=20),
+                    MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=transient)
 
 
 def _progress_factory(progress: Progress):
@@ -83,8 +169,7 @@ def quality(
                                                   "calib_sequences": calib_sequences, "seq_len": seq_len})
     except ConfigError as e:
         _fail(str(e))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True) as progress:
+    with _progress(transient=True) as progress:
         try:
             result = run_quality(
                 cfg, out, progress=_progress_factory(progress),
@@ -113,7 +198,8 @@ def export(
     float graph for statistics, the float weights for re-quantizing, and AIMET/QNN encodings."""
     _quiet_env()
     from client.runtime import save_device_bundle
-    from quant.export import export_float_onnx, write_encodings_json
+    from quant.encodings import write_encodings_json
+    from quant.export import export_float_onnx
     from quant.instrument import fingerprint
     from quant.qparams import load_qparams
     from simulation.models import load_model
@@ -133,17 +219,24 @@ def export(
         err.print(f"{f}  {f.stat().st_size / 2**20:.1f} MB", highlight=False)
 
 
-def _round_line(m: dict) -> str:
+def _round_line(m: dict, width: int = 80) -> str:
+    """One round's summary, wrapped to ``width`` columns between its parts (continuation lines
+    indented), so that it fits an 80-column terminal."""
+    def glue(s: str) -> str:            # a part is not broken inside
+        return s.replace(" ", "\N{NO-BREAK SPACE}")
+
     rej = m.get("rejections") or {}
     ev = m.get("server_eval") or {}
-    parts = [f"round {m['round']:>3} {m['job']:<5}", f"{m.get('replies', 0)}/{m.get('sampled', 0)} valid"]
+    parts = [glue(f"round {m['round']:>3} {m['job']:<5}"), glue(f"{m.get('replies', 0)}/{m.get('sampled', 0)} valid")]
     if rej:
-        parts.append("rejected " + ", ".join(f"{k} {v}" for k, v in sorted(rej.items())))
+        parts.append("rejected " + ", ".join(glue(f"{k} {v}") for k, v in sorted(rej.items())))
     for p, e in sorted(ev.items()):
         v = e["perplexity"] if isinstance(e, dict) else e
-        parts.append(f"{p} PPL {v:.2f}")
-    parts.append(f"{m.get('wall_s', 0):.1f} s")
-    return "  ".join(parts)
+        parts.append(glue(f"{p} PPL {v:.2f}"))
+    parts.append(glue(f"{m.get('wall_s', 0):.1f} s"))
+    lines = textwrap.wrap("  ".join(parts), width=max(20, width), subsequent_indent="    ",
+                          break_on_hyphens=False)
+    return "\n".join(lines).replace("\N{NO-BREAK SPACE}", " ")
 
 
 @app.command()
@@ -164,7 +257,8 @@ def simulate(
     encodings; a run started again resumes from its last checkpoint."""
     _quiet_env()
     from quant.configfile import ConfigError
-    from simulation.simulate import load_simulation_config, simulate as run
+    from simulation.prepare import load_simulation_config, seed_run_dir
+    from simulation.simulate import simulate as run
 
     try:
         cfg = load_simulation_config(config, rounds=rounds, clients=clients)
@@ -174,17 +268,16 @@ def simulate(
     total = sum(e.repeat for e in cfg.server.schedule)
     if (out / "checkpoint.safetensors").is_file():
         err.print(f"resuming {out} from its last checkpoint", highlight=False)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=False) as progress:
+    with _progress(transient=False) as progress:
         task = progress.add_task("preparing", total=total)
 
         def on_round(m: dict) -> None:
-            progress.console.print(_round_line(m), highlight=False)
+            progress.console.print(_round_line(m, progress.console.width), highlight=False, markup=False,
+                                   soft_wrap=True)
             progress.update(task, completed=m["round"], description=f"round {m['round']}/{total}")
 
         try:
             if prepared_from is not None:
-                from simulation.simulate import seed_run_dir
                 seed_run_dir(cfg, out, prepared_from)
             summary = run(cfg, out, progress=lambda msg: progress.update(task, description=msg),
                           on_round=on_round)

@@ -78,3 +78,88 @@ def test_export_refuses_qparams_of_another_model(tmp_path):
                                  "--out", str(tmp_path / "bundle")])
     assert result.exit_code == 2 and "for model" in result.output
     assert not (tmp_path / "bundle").exists()
+
+
+# ------------------------------------------------------------------------------ failures a person can read
+
+def _crash_quality(monkeypatch):
+    """The quality command's work raises something no command expects."""
+    import simulation.quality
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom: the table broke\nsecond line")
+    monkeypatch.setattr(simulation.quality, "run_quality", boom)
+
+
+def test_an_unexpected_error_is_one_line_without_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDQUANT_DEBUG", raising=False)
+    _crash_quality(monkeypatch)
+    result = runner.invoke(app, ["quality", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    line = lines[0]
+    assert line.startswith("error: fedquant quality failed: RuntimeError: boom: the table broke second line")
+    assert "(at simulation/cli.py:" in line and " in quality)" in line     # where
+    assert "--debug" in line and "FEDQUANT_DEBUG=1" in line                # what to do
+
+
+def test_debug_shows_the_traceback_without_locals(tmp_path, monkeypatch):
+    _crash_quality(monkeypatch)
+    for env, args in (("1", []), (None, ["--debug"])):
+        if env is None:
+            monkeypatch.delenv("FEDQUANT_DEBUG", raising=False)
+        else:
+            monkeypatch.setenv("FEDQUANT_DEBUG", env)
+        result = runner.invoke(app, [*args, "quality", "--out", str(tmp_path / "o")])
+        assert result.exit_code == 1
+        out = result.output
+        assert "Traceback (most recent call last)" in out and "RuntimeError: boom" in out, out
+        assert "in boom" in out and 'raise RuntimeError("boom' in out
+        assert "kwargs = " not in out and "─ locals ─" not in out
+        assert out.strip().splitlines()[-1].startswith("error: fedquant quality failed: RuntimeError")
+        assert "--debug" not in out.strip().splitlines()[-1]
+
+
+def test_the_command_hides_locals():
+    """Locals in a traceback print whole tensors (13,748 lines once)."""
+    assert app.pretty_exceptions_show_locals is False
+
+
+# ------------------------------------------------------------------------------ 80 columns
+
+def test_round_line_fits_80_columns():
+    from simulation.cli import _round_line
+
+    m = {"round": 12, "job": "stats", "replies": 7, "sampled": 24, "wall_s": 412.3,
+         "rejections": {"client:unavailable": 9, "client:dropout": 3, "count_mismatch": 1, "timeout": 4},
+         "server_eval": {"int8": {"perplexity": 118.73}, "mixed": {"perplexity": 130.52},
+                         "int8-16": {"perplexity": 118.03}}}
+    lines = _round_line(m, 80).splitlines()
+    assert len(lines) > 1 and all(len(line) <= 80 for line in lines), lines
+    assert all(line.startswith("    ") for line in lines[1:])
+    text = " ".join(lines)
+    for part in ("round  12 stats", "7/24 valid", "client:dropout 3", "mixed PPL 130.52", "412.3 s"):
+        assert part in text                                  # parts are never cut
+    assert _round_line({"round": 1, "job": "scout", "replies": 3, "sampled": 3, "wall_s": 1.0}) == \
+        "round   1 scout  3/3 valid  1.0 s"
+
+
+def test_progress_fits_80_columns(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import simulation.cli as cli
+
+    console = Console(file=io.StringIO(), width=80, force_terminal=False, color_system=None)
+    monkeypatch.setattr(cli, "err", console)
+    progress = cli._progress(transient=False)
+    progress.add_task("exporting the float ONNX graph of smollm2 (SmolLM2: a few minutes, once)",
+                      total=12, completed=3)
+    console.print(progress.get_renderable())
+    lines = console.file.getvalue().splitlines()
+    assert len(lines) == 1 and len(lines[0]) <= 80, lines
+    assert lines[0].startswith("exporting the float ONNX graph") and "…" in lines[0]
+    assert lines[0].rstrip().endswith("3/12 0:00:00")
