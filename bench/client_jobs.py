@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, cache_dir, machine, minmax_points, quiet_env, versions, write_json
+from bench.common import (RESULTS, ROOT, cache_dir, machine, minmax_points, quiet_env, shown_path, versions,
+                          write_json)
 
 quiet_env()
 
@@ -533,7 +534,8 @@ def main(argv=None) -> dict:
                                   "(includes ORT's arena growing to the job's working set)",
                         "learn_per_step": "the learned-range job's wall time / steps; the total also "
                                           "holds its two no-grad loss evaluations (before, after)"},
-        "cache": {k: info[k] for k in ("dir", "float_onnx", "bundle", "float_export_s", "bundle_export_s")},
+        "cache": {**{k: shown_path(info[k]) for k in ("dir", "float_onnx", "bundle")},
+                  **{k: info[k] for k in ("float_export_s", "bundle_export_s")}},
         "raw": raw, **summarize(raw),
     }
     result["wall_s"] = round(time.perf_counter() - t_start, 1)

@@ -34,6 +34,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDQUANT_CACHE") or Path.home() / ".cache" / "fedquant") / "bench"
 
 
+def shown_path(path) -> str:
+    """``path`` as a results file records it: under the home directory as ``~/...``, so that a
+    committed result names no developer's machine (the cache lives in ``~/.cache/fedquant``)."""
+    p, home = Path(path), Path.home()
+    return f"~/{p.relative_to(home).as_posix()}" if p.is_absolute() and p.is_relative_to(home) else str(p)
+
+
 @functools.cache
 def _cpu_fields() -> dict[str, str]:
     """lscpu's fields (it also names Arm cores, which /proc/cpuinfo does not), else /proc/cpuinfo's."""

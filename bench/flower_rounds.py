@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, cache_dir, machine, quiet_env, versions, write_json
+from bench.common import RESULTS, ROOT, cache_dir, machine, quiet_env, shown_path, versions, write_json
 
 quiet_env()
 
@@ -297,7 +297,7 @@ def layout_check(qp) -> dict | None:
     same = set(ref.points) == set(qp.points) and all(
         ref.points[k].scale.shape == qp.points[k].scale.shape and ref.points[k].spec == qp.points[k].spec
         for k in qp.points)
-    return {"file": str(f), "same_keys_shapes_specs": bool(same)}
+    return {"file": shown_path(f), "same_keys_shapes_specs": bool(same)}
 
 
 # ------------------------------------------------------------------------------ pure aggregation

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, cache_dir, cpu_model, machine, write_json
+from bench.common import RESULTS, ROOT, cache_dir, cpu_model, machine, shown_path, write_json
 from quant.qdq import INTEGER_MATMULS
 
 FORMAT = "fedquant.bench.quality/1"
@@ -656,7 +656,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "random_sequences": int(len(d.random)), "eval_tokens": int(d.evals.size - len(d.evals))},
         "float_perplexity": ev.float_ppl, "latency": {"batch": [min(8, len(d.evals)), cfg.data.seq_len],
                                                       "threads": 1, "runs": runs, "statistic": "median"},
-        "settings": settings, "cache": str(cache), "rows": rows,
+        "settings": settings, "cache": shown_path(cache), "rows": rows,
         "wall_s": round(time.perf_counter() - t_start, 1), "peak_rss_mb": peak_rss_mb(),
         "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

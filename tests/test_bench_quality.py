@@ -21,7 +21,7 @@ def quick(tmp_path_factory):
                           "torch-histogram", "--latency-runs", "1"])
     run = tmp / "runs" / "smoke"
     (run / "export" / "int8").mkdir(parents=True)
-    peer = Path(first["cache"]) / "ort-minmax.onnx"
+    peer = Path(first["cache"]).expanduser() / "ort-minmax.onnx"
     shutil.copyfile(peer, run / "export" / "int8" / "model.onnx")
     fl = first["float_perplexity"]
     minmax = next(r for r in first["rows"] if r["recipe"] == "ort-minmax")["perplexity"]
@@ -139,3 +139,14 @@ def test_profile_budget_counts_bits_by_numel(tmp_path):
     b = quality.profile_budget(tmp_path, "mixed")
     assert b == {"avg_weight_bits": round((4 * 512 + 8 * 64) / 576, 3), "act16_points": 1, "act_points": 2}
     assert quality.profile_budget(tmp_path, "int8") == {}           # no such profile in the run
+
+
+def test_results_name_paths_under_home_as_tilde(tmp_path, monkeypatch):
+    """A committed result must not name a developer's machine: the cache under the home directory
+    is recorded as ``~/...``; paths elsewhere stay as they are."""
+    from bench.common import shown_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert shown_path(tmp_path / ".cache" / "fedquant" / "bench") == "~/.cache/fedquant/bench"
+    assert shown_path("/opt/elsewhere/x.onnx") == "/opt/elsewhere/x.onnx"
+    assert shown_path("runs/default") == "runs/default"
