@@ -48,7 +48,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from quant.metrics import nll_sum_and_count  # noqa: E402
-from quant.qparams import QParams, atomic_write_bytes, load_qparams, save_qparams  # noqa: E402
+from quant.qparams import QParams, atomic_write_bytes, load_qparams, qparams_problems, save_qparams  # noqa: E402
 from quant.smoothing import smoothed_weight_point  # noqa: E402
 
 BUNDLE_FORMAT = "fedquant.device/1"
@@ -147,35 +147,14 @@ class DeviceRuntime:
     # -------------------------------------------------------------------- patching
 
     def _check(self, qp: QParams) -> QParams:
-        """The merged QParams ``qp`` would give, or PatchRefused naming every problem."""
-        try:
-            qp.validate()
-        except ValueError as e:
-            raise PatchRefused(f"QParams refused: {e}") from None
-        errors = []
-        if int(qp.version) < int(self.qparams.version):
-            errors.append(f"version {qp.version} is older than the held version {self.qparams.version}")
-        if qp.model and self.qparams.model and qp.model != self.qparams.model:
-            errors.append(f"QParams are for model {qp.model!r}, this runtime holds {self.qparams.model!r}")
-        unknown = sorted(set(qp.points) - set(self.qparams.points))
-        if unknown:
-            errors.append(f"unknown keys (not quantization points of this model): {unknown[:5]}")
-        for key, p in qp.points.items():
-            old = self.qparams.points.get(key)
-            if old is None:
-                continue
-            if p.spec != old.spec:
-                errors.append(f"{key}: spec {p.spec.short()} differs from the runtime's "
-                              f"{old.spec.short()} (a different profile needs a different model)")
-            elif p.scale.shape != old.scale.shape:
-                errors.append(f"{key}: scale shape {p.scale.shape} != {old.scale.shape}")
+        """The merged QParams ``qp`` would give, or PatchRefused naming every problem: the
+        checks of ``quant.qparams.qparams_problems`` (which the server applies too before it
+        commits), and smoothing only for the Linears this model has a smoothing Div for."""
+        errors = qparams_problems(qp, self.qparams,
+                                  {path: int(w[0].shape[1]) for path, w in self.linears.items()})
         unknown_s = sorted(set(qp.smoothing) - set(self.qparams.smoothing))
         if unknown_s:
             errors.append(f"smoothing for Linears the model has no smoothing Div for: {unknown_s[:5]}")
-        for path, m in qp.smoothing.items():
-            w = self.linears.get(path)
-            if w is not None and np.asarray(m).shape != (w[0].shape[1],):
-                errors.append(f"smoothing {path}: {np.asarray(m).shape} factors for {w[0].shape[1]} inputs")
         if errors:
             raise PatchRefused("QParams refused: " + "; ".join(errors))
         return QParams({**self.qparams.points, **self._folded(qp), **qp.points}, self.qparams.model or qp.model,

@@ -19,13 +19,19 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 
-from quant.spec import QuantSpec
+from quant.spec import SCALE_FLOOR, QuantSpec
 
 FORMAT = "fedquant.qparams/1"
+# The largest scale a device loads: the int32 bias of a quantized matmul has scale s_x * s_w, and
+# two scales up to 2^64 keep it finite in float32 (below 2^128); SCALE_FLOOR (2^-24) keeps it far
+# from float32's subnormals. No calibrator or learned range of a working model comes near either.
+SCALE_CEIL = 2.0**64
+# Smoothing factors a device loads: x / m and W * m stay finite for any sane activation or weight.
+FACTOR_BOUNDS = (2.0**-64, 2.0**64)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,57 @@ class QParams:
         return QParams({**self.points, **updates}, self.model,
                        self.version if version is None else version, dict(self.smoothing),
                        dict(self.meta))
+
+
+def qparams_problems(qp: "QParams", held: "QParams | None" = None,
+                     in_features: Mapping[str, int] | None = None) -> list[str]:
+    """Every reason a device refuses to load ``qp`` over the QParams it holds (``held``); empty when
+    there is none. The one check both the device's patch (``client.runtime``) and the server's
+    commit (``server.rounds``) apply, so the server never commits, nor checkpoints, parameters that
+    every phone would then refuse.
+
+    ``qp.validate()`` (alone when it fails: the rest assumes well-formed points); scales within
+    ``[SCALE_FLOOR, SCALE_CEIL]`` and smoothing factors within ``FACTOR_BOUNDS``, both as the
+    float32 a runtime stores; with ``held``: a version not older, the same model, known keys, the
+    same spec and scale shape per point; with ``in_features`` (Linear path -> its input features):
+    one smoothing factor per input."""
+    try:
+        qp.validate()
+    except ValueError as e:
+        return [str(e)]
+    errors = []
+    for key, p in qp.points.items():
+        s = np.asarray(p.scale, np.float32)
+        if s.size and (s.min() < SCALE_FLOOR or s.max() > SCALE_CEIL):
+            errors.append(f"{key}: scales {float(s.min()):.3g} to {float(s.max()):.3g} outside "
+                          f"[2^-24, 2^64]")
+    lo, hi = FACTOR_BOUNDS
+    for path, m in qp.smoothing.items():
+        with np.errstate(over="ignore", under="ignore"):
+            f = np.asarray(m).astype(np.float32)
+        if f.size and not (np.all(np.isfinite(f)) and f.min() >= lo and f.max() <= hi):
+            errors.append(f"smoothing {path}: factors outside [2^-64, 2^64] as float32")
+        n = (in_features or {}).get(path)
+        if n is not None and f.shape != (n,):
+            errors.append(f"smoothing {path}: {f.shape} factors for {n} inputs")
+    if held is not None:
+        if int(qp.version) < int(held.version):
+            errors.append(f"version {qp.version} is older than the held version {held.version}")
+        if qp.model and held.model and qp.model != held.model:
+            errors.append(f"QParams are for model {qp.model!r}, this runtime holds {held.model!r}")
+        unknown = sorted(set(qp.points) - set(held.points))
+        if unknown:
+            errors.append(f"unknown keys (not quantization points of this model): {unknown[:5]}")
+        for key, p in qp.points.items():
+            old = held.points.get(key)
+            if old is None:
+                continue
+            if p.spec != old.spec:
+                errors.append(f"{key}: spec {p.spec.short()} differs from the runtime's "
+                              f"{old.spec.short()} (a different profile needs a different model)")
+            elif p.scale.shape != old.scale.shape:
+                errors.append(f"{key}: scale shape {p.scale.shape} != {old.scale.shape}")
+    return errors
 
 
 def model_fingerprint(named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> str:

@@ -97,7 +97,12 @@ def pack(arrays: Mapping[str, np.ndarray]) -> tuple[Flat, list]:
 
 def unpack(flat: Mapping[str, np.ndarray], index, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
     """Inverse of :func:`pack`, checking dtypes, bounds, overlaps, duplicates, coverage and size.
-    Returns native-endian copies."""
+    Returns native-endian copies.
+
+    Every entry is checked against the index alone before any element is copied: the entries of
+    a flat array cover it exactly, so the copies add at most the flat arrays' own bytes, whatever
+    the header claims (a 16 MiB reply whose 64 entries each named the whole array cost 1 GiB when
+    each entry was copied before the overlap check)."""
     if not isinstance(flat, Mapping):
         raise WireError("malformed", f"flat arrays must be a mapping dtype -> array, got {type(flat).__name__}")
     total = 0
@@ -118,7 +123,7 @@ def unpack(flat: Mapping[str, np.ndarray], index, limits: Limits = DEFAULT_LIMIT
     if len(index) > limits.max_entries:
         raise WireError("too_large", f"index has {len(index)} entries, limit {limits.max_entries}")
     spans: dict[str, list[tuple[int, int, str]]] = {dt: [] for dt in flat}
-    out: dict[str, np.ndarray] = {}
+    entries: dict[str, tuple[str, int, int, tuple[int, ...]]] = {}
     for i, e in enumerate(index):
         if not (isinstance(e, (list, tuple)) and len(e) == 4):
             raise WireError("malformed", f"index entry {i}: expected [name, dtype, offset, shape]")
@@ -127,7 +132,7 @@ def unpack(flat: Mapping[str, np.ndarray], index, limits: Limits = DEFAULT_LIMIT
             raise WireError("malformed", f"index entry {i}: name must be a string of 1 to "
                                          f"{limits.max_name_chars} characters")
         where = f"index entry {i} ({name!r})"
-        if name in out:
+        if name in entries:
             raise WireError("malformed", f"{where}: duplicate name")
         if not isinstance(dt, str) or dt not in DTYPES:
             raise WireError("dtype", f"{where}: dtype {str(dt)[:40]!r} is not a wire dtype")
@@ -139,13 +144,12 @@ def unpack(flat: Mapping[str, np.ndarray], index, limits: Limits = DEFAULT_LIMIT
                 and all(_is_int(d) and 0 <= d <= 2**32 for d in shape)):
             raise WireError("shape", f"{where}: shape must be a list of at most {limits.max_ndim} "
                                      f"non-negative integers")
-        size, arr = math.prod(int(d) for d in shape), flat[dt]
-        if int(off) + size > arr.size:
+        size = math.prod(int(d) for d in shape)
+        if int(off) + size > flat[dt].size:
             raise WireError("shape", f"{where}: elements [{off}, {int(off) + size}) exceed "
-                                     f"flat[{dt!r}] of {arr.size}")
+                                     f"flat[{dt!r}] of {flat[dt].size}")
         spans[dt].append((int(off), int(off) + size, name))
-        out[name] = np.array(arr[int(off):int(off) + size], dtype=np.dtype(dt)).reshape(
-            tuple(int(d) for d in shape))
+        entries[name] = (dt, int(off), size, tuple(int(d) for d in shape))
     for dt, sp in spans.items():
         end, prev, covered = 0, None, 0
         for a, b, name in sorted(s for s in sp if s[1] > s[0]):
@@ -154,7 +158,8 @@ def unpack(flat: Mapping[str, np.ndarray], index, limits: Limits = DEFAULT_LIMIT
             end, prev, covered = b, name, covered + b - a
         if covered != flat[dt].size:
             raise WireError("shape", f"flat[{dt!r}] has {flat[dt].size} elements, the index covers {covered}")
-    return out
+    return {name: np.array(flat[dt][off:off + size], dtype=np.dtype(dt)).reshape(shape)
+            for name, (dt, off, size, shape) in entries.items()}
 
 
 def smallest_count_dtype(counts) -> np.dtype:
@@ -253,11 +258,22 @@ def _fields(flat, header, ins: "Instruction", kind: str, expect: dict[str, tuple
             limits: Limits) -> dict[str, np.ndarray]:
     """Decode a reply's header and arrays and check them against ``expect``:
     name -> (dtype or "int" for any integer dtype, shape)."""
+    cap = _reply_header_cap(expect)
+    if isinstance(header, (str, bytes)) and len(header) > cap:
+        raise WireError("too_large", f"header has {len(header)} bytes, a {kind} reply's is at most {cap}")
     h = _load_header(header, _ReplyHeader, kind, limits)
     _check_answers(h, ins)
     arrays = unpack(flat, h.index, limits)
     _expect_exactly(arrays, expect, f"{kind} reply")
     return arrays
+
+
+def _reply_header_cap(expect: Mapping[str, Any]) -> int:
+    """Most bytes an honest reply header takes: the fixed fields and one index entry per expected
+    array, generously spaced. Checked before the JSON is parsed, so a reply cannot make the server
+    build more Python objects than its expected arrays need (a parsed index entry costs about ten
+    times its JSON bytes)."""
+    return 1024 + sum(len(json.dumps(name)) + 256 for name in expect)
 
 
 def _key_at(keys, flat_i: int, sizes) -> str:
@@ -372,9 +388,9 @@ def encode_instruction(ins: Instruction) -> tuple[Flat, Header]:
     if smoothing:
         arrays["smoothing"] = np.concatenate(
             [np.asarray(qp.smoothing[k], dtype=np.float32).reshape(-1) for k, _ in smoothing])
-    if ins.grids:
+    if ins.job == "stats":      # even with no grids (no point seen yet): the decoder expects them
         g = list(ins.grids.values())
-        arrays["grids/lo_hi"] = np.array([[x.lo, x.hi] for x in g], dtype=np.float64)
+        arrays["grids/lo_hi"] = np.array([[x.lo, x.hi] for x in g], dtype=np.float64).reshape(-1, 2)
         arrays["grids/bins"] = np.array([x.bins for x in g], dtype=np.int64)
     flat, index = pack(arrays)
     header = {"format": FORMAT, "kind": "instruction", "round": ins.round, "version": ins.version,

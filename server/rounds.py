@@ -21,10 +21,16 @@ who is sampled, what each profile is sent, and what the valid replies change. No
 
 A round with fewer valid replies than its ``min_replies`` changes nothing but the round counter
 (lsq: per profile, since a profile's ranges are learned from its own clients only).
+
+Nothing a client sends can stop the run or be committed as garbage: a round whose arithmetic
+raises, or whose result a device would refuse or a resumed run could not load
+(``commit_problems``: the device's own check, ``quant.qparams.qparams_problems``), is skipped
+like a round with too few replies, with the reason in ``metrics["skipped"]``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from dataclasses import dataclass, replace
@@ -33,9 +39,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from quant.affine import range_to_qparams
-from quant.qparams import PointParams, QParams
+from quant.qparams import PointParams, QParams, qparams_problems
 from quant.smoothing import smoothed_absmax, smoothed_weight_point
-from quant.stats import needs_widening, widen
+from quant.stats import ActivationStats, needs_widening, widen
 from quant.wire import Instruction, ScoutReply
 from server.aggregate import (coordinate_median, fedadam_step, fedavg_step, grids_from_scouting,
                               learned_from_qparams, max_absmax, ranges_for_profile, smoothquant_factors,
@@ -45,6 +51,7 @@ from server.state import RunState
 from server.validate import Rejection, summarise_rejections
 
 ACTIVATION_SUFFIXES = (":input", ":other")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -182,23 +189,62 @@ def apply_round(state: RunState, round: int, spec: RoundSpec,
     n_valid = sum(len(v) for v in replies.values())
     metrics: dict[str, Any] = {"round": round, "job": spec.job, "replies": n_valid,
                                "rejections": summarise_rejections(rejections)}
+    if spec.job == "scout" and n_valid >= spec.min_replies:     # the caller's mistakes, not a client's
+        if state.sums:
+            raise ValueError("a scout round after statistics would discard the running sums")
+        if smoothing_groups(state.qparams, config) and weights is None:
+            raise ValueError("a scouting round with smoothing needs the Linears' float weights")
     new = replace(state, round=round)
     if spec.job == "eval":
         metrics |= _eval_metrics(replies)
         metrics["applied"] = False
     elif n_valid < spec.min_replies:
         metrics["applied"] = False
-    elif spec.job == "scout":
-        new, m = _scout(new, replies, config, weights)
-        metrics |= m
-    elif spec.job == "stats":
-        new, m = _stats(new, replies, config)
-        metrics |= m
     else:
-        new, m = _lsq(new, replies, spec, config)
-        metrics |= m
+        try:
+            done, m = (_scout(new, replies, config, weights) if spec.job == "scout" else
+                       _stats(new, replies, config) if spec.job == "stats" else _lsq(new, replies, spec, config))
+            problems = commit_problems(state, done, weights)
+        except Exception as e:      # valid-looking replies must not stop the run: skip the round
+            log.warning("round %d (%s) raised: skipped", round, spec.job, exc_info=True)
+            problems = [f"{type(e).__name__}: {e}"]
+        if problems:
+            reason = "; ".join(problems)
+            metrics |= {"applied": False, "skipped": reason[:2000]}
+            log.warning("round %d (%s) skipped: %s", round, spec.job, reason[:500])
+        else:
+            new = done
+            metrics |= m
     metrics["versions"] = {p: int(qp.version) for p, qp in sorted(new.qparams.items())}
     return new, metrics
+
+
+def commit_problems(old: RunState, new: RunState, weights: Mapping[str, np.ndarray] | None = None) -> list[str]:
+    """Why ``new`` must not be committed (empty when it may): a profile's QParams that a device
+    holding the old ones would refuse (``quant.qparams.qparams_problems``, the device's own check,
+    with the smoothed Linears' input counts when ``weights`` are given); learned ranges or optimizer
+    moments that are not finite; running sums a resumed run could not load (``state.load_checkpoint``
+    rebuilds them with ``ActivationStats.from_arrays``). Only what changed is checked."""
+    problems = []
+    in_features = {p: int(np.shape(w)[1]) for p, w in (weights or {}).items() if np.ndim(w) == 2}
+    for prof, qp in sorted(new.qparams.items()):
+        held = old.qparams.get(prof)
+        if qp is not held:
+            problems += [f"{prof}: {e}" for e in qparams_problems(qp, held, in_features)]
+    for what, d in (("learned", new.learned), ("moments", new.moments)):
+        for prof, arrays in sorted(d.items()):
+            if arrays is getattr(old, what).get(prof):
+                continue
+            bad = sorted(k for k, v in arrays.items() if not np.all(np.isfinite(v)))
+            if bad:
+                problems.append(f"{prof}: {what} {bad[:3]} not finite")
+    for k, st in sorted(new.sums.items()):
+        if st is not old.sums.get(k):
+            try:
+                ActivationStats.from_arrays(st.to_arrays())
+            except ValueError as e:
+                problems.append(f"sums {k}: {e}")
+    return problems
 
 
 def _all(replies: Mapping[str, Sequence[Accepted]]) -> list[Accepted]:
@@ -359,7 +405,10 @@ def _eval_metrics(replies) -> dict:
         acc = replies[prof]
         if not acc:
             continue
-        p_nll = math.fsum(a.reply["nll_sum"] for a in acc)
+        try:
+            p_nll = math.fsum(a.reply["nll_sum"] for a in acc)
+        except OverflowError:       # finite nll sums whose total is not (validation makes each finite)
+            p_nll = math.inf
         p_tok = sum(a.reply["tokens"] for a in acc)
         out[prof] = {"perplexity": _exp(p_nll / p_tok), "tokens": p_tok, "replies": len(acc)}
         nll, tok = nll + p_nll, tok + p_tok

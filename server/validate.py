@@ -7,8 +7,9 @@ metrics. They never raise on what a client sends. Codes:
 
 ``malformed`` ``too_large`` ``dtype`` ``shape`` ``missing_key`` ``unknown_key`` (structure);
 ``wrong_format`` ``wrong_kind`` ``stale_round`` ``wrong_version`` ``wrong_request`` (what it answers);
-``nan`` (NaN or infinite) ``negative_count`` ``count_mismatch`` ``inconsistent`` ``absmax_range``
-``scale_range`` ``zero_point_range`` ``examples`` (content).
+``nan`` (NaN or infinite) ``value_range`` (finite but beyond ``MAX_ABS_VALUE``) ``negative_count``
+``count_mismatch`` ``inconsistent`` ``absmax_range`` ``scale_range`` ``zero_point_range`` ``examples``
+(content).
 
 Validation bounds what one reply can be; a robust aggregation rule (server.aggregate) bounds the
 harm of valid-looking but poisoned ones.
@@ -53,6 +54,11 @@ class ValidationConfig(BaseModel):
 
 
 DEFAULT = ValidationConfig()
+# |min|, |max|, per-channel abs-max and |delta beta| a reply may carry: far above any working
+# model's float32 activations, and low enough that no grid, range or scale built from them
+# overflows (a range of 1e100 gave an infinite scale, 1.7e308 an infinite grid). A constant, not a
+# ValidationConfig field: the config's digest, and so every run's checkpoint, stays what it was.
+MAX_ABS_VALUE = 2.0**60
 
 ValuesPerExample = Mapping[str, tuple[int, int]] | tuple[int, int] | None
 
@@ -94,9 +100,8 @@ def validate_scout_reply(flat, header, ins: Instruction, num_examples,
         _check_examples(num_examples, config)
         r = decode_scout_reply(flat, header, ins, config.limits)
         _check_n(r.n, int(num_examples), values_per_example)
-        for k, (lo, hi) in r.ranges.items():
-            if r.n[k] > 0 and not (math.isfinite(lo) and math.isfinite(hi)):
-                raise WireError("nan", f"{k}: min/max not finite")
+        _check_extremes({k: r.ranges[k] for k in ins.keys if r.n[k] > 0})
+        _check_absmax(r.channel_absmax)
         return r
     return _guard(run)
 
@@ -110,8 +115,30 @@ def validate_stats_reply(flat, header, ins: Instruction, num_examples,
         _check_examples(num_examples, config)
         r = decode_stats_reply(flat, header, ins, config.limits)
         _check_n({k: s.n for k, s in r.stats.items()}, int(num_examples), values_per_example)
+        _check_extremes({k: (s.min, s.max) for k, s in r.stats.items() if s.n > 0})
+        _check_absmax(r.absmax)
         return r
     return _guard(run)
+
+
+def _check_extremes(ranges: Mapping[str, tuple[float, float]]) -> None:
+    """min/max of the points that saw values: finite (``nan``), and within ``MAX_ABS_VALUE``
+    (``value_range``). The statistics format admits infinite extremes counted below/above, but
+    a grid, a range or a scale built from one overflows, so no reply may carry one."""
+    for k, (lo, hi) in ranges.items():
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise WireError("nan", f"{k}: min/max not finite")
+        if max(-lo, hi) > MAX_ABS_VALUE:
+            raise WireError("value_range", f"{k}: min/max {lo:.3g}, {hi:.3g} beyond "
+                                           f"+-{MAX_ABS_VALUE:.3g}")
+
+
+def _check_absmax(absmax: Mapping[str, np.ndarray]) -> None:
+    """Per-channel abs-max (already finite and non-negative) within ``MAX_ABS_VALUE``."""
+    for k, v in absmax.items():
+        if v.size and float(v.max()) > MAX_ABS_VALUE:
+            raise WireError("value_range", f"absmax/{k}: up to {float(v.max()):.3g}, beyond "
+                                           f"{MAX_ABS_VALUE:.3g}")
 
 
 def validate_lsq_reply(flat, header, ins: Instruction, num_examples,
@@ -125,6 +152,10 @@ def validate_lsq_reply(flat, header, ins: Instruction, num_examples,
     def run():
         _check_examples(num_examples, config)
         a = decode_lsq_arrays(flat, header, ins, config.limits)
+        big = np.abs(a["delta_beta"].astype(np.float64)) > MAX_ABS_VALUE
+        if big.any():               # symmetric points ignore beta, but the server keeps it
+            k = ins.keys[int(_lsq_table(ins)["point"][np.argmax(big)])]
+            raise WireError("value_range", f"delta_beta of {k}: beyond {MAX_ABS_VALUE:.3g}")
         bad = _lsq_bad_points(a["delta_log_s"], a["delta_beta"], ins, config)
         r = lsq_reply_from_arrays(a, ins)
         for j in np.flatnonzero(bad).tolist():      # raises at the first (the loop is a guard)
@@ -190,7 +221,8 @@ def _lsq_bad_points(d_log_s: np.ndarray, d_beta: np.ndarray, ins: Instruction,
     log_s = t["log_s0"] + d_ls
     bad |= (log_s < math.log(config.min_scale)) | (log_s > math.log(config.max_scale))
     asym = t["asym"]
-    z = -(t["neg_z_s0"][asym] + d_beta[asym].astype(np.float64)) / np.exp(log_s[asym])
+    with np.errstate(over="ignore", divide="ignore"):   # an extreme log s is refused above
+        z = -(t["neg_z_s0"][asym] + d_beta[asym].astype(np.float64)) / np.exp(log_s[asym])
     bad[asym] |= (z < t["z_lo"][asym]) | (z > t["z_hi"][asym])
     return np.bincount(t["point"][bad], minlength=t["points"]) > 0
 

@@ -230,6 +230,9 @@ def _round_line(m: dict, width: int = 80) -> str:
     parts = [glue(f"round {m['round']:>3} {m['job']:<5}"), glue(f"{m.get('replies', 0)}/{m.get('sampled', 0)} valid")]
     if rej:
         parts.append("rejected " + ", ".join(glue(f"{k} {v}") for k, v in sorted(rej.items())))
+    if m.get("skipped"):                # the round changed nothing: say so, with the server's reason
+        reason = str(m["skipped"])
+        parts.append("SKIPPED: " + (reason if len(reason) <= 60 else reason[:59] + "…"))
     for p, e in sorted(ev.items()):
         v = e["perplexity"] if isinstance(e, dict) else e
         parts.append(glue(f"{p} PPL {v:.2f}"))

@@ -163,3 +163,12 @@ def test_progress_fits_80_columns(monkeypatch):
     assert len(lines) == 1 and len(lines[0]) <= 80, lines
     assert lines[0].startswith("exporting the float ONNX graph") and "…" in lines[0]
     assert lines[0].rstrip().endswith("3/12 0:00:00")
+
+
+def test_a_skipped_round_is_said_in_its_line():
+    from simulation.cli import _round_line
+
+    line = _round_line({"round": 3, "job": "stats", "replies": 5, "sampled": 6, "wall_s": 2.0,
+                        "skipped": "int8: model.layers.0.mlp.down_proj:input scale inf is not finite " * 3})
+    assert "SKIPPED: int8: model.layers.0" in line and "…" in line
+    assert all(len(x) <= 80 for x in line.splitlines())
