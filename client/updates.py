@@ -12,6 +12,13 @@ replaced in one rename: a crash at any point leaves the old state whole (a half-
 file is never pointed at, and is removed by the next apply). ``highest`` is the highest version
 ever applied: falling back does not lower it, so the release fallen back from (or any older one)
 is refused later; only a newer version -- what the registry's rollback publishes -- is taken.
+
+What a device pins (provisioned with it, not learned from a bundle): the admin keys and k, the
+canary ceiling (one signature reaches at most ``canary_max`` percent), and optionally the
+registry's timestamp key. With a timestamp key, every poll also checks the registry's signed,
+short-lived freshness statement: missing, stale or forged, or naming a newer version than the
+device runs after the poll, the poll says ``"frozen"`` (code ``frozen``) -- someone between the
+registry and the device may be holding it on an old release (TUF's freeze attack).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quant.qparams import QParams, atomic_write_bytes, load_qparams
-from quant.release import Bundle, ReleaseRefused, verify_bundle
+from quant.release import DEFAULT_CANARY_MAX, Bundle, ReleaseRefused, verify_bundle, verify_timestamp
 
 STATE_FORMAT = "fedquant.device-releases/1"
 
@@ -32,7 +39,8 @@ class DeviceReleases:
 
     def __init__(self, state_dir, trusted_keys: dict, threshold: int, profile: str,
                  model_fingerprint: str, *, device_id: str | None = None,
-                 model_sha256: str | None = None):
+                 model_sha256: str | None = None, canary_max: float = DEFAULT_CANARY_MAX,
+                 timestamp_key=None):
         self.dir = Path(state_dir)
         self.trusted_keys = dict(trusted_keys)
         self.threshold = int(threshold)
@@ -40,6 +48,8 @@ class DeviceReleases:
         self.model = model_fingerprint
         self.device_id = device_id
         self.model_sha256 = model_sha256
+        self.canary_max = float(canary_max)
+        self.timestamp_key = timestamp_key
         self.state = self._read_state()
 
     # ------------------------------------------------------------------ state
@@ -83,7 +93,8 @@ class DeviceReleases:
         bundle = Bundle.from_bytes(bundle_bytes)
         m = verify_bundle(bundle, self.trusted_keys, self.threshold, now or datetime.now(timezone.utc),
                           max(int(self.state["highest"]), self.running_version), self.model,
-                          self.profile, expect_model_sha256=self.model_sha256, device_id=self.device_id)
+                          self.profile, expect_model_sha256=self.model_sha256, device_id=self.device_id,
+                          canary_max=self.canary_max)
         name = m["release"]
         qp_path, man_path = self._files(name)
         atomic_write_bytes(qp_path, bundle.payload)
@@ -110,13 +121,36 @@ class DeviceReleases:
         self._sweep()
         return m
 
-    def update(self, fetch, runtime=None, now: datetime | None = None) -> dict:
+    def update(self, fetch, runtime=None, now: datetime | None = None, timestamp=None) -> dict:
         """One poll: ``fetch(profile, device_id)`` returns the bundle the registry serves this
         device (``server.registry.Registry.release_for`` over whatever transport) or None. Returns
-        ``{"status": "applied" | "current" | "none" | "refused", ...}``; a refusal is reported,
-        not raised, and changes nothing. "current": the served release has the version the device
-        runs (e.g. the full stage of the canary it already took)."""
+        ``{"status": "applied" | "current" | "none" | "refused" | "frozen", ...}``; a refusal is
+        reported, not raised, and changes nothing. "current": the served release has the version
+        the device runs (e.g. the full stage of the canary it already took).
+
+        ``timestamp``: the registry's freshness statement (bytes, or a callable returning them,
+        e.g. ``Registry.timestamp``), checked when the device pins a timestamp key. "frozen" keeps
+        what the poll did otherwise under ``"poll"``: a release may have been applied and still
+        not be the newest."""
+        now = now or datetime.now(timezone.utc)
         data = fetch(self.profile, self.device_id)
+        result = self._poll(data, runtime, now)
+        if self.timestamp_key is None:
+            return result
+        try:
+            st = verify_timestamp(timestamp() if callable(timestamp) else timestamp, self.timestamp_key,
+                                  now, self.profile)
+        except ReleaseRefused as e:
+            return {"status": "frozen", "code": e.code, "reason": e.message, "poll": result}
+        latest = st["latest"].get(self.profile, 0)
+        if latest > self.running_version:
+            return {"status": "frozen", "code": "frozen", "poll": result,
+                    "reason": f"the registry's statement of {st['issued']} says {self.profile} is at "
+                              f"version {latest}; this device runs {self.running_version} and was not "
+                              "served a newer one (held back on an old release?)"}
+        return result
+
+    def _poll(self, data, runtime, now) -> dict:
         if data is None:
             return {"status": "none"}
         try:

@@ -12,6 +12,18 @@ A release has a stage (``canary`` with a percent, 0 meaning published but served
 or ``full``) and a state (``active``, ``paused``, ``rolled_back``). Each stage has its own signed
 manifest (quant/release.py): a canary step is signed by the admin who takes it, the full stage
 needs k of the n admin keys, gathered by each admin running ``promote --full`` with their key.
+So does a canary above ``canary_max`` percent (set at init, signed into every manifest): one key
+reaches at most that share of a profile's devices.
+
+Every publish derives plausibility bounds from the profile's last full release and the config
+(quant.release.derive_bounds), refuses QParams outside them, and signs them into the manifest so
+a device holds the payload to the same numbers. Schema 2 (this one) added ``canary_max`` and
+``bounds`` to releases and the timestamp key to ``config``; a schema-1 registry is refused with a
+message (its manifests are format 1, which devices no longer take).
+
+The registry also holds an online **timestamp key** (made at init; devices pin its public half):
+``timestamp()`` signs the newest full version of each profile with a short expiry, TUF's
+timestamp role, so a device can tell when it is being held on an old release.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import math
 import os
 import sqlite3
 import time
@@ -26,11 +39,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from quant.qparams import load_qparams
-from quant.release import (Bundle, canary_member, canonical, key_id, load_public_key, make_manifest,
-                           parse_utc, public_pem, release_name, sha256_hex, sign_manifest, signature_valid,
-                           utc_iso)
+from quant.release import (DEFAULT_CANARY_MAX, DEFAULT_FACTOR_RANGE, LIMITS, Bundle, ReleaseRefused,
+                           canary_member, canonical, check_plausible, derive_bounds, generate_key_pair,
+                           key_id, load_payload, load_private_key, load_public_key, make_manifest,
+                           make_timestamp, parse_utc, public_pem, release_name, sha256_hex, sign_manifest,
+                           signature_valid, utc_iso)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MAX_EXPIRES_DAYS = 366.0        # a release is re-signed at least yearly; freshness is the timestamp's
+MAX_TIMESTAMP_HOURS = 24.0 * 7  # a freshness statement lives hours to days, not months
 # Test hook: when set, publish touches this file after inserting the release row and sleeps
 # before the commit, so a test can SIGKILL it inside the transaction.
 PAUSE_ENV = "FEDQUANT_TEST_PUBLISH_PAUSE"
@@ -53,6 +70,8 @@ CREATE TABLE releases (
     percent REAL NOT NULL CHECK (percent >= 0 AND percent <= 100),
     state TEXT NOT NULL CHECK (state IN ('active', 'paused', 'rolled_back')),
     rollback_of TEXT,
+    canary_max REAL NOT NULL,
+    bounds TEXT NOT NULL,
     UNIQUE (profile, version));
 CREATE TABLE signatures (
     release_id INTEGER NOT NULL REFERENCES releases(id),
@@ -114,9 +133,24 @@ class Registry:
         return conn
 
     @classmethod
-    def init(cls, path, admin_public_pems, threshold: int, actor: str | None = None) -> "Registry":
-        """Create a registry with its n admin keys and k (the full-stage threshold)."""
+    def init(cls, path, admin_public_pems, threshold: int, actor: str | None = None, *,
+             canary_max: float = DEFAULT_CANARY_MAX, factor_range=DEFAULT_FACTOR_RANGE,
+             timestamp_hours: float = 24.0) -> "Registry":
+        """Create a registry with its n admin keys, k (the threshold of the full stage and of a
+        canary above ``canary_max`` percent), the smoothing factors' plausible range (the run
+        config's [min_factor, max_factor]) and the lifetime of a freshness statement."""
         path = Path(path)
+        canary_max = _finite(canary_max, "--canary-max")
+        if not 0 <= canary_max < 100:
+            raise RegistryError(f"--canary-max {canary_max:g}: a percent in [0, 100) (the share one "
+                                "signature may reach; 100 would make k of n moot)")
+        fmin, fmax = (_finite(f, "factor range") for f in factor_range)
+        if not LIMITS["factor_min"] <= fmin < fmax <= LIMITS["factor_max"]:
+            raise RegistryError(f"smoothing factor range [{fmin:g}, {fmax:g}] must be increasing and "
+                                f"within what devices accept [{LIMITS['factor_min']:g}, {LIMITS['factor_max']:g}]")
+        hours = _finite(timestamp_hours, "--timestamp-hours")
+        if not 0 < hours <= MAX_TIMESTAMP_HOURS:
+            raise RegistryError(f"--timestamp-hours {hours:g}: more than 0, at most {MAX_TIMESTAMP_HOURS:g}")
         if path.exists():
             raise RegistryError(f"{path}: already exists; a registry is initialised once")
         admins = {}
@@ -138,11 +172,15 @@ class Registry:
                 at = _now(None)
                 conn.executemany("INSERT INTO config VALUES (?, ?)",
                                  [("schema_version", str(SCHEMA_VERSION)),
-                                  ("threshold", str(int(threshold)))])
+                                  ("threshold", str(int(threshold))), ("canary_max", repr(canary_max)),
+                                  ("factor_min", repr(fmin)), ("factor_max", repr(fmax)),
+                                  ("timestamp_hours", repr(hours)),
+                                  ("timestamp_key", generate_key_pair()[0].decode())])
                 conn.executemany("INSERT INTO admins VALUES (?, ?, ?)",
                                  [(k, pem, utc_iso(at)) for k, pem in sorted(admins.items())])
                 _audit(conn, at, actor or _user(), "init", None,
-                       {"admins": sorted(admins), "threshold": int(threshold)})
+                       {"admins": sorted(admins), "threshold": int(threshold), "canary_max": canary_max,
+                        "factor_range": [fmin, fmax], "timestamp_hours": hours})
         except BaseException:
             conn.close()
             for suffix in ("", "-wal", "-shm"):  # no half-made registry left behind
@@ -162,9 +200,28 @@ class Registry:
 
     # ------------------------------------------------------------------ config
 
+    def _config(self, key: str) -> str:
+        return self.conn.execute("SELECT value FROM config WHERE key=?", (key,)).fetchone()[0]
+
     @property
     def threshold(self) -> int:
-        return int(self.conn.execute("SELECT value FROM config WHERE key='threshold'").fetchone()[0])
+        return int(self._config("threshold"))
+
+    @property
+    def canary_max(self) -> float:
+        """The largest canary percent one signature may reach (above it: k of n)."""
+        return float(self._config("canary_max"))
+
+    @property
+    def factor_range(self) -> tuple[float, float]:
+        return float(self._config("factor_min")), float(self._config("factor_max"))
+
+    def _timestamp_key(self):
+        return load_private_key(self._config("timestamp_key").encode())
+
+    def timestamp_public_pem(self) -> bytes:
+        """The public half of the online timestamp key: what devices pin to check freshness."""
+        return public_pem(self._timestamp_key())
 
     def admin_keys(self) -> dict[str, object]:
         """``{key_id: public key}``: what devices pin."""
@@ -200,10 +257,14 @@ class Registry:
         kids = [self._admin(k) for k in keys]
         if not profile or not profile.replace("-", "").replace("_", "").isalnum():
             raise RegistryError(f"profile {profile!r}: use letters, digits, '-' and '_'")
-        if not 0 <= float(percent) < 100:
-            raise RegistryError(f"--percent {percent}: a canary is in [0, 100); use promote --full")
-        if not float(expires_days) > 0:
-            raise RegistryError(f"--expires-days {expires_days} must be positive")
+        percent = _finite(percent, "--percent")
+        if not 0 <= percent < 100:
+            raise RegistryError(f"--percent {percent:g}: a canary is in [0, 100); use promote --full")
+        if percent > self.canary_max and len(set(kids)) < self.threshold:
+            raise RegistryError(f"--percent {percent:g}: a canary above {self.canary_max:g}% needs "
+                                f"{self.threshold} admin signatures (give {self.threshold} --key), or "
+                                f"publish at most {self.canary_max:g}% and promote")
+        expires_days = _days(expires_days)
         qparams_path = Path(qparams_path)
         try:
             payload = qparams_path.read_bytes()
@@ -219,17 +280,23 @@ class Registry:
             raise RegistryError(f"{qparams_path}: QParams are for profile {qp.meta['profile']!r}, "
                                 f"not {profile!r}")
         at = _now(now)
-        expires = at + timedelta(days=float(expires_days))
+        expires = at + timedelta(days=expires_days)
         with _tx(self.conn):
+            bounds = self._bounds_after(profile)
+            try:
+                check_plausible(qp, bounds, str(qparams_path))
+            except ReleaseRefused as e:
+                raise RegistryError(f"refused ({e.code}): {e.message} (bounds from the last full "
+                                    f"release of {profile} and the registry's factor range)") from None
             version = 1 + self.conn.execute("SELECT COALESCE(MAX(version), 0) FROM releases "
                                             "WHERE profile=?", (profile,)).fetchone()[0]
             name = release_name(profile, version)
             cur = self.conn.execute(
                 "INSERT INTO releases (name, profile, version, model, model_sha256, payload, "
-                "payload_sha256, created, expires, stage, percent, state) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'canary', ?, 'active')",
+                "payload_sha256, created, expires, stage, percent, state, canary_max, bounds) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'canary', ?, 'active', ?, ?)",
                 (name, profile, version, qp.model, model_sha256, payload, sha256_hex(payload),
-                 utc_iso(at), utc_iso(expires), float(percent)))
+                 utc_iso(at), utc_iso(expires), percent, self.canary_max, json.dumps(bounds)))
             _test_pause()
             row = self.conn.execute("SELECT * FROM releases WHERE id=?", (cur.lastrowid,)).fetchone()
             for k in keys:
@@ -237,8 +304,19 @@ class Registry:
             _history(self.conn, row["id"], at, "canary", float(percent), "active", ",".join(kids))
             _audit(self.conn, at, ",".join(kids), "publish", name,
                    {"qparams": str(qparams_path), "payload_sha256": sha256_hex(payload),
-                    "model": qp.model, "percent": float(percent), "expires": utc_iso(expires)})
+                    "model": qp.model, "percent": float(percent), "expires": utc_iso(expires),
+                    "bounds": bounds})
         return self.status_row(name, now=at)
+
+    def _bounds_after(self, profile: str, previous=None) -> dict:
+        """Bounds for the next release of ``profile``: from ``previous`` (a releases row) or the
+        newest full release that was not rolled back; none yet: LIMITS' scales."""
+        if previous is None:
+            previous = self.conn.execute(
+                "SELECT * FROM releases WHERE profile=? AND stage='full' AND state!='rolled_back' "
+                "ORDER BY version DESC", (profile,)).fetchone()
+        qp = None if previous is None else load_payload(bytes(previous["payload"]), previous["model"])
+        return derive_bounds(qp, self.factor_range)
 
     def sign(self, name: str, key, now: datetime | None = None) -> int:
         """Another admin signs the full stage of ``name``; returns the full-stage signatures."""
@@ -295,17 +373,28 @@ class Registry:
                     pct = float(target)
                 except (TypeError, ValueError):
                     raise RegistryError(f"stage {target!r}: a canary percent or 'full'") from None
-                if not 0 < pct < 100:
+                if not (math.isfinite(pct) and 0 < pct < 100):
                     raise RegistryError(f"canary percent {pct:g} must be in (0, 100); use --full for all")
                 if pct <= row["percent"]:
                     raise RegistryError(f"{name} is at {row['percent']:g}%: a canary only grows "
                                         f"(asked {pct:g}%); pause or roll back instead")
+                manifest = _manifest(row, "canary", pct)
                 for k in keys:
-                    _add_signature(self.conn, row, _manifest(row, "canary", pct), k, at)
+                    _add_signature(self.conn, row, manifest, k, at)
+                signers = self._signers(row, manifest)
+                big = pct > row["canary_max"]
+                if big and len(signers) < self.threshold:  # one key reaches at most canary_max
+                    _audit(self.conn, at, ",".join(kids), "sign", name,
+                           {"stage": "canary", "percent": pct, "signers": sorted(signers),
+                            "threshold": self.threshold})
+                    return self.status_row(name, now=at) | {
+                        "pending": f"canary {pct:g}% signed by {len(signers)} of the {self.threshold} "
+                                   f"admins a canary above {row['canary_max']:g}% needs"}
                 self.conn.execute("UPDATE releases SET percent=? WHERE id=?", (pct, row["id"]))
                 _history(self.conn, row["id"], at, "canary", pct, "active", ",".join(kids))
                 _audit(self.conn, at, ",".join(kids), "promote", name,
-                       {"stage": "canary", "from": row["percent"], "percent": pct})
+                       {"stage": "canary", "from": row["percent"], "percent": pct}
+                       | ({"signers": sorted(signers)} if big else {}))
         return self.status_row(name, now=at)
 
     def pause(self, name: str, actor: str | None = None, now: datetime | None = None) -> dict:
@@ -341,6 +430,7 @@ class Registry:
         if not keys:
             raise RegistryError("rollback needs an admin key to sign the new release (--key)")
         kids = [self._admin(k) for k in keys]
+        expires_days = _days(expires_days)
         at = _now(now)
         with _tx(self.conn):
             rows = self.conn.execute("SELECT * FROM releases WHERE profile=? AND state!='rolled_back' "
@@ -362,11 +452,11 @@ class Registry:
             name = release_name(profile, version)
             cur = self.conn.execute(
                 "INSERT INTO releases (name, profile, version, model, model_sha256, payload, "
-                "payload_sha256, created, expires, stage, percent, state, rollback_of) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'canary', 0, 'active', ?)",
+                "payload_sha256, created, expires, stage, percent, state, rollback_of, canary_max, "
+                "bounds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'canary', 0, 'active', ?, ?, ?)",
                 (name, profile, version, target["model"], target["model_sha256"], target["payload"],
-                 target["payload_sha256"], utc_iso(at), utc_iso(at + timedelta(days=float(expires_days))),
-                 target["name"]))
+                 target["payload_sha256"], utc_iso(at), utc_iso(at + timedelta(days=expires_days)),
+                 target["name"], self.canary_max, json.dumps(self._bounds_after(profile, target))))
             row = self.conn.execute("SELECT * FROM releases WHERE id=?", (cur.lastrowid,)).fetchone()
             for k in keys:
                 _add_signature(self.conn, row, _manifest(row, "canary", 0.0), k, at)
@@ -423,6 +513,16 @@ class Registry:
             if parse_utc(r["expires"]) > at and canary_member(device_id, r["name"], r["percent"]):
                 return self.export_bundle(r["name"])
         return self.export_bundle(full["name"]) if full else None
+
+    def timestamp(self, now: datetime | None = None) -> bytes:
+        """A fresh freshness statement: the newest served full version of every profile, signed
+        with the timestamp key, expiring after the init's ``timestamp_hours``. Serve it beside the
+        bundles and re-make it well within that time (it is cheap: one signature)."""
+        at = _now(now)
+        profiles = [r[0] for r in self.conn.execute("SELECT DISTINCT profile FROM releases ORDER BY profile")]
+        latest = {p: f["version"] for p in profiles if (f := self._served_full(p, at)) is not None}
+        hours = float(self._config("timestamp_hours"))
+        return make_timestamp(latest, self._timestamp_key(), at, at + timedelta(hours=hours))
 
     def status_row(self, name: str, now: datetime | None = None) -> dict:
         return next(r for r in self.status(now=now, _name=name))
@@ -495,7 +595,27 @@ def _tx(conn: sqlite3.Connection):
 def _manifest(row, stage: str, percent: float = 100.0) -> dict:
     return make_manifest(version=row["version"], profile=row["profile"], model=row["model"],
                          payload=bytes(row["payload"]), created=row["created"], expires=row["expires"],
-                         stage=stage, percent=percent, model_sha256=row["model_sha256"])
+                         stage=stage, percent=percent, model_sha256=row["model_sha256"],
+                         canary_max=row["canary_max"], bounds=json.loads(row["bounds"]))
+
+
+def _finite(x, what: str) -> float:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        raise RegistryError(f"{what} {x!r}: not a number") from None
+    if not math.isfinite(x):
+        raise RegistryError(f"{what} {x}: not a finite number")
+    return x
+
+
+def _days(x) -> float:
+    """An expiry in days, within (0, MAX_EXPIRES_DAYS]: a clear error instead of an overflow."""
+    d = _finite(x, "--expires-days")
+    if not 0 < d <= MAX_EXPIRES_DAYS:
+        raise RegistryError(f"--expires-days {d:g}: must be more than 0 and at most {MAX_EXPIRES_DAYS:g} "
+                            "(a release is re-signed at least yearly)")
+    return d
 
 
 def _add_signature(conn, row, manifest: dict, key, at: datetime) -> None:

@@ -1,8 +1,9 @@
 """``fedquant rollout``: admin commands over the release registry (design.md section 9).
 
 keygen -> init -> publish -> promote (canary percents, then --full by k admins) ; pause / resume ;
-rollback ; status ; audit ; verify. Bad input is a red error and exit code 2; a bundle that
-``verify`` refuses is exit code 1 with the refusal's code.
+rollback ; status ; audit ; verify ; timestamp. Bad input (numbers out of range included) is a
+red error and exit code 2, never a traceback; a bundle that ``verify`` refuses is exit code 1 with
+the refusal's code.
 """
 
 from __future__ import annotations
@@ -126,14 +127,20 @@ def keygen(
 def init(
     registry: Path = REGISTRY,
     trusted_keys: List[Path] = typer.Option([], "--trusted-keys", help="admin public keys: a directory or files"),
-    threshold: int = typer.Option(1, "--threshold", help="k: admin signatures a full release needs"),
+    threshold: int = typer.Option(1, "--threshold", help="k: admin signatures a full release (or a large canary) needs"),
+    canary_max: float = typer.Option(10.0, "--canary-max", help="the largest canary percent one signature may reach"),
+    min_factor: float = typer.Option(1e-5, "--min-factor", help="smallest plausible smoothing factor (the run config's)"),
+    max_factor: float = typer.Option(1e5, "--max-factor", help="largest plausible smoothing factor (the run config's)"),
+    timestamp_hours: float = typer.Option(24.0, "--timestamp-hours", help="lifetime of a freshness statement"),
 ) -> None:
-    """Create a registry with its admin keys (n) and the full-stage threshold (k)."""
+    """Create a registry with its admin keys (n), the threshold (k) and the canary limit."""
     from server.registry import Registry
 
-    reg = _guard(Registry.init, registry, _public_pems(trusted_keys), threshold)
+    reg = _guard(Registry.init, registry, _public_pems(trusted_keys), threshold, canary_max=canary_max,
+                 factor_range=(min_factor, max_factor), timestamp_hours=timestamp_hours)
     _say(f"registry {registry}: {len(reg.admin_keys())} admin keys "
-         f"({', '.join(reg.admin_keys())}), full stage needs {reg.threshold}")
+         f"({', '.join(reg.admin_keys())}), full stage needs {reg.threshold}; one signature reaches "
+         f"at most a {reg.canary_max:g}% canary")
 
 
 @rollout.command()
@@ -177,7 +184,10 @@ def promote(
     keys = _private_keys(key)
     reg = _registry(registry)
     r = _guard(reg.promote, release, "full" if full else percent, keys)
-    if full and r["stage"] != "full":
+    if r.get("pending"):
+        _say(f"{release}: {r['pending']}; another admin runs: fedquant rollout promote --release "
+             f"{release} --percent {percent:g} --key THEIR.key")
+    elif full and r["stage"] != "full":
         have, need = r["full_signatures"].split("/")
         _say(f"{release}: full stage signed by {have} of the {need} admins it needs; "
              f"another admin runs: fedquant rollout promote --release {release} --full --key THEIR.key")
@@ -248,7 +258,7 @@ def status(
 def audit(
     registry: Path = REGISTRY,
     release: Optional[str] = typer.Option(None, "--release"),
-    limit: int = typer.Option(50, "--limit"),
+    limit: int = typer.Option(50, "--limit", min=1),
 ) -> None:
     """The audit log: who changed what, when."""
     import json
@@ -264,14 +274,19 @@ def verify(
     registry: Path = REGISTRY,
     release: Optional[str] = typer.Option(None, "--release", help="verify this release as the registry serves it"),
     trusted_keys: List[Path] = typer.Option([], "--trusted-keys", help="pinned public keys (default: the registry's admins)"),
-    threshold: Optional[int] = typer.Option(None, "--threshold", help="k for the full stage (default: the registry's)"),
+    threshold: Optional[int] = typer.Option(None, "--threshold", min=1, help="k for the full stage (default: the registry's)"),
+    canary_max: Optional[float] = typer.Option(None, "--canary-max", help="the device's canary ceiling (default: the registry's, else 10)"),
     profile: Optional[str] = typer.Option(None, "--profile", help="the device's profile (default: the manifest's)"),
     model: Optional[str] = typer.Option(None, "--model", help="the device's model fingerprint (default: the manifest's)"),
-    running_version: int = typer.Option(0, "--running-version", help="the version the device runs"),
+    running_version: int = typer.Option(0, "--running-version", min=0, help="the version the device runs"),
     device_id: Optional[str] = typer.Option(None, "--device-id", help="check canary membership of this device"),
 ) -> None:
-    """Check a bundle as a device would, and say why it fails."""
-    from quant.release import Bundle, ReleaseRefused, trusted_keys as keys_of, verify_bundle
+    """Check a bundle as a device would (signatures, hashes, the payload parsed and held to its
+    bounds, expiry, version), and say why it fails."""
+    import math
+
+    from quant.release import (DEFAULT_CANARY_MAX, Bundle, ReleaseRefused, trusted_keys as keys_of,
+                               verify_bundle)
 
     if (bundle is None) == (release is None):
         _fail("give exactly one of --bundle FILE or --release NAME")
@@ -286,11 +301,16 @@ def verify(
     except ValueError as e:
         _fail(f"trusted keys: {e}")
     k = threshold if threshold is not None else reg.threshold
+    if canary_max is None:
+        canary_max = reg.canary_max if reg is not None else DEFAULT_CANARY_MAX
+    if not (math.isfinite(canary_max) and 0 <= canary_max <= 100):
+        _fail(f"--canary-max {canary_max}: a percent in [0, 100]")
     try:
         b = Bundle.from_bytes(data)
         m = verify_bundle(b, keys, k, datetime.now(timezone.utc), running_version,
                           model or b.manifest["model"], profile or b.manifest["profile"],
-                          device_id=device_id, check_membership=device_id is not None)
+                          device_id=device_id, check_membership=device_id is not None,
+                          canary_max=canary_max)
     except ReleaseRefused as e:
         err.print(f"[red]refused ({e.code}):[/red] {escape(e.message)}", soft_wrap=True, highlight=False)
         raise typer.Exit(1)
@@ -299,3 +319,26 @@ def verify(
     _say(f"OK {m['release']}: profile {m['profile']}, model {m['model']}, {stage}, expires "
          f"{m['expires']}, signed by {len(signers)} pinned key(s) ({', '.join(signers)}), "
          f"payload sha256 {m['payload_sha256'][:16]}...")
+
+
+@rollout.command()
+def timestamp(
+    registry: Path = REGISTRY,
+    out_file: Path = typer.Option(..., "--out", help="write the signed freshness statement here"),
+    public_key_out: Optional[Path] = typer.Option(None, "--public-key-out", help="also write the timestamp public key devices pin"),
+) -> None:
+    """Sign a fresh, short-lived statement of each profile's newest full version (TUF's timestamp
+    role): serve it beside the bundles, re-make it well before it expires."""
+    import json
+
+    from quant.qparams import atomic_write_bytes
+    from quant.release import TIMESTAMP_MAGIC
+
+    reg = _registry(registry)
+    data = reg.timestamp()
+    atomic_write_bytes(out_file, data)
+    st = json.loads(data[len(TIMESTAMP_MAGIC):])["statement"]
+    _say(f"wrote {out_file}: latest {json.dumps(st['latest'], sort_keys=True)}, expires {st['expires']}")
+    if public_key_out is not None:
+        atomic_write_bytes(public_key_out, reg.timestamp_public_pem())
+        _say(f"wrote {public_key_out} (devices pin it)")

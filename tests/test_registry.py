@@ -17,7 +17,7 @@ from client.updates import DeviceReleases
 from quant import PointParams, QParams, save_qparams
 from quant.qparams import model_fingerprint
 from quant.release import (Bundle, ReleaseRefused, canary_member, generate_key_pair, key_id,
-                           load_private_key, public_pem, verify_bundle)
+                           load_private_key, load_public_key, public_pem, verify_bundle)
 from quant.spec import activation_spec
 from server.registry import PAUSE_ENV, Registry, RegistryError
 
@@ -39,7 +39,7 @@ def keys():
 @pytest.fixture
 def reg(tmp_path, keys):
     r = Registry.init(tmp_path / "reg.sqlite", [public_pem(keys[n]) for n in ("alice", "bob", "carol")], 2,
-                      actor="test")
+                      actor="test", canary_max=25)  # these tests take one-key canaries up to 25 %
     yield r
     r.close()
 
@@ -204,3 +204,64 @@ def test_publish_killed_inside_its_transaction_leaves_no_half_release(reg, keys,
     assert again.publish(tmp_path / "a.safetensors", "int8", [keys["alice"]])["release"] == "int8-v2"
     assert [r["release"] for r in again.status()] == ["int8-v1", "int8-v2"]
     again.close()
+
+
+# ------------------------------------------------------------------ issue 14, goal 4
+
+def test_one_key_cannot_take_a_canary_past_canary_max(reg, keys, tmp_path):
+    reg.publish(_qp_file(tmp_path / "q.safetensors"), "int8", [keys["alice"]])
+    before = _tables(reg.path)["releases"]
+    with pytest.raises(RegistryError, match="above 25% needs 2 admin signatures"):
+        reg.publish(_qp_file(tmp_path / "q.safetensors"), "int8", [keys["alice"]], percent=99.99)
+    assert _tables(reg.path)["releases"] == before
+    r = reg.promote("int8-v1", 99.99, [keys["alice"]])  # one key: signed, not moved, not served
+    assert r["stage"] == "canary 0%" and "signed by 1 of the 2" in r["pending"]
+    assert reg.release_for("int8", "dev1") is None
+    r = reg.promote("int8-v1", 99.99, [keys["bob"]])  # a second admin: k of n, it moves
+    assert r["stage"] == "canary 99.99%" and "pending" not in r
+    b = Bundle.from_bytes(reg.export_bundle("int8-v1"))
+    assert b.manifest["canary_max"] == 25 and len(b.signatures) == 2
+    member = next(f"d{i}" for i in range(100) if canary_member(f"d{i}", "int8-v1", 99.99))
+    assert verify_bundle(b, reg.admin_keys(), 2, datetime.now(timezone.utc), 0, MODEL, "int8",
+                         device_id=member)["percent"] == 99.99
+    with pytest.raises(RegistryError, match=r"canary-max 100: a percent in \[0, 100\)"):
+        Registry.init(tmp_path / "x.sqlite", [public_pem(keys["alice"])], 1, canary_max=100)
+
+
+def test_publish_refuses_implausible_values_and_signs_its_bounds(reg, keys, tmp_path):
+    for scale in (1e-30, 3e38):
+        with pytest.raises(RegistryError, match=r"refused \(implausible\)"):
+            reg.publish(_qp_file(tmp_path / "bad.safetensors", scale), "int8", [keys["alice"]])
+    assert _tables(reg.path)["releases"] == 0
+    reg.publish(_qp_file(tmp_path / "a.safetensors", 0.02), "int8", [keys["alice"]])
+    assert Bundle.from_bytes(reg.export_bundle("int8-v1")).manifest["bounds"]["scale_max"] == 2.0**16
+    reg.promote("int8-v1", "full", [keys["alice"], keys["bob"]])
+    with pytest.raises(RegistryError, match="outside the bounds"):  # 0.02 * 16 = 0.32 at most now
+        reg.publish(_qp_file(tmp_path / "b.safetensors", 0.5), "int8", [keys["alice"]])
+    reg.publish(_qp_file(tmp_path / "c.safetensors", 0.3), "int8", [keys["alice"]])
+    b = Bundle.from_bytes(reg.export_bundle("int8-v2")).manifest["bounds"]
+    assert b["scale_max"] == pytest.approx(0.02 * 16, rel=1e-6) and b["factor_max"] == 1e5
+
+
+@pytest.mark.parametrize("days", [1e9, float("inf"), float("nan"), 0, -1, 367])
+def test_expiry_out_of_range_is_a_clear_error(reg, keys, tmp_path, days):
+    with pytest.raises(RegistryError, match="--expires-days"):
+        reg.publish(_qp_file(tmp_path / "q.safetensors"), "int8", [keys["alice"]], expires_days=days)
+
+
+def test_the_registry_timestamp_tells_a_frozen_device(reg, keys, tmp_path):
+    reg.publish(_qp_file(tmp_path / "a.safetensors", 0.02), "int8", [keys["alice"]])
+    reg.promote("int8-v1", "full", [keys["alice"], keys["bob"]])
+    ts_pub = load_public_key(reg.timestamp_public_pem())
+    phone = DeviceReleases(tmp_path / "phone", reg.admin_keys(), 2, "int8", MODEL, device_id="p1",
+                           timestamp_key=ts_pub)
+    assert phone.update(reg.release_for, timestamp=reg.timestamp)["status"] == "applied"
+    frozen_v1 = reg.export_bundle("int8-v1")  # a mirror that keeps serving v1
+    reg.publish(_qp_file(tmp_path / "b.safetensors", 0.03), "int8", [keys["alice"]])
+    reg.promote("int8-v2", "full", [keys["alice"], keys["bob"]])
+    r = phone.update(lambda p, d: frozen_v1, timestamp=reg.timestamp)
+    assert r["status"] == "frozen" and "int8 is at version 2" in r["reason"]
+    stale = reg.timestamp(now=datetime.now(timezone.utc) - timedelta(days=2))  # 24 h statements
+    assert "expired" in phone.update(lambda p, d: frozen_v1, timestamp=stale)["reason"]
+    assert phone.update(reg.release_for, timestamp=reg.timestamp)["status"] == "applied"
+    assert phone.update(reg.release_for, timestamp=reg.timestamp)["status"] == "current"

@@ -167,10 +167,10 @@ def test_apply_keeps_previous_and_falls_back(device, keys, tmp_path):
 
 
 def test_canary_needs_one_signature_and_membership(keys, pinned, tmp_path):
-    payload = _payload(tmp_path)
-    member = next(f"d{i}" for i in range(1000) if canary_member(f"d{i}", "int8-v2", 20))
-    outsider = next(f"d{i}" for i in range(1000) if not canary_member(f"d{i}", "int8-v2", 20))
-    data = _bundle(keys, payload, 2, signers=("carol",), stage="canary", percent=20).to_bytes()
+    payload = _payload(tmp_path)  # 10 %: the largest canary one signature reaches by default
+    member = next(f"d{i}" for i in range(1000) if canary_member(f"d{i}", "int8-v2", 10))
+    outsider = next(f"d{i}" for i in range(1000) if not canary_member(f"d{i}", "int8-v2", 10))
+    data = _bundle(keys, payload, 2, signers=("carol",), stage="canary", percent=10).to_bytes()
     assert verify_bundle(data, pinned, 2, NOW, 1, MODEL, "int8", device_id=member)["stage"] == "canary"
     for dev_id in (outsider, None):
         with pytest.raises(ReleaseRefused) as exc:
@@ -220,3 +220,112 @@ def test_canary_membership_is_the_same_in_another_process():
 def test_trusted_keys_accept_private_pems_as_their_public_half(keys):
     priv, pub = generate_key_pair()
     assert list(trusted_keys([priv, pub])) == [key_id(load_private_key(priv))]
+
+
+# ------------------------------------------------------------------ issue 14, goal 4: one key cannot abuse
+
+def _qp_with(scale=0.02, factor=None, model=MODEL):
+    qp = _qparams(scale, model=model)
+    if factor is not None:
+        qp.smoothing["m.l0.q_proj"] = np.full(8, factor, np.float32)
+    return qp
+
+
+@pytest.mark.parametrize("percent, canary_max", [(10.01, 10.0), (99.99, 10.0), (99.99, 100.0), (50, 25.0)])
+def test_one_signature_reaches_at_most_a_small_canary(keys, pinned, tmp_path, percent, canary_max):
+    """A 99.99 % "canary" by one key is refused by the device, even when that key signs
+    canary_max 100 into the manifest: the device's pinned ceiling (10 %) still holds."""
+    payload = _payload(tmp_path)
+    data = _bundle(keys, payload, 2, signers=("mallory", "carol"), stage="canary", percent=percent)
+    m = dict(data.manifest, canary_max=canary_max)
+    one = Bundle(m, payload, [sign_manifest(m, keys["carol"])]).to_bytes()
+    member = next(f"d{i}" for i in range(1000) if canary_member(f"d{i}", "int8-v2", percent))
+    with pytest.raises(ReleaseRefused) as exc:
+        verify_bundle(one, pinned, 2, NOW, 1, MODEL, "int8", device_id=member)
+    assert exc.value.code == "too_few_signatures" and "above 10%" in exc.value.message
+    two = Bundle(m, payload, [sign_manifest(m, keys[n]) for n in ("carol", "bob")]).to_bytes()
+    assert verify_bundle(two, pinned, 2, NOW, 1, MODEL, "int8", device_id=member)["percent"] == percent
+
+
+def test_a_registry_can_narrow_the_canary_ceiling_but_not_widen_it(keys, pinned, tmp_path):
+    payload = _payload(tmp_path)
+    member = next(f"d{i}" for i in range(1000) if canary_member(f"d{i}", "int8-v2", 8))
+    b = _bundle(keys, payload, 2, signers=("carol",), stage="canary", percent=8)
+    m = dict(b.manifest, canary_max=5.0)  # the registry's policy: 5 %
+    with pytest.raises(ReleaseRefused, match="above 5%"):
+        verify_bundle(Bundle(m, payload, [sign_manifest(m, keys["carol"])]).to_bytes(), pinned, 2, NOW, 1,
+                      MODEL, "int8", device_id=member)
+
+
+@pytest.mark.parametrize("scale, factor, what", [(1e-30, None, "scale 1e-30"), (3e38, None, "scale 3e+38"),
+                                                 (0.02, 1e30, "factor 1e+30"), (0.02, 1e-30, "factor 1e-30")])
+def test_absurd_but_finite_values_are_implausible_on_the_device(device, keys, tmp_path, scale, factor, what):
+    dev, rt = device
+    before = _snapshot(dev.dir)
+    payload = save_qparams(_qp_with(scale, factor), tmp_path / "x.safetensors").read_bytes()
+    for data in (_bundle(keys, payload, 2).to_bytes(), _bundle(keys, payload, 2, signers=("alice",),
+                                                               stage="canary", percent=0).to_bytes()):
+        with pytest.raises(ReleaseRefused) as exc:
+            dev.apply(data, runtime=rt, now=NOW)
+        assert exc.value.code == "implausible" and what in exc.value.message
+    assert dev.update(lambda p, d: _bundle(keys, payload, 2).to_bytes(), runtime=rt, now=NOW)["code"] == "implausible"
+    assert _snapshot(dev.dir) == before and len(rt.patched) == 1
+
+
+def test_signed_bounds_narrow_what_the_device_accepts(keys, pinned, tmp_path):
+    payload = _payload(tmp_path, 0.5)
+    bounds = {"scale_min": 2.0**-24, "scale_max": 0.25, "factor_min": 1e-5, "factor_max": 1e5}
+    m = make_manifest(version=2, profile="int8", model=MODEL, payload=payload, created=NOW, stage="full",
+                      expires=NOW + timedelta(days=1), bounds=bounds)
+    data = Bundle(m, payload, [sign_manifest(m, keys[n]) for n in ("alice", "bob")]).to_bytes()
+    with pytest.raises(ReleaseRefused, match="implausible: int8-v2: m.l0.q_proj:input has scale 0.5"):
+        verify_bundle(data, pinned, 2, NOW, 1, MODEL, "int8")
+
+
+def test_format_1_manifests_are_refused_clearly(keys, pinned, tmp_path):
+    b = _bundle(keys, _payload(tmp_path), 2)
+    m = {k: v for k, v in b.manifest.items() if k not in ("canary_max", "bounds")} | {"format": "fedquant.release/1"}
+    data = Bundle(m, b.payload, [sign_manifest(m, keys[n]) for n in ("alice", "bob")]).to_bytes()
+    with pytest.raises(ReleaseRefused, match="malformed: .*no canary limit and no value bounds"):
+        verify_bundle(data, pinned, 2, NOW, 1, MODEL, "int8")
+
+
+@pytest.mark.parametrize("header, why", [
+    (b'{"manifest":{},"payload_bytes":' + b"1" * 5000 + b',"signatures":[]}', "integer of 5000 digits"),
+    (b"[" * 20_000 + b"]" * 20_000, "not strict JSON"),
+    (b'{"manifest":{},"payload_bytes":NaN,"signatures":[]}', "NaN is not a number"),
+    (b'{"manifest":{},"manifest":{},"payload_bytes":0,"signatures":[]}', "duplicate key 'manifest'"),
+    (b'{"manifest":{},"payload_bytes":0,"signatures":[]' + b" " * 70_000 + b"}", "longer than 65536"),
+])
+def test_unsigned_garbage_is_malformed_on_the_device_never_an_exception(device, header, why):
+    dev, rt = device
+    data = MAGIC + header + b"\n"
+    with pytest.raises(ReleaseRefused, match=why) as exc:
+        dev.apply(data, runtime=rt, now=NOW)
+    assert exc.value.code == "malformed"
+    assert dev.update(lambda p, d: data, now=NOW)["code"] == "malformed"
+
+
+def test_a_device_pinning_the_timestamp_key_says_when_it_is_frozen(device, keys, tmp_path):
+    from quant.release import make_timestamp
+
+    dev, rt = device  # runs int8-v1
+    ts_key = load_private_key(generate_key_pair()[0])
+    dev.timestamp_key = ts_key.public_key()
+    v1 = lambda p, d: _bundle(keys, _payload(tmp_path), 1).to_bytes()  # noqa: E731
+    fresh = make_timestamp({"int8": 1}, ts_key, NOW, NOW + timedelta(hours=24))
+    assert dev.update(v1, now=NOW, timestamp=fresh)["status"] == "current"
+    cases = {
+        "missing": None,
+        "expired at": make_timestamp({"int8": 1}, ts_key, NOW - timedelta(days=2), NOW - timedelta(days=1)),
+        "not signed by the pinned": make_timestamp({"int8": 1}, keys["mallory"], NOW, NOW + timedelta(hours=1)),
+        "says int8 is at version 2": make_timestamp({"int8": 2}, ts_key, NOW, NOW + timedelta(hours=1)),
+        "not a fedquant timestamp": b"garbage",
+    }
+    for why, st in cases.items():
+        r = dev.update(v1, now=NOW, timestamp=st)
+        assert r["status"] == "frozen" and r["code"] == "frozen" and why in r["reason"], (why, r)
+        assert r["poll"]["status"] == "current"
+    v2 = lambda p, d: _bundle(keys, _payload(tmp_path, 0.03), 2).to_bytes()  # noqa: E731
+    r = dev.update(v2, runtime=rt, now=NOW, timestamp=lambda: cases["says int8 is at version 2"])
+    assert r == {"status": "applied", "release": "int8-v2", "version": 2}
