@@ -208,9 +208,24 @@ class FedQuant(Strategy):
                     **{f"roster_{k}": v for k, v in r["joined"].items()},
                     "rejections_by_profile": {p: summarise_rejections(x)
                                               for p, x in sorted(rejected_by_profile.items())}}
+        alert = most_failed(len(sampled), rejections)
+        if alert:                       # workers killed for memory, a SuperLink losing nodes, an attack
+            metrics["alert"] = alert
+            log.warning("round %d (%s): %s", rnd, spec.job, alert)
         r["metrics"] = metrics
         return MetricRecord({"replies": int(metrics["replies"]), "rejected": len(rejections),
                              "applied": int(bool(metrics.get("applied")))})
+
+
+def most_failed(sampled: int, rejections: list[Rejection]) -> str | None:
+    """A loud line when more than half of a round's sampled clients gave no usable reply (with the
+    causes, most frequent first), else None: such a round looks like any other in the perplexities,
+    but its result rests on few devices, or the fleet (or its host) is failing."""
+    if not sampled or 2 * len(rejections) <= sampled:
+        return None
+    causes = summarise_rejections(rejections)
+    top = sorted(causes.items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"{len(rejections)} of {sampled} replies failed: " + ", ".join(f"{c} {n}" for c, n in top[:4])
 
 
 def round_traffic(sampled: list[str], profile: Mapping[str, str], down: Mapping[str, int],

@@ -230,6 +230,8 @@ def _round_line(m: dict, width: int = 80) -> str:
     parts = [glue(f"round {m['round']:>3} {m['job']:<5}"), glue(f"{m.get('replies', 0)}/{m.get('sampled', 0)} valid")]
     if rej:
         parts.append("rejected " + ", ".join(glue(f"{k} {v}") for k, v in sorted(rej.items())))
+    if m.get("alert"):                  # most replies failed: say so, with the causes
+        parts.append("ALERT: " + str(m["alert"]))
     if m.get("skipped"):                # the round changed nothing: say so, with the server's reason
         reason = str(m["skipped"])
         parts.append("SKIPPED: " + (reason if len(reason) <= 60 else reason[:59] + "…"))
@@ -300,6 +302,10 @@ def simulate(
     Console().print(table)
     err.print(f"wrote {out}/summary.json, metrics.jsonl, {', '.join(Path(p).name for p in summary.get('plots', []))}, "
               f"qparams/ and export/", highlight=False)
+    for a in summary.get("alerts", []):
+        err.print(f"[red]warning:[/red] round {a['round']} ({a['job']}): "
+                  f"{escape(str(a.get('alert') or 'skipped: ' + str(a.get('skipped'))))}",
+                  soft_wrap=True, highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -111,6 +111,11 @@ def summarise(prep: Prepared, refs: dict, artifacts: dict, wall_s: float) -> dic
                        "bytes_up_per_client_round": up, "bytes_down_per_client_round": down,
                        "clients": sum(1 for c in prep.clients if c.profile == p),
                        "artifacts": artifacts.get(p, {})}
-    return {"format": RUN_FORMAT, "name": prep.cfg.name, "model": prep.cfg.model, "profiles": profiles,
-            "clients": len(prep.clients), "rounds": len(lines), "data": prep.about,
-            "wall_s": round(wall_s, 1), "prepare_s": round(prep.prepare_s, 1), "machine": machine_info()}
+    summary = {"format": RUN_FORMAT, "name": prep.cfg.name, "model": prep.cfg.model, "profiles": profiles,
+               "clients": len(prep.clients), "rounds": len(lines), "data": prep.about,
+               "wall_s": round(wall_s, 1), "prepare_s": round(prep.prepare_s, 1), "machine": machine_info()}
+    alerts = [{"round": m["round"], "job": m["job"], **{k: m[k] for k in ("alert", "skipped") if m.get(k)}}
+              for m in lines if m.get("alert") or m.get("skipped")]
+    if alerts:                          # rounds to distrust: most replies failed, or nothing was applied
+        summary["alerts"] = alerts
+    return summary

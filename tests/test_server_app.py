@@ -368,3 +368,46 @@ def test_the_pyproject_names_the_server_and_client_apps_of_server_and_client():
     app = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.app:server_app", "clientapp": "client.app:app"}
     assert callable(load_setup(app["config"]["setup"]))
+
+
+def test_a_round_where_most_replies_fail_is_reported_loudly(tmp_path):
+    """Workers killed for memory show only as flower_error: a round where most sampled clients
+    failed carries an alert with the causes, and the summary lists it; a healthy round does not."""
+    from server.strategy import most_failed
+    from server.validate import Rejection
+
+    nodes = fleet(12)                   # c08..c11 misbehave already (garbage, crash, flower_error, timeout)
+    for n in nodes[:4]:
+        n.behaviour = "flower_error"
+    run_server(FakeGrid(nodes), config(schedule=[{"job": "scout"}, {"job": "stats", "fraction": 1.0}]),
+               make_initial(), tmp_path)
+    scout, stats = lines(tmp_path)
+    assert scout["replies"] == 4
+    assert scout["alert"] == "8 of 12 replies failed: flower_error 5, client:job_failed 1, malformed 1, timeout 1"
+    assert "alert" not in run_server_lines(tmp_path / "healthy")
+    assert most_failed(12, [Rejection("timeout", "")] * 6) is None          # half is not most
+    assert most_failed(0, []) is None
+
+
+def test_the_round_line_and_summary_say_when_most_replies_failed(tmp_path):
+    from types import SimpleNamespace
+
+    from simulation.cli import _round_line
+    from simulation.report import summarise
+
+    m = {"round": 2, "job": "stats", "replies": 1, "sampled": 3, "wall_s": 1.0,
+         "rejections": {"flower_error": 2}, "alert": "2 of 3 replies failed: flower_error 2"}
+    assert "ALERT: 2 of 3 replies failed: flower_error 2" in " ".join(_round_line(m).split())
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "job": "scout"}) + "\n" + json.dumps(m) + "\n")
+    prep = SimpleNamespace(out=tmp_path, initial={}, clients=[], about={}, prepare_s=0.0,
+                           cfg=SimpleNamespace(name="x", model="tiny"))
+    summary = summarise(prep, {}, {}, 1.0)
+    assert summary["alerts"] == [{"round": 2, "job": "stats", "alert": m["alert"]}]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "job": "scout"}) + "\n")
+    assert "alerts" not in summarise(prep, {}, {}, 1.0)
+
+
+def run_server_lines(out):
+    """The metrics lines of a scout round on the usual fleet (4 of 12 misbehave: no alert)."""
+    run_server(FakeGrid(fleet(12)), config(schedule=[{"job": "scout"}]), make_initial(), out)
+    return lines(out)[0]
