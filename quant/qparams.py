@@ -178,14 +178,20 @@ def save_qparams(qp: QParams, path: str | os.PathLike) -> Path:
 
 def load_qparams(path: str | os.PathLike, expect_model: str | None = None) -> QParams:
     """Read and validate a QParams file; errors name the file and what is wrong with it."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise ValueError(f"{path}: cannot read QParams file ({e.strerror})") from None
+    return qparams_from_bytes(raw, expect_model, name=str(path))
+
+
+def qparams_from_bytes(raw: bytes, expect_model: str | None = None, name: str = "QParams") -> QParams:
+    """``load_qparams`` of bytes already in memory (a release's payload); errors start with ``name``."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = name
     try:
         tensors = load(raw)
         header = safetensors_metadata(raw)

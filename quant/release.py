@@ -297,24 +297,15 @@ def load_payload(payload: bytes, expect_model: str | None = None, name: str = "p
     """The payload's QParams, parsed and validated as quant.qparams.load_qparams does (zero-points
     inside their integer range, finite positive scales and factors); ReleaseRefused("malformed")
     for anything else, never another exception."""
-    import os
-    import tempfile
+    from quant.qparams import qparams_from_bytes
 
-    from quant.qparams import load_qparams
-
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        try:
-            return load_qparams(tmp, expect_model=expect_model)
-        except ValueError as e:
-            msg = str(e).replace(tmp, name)
-        except Exception as e:  # noqa: BLE001 -- hostile bytes: a refusal, whatever the reader raised
-            msg = f"{name}: unreadable ({type(e).__name__})"
-        raise ReleaseRefused("malformed", f"payload is not usable QParams: {msg}")
-    finally:
-        os.unlink(tmp)
+        return qparams_from_bytes(bytes(payload), expect_model=expect_model, name=name)
+    except ValueError as e:
+        msg = str(e)
+    except Exception as e:  # noqa: BLE001 -- hostile bytes: a refusal, whatever the reader raised
+        msg = f"{name}: unreadable ({type(e).__name__})"
+    raise ReleaseRefused("malformed", f"payload is not usable QParams: {msg}")
 
 
 def check_plausible(qp, bounds: dict, name: str = "release") -> None:
