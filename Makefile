@@ -36,12 +36,12 @@ bench: venv
 	$(PY) -m bench.calibrators
 
 # Issue 5's quality table: the main run, the runs of its variants (each resumes if already done),
-# then the peer tools on the same data and the README table. About 2.3 hours on 2 cores with the peer
+# then the peer tools on the same data and the README table. About 2.5 hours on 2 cores with the peer
 # calibrations cached: the sum of the runs' wall_s (summary.json) and bench/quality.py's wall_s.
 QUALITY_RUNS := runs/default=fedquant runs/q-nosmooth="fedquant, no smoothing" \
 	runs/q-sample10="fedquant, 10% per round" runs/q-sample30="fedquant, 30% per round" runs/q-iid="fedquant, IID" \
 	runs/q-w8a16="fedquant, 8/16" runs/q-lsq4="fedquant, lsq by profile" \
-	runs/q-distill="fedquant, lsq by profile, distill"
+	runs/q-distill="fedquant, lsq by profile, distill" runs/q-exact="fedquant, exact rules"
 bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/default.toml --out runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/nosmooth.toml --out runs/q-nosmooth
@@ -51,6 +51,7 @@ bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/quality/w8a16.toml --out runs/q-w8a16
 	$(VENV)/bin/fedquant simulate --config configs/quality/lsq4.toml --out runs/q-lsq4 --prepared-from runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/distill.toml --out runs/q-distill
+	$(VENV)/bin/fedquant simulate --config configs/quality/exact.toml --out runs/q-exact --prepared-from runs/default
 	$(PY) -m bench.quality --runs $(QUALITY_RUNS)
 	$(PY) -m bench.readme_tables
 

@@ -1,7 +1,12 @@
 """Aggregation rules (design.md section 4): pure functions over validated, decoded replies.
 
 Additive statistics are summed (exact: the federated result equals calibration on the pooled data,
-and a sum is what secure aggregation computes); per-channel abs-max is merged by max (exact).
+and a sum is what secure aggregation computes); per-channel abs-max is merged by max (exact). On a
+hostile fleet the exact rules let one client set a range (two values far outside a grid) or a
+SmoothQuant factor (one huge abs-max): the bounded-influence rules (``trimmed_statistics``,
+``clip_scouting``, ``capped_weights``, the median and trimmed mean of deltas) keep every parameter
+within what the honest clients' data gives while they are the majority; they are the defaults
+(server.config).
 Learned-range updates are deltas of ``(log s, beta)`` (LSQ+ offset ``beta = -z s``): aggregated by a
 weighted mean or a robust rule, applied to the global ``(log s, beta)`` by a server optimizer, and
 the integer zero-point is derived only at the end: z means something only together with its s, so
@@ -93,6 +98,105 @@ def ranges_for_profile(merged: Mapping[str, ActivationStats], specs_by_key: Mapp
     if missing:
         raise ValueError(f"no merged statistics for {missing[:3]} ({len(missing)} points)")
     return activation_qparams({k: merged[k] for k in specs_by_key}, dict(specs_by_key), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded influence: rules no minority of clients can steer (issue 14; README "Bounded influence")
+
+def trimmed_statistics(stats: Sequence[ActivationStats], trim: float) -> ActivationStats:
+    """One round's statistics of one point merged so that no minority can move them far: the
+    coordinate-wise trimmed mean (Yin et al., ICML 2018) of the clients' empirical CDFs on the
+    grid's edges, outside-grid cells included, scaled to ``k x`` the median client's ``n``.
+
+    With at most ``b = floor(trim k)`` bad clients, the merged share of values below any edge lies
+    within the honest clients' shares there, so every quantile a calibrator reads lies within the
+    honest clients' quantiles; min and max are the ``b``-th order statistics of the clients' own
+    (a cell is occupied only where more than ``b`` clients have mass, so they stay consistent
+    with the histogram); and a client counts as the median client's ``n``, whatever it claims.
+    On an honest fleet of equal clients the total is exact and the shape is the pooled one with
+    the ``b`` most extreme clients' mass left out at each edge (its cost: README). Empty
+    statistics (``n = 0``) take no part."""
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    seen = [s for s in stats if s.n > 0]
+    if not seen:
+        return merge_all(stats)
+    grid = seen[0].grid
+    k, b = len(seen), math.floor(trim * len(seen))
+    cells = np.stack([np.concatenate([[s.below], s.counts, [s.above]]) for s in seen]).astype(np.float64)
+    ns = np.array([s.n for s in seen], dtype=np.float64)
+    cdf = np.cumsum(cells, axis=1)[:, :-1] / ns[:, None]          # share at or below each cell
+    cdf = np.sort(cdf, axis=0)[b:k - b].mean(axis=0)
+    total = k * int(sorted(s.n for s in seen)[(k - 1) // 2])      # the (lower) median client's n, k times
+    cum = np.minimum(np.maximum.accumulate(np.rint(cdf * total)), total).astype(np.int64)
+    merged = np.diff(np.concatenate([[0], cum, [total]]))
+    below, counts, above = int(merged[0]), merged[1:-1], int(merged[-1])
+    mn = sorted(s.min for s in seen)[b]
+    mx = sorted((s.max for s in seen), reverse=True)[b]
+    if below == 0:                       # rounding left no mass below: min must not claim some
+        mn = max(mn, grid.lo)
+    if above == 0:
+        mx = min(mx, math.nextafter(grid.hi, -math.inf))
+    return ActivationStats(grid, counts, below, above, mn, mx, total)
+
+
+def clip_scouting(replies: Sequence[ScoutReply], multiple: float) -> list[ScoutReply]:
+    """The scouting reports with each client's range and per-channel abs-max capped at
+    ``multiple x`` the clients' lower median (per point; per channel): while fewer than half the
+    clients are bad, it is within the honest values (the lower one of two, so that with two
+    replies an inflated one does not raise it), so no report moves a grid or a SmoothQuant
+    factor beyond ``multiple x`` the honest clients' largest. Honest clients whose values exceed
+    the cap lose only the excess: the statistics rounds still see their values (outside a grid,
+    which widens when they are many)."""
+    if multiple < 1:
+        raise ValueError(f"the clip multiple must be >= 1, got {multiple}")
+    caps: dict[str, float] = {}
+    for k in dict.fromkeys(k for r in replies for k in r.ranges):
+        seen = sorted(r.absmax[k] for r in replies if r.n.get(k, 0) > 0)
+        if seen:
+            caps[k] = multiple * seen[(len(seen) - 1) // 2]
+    channel_caps = {}
+    for k in dict.fromkeys(k for r in replies for k in r.channel_absmax):
+        got = [np.asarray(r.channel_absmax[k], dtype=np.float32) for r in replies if k in r.channel_absmax]
+        if len({a.shape for a in got}) == 1:     # shapes differ only in replies validation refused
+            low = np.sort(np.stack(got), axis=0)[(len(got) - 1) // 2]
+            channel_caps[k] = (multiple * low.astype(np.float64)).astype(np.float32)
+    out = []
+    for r in replies:
+        ranges = {k: (max(lo, -caps[k]), min(hi, caps[k])) if k in caps and r.n.get(k, 0) > 0 else (lo, hi)
+                  for k, (lo, hi) in r.ranges.items()}
+        absmax = {k: np.minimum(np.asarray(a, dtype=np.float32), channel_caps[k]) if k in channel_caps else a
+                  for k, a in r.channel_absmax.items()}
+        out.append(ScoutReply(ranges, dict(r.n), absmax))
+    return out
+
+
+def bounded_extremes(stats: ActivationStats, limit: float) -> ActivationStats:
+    """``stats`` with min and max clamped to ``[-limit, limit]`` (``limit >= `` the grid's extent):
+    the values beyond it are taken to sit at it. A round's statistics then cannot stretch a range,
+    or make the server widen a grid, past ``limit``, however few replies it had (with one or two,
+    nothing can be trimmed)."""
+    if not limit >= max(-stats.lo, stats.hi):
+        raise ValueError(f"limit {limit} lies inside the grid [{stats.lo}, {stats.hi}]")
+    if stats.n == 0 or (-limit <= stats.min and stats.max <= limit):
+        return stats
+    return ActivationStats(stats.grid, stats.counts, stats.below, stats.above, max(stats.min, -limit),
+                           min(stats.max, limit), stats.n)
+
+
+def bounded_step(delta: np.ndarray, bound: float) -> np.ndarray:
+    """``delta`` clipped elementwise to ``[-bound, bound]``: an aggregated step of ``log s`` bounded
+    by ``log(factor)`` moves no scale by more than ``factor`` in a round, whoever sent it."""
+    return np.clip(np.asarray(delta, dtype=np.float64), -bound, bound)
+
+
+def capped_weights(claimed: Sequence[float]) -> list[float]:
+    """Example counts as weights, each capped at the (lower) median claim: a client that claims
+    more examples than the median client weighs as the median client does."""
+    if not claimed:
+        return []
+    cap = sorted(claimed)[(len(claimed) - 1) // 2]
+    return [min(float(c), float(cap)) for c in claimed]
 
 
 # ---------------------------------------------------------------------------------------------

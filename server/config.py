@@ -101,8 +101,23 @@ class ServerConfig(BaseModel):
     profile_calibrators: dict[str, CalibratorConfig] = Field(
         default_factory=dict, description="per-profile calibrator (the best clipping depends on the bit widths)")
     smoothing: SmoothingConfig | None = Field(None, description="SmoothQuant factors from the scouting round")
-    lsq_rule: Literal["mean", "median", "trimmed"] = "mean"
-    trim: float = Field(0.1, ge=0, lt=0.5, description="share trimmed on each side (lsq_rule = trimmed)")
+    # Aggregation rules (server/aggregate.py; README "Bounded influence" says what each costs on an
+    # honest fleet). The robust ones are the defaults: a phone fleet is hostile ground.
+    stats_rule: Literal["sum", "trimmed"] = Field(
+        "trimmed", description="per round and point: 'sum' pools the clients' histograms exactly; 'trimmed' "
+                               "merges their distributions by a coordinate-wise trimmed mean of their CDFs "
+                               "(each client counted as the median client's n)")
+    absmax_rule: Literal["max", "clipped"] = Field(
+        "clipped", description="scouting reports: 'max' as sent; 'clipped' caps each client's per-channel "
+                               "abs-max and ranges at absmax_clip x the clients' median")
+    absmax_clip: float = Field(4.0, ge=1, description="multiple of the clients' median (absmax_rule = clipped)")
+    round_factor: float = Field(
+        4.0, gt=1, description="with the robust rules, the most one round can stretch a range: a statistics "
+                               "round's min/max are clamped to this multiple of the grid (so a grid widens by at "
+                               "most this much), a learned-range round's step of log s to +-log(round_factor)")
+    lsq_rule: Literal["mean", "median", "trimmed"] = "median"
+    trim: float = Field(0.25, ge=0, lt=0.5,
+                        description="share trimmed on each side (stats_rule = trimmed, lsq_rule = trimmed)")
     server_opt: Literal["fedavg", "fedadam"] = "fedavg"
     server_lr: float = Field(1.0, gt=0)
     adam_b1: float = Field(0.9, ge=0, lt=1)
@@ -180,6 +195,13 @@ class ServerConfig(BaseModel):
         for spec in data["schedule"]:   # added later: a schedule without it keeps its digest (and its runs)
             if not spec["by_profile"]:
                 del spec["by_profile"]
+        # the rules added later: a config naming the rules the code had before them keeps its digest
+        if data["stats_rule"] == "sum" and data["lsq_rule"] == "mean":      # round_factor bounds neither
+            del data["round_factor"]
+        if data["stats_rule"] == "sum":
+            del data["stats_rule"]
+        if data["absmax_rule"] == "max":
+            del data["absmax_rule"], data["absmax_clip"]
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 

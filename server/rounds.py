@@ -2,19 +2,24 @@
 who is sampled, what each profile is sent, and what the valid replies change. No Flower, no I/O:
 ``server.strategy`` does the messaging and the files.
 
-- scout: the clients' (min, max) give each activation point a histogram grid
+- scout: the clients' (min, max) (with ``absmax_rule = "clipped"``, each capped at a multiple of the
+  clients' median: ``server.aggregate.clip_scouting``) give each activation point a histogram grid
   (``server.aggregate.grids_from_scouting``). With ``config.smoothing`` the round also collects
   each smoothable Linear input's per-channel abs-max: the server merges them by max, computes
   SmoothQuant factors from them and the float weights, folds them into every profile (smoothing
   factors, the weights' min-max points, the inputs' ranges) and takes the grids of the smoothed
   inputs from the same reports (``quant.smoothing.smoothed_absmax``: exact, no second scouting).
-- stats: the replies are added to the running sums (exact); a point whose mass outside its grid
-  exceeds ``widen_threshold`` gets a coarser grid and its sums are re-binned exactly
+- stats: the replies are added to the running sums (``stats_rule = "sum"``: exact; ``"trimmed"``:
+  the round's clients are first merged by ``server.aggregate.trimmed_statistics``, so no minority
+  steers them, and their min/max clamped to ``round_factor`` x the grid, so no round, however few
+  its replies, stretches a range further); a point whose mass outside its grid exceeds ``widen_threshold`` gets a coarser
+  grid and its sums are re-binned exactly
   (``quant.stats.widen``); then every profile's activation ranges are calibrated from the sums
   (one calibrator run per profile: the best clipping depends on the bit width) and a profile whose
   values changed gets a new QParams version. The clients whose replies were accepted are marked
   used: stats rounds sample without replacement, so each client's data is counted once.
-- lsq: per profile, the deltas of ``(log s, beta)`` are aggregated by ``lsq_rule`` and applied by
+- lsq: per profile, the deltas of ``(log s, beta)`` are aggregated by ``lsq_rule`` (a robust rule's
+  step of ``log s`` bounded by ``log(round_factor)``) and applied by
   the server optimizer to the float state kept in the run state; integer zero-points are derived
   only when the QParams are made (``to_integer_qparams``), never averaged. Version + 1.
 - eval: metrics only (token-weighted perplexity per profile).
@@ -43,9 +48,10 @@ from quant.qparams import PointParams, QParams, qparams_problems
 from quant.smoothing import smoothed_absmax, smoothed_weight_point
 from quant.stats import ActivationStats, needs_widening, widen
 from quant.wire import Instruction, ScoutReply
-from server.aggregate import (coordinate_median, fedadam_step, fedavg_step, grids_from_scouting,
-                              learned_from_qparams, max_absmax, ranges_for_profile, smoothquant_factors,
-                              sum_statistics, to_integer_qparams, trimmed_mean, weighted_mean)
+from server.aggregate import (bounded_extremes, bounded_step, capped_weights, clip_scouting, coordinate_median,
+                              fedadam_step, fedavg_step, grids_from_scouting, learned_from_qparams, max_absmax,
+                              ranges_for_profile, smoothquant_factors, sum_statistics, to_integer_qparams,
+                              trimmed_mean, trimmed_statistics, weighted_mean)
 from server.config import RoundSpec, ServerConfig, sample_size
 from server.state import RunState
 from server.validate import Rejection, summarise_rejections
@@ -255,6 +261,8 @@ def _scout(state: RunState, replies, config: ServerConfig, weights) -> tuple[Run
     if state.sums:
         raise ValueError("a scout round after statistics would discard the running sums")
     scouting = [a.reply for a in _all(replies)]
+    if config.absmax_rule == "clipped":
+        scouting = clip_scouting(scouting, config.absmax_clip)
     qparams, learned, moments, metrics = dict(state.qparams), dict(state.learned), dict(state.moments), {}
     grids = grids_from_scouting(scouting, config.bins, config.grid_margin, config.grid_quantile)
     groups = smoothing_groups(state.qparams, config)
@@ -324,9 +332,14 @@ def smoothed_qparams(qp: QParams, factors: Mapping[str, np.ndarray], weights: Ma
 
 def _stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState, dict]:
     accepted = _all(replies)
-    sums = sum_statistics([dict(state.sums), *[
-        {stat_key(prof, state.qparams[prof], k, config): st for k, st in a.reply.stats.items()}
-        for prof in sorted(replies) for a in replies[prof]]])
+    per_client = [{stat_key(prof, state.qparams[prof], k, config): st for k, st in a.reply.stats.items()}
+                  for prof in sorted(replies) for a in replies[prof]]
+    if config.stats_rule == "trimmed":        # this round's clients merged robustly, then added to the sums
+        keys = dict.fromkeys(k for r in per_client for k in r)
+        merged = {k: trimmed_statistics([r[k] for r in per_client if k in r], config.trim) for k in keys}
+        per_client = [{k: bounded_extremes(st, config.round_factor * max(-st.lo, st.hi))
+                       for k, st in merged.items()}]
+    sums = sum_statistics([dict(state.sums), *per_client])
     grids = dict(state.grids)
     widened = []
     for k in sorted(sums):
@@ -379,11 +392,14 @@ def _lsq(state: RunState, replies, spec: RoundSpec, config: ServerConfig) -> tup
         deltas = [{**{f"log_s/{k}": a.reply.delta_log_s[k] for k in keys},
                    **{f"beta/{k}": a.reply.delta_beta[k] for k in keys}} for a in accepted]
         if config.lsq_rule == "mean":
-            d = weighted_mean(deltas, [a.num_examples for a in accepted])
+            d = weighted_mean(deltas, capped_weights([a.num_examples for a in accepted]))
         elif config.lsq_rule == "median":
             d = coordinate_median(deltas)
         else:
             d = trimmed_mean(deltas, config.trim)
+        if config.lsq_rule != "mean":         # the robust rules: no round moves a scale more than round_factor
+            d = {k: bounded_step(v, math.log(config.round_factor) / config.server_lr) if k.startswith("log_s/") else v
+                 for k, v in d.items()}
         if config.server_opt == "fedavg":
             x = fedavg_step(x, d, config.server_lr)
         else:

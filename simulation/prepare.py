@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from quant.qparams import QParams, atomic_write_bytes, load_qparams, save_qparams
+from server.config import OPERATIONAL
 from simulation.config import SimulationConfig, quant_config_for
 
 RUN_FORMAT = "fedquant.run/1"
@@ -49,14 +50,22 @@ def say(progress, msg: str) -> None:
         progress(msg)
 
 
+# How the server merges replies: nothing prepared depends on them (the centralized reference pools
+# the data exactly), so runs that differ only in them share a preparation.
+AGGREGATION_RULES = ("stats_rule", "absmax_rule", "absmax_clip", "trim", "round_factor", "lsq_rule")
+
+
 def config_digest(cfg: SimulationConfig) -> str:
     """What must not change for a run directory to be reused: everything but the engine (how many
-    CPUs does not change a result) and the schedule, which the server's checkpoint digest checks
-    itself (``server.config.ServerConfig.digest``: a run resumes only under the same schedule)."""
+    CPUs does not change a result), how long the server waits (a fleet that lost devices resumes
+    with a lower ``min_available``), the aggregation rules, and the schedule, which the server's
+    checkpoint digest checks itself (``server.config.ServerConfig.digest``: a run resumes only
+    under the same schedule and rules)."""
     d = cfg.model_dump(mode="json")
     d.pop("engine", None)
     d.pop("name", None)         # a label
-    d.get("server", {}).pop("schedule", None)
+    for k in ("schedule", *AGGREGATION_RULES, *OPERATIONAL):
+        d.get("server", {}).pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

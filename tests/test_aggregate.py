@@ -16,11 +16,12 @@ from quant.calibrate import CalibratorConfig, calibrate
 from quant.lsq import init_from_qparams, to_qparams
 from quant.qparams import PointParams
 from quant.spec import activation_spec, weight_spec
-from quant.stats import channel_absmax, grid_from_absmax, observe
+from quant.stats import ActivationStats, channel_absmax, grid_from_absmax, observe
 from quant.wire import ScoutReply
-from server.aggregate import (coordinate_median, fedadam_step, fedavg_step, grids_from_scouting,
-                              learned_from_qparams, max_absmax, ranges_for_profile, sum_statistics,
-                              to_integer_qparams, trimmed_mean, weighted_mean)
+from server.aggregate import (bounded_extremes, bounded_step, capped_weights, clip_scouting, coordinate_median, fedadam_step, fedavg_step,
+                              grids_from_scouting, learned_from_qparams, max_absmax, ranges_for_profile,
+                              sum_statistics, to_integer_qparams, trimmed_mean, trimmed_statistics,
+                              weighted_mean)
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -115,6 +116,129 @@ def test_robust_rules_stay_within_the_honest_range(seed, n, trim):
         honest = vals[n_bad:]
         assert np.all(out >= honest.min(axis=0) - 1e-12) and np.all(out <= honest.max(axis=0) + 1e-12)
     np.testing.assert_allclose(trimmed_mean([{"d": r} for r in vals], 0.0)["d"], vals.mean(axis=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded influence
+
+def _share_at_or_below(s: ActivationStats) -> np.ndarray:
+    """The share of a statistics' values in or below each of its cells (below, bins, above)."""
+    return np.cumsum(np.concatenate([[s.below], s.counts, [s.above]]))[:-1] / s.n
+
+
+def _hostile_stats(rng, grid) -> ActivationStats:
+    """A well-formed reply an attacker could send: extreme n, mass at the grid's edges, values far
+    outside it (finite or infinite)."""
+    kind = rng.integers(4)
+    n = int(rng.choice([1, 2, 10**6, 2**40]))
+    counts = np.zeros(grid.bins, dtype=np.int64)
+    if kind == 0:                                        # everything in the top bin
+        counts[-1] = n
+        return ActivationStats(grid, counts, 0, 0, grid.hi - grid.width / 2, grid.hi - grid.width / 2, n)
+    if kind == 1:                                        # everything far above
+        return ActivationStats(grid, counts, 0, n, grid.hi, float(rng.choice([1e4, 1e308, math.inf])), n)
+    if kind == 2:                                        # everything far below
+        return ActivationStats(grid, counts, n, 0, float(rng.choice([-1e4, -1e308, -math.inf])), grid.lo, n)
+    counts[0] = n // 2                                   # both edges
+    return ActivationStats(grid, counts, 0, n - n // 2, grid.lo, 1e30, n)
+
+
+@SETTINGS
+@given(st.integers(0, 2**31), st.integers(3, 14), st.floats(0.0, 0.49))
+def test_trimmed_statistics_stay_within_the_honest_clients_whatever_a_minority_sends(seed, k, trim):
+    """With at most floor(trim k) bad clients, at every edge the merged share of values below it
+    lies within the honest clients' shares (to the integer rounding of the counts); min and max
+    lie within the honest clients' extremes; the total is k times an honest client's n at most;
+    and the result is valid statistics (a resumed run loads it)."""
+    rng = np.random.default_rng(seed)
+    b = math.floor(trim * k)
+    honest = [observe(rng.standard_t(3, size=int(rng.integers(50, 400))) * rng.uniform(0.5, 2), GRID)
+              for _ in range(k - b)]
+    bad = [_hostile_stats(rng, GRID) for _ in range(b)]
+    clients = [*bad, *honest]
+    rng.shuffle(clients)
+    out = trimmed_statistics(clients, trim)
+    assert ActivationStats.from_arrays(out.to_arrays()) == out
+    shares = np.stack([_share_at_or_below(h) for h in honest])
+    got = _share_at_or_below(out)
+    tol = 1.0 / out.n
+    assert np.all(got >= shares.min(axis=0) - tol) and np.all(got <= shares.max(axis=0) + tol)
+    assert min(h.min for h in honest) <= out.min and out.max <= max(h.max for h in honest)
+    assert out.n <= k * max(h.n for h in honest)
+
+
+def test_trimmed_statistics_of_equal_clients_are_their_sum_and_trim_zero_is_the_mean_shape():
+    rng = np.random.default_rng(0)
+    one = observe(rng.normal(size=500).astype(np.float32), GRID)
+    assert trimmed_statistics([one] * 5, 0.3) == sum_statistics([{"a": one}] * 5)["a"]
+    parts = [observe(rng.normal(size=300).astype(np.float32) * (i + 1), GRID) for i in range(4)]
+    out = trimmed_statistics(parts, 0.0)           # equal n, nothing trimmed: the pooled histogram
+    assert out == sum_statistics([{"a": p} for p in parts])["a"]
+    empty = ActivationStats.empty(GRID.lo, GRID.hi, GRID.bins)
+    assert trimmed_statistics([empty, one], 0.4) == one        # an empty reply takes no part
+    assert trimmed_statistics([empty], 0.1) == empty
+    with pytest.raises(ValueError, match="trim"):
+        trimmed_statistics([one], 0.5)
+
+
+def test_an_outlier_pair_from_one_client_sets_the_range_of_the_sum_but_not_of_the_trimmed_merge():
+    """The issue's attack: two values far above the grid (one client of ten) stretch a min-max
+    range x1000 when summed; trimmed, the range is the honest one."""
+    rng = np.random.default_rng(1)
+    honest = [observe(rng.normal(size=1000).astype(np.float32), GRID) for _ in range(9)]
+    h = honest[0]
+    bad = ActivationStats(GRID, h.counts, h.below, h.above + 2, h.min, 1e4, h.n + 2)
+    spec = activation_spec(8)
+    mm = CalibratorConfig(method="minmax")
+    clean = calibrate(trimmed_statistics(honest, 0.1), spec, mm)
+    assert calibrate(sum_statistics([{"a": s} for s in [*honest, bad]])["a"], spec, mm)[1] == 1e4
+    assert calibrate(trimmed_statistics([*honest, bad], 0.1), spec, mm)[1] <= max(s.max for s in honest)
+    assert clean[1] == max(s.max for s in honest)
+
+
+def test_clipped_scouting_bounds_a_minoritys_abs_max_and_leaves_honest_reports():
+    rng = np.random.default_rng(2)
+    honest = [ScoutReply({"x": (-a, a)}, {"x": 10}, {"x": rng.uniform(1, 2, 8).astype(np.float32)})
+              for a in rng.uniform(1, 2, 7)]
+    bad = [ScoutReply({"x": (-1e30, 1e30)}, {"x": 10}, {"x": np.full(8, 3e38, np.float32)}) for _ in range(3)]
+    out = clip_scouting([*bad, *honest], 4.0)
+    merged = max_absmax([r.channel_absmax for r in out])["x"]
+    assert np.all(merged <= 4 * max_absmax([r.channel_absmax for r in honest])["x"])
+    assert max(r.absmax["x"] for r in out) <= 4 * max(r.absmax["x"] for r in honest)
+    for r, o in zip(honest, out[3:]):                  # within 4x the median: untouched
+        assert o.ranges == r.ranges and np.array_equal(o.channel_absmax["x"], r.channel_absmax["x"])
+    grid = grids_from_scouting(out, 64, 1.25, 1.0)["x"]
+    assert grid.hi <= 4 * 1.25 * 2 * 1.01
+    with pytest.raises(ValueError, match="multiple"):
+        clip_scouting(honest, 0.5)
+
+
+def test_with_two_reports_the_inflated_one_is_capped_by_the_other():
+    honest = ScoutReply({"x": (-1.0, 2.0)}, {"x": 5}, {"x": np.array([1.0, 2.0], np.float32)})
+    bad = ScoutReply({"x": (-1e4, 1e4)}, {"x": 5}, {"x": np.array([1e4, 1e4], np.float32)})
+    out = clip_scouting([bad, honest], 4.0)
+    assert out[0].ranges["x"] == (-8.0, 8.0) and out[0].channel_absmax["x"].tolist() == [4.0, 8.0]
+    assert out[1].ranges == honest.ranges
+
+
+def test_bounded_extremes_clamp_min_and_max_and_nothing_else():
+    rng = np.random.default_rng(3)
+    s = observe(np.concatenate([rng.normal(size=100), [-1e4, 1e30]]).astype(np.float32), GRID)
+    b = bounded_extremes(s, 4 * GRID.hi)
+    assert (b.min, b.max) == (-4 * GRID.hi, 4 * GRID.hi) and b.total == s.total == b.n
+    assert np.array_equal(b.counts, s.counts) and (b.below, b.above) == (s.below, s.above)
+    assert ActivationStats.from_arrays(b.to_arrays()) == b
+    inside = observe(rng.normal(size=50).astype(np.float32), GRID)
+    assert bounded_extremes(inside, GRID.hi) is inside
+    with pytest.raises(ValueError, match="inside the grid"):
+        bounded_extremes(s, GRID.hi / 2)
+    assert bounded_step(np.array([-3.0, 0.5, 9.0]), math.log(4)).tolist() == [-math.log(4), 0.5, math.log(4)]
+
+
+def test_capped_weights_count_no_claim_above_the_median_claim():
+    assert capped_weights([3, 1, 10**6]) == [3, 1, 3]
+    assert capped_weights([5, 5, 5, 10**9]) == [5, 5, 5, 5]
+    assert capped_weights([]) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -261,6 +261,8 @@ def config(rng, slow: bool = False) -> ServerConfig:
         calibrator={"method": pick(rng, methods), "mse_steps": 8},
         profile_calibrators={p: {"method": pick(rng, methods), "mse_steps": 8} for p in PROFILES if rng.random() < 0.5},
         smoothing={"alpha": 0.5} if rng.random() < 0.5 else None,
+        stats_rule=pick(rng, ["sum", "trimmed"]), absmax_rule=pick(rng, ["max", "clipped"]),
+        absmax_clip=float(pick(rng, [1.0, 4.0])), trim=float(pick(rng, [0.0, 0.1, 0.25, 0.45])),
         lsq_rule=pick(rng, ["mean", "median", "trimmed"]), server_opt=pick(rng, ["fedavg", "fedadam"]),
         server_lr=float(pick(rng, [1.0, 1.0, 0.1, 4.0])), learn={"which": pick(rng, ["activations", "all"])},
         validation=ValidationConfig(max_scale=float(pick(rng, [1e6, 1e6, 1e30]))))
@@ -423,8 +425,10 @@ def test_extreme_but_finite_extremes_are_rejected_everywhere(extreme, code):
 
 def test_a_round_that_raises_is_skipped_with_its_reason_and_changes_nothing():
     """The safety net behind validation: an accepted reply that makes the arithmetic raise (here
-    an infinite max, which validation now refuses, handed to apply_round directly)."""
-    cfg = ServerConfig(schedule=[{"job": "scout"}, {"job": "stats"}], bins=16, widen_threshold=0.0)
+    an infinite max, which validation now refuses, handed to apply_round directly; under the exact
+    rules: the robust ones clamp it to round_factor x the grid, and nothing raises)."""
+    cfg = ServerConfig(schedule=[{"job": "scout"}, {"job": "stats"}], bins=16, widen_threshold=0.0,
+                       stats_rule="sum")
     state = initial_state(INITIAL, "d")
     rng = np.random.default_rng(1)
     ins = scout_ins(state, cfg)["u8"]

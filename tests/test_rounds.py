@@ -52,6 +52,10 @@ def profile_of(cid: str) -> str:
     return list(PROFILES)[int(cid[1:]) % len(PROFILES)]
 
 
+# the rules before bounded influence: exact sums and maxima, the example-weighted mean of deltas
+EXACT = dict(stats_rule="sum", absmax_rule="max", lsq_rule="mean", trim=0.1)
+
+
 def config(**kw) -> ServerConfig:
     base = dict(schedule=[{"job": "scout"}, {"job": "stats", "repeat": 3, "fraction": 0.34},
                           {"job": "lsq"}, {"job": "eval"}], bins=64, grid_quantile=1.0)
@@ -126,7 +130,7 @@ def test_sampling_by_profile_gives_every_profile_its_fraction_of_every_round():
 
 
 def test_federated_statistics_equal_pooled_calibration_bit_for_bit_for_every_profile():
-    cfg = config()
+    cfg = config(**EXACT)
     data = client_data(10)
     state = after_scout(cfg, data)
     grids0 = dict(state.grids)
@@ -158,7 +162,7 @@ def test_federated_statistics_equal_pooled_calibration_bit_for_bit_for_every_pro
 
 
 def test_stats_widen_the_grid_and_rebin_the_sums_when_much_mass_falls_outside():
-    cfg = config(widen_threshold=0.01)
+    cfg = config(widen_threshold=0.01, **EXACT)       # the robust rules widen by round_factor at most
     data = client_data(4)
     state = after_scout(cfg, data)
     g0 = state.grids[KEYS[0]]
@@ -192,21 +196,23 @@ def _lsq_replies(deltas: dict[str, list[float]], beta=0.0, examples=None):
 
 
 def test_lsq_round_moves_log_s_and_beta_as_fedavg_says():
+    """The example-weighted mean, each claim capped at the median claim: the third client claims
+    10^6 examples and weighs 3, as the median client does."""
     cfg = config(server_lr=0.5, lsq_rule="mean")
     state = initial_state(make_initial(), "d")
     spec = RoundSpec(job="lsq")
-    deltas = {"u8": [0.02, 0.08], "s16": [-0.04, 0.0]}
-    new, m = apply_round(state, 1, spec, _lsq_replies(deltas, beta=0.01, examples=[3, 1]), [], cfg)
+    deltas = {"u8": [0.02, 0.08, 0.0], "s16": [-0.04, 0.0, 0.0]}
+    new, m = apply_round(state, 1, spec, _lsq_replies(deltas, beta=0.01, examples=[3, 1, 10**6]), [], cfg)
     assert m["applied"] and set(m["lsq"]) == {"u8", "s16"}
     for prof, ds in deltas.items():
-        mean = (3 * ds[0] + 1 * ds[1]) / 4
+        mean = (3 * ds[0] + 1 * ds[1]) / 7
         qp0, qp1 = state.qparams[prof], new.qparams[prof]
         assert qp1.version == qp0.version + 1
         for k in KEYS:
             p0 = qp0.points[k]
             ls0 = math.log(float(p0.scale))
             b0 = -float(p0.zero_point) * math.exp(ls0)
-            d32 = (3 * float(np.float32(ds[0])) + float(np.float32(ds[1]))) / 4
+            d32 = (3 * float(np.float32(ds[0])) + float(np.float32(ds[1]))) / 7
             assert new.learned[prof][f"log_s/{k}"] == pytest.approx(ls0 + 0.5 * d32, abs=1e-15)
             assert abs(d32 - mean) < 1e-8
             beta = b0 + 0.5 * float(np.float32(0.01))
@@ -344,9 +350,10 @@ def test_config_rejects_impossible_schedules_naming_the_entry(tmp_path):
     assert cfg.digest() == cfg.model_copy(update={"reply_timeout_s": 5.0}).digest()
     assert cfg.digest() != cfg.model_copy(update={"seed": 4}).digest()
     # by_profile came later: schedules without it keep the digest their checkpoints carry
-    plain = ServerConfig(schedule=[{"job": "scout"}, {"job": "lsq", "fraction": 0.3}])
+    plain = ServerConfig(schedule=[{"job": "scout"}, {"job": "lsq", "fraction": 0.3}], **EXACT)
     assert plain.digest() == "eae493354fd4270f"    # what the code before by_profile computed
-    strat = ServerConfig(schedule=[{"job": "scout"}, {"job": "lsq", "fraction": 0.3, "by_profile": True}])
+    assert ServerConfig(schedule=[{"job": "scout"}, {"job": "lsq", "fraction": 0.3}]).digest() != plain.digest()
+    strat = ServerConfig(schedule=[{"job": "scout"}, {"job": "lsq", "fraction": 0.3, "by_profile": True}], **EXACT)
     assert strat.digest() != plain.digest()
     toml.write_text('[[schedule]]\njob = "stats"\n')
     with pytest.raises(ConfigError, match="stats before any scout"):
@@ -367,7 +374,7 @@ def test_typed_learn_table_keeps_the_digest_and_the_message(tmp_path):
         ({}, "558aa3534ad1e4f3", "{}"),
     ]
     for learn, digest, message in pinned:
-        cfg = ServerConfig(schedule=sched, learn=learn)
+        cfg = ServerConfig(schedule=sched, learn=learn, **EXACT)
         assert (cfg.digest(), cfg.learn_json()) == (digest, message), learn
         again = ServerConfig.model_validate(cfg.model_dump())        # as --rounds rebuilds it
         assert (again.digest(), again.learn_json()) == (digest, message)
@@ -376,7 +383,8 @@ def test_typed_learn_table_keeps_the_digest_and_the_message(tmp_path):
     assert cfg.learn.which == "all" and cfg.learn.lr == 0.03 and isinstance(cfg.learn.lr, float)
     assert ServerConfig(schedule=sched).learn.which == "activations"
     toml = tmp_path / "server.toml"
-    toml.write_text('[[schedule]]\njob = "scout"\n[[schedule]]\njob = "stats"\n[[schedule]]\njob = "lsq"\n'
+    toml.write_text('stats_rule = "sum"\nabsmax_rule = "max"\nlsq_rule = "mean"\ntrim = 0.1\n'
+                    '[[schedule]]\njob = "scout"\n[[schedule]]\njob = "stats"\n[[schedule]]\njob = "lsq"\n'
                     'fraction = 0.3\n[learn]\nsteps = 4\nlr = 1\nbeta_step_lsb = 2\n')
     assert load_config(toml, ServerConfig).digest() == "b8285956b83e2c0c"
 
@@ -500,3 +508,41 @@ def test_a_profile_can_have_its_own_calibrator():
             np.testing.assert_array_equal(new.qparams[prof].points[k].scale, p.scale)
     assert not np.array_equal(new.qparams["u8"].points[KEYS[0]].scale,
                               ranges_for_profile(new.sums, {KEYS[0]: PROFILES["u8"]}, CalibratorConfig())[KEYS[0]].scale)
+
+
+def test_a_round_with_two_replies_one_poisoned_stretches_no_range_past_the_round_factor():
+    """With two replies nothing can be trimmed: the poisoned one (values at +-1e4, every point)
+    still moves a range and widens a grid by at most round_factor per round under the robust
+    rules; under the exact ones it sets the range (the attack of tests/test_faults.py)."""
+    data = client_data(4)
+    poisoned = {k: np.concatenate([v.ravel()[:-2], [-1e4, 1e4]]).astype(np.float32) for k, v in data["c01"].items()}
+    out = {}
+    for name, rules in (("robust", {}), ("exact", EXACT)):
+        cfg = config(calibrator={"method": "minmax"}, **rules)
+        state = after_scout(cfg, data)
+        spec = cfg.schedule[1]
+        inss = instructions_for(state, 2, spec, cfg)
+        replies = stats_replies({**data, "c01": poisoned}, ["c00", "c01"], inss)
+        new, m = apply_round(state, 2, spec, replies, [], cfg)
+        assert m["applied"], m
+        out[name] = (state, new)
+    state, new = out["robust"]
+    for k in KEYS:
+        g0, g1 = state.grids[k], new.grids[k]
+        assert g1.hi - g1.lo <= 4 * 2 * (g0.hi - g0.lo)           # widened by round_factor (snapped up)
+        assert new.sums[k].max <= 4 * max(-g0.lo, g0.hi)
+        for prof, qp in new.qparams.items():
+            assert float(qp.points[k].scale) * (qp.points[k].spec.qmax - qp.points[k].spec.qmin) <= 2 * 4 * max(-g0.lo, g0.hi) * 1.01
+    state, new = out["exact"]
+    assert new.sums[KEYS[0]].max == 1e4 and new.grids[KEYS[0]].hi >= 1e4
+
+
+def test_a_robust_lsq_round_moves_no_scale_more_than_the_round_factor_even_from_one_reply():
+    state = initial_state(make_initial(), "d")
+    k = KEYS[1]
+    ls0 = math.log(float(state.qparams["u8"].points[k].scale))
+    for rule, bound in (("median", math.log(4)), ("trimmed", math.log(4)), ("mean", None)):
+        cfg = config(lsq_rule=rule, server_lr=1.0)
+        new, _ = apply_round(state, 1, RoundSpec(job="lsq"), _lsq_replies({"u8": [math.log(8) * 0.99]}), [], cfg)
+        moved = new.learned["u8"][f"log_s/{k}"] - ls0
+        assert moved == pytest.approx(bound if bound else math.log(8) * 0.99, abs=1e-6), rule

@@ -28,8 +28,8 @@ def _env():
     return env
 
 
-def simulate(out: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*FEDQUANT, "simulate", "--config", str(SMOKE), "--out", str(out), *args],
+def simulate(out: Path, *args: str, timeout: float = 600, config: Path = SMOKE) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*FEDQUANT, "simulate", "--config", str(config), "--out", str(out), *args],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"fedquant simulate failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -84,10 +84,13 @@ def test_smoke_run_writes_what_design_says(full_run):
 
 def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path):
     """Scouting with SmoothQuant (configs/smoke.toml) + two statistics rounds (every client once,
-    over two sampled rounds): the global QParams -- smoothing factors, smoothed weight points,
-    activation ranges -- equal the same recipe on the pooled training data, bit for bit."""
+    over two sampled rounds) under the exact rules (sums and maxima; the bounded-influence defaults
+    trade exactness for robustness): the global QParams -- smoothing factors, smoothed weight
+    points, activation ranges -- equal the same recipe on the pooled training data, bit for bit."""
+    exact = tmp_path / "exact.toml"
+    exact.write_text(SMOKE.read_text().replace("[server]\n", '[server]\nstats_rule = "sum"\nabsmax_rule = "max"\n', 1))
     out = tmp_path / "stats-only"
-    simulate(out, "--rounds", "3")
+    simulate(out, "--rounds", "3", config=exact)
     for p in ("int8", "int16"):
         fed = load_qparams(out / "qparams" / f"{p}.safetensors")
         central = load_qparams(out / "qparams" / f"{p}.centralized.safetensors")
