@@ -20,6 +20,7 @@ set it.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -91,10 +92,26 @@ def make_server_app(setup: Setup | None = None) -> ServerApp:
 
     @app.main()
     def main(grid, context) -> None:
+        if setup is None:
+            log_to_stderr()
         run_config = dict(context.run_config)
         serve(grid, (setup or setup_from_run_config(run_config))(run_config))
 
     return app
+
+
+def log_to_stderr() -> None:
+    """The server's own log lines at INFO (a line per round, "resuming after round N", the nodes
+    left out of the roster) on stderr: what ``flwr log`` shows of a ServerApp under the deployment
+    engine, where Flower configures only its own logger. Once per process; ``fedquant simulate``
+    shows rounds its own way and does not call this."""
+    logger = logging.getLogger("server")
+    if not any(getattr(h, "_fedquant", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._fedquant = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 server_app = make_server_app()

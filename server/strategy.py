@@ -14,19 +14,28 @@ own strategies do, per device profile:
 
 ``start`` is overridden only where the schedule, checkpoint and resume need it: a round is one job
 (not Flower's train-then-evaluate pair), the run state is checkpointed atomically after every round
-and a started-again run resumes from it, ``metrics.jsonl`` gets one line per round, and server-side
-evaluation runs on eval rounds. Flower 1.42 has no resume of its own.
+and a started-again run resumes from it, ``metrics.jsonl`` gets one line per round (written just
+before the checkpoint that commits the round), one ServerApp at a time runs on a run directory
+(``run_lock``), and server-side evaluation runs on eval rounds. Flower 1.42 has no resume of its own.
 
-Statistics: federated histograms summed exactly (so federated = centralized calibration on the
-pooled data), calibrated by min-max / percentile / MSE search (PyTorch HistogramObserver, AIMET
-tf_enhanced) / entropy (TensorRT). Learned ranges: LSQ (Esser et al., ICLR 2020) and LSQ+ (Bhalgat
-et al., CVPR-W 2020) deltas averaged or robustly merged, stepped with FedAvg (McMahan et al., 2017)
-or FedAdam (Reddi et al., ICLR 2021). Smoothing: SmoothQuant (Xiao et al., ICML 2023).
+Statistics: federated histograms merged by a coordinate-wise trimmed mean of the clients'
+distributions (Yin et al., ICML 2018; the default, so no minority steers a range) or summed
+exactly (federated = centralized calibration on the pooled data), calibrated by min-max /
+percentile / MSE search (PyTorch HistogramObserver, AIMET tf_enhanced) / entropy (TensorRT).
+Learned ranges: LSQ (Esser et al., ICLR 2020) and LSQ+ (Bhalgat et al., CVPR-W 2020) deltas merged
+by a coordinate-wise median (default) or trimmed mean, or averaged, stepped with FedAvg (McMahan et
+al., 2017) or FedAdam (Reddi et al., ICLR 2021). Smoothing: SmoothQuant (Xiao et al., ICML 2023)
+from the scouting abs-max, each client's capped at a multiple of the clients' median. The rules
+are server/aggregate.py's; README "A hostile fleet" measures what they cost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -95,10 +104,10 @@ class FedQuant(Strategy):
 
     def summary(self) -> None:
         c = self.config
-        log.info("FedQuant: profiles %s, %d rounds (%s), calibrator %s, lsq rule %s, server opt %s",
-                 sorted(self.initial), sum(e.repeat for e in c.schedule),
-                 ", ".join(f"{e.job}x{e.repeat}" for e in c.schedule), c.calibrator.method, c.lsq_rule,
-                 c.server_opt)
+        log.info("FedQuant: profiles %s, %d rounds (%s), calibrator %s, rules: stats %s, abs-max %s, lsq %s, "
+                 "server opt %s", sorted(self.initial), sum(e.repeat for e in c.schedule),
+                 ", ".join(f"{e.job}x{e.repeat}" for e in c.schedule), c.calibrator.method, c.stats_rule,
+                 c.absmax_rule, c.lsq_rule, c.server_opt)
 
     # ------------------------------------------------------------------ the schedule
 
@@ -108,6 +117,10 @@ class FedQuant(Strategy):
         ``config.reply_timeout_s``."""
         timeout = self.config.reply_timeout_s if timeout is None else timeout
         self.out.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.out):
+            return self._run(grid, timeout)
+
+    def _run(self, grid: Grid, timeout: float) -> Result:
         self.state = self._resume_or_start()
         trim_metrics(self.out / METRICS, self.state.round)
         result = Result()
@@ -134,8 +147,11 @@ class FedQuant(Strategy):
                     {f"{p}.perplexity": float(e["perplexity"]) for p, e in metrics["server_eval"].items()})
             metrics["wall_s"] = time.perf_counter() - t0
             metrics = {k: metrics[k] for k in _metric_order(metrics)}
-            save_checkpoint(self.state, self.out / CHECKPOINT)
+            # the line first, then the checkpoint (the commit): a run killed between the two
+            # resumes from the previous checkpoint and trims the line, where the other order
+            # would resume after the round and lose its line for good
             append_metrics(self.out / METRICS, metrics)
+            save_checkpoint(self.state, self.out / CHECKPOINT)
             log.info("round %d (%s): %d sampled, %d valid, rejections %s, versions %s", rnd, spec.job,
                      metrics["sampled"], metrics["replies"], metrics["rejections"], metrics["versions"])
             if self.on_round is not None:
@@ -189,7 +205,7 @@ class FedQuant(Strategy):
         profiles = sorted(set(profile.values()))
         by_node = first_reply_by_node(replies, [self.roster.members[c].node_id for c in sampled])
         accepted: dict[str, list[Accepted]] = {p: [] for p in profiles}
-        rejections, up, rejected_by_profile = [], {p: [] for p in profiles}, {}
+        rejections, up, rejected_by_profile, rejected_clients = [], {p: [] for p in profiles}, {}, {}
         for c in sampled:
             m = self.roster.members[c]
             reply, n, nbytes = read_reply(by_node.get(m.node_id), inss[m.profile], self.config)
@@ -198,6 +214,7 @@ class FedQuant(Strategy):
             if isinstance(reply, Rejection):
                 rejections.append(reply)
                 rejected_by_profile.setdefault(m.profile, []).append(reply)
+                rejected_clients[c] = reply.code
                 log.info("round %d: reply of %s rejected: %s %s", rnd, c, reply.code, reply.detail[:200])
             else:
                 accepted[m.profile].append(Accepted(c, n, reply))
@@ -208,6 +225,8 @@ class FedQuant(Strategy):
                     **{f"roster_{k}": v for k, v in r["joined"].items()},
                     "rejections_by_profile": {p: summarise_rejections(x)
                                               for p, x in sorted(rejected_by_profile.items())}}
+        if rejected_clients:            # who failed, with the code: only when someone did (as "alert")
+            metrics["rejected_clients"] = dict(sorted(rejected_clients.items()))
         alert = most_failed(len(sampled), rejections)
         if alert:                       # workers killed for memory, a SuperLink losing nodes, an attack
             metrics["alert"] = alert
@@ -251,4 +270,33 @@ def _metric_order(metrics: dict) -> list[str]:
 
 _TAIL = ("sampled", "roster", "roster_online", "roster_joined", "roster_hello_failed",
          "bytes_down_per_client", "bytes_up_per_client", "bytes_down_total", "bytes_up_total",
-         "rejections_by_profile", "bytes", "wall_s")
+         "rejections_by_profile", "rejected_clients", "bytes", "wall_s")
+
+
+LOCK = "run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold an exclusive lock on the run directory ``out`` while a ServerApp runs its rounds: a run
+    submitted again while the first one still runs (an operator resuming a run that only looked
+    dead) fails at once, instead of two ServerApps interleaving their checkpoints and metrics lines.
+    The lock is ``flock`` on ``out/run.lock``: the kernel drops it when its process dies, even by
+    SIGKILL, so a killed run never blocks its resumption. The file names the holder's PID."""
+    f = open(out / LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RuntimeError(f"{out} is in use by another run of the ServerApp ({holder}): wait for it to "
+                           f"end, or stop it (`flwr stop`, or kill that process) before resuming") from None
+    try:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

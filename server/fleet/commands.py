@@ -13,8 +13,8 @@ import typer
 
 from server.fleet import pki
 from server.fleet.deployment import (list_supernodes, load_state, make_certs, make_keys, prepare_run, register,
-                                     running, start_superlink, start_supernode, stop_fleet, submit_run, up,
-                                     wait_run)
+                                     running, start_superlink, start_supernode, stop_fleet, stop_run, submit_run,
+                                     up, wait_run)
 from server.fleet.processes import FleetError
 
 fleet = typer.Typer(help="A Flower deployment: SuperLink (TLS, node auth, SQLite) and SuperNodes; see docs/fleet.md.",
@@ -115,6 +115,18 @@ def run_cmd(dir: Path = DirOpt, config: Optional[Path] = typer.Option(None, help
                 raise typer.Exit(1)
     except FleetError as e:
         _fail(e)
+
+
+@fleet.command("stop-run")
+def stop_run_cmd(run_id: int = typer.Argument(..., help="the run id `fedquant fleet run` printed"),
+                 dir: Path = DirOpt):
+    """Stop a run (flwr stop): before resuming one whose ServerApp died, which the SuperLink
+    otherwise lists as running for another minute. Resume with `fedquant fleet run` and the same --out."""
+    try:
+        stop_run(dir, run_id)
+    except FleetError as e:
+        _fail(e)
+    typer.echo(f"run {run_id} stopped")
 
 
 @fleet.command("up")

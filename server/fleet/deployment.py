@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Optional
 
 from server.fleet import pki
-from server.fleet.processes import (FleetError, flower_bin, flower_env, free_port, runs_program, start_process,
-                                    stop_pid, wait_for_log)
+from server.fleet.processes import (FleetError, descendants, flower_bin, flower_env, free_port, runs_program,
+                                    start_process, stop_pids, wait_for_log)
 
 ROOT = Path(__file__).resolve().parents[2]          # server/fleet/deployment.py -> the project
 CONNECTION = "fedquant-fleet"
@@ -165,15 +165,27 @@ def _json_out(proc: subprocess.CompletedProcess, what: str) -> dict:
 
 def register(d: Path, name: str, public_key: Path) -> int:
     """``flwr supernode register``: the SuperLink will accept the node holding this key."""
-    pki.load_node_public_key(public_key)          # a clear error before flwr's
-    doc = _json_out(flwr(d, "supernode", "register", str(Path(public_key).resolve()), CONNECTION,
-                         "--name", name, "--format", "json"), f"flwr supernode register {public_key}")
-    node_id = int(doc["node-id"])
+    return register_all(d, {name: public_key})[name]
+
+
+def register_all(d: Path, public_keys: dict) -> dict[str, int]:
+    """``register`` of several nodes (name -> public key file), the ``flwr`` calls side by side
+    (each one is a Python start-up: seconds on a small machine); their node ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = {name: Path(k).resolve() for name, k in public_keys.items()}
+    for k in keys.values():
+        pki.load_node_public_key(k)          # a clear error before flwr's
+    with ThreadPoolExecutor(max_workers=min(8, len(keys) or 1)) as ex:
+        procs = {name: ex.submit(flwr, d, "supernode", "register", str(k), CONNECTION, "--name", name,
+                                 "--format", "json") for name, k in keys.items()}
+        docs = {name: _json_out(f.result(), f"flwr supernode register {keys[name]}") for name, f in procs.items()}
     state = load_state(d)
-    state["registered"][name] = {"node-id": node_id, "public-key": str(Path(public_key).resolve()),
-                                 "fingerprint": pki.public_key_fingerprint(public_key)}
+    for name, doc in docs.items():
+        state["registered"][name] = {"node-id": int(doc["node-id"]), "public-key": str(keys[name]),
+                                     "fingerprint": pki.public_key_fingerprint(keys[name])}
     save_state(d, state)
-    return node_id
+    return {name: int(doc["node-id"]) for name, doc in docs.items()}
 
 
 def list_supernodes(d: Path) -> list[dict]:
@@ -281,9 +293,28 @@ def _strip_federations(pyproject: str) -> str:
     return "".join(out)
 
 
-def stage_app(d: Path) -> Path:
+def _with_clientapp(pyproject: str, clientapp: str) -> str:
+    """pyproject.toml text whose ``[tool.flwr.app.components]`` names ``clientapp``."""
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", clientapp):
+        raise ValueError(f"clientapp {clientapp!r}: expected 'module:attribute'")
+    out, section, done = [], "", False
+    for line in pyproject.splitlines(keepends=True):
+        m = re.match(r"\s*\[+([^\]]+)\]+", line)
+        if m:
+            section = m.group(1).strip()
+        elif section == "tool.flwr.app.components" and re.match(r"\s*clientapp\s*=", line):
+            line, done = f"clientapp = {_toml_str(clientapp)}\n", True
+        out.append(line)
+    if not done:
+        raise FleetError("pyproject.toml has no clientapp in [tool.flwr.app.components]")
+    return "".join(out)
+
+
+def stage_app(d: Path, clientapp: Optional[str] = None) -> Path:
     """Copy the Flower app (the Python packages, configs, a pyproject.toml without federations)
-    into ``<fleet>/app/fedquant``: what ``flwr run`` bundles into the FAB (py/toml/json only)."""
+    into ``<fleet>/app/fedquant``: what ``flwr run`` bundles into the FAB (py/toml/json only).
+    ``clientapp`` ("module:attribute", default the project's ``client.app:app``) stages another
+    ClientApp of the same packages: the fault tests' ``simulation.faults:hostile_app``."""
     app = Path(d).resolve() / "app" / "fedquant"
     shutil.rmtree(app, ignore_errors=True)
     for pkg in APP_PACKAGES:
@@ -297,7 +328,8 @@ def stage_app(d: Path) -> Path:
         dst = app / f.relative_to(ROOT)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, dst)
-    (app / "pyproject.toml").write_text(_strip_federations((ROOT / "pyproject.toml").read_text()))
+    pyproject = _strip_federations((ROOT / "pyproject.toml").read_text())
+    (app / "pyproject.toml").write_text(_with_clientapp(pyproject, clientapp) if clientapp else pyproject)
     return app
 
 
@@ -305,10 +337,11 @@ def _toml_str(s: str) -> str:
     return json.dumps(str(s))         # a JSON string is a TOML basic string
 
 
-def submit_run(d: Path, config: Path, out: Path, device_dir: Path) -> int:
-    """``flwr run`` of the staged app on the fleet's SuperLink; the run id."""
+def submit_run(d: Path, config: Path, out: Path, device_dir: Path, clientapp: Optional[str] = None) -> int:
+    """``flwr run`` of the staged app on the fleet's SuperLink; the run id. An ``out`` that holds
+    a checkpoint is resumed (server.strategy). ``clientapp``: see ``stage_app``."""
     d = Path(d).resolve()
-    app = stage_app(d)
+    app = stage_app(d, clientapp)
     overrides = {"config": Path(config).resolve(), "out": Path(out).resolve(), "device-dir": Path(device_dir).resolve()}
     args = ["run", str(app), CONNECTION]
     for k, v in overrides.items():
@@ -316,7 +349,8 @@ def submit_run(d: Path, config: Path, out: Path, device_dir: Path) -> int:
     doc = _json_out(flwr(d, *args, "--format", "json"), "flwr run")
     run_id = int(doc["run-id"])
     state = load_state(d)
-    state["runs"].append({"run-id": run_id, **{k: str(v) for k, v in overrides.items()}})
+    state["runs"].append({"run-id": run_id, **{k: str(v) for k, v in overrides.items()},
+                          **({"clientapp": clientapp} if clientapp else {})})
     save_state(d, state)
     return run_id
 
@@ -339,6 +373,20 @@ def wait_run(d: Path, run_id: int, timeout: float = 1800, poll: float = 2.0) -> 
         time.sleep(poll)
 
 
+def stop_run(d: Path, run_id: int) -> None:
+    """``flwr stop``: the SuperLink marks the run stopped (its ServerApp, if any, is told to end)."""
+    _json_out(flwr(d, "stop", str(run_id), CONNECTION, "--format", "json"), f"flwr stop {run_id}")
+
+
+def serverapp_pids(d: Path) -> list[int]:
+    """PIDs of the ``flwr-serverapp`` processes the fleet's SuperLink runs (one per running run):
+    found among the SuperLink's descendants, so only processes this fleet started."""
+    sl = load_state(d).get("superlink") or {}
+    if not runs_program(sl.get("pid"), "flower-superlink"):
+        return []
+    return [p for p in descendants(sl["pid"]) if runs_program(p, "flwr-serverapp")]
+
+
 def run_log(d: Path, run_id: int) -> str:
     p = flwr(d, "log", str(run_id), CONNECTION, "--show", timeout=60)
     return p.stdout + p.stderr
@@ -346,18 +394,16 @@ def run_log(d: Path, run_id: int) -> str:
 
 def stop_fleet(d: Path, names=None) -> list[str]:
     """Stop the recorded SuperNodes (``names``, or all) and, when no names are given, the
-    SuperLink: by their PIDs. Returns what was running."""
+    SuperLink: by their PIDs, all at once (``stop_pids``). Returns what was running."""
     d = Path(d).resolve()
     state = load_state(d)
-    stopped = []
-    for name, rec in state["supernodes"].items():
-        if (names is None or name in names) and runs_program(rec.get("pid"), "flower-supernode"):
-            if stop_pid(rec.get("pid")):
-                stopped.append(f"supernode {name}")
+    targets = {f"supernode {name}": rec.get("pid") for name, rec in state["supernodes"].items()
+               if (names is None or name in names) and runs_program(rec.get("pid"), "flower-supernode")}
     sl = state.get("superlink") or {}
-    if names is None and runs_program(sl.get("pid"), "flower-superlink") and stop_pid(sl["pid"]):
-        stopped.append("superlink")
-    return stopped
+    if names is None and runs_program(sl.get("pid"), "flower-superlink"):
+        targets["superlink"] = sl["pid"]
+    stopped = set(stop_pids(targets.values()))
+    return [what for what, pid in targets.items() if pid in stopped]
 
 
 def running(d: Path) -> dict[str, int]:
@@ -371,10 +417,11 @@ def running(d: Path) -> dict[str, int]:
 
 
 def up(d: Path, config: Path, out: Path, nodes: Optional[int] = None, hosts=pki.DEFAULT_HOSTS,
-       port: int = 0) -> dict:
+       port: int = 0, node_extra: Optional[dict] = None) -> dict:
     """Everything for a run on one machine: certificates, a key per node, the SuperLink, the
     keys registered, the device directory, and one SuperNode per node of the device directory
-    (``partition-id`` and ``profile`` in its node config)."""
+    (``partition-id`` and ``profile`` in its node config, plus ``node_extra[partition id]``:
+    the fault tests' ``fault = "exit"`` and the like, simulation.faults)."""
     d = Path(d).resolve()
     device_dir = prepare_run(config, out)
     fleet = json.loads((device_dir / "fleet.json").read_text())
@@ -384,12 +431,13 @@ def up(d: Path, config: Path, out: Path, nodes: Optional[int] = None, hosts=pki.
     keys = make_keys(d, [f"node-{p}" for p in pids])
     start_superlink(d, hosts[0] if hosts else "127.0.0.1", port)
     recs, known = {}, load_state(d)["registered"]
-    for p in pids:           # the SQLite state keeps registrations across SuperLink restarts
-        k = keys[f"node-{p}"].public
-        if known.get(f"node-{p}", {}).get("fingerprint") != pki.public_key_fingerprint(k):
-            register(d, f"node-{p}", k)
+    # the SQLite state keeps registrations across SuperLink restarts
+    register_all(d, {f"node-{p}": keys[f"node-{p}"].public for p in pids
+                     if known.get(f"node-{p}", {}).get("fingerprint")
+                     != pki.public_key_fingerprint(keys[f"node-{p}"].public)})
     for p in pids:           # all started, then awaited: they connect in parallel
-        nc = {"partition-id": int(p) if p.isdigit() else p, "profile": fleet["nodes"][p]["profile"]}
+        nc = {"partition-id": int(p) if p.isdigit() else p, "profile": fleet["nodes"][p]["profile"],
+              **(node_extra or {}).get(str(p), {})}
         launch_supernode(d, f"node-{p}", keys[f"node-{p}"].private, nc)
     for p in pids:
         recs[f"node-{p}"] = await_supernode(d, f"node-{p}")

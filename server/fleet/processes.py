@@ -112,39 +112,46 @@ def runs_program(pid: Optional[int], program: str) -> bool:
 
 
 def stop_pid(pid: Optional[int], grace: float = 10.0) -> bool:
-    """Stop a process this module started, and what it started: SIGTERM to its process group
-    (it leads one: ``start_new_session``), SIGKILL after ``grace`` seconds, then any descendant
-    still running (Flower starts SuperExec in a session of its own), by PID. True if it ran."""
-    if not alive(pid):
-        return False
-    kids = descendants(pid)
-    try:
-        leads = os.getpgid(pid) == pid
-    except ProcessLookupError:
-        return False
-    send = (lambda s: os.killpg(pid, s)) if leads else (lambda s: os.kill(pid, s))
-    try:
-        send(signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + grace
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if alive(pid):
+    """Stop a process this module started, and what it started (``stop_pids``). True if it ran."""
+    return bool(stop_pids([pid], grace))
+
+
+def stop_pids(pids, grace: float = 10.0) -> list[int]:
+    """Stop processes this module started, and what they started, all at once: SIGTERM to each
+    one's process group (it leads one: ``start_new_session``), SIGKILL to those still running
+    after ``grace`` seconds, then any descendant still running (Flower starts SuperExec in a
+    session of its own), by PID. Returns the PIDs that ran."""
+    running = [p for p in dict.fromkeys(pids) if alive(p)]
+    kids = {p: descendants(p) for p in running}
+
+    def send(pid: int, sig) -> None:
         try:
-            send(signal.SIGKILL)
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
         except ProcessLookupError:
             pass
-    for k in kids:
-        deadline = time.monotonic() + 3
-        while alive(k) and time.monotonic() < deadline:
-            time.sleep(0.1)
+
+    for p in running:
+        send(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(alive(p) for p in running) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in running:
+        if alive(p):
+            send(p, signal.SIGKILL)
+    left = [k for p in running for k in kids[p]]
+    deadline = time.monotonic() + 3
+    while any(alive(k) for k in left) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for k in left:
         if alive(k):
             try:
                 os.kill(k, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    return True
+    return running
 
 
 def wait_for_log(log: Path, pattern: str, pid: int, timeout: float) -> Optional[re.Match]:
