@@ -3,19 +3,19 @@ environment for Flower/Ray/Hugging Face, min-max QParams, and atomic JSON result
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
+
+# The CPU's model and the SIMD flags an integer kernel's speed depends on: a latency without them
+# cannot be compared with another machine's (simulation/machine.py, shared with summary.json).
+from simulation.machine import SIMD_FLAGS, cpu_fields, cpu_model, simd_flags
+
+__all__ = ["SIMD_FLAGS", "cpu_fields", "cpu_model", "simd_flags"]   # re-exported for the benches
+_cpu_fields = cpu_fields        # TEMP: bench/poisoning.py (in progress) still imports the old name
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-
-# The CPU features an integer kernel's speed depends on (x86 VNNI/AMX, Arm dot product / i8mm):
-# a latency without them cannot be compared with another machine's.
-SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
              "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -41,41 +41,6 @@ def shown_path(path) -> str:
     return f"~/{p.relative_to(home).as_posix()}" if p.is_absolute() and p.is_relative_to(home) else str(p)
 
 
-@functools.cache
-def _cpu_fields() -> dict[str, str]:
-    """lscpu's fields (it also names Arm cores, which /proc/cpuinfo does not), else /proc/cpuinfo's."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
-                             env=dict(os.environ, LC_ALL="C")).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines()) if v}
-    if "model name" in fields and "flags" in fields:
-        return fields
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return fields
-    for ln in info.splitlines():
-        k, _, v = ln.partition(":")
-        k = k.strip().lower()
-        k = "flags" if k == "features" else k            # Arm names its flags "Features"
-        if v and k in ("model name", "flags"):
-            fields.setdefault(k, v.strip())
-    return fields
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``lscpu``), e.g. "AMD EPYC"."""
-    return _cpu_fields().get("model name") or platform.processor() or "unknown"
-
-
-def simd_flags() -> list[str]:
-    """Which of SIMD_FLAGS this CPU has."""
-    flags = set(_cpu_fields().get("flags", "").split())
-    return [f for f in SIMD_FLAGS if f in flags]
-
-
 def versions(packages) -> dict[str, str | None]:
     """Installed version of each package (None when missing)."""
     import importlib.metadata as md
@@ -90,11 +55,11 @@ def versions(packages) -> dict[str, str | None]:
 
 
 def machine(**extra) -> dict:
-    """``simulation.quality.machine_info`` (architecture, cores, python, torch and its threads) with
-    the CPU's model name and SIMD flags, which every latency needs beside it; ``extra`` added."""
+    """``simulation.quality.machine_info`` (architecture, CPU model and SIMD flags, cores, python,
+    torch and its threads) with ``extra`` added."""
     from simulation.quality import machine_info
 
-    return dict(machine_info(), cpu_model=cpu_model(), simd=simd_flags(), **extra)
+    return dict(machine_info(), **extra)
 
 
 def minmax_points(ranges: dict[str, tuple[float, float]], specs) -> dict:

@@ -71,9 +71,17 @@ def simulate_block(d: dict) -> str:
     return (f"`fedquant simulate --config configs/default.toml` ({d['model']}, {d['clients']} clients, "
             f"{d['rounds']} rounds; {data['train_sequences']} training sequences of {data['seq_len']} tokens "
             f"in all, perplexity on {data['eval_sequences']} sequences of roles no client holds, ONNX "
-            f"Runtime integer model; {m['cpu']}, {m['cores']} cores, {d['wall_s']:.0f} s of which "
+            f"Runtime integer model; {_cpu(m)}, {m['cores']} cores, {d['wall_s']:.0f} s of which "
             f"{d['prepare_s']:.0f} s preparing). Source: `bench/results/simulate_default.json`.\n\n"
             + "\n".join(lines) + "\n")
+
+
+def _cpu(m: dict) -> str:
+    """The CPU as a results file records it: model and SIMD flags when it has them (older files
+    record only the architecture)."""
+    if m.get("cpu_model"):
+        return f"{m['cpu_model']} ({' '.join(m.get('simd', [])) or 'no AVX2'})"
+    return f"{m['cpu']}, CPU flags not recorded"
 
 
 def quality_bench_block(d: dict) -> str:

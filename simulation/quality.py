@@ -171,8 +171,13 @@ def markdown_table(result: dict) -> str:
 
 
 def machine_info() -> dict:
+    """Where a number was measured: the CPU's model and SIMD flags (ONNX Runtime's integer kernels
+    differ by CPU), cores, python, torch and its threads."""
     import os
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+
+    from simulation.machine import cpu_model, simd_flags
+    return {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "simd": simd_flags(),
+            "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads()}
 
