@@ -127,7 +127,7 @@ def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weight
     return _Plan(values, names, w_attrs, b_attrs)
 
 
-def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = True
+def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = False
                ) -> tuple[dict[str, np.ndarray], dict]:
     """All QDQ initializer values and the name map for ``qparams`` and the float weights
     ``linears`` (from ``float_linears``). A client that changes QParams recomputes these and
@@ -242,7 +242,7 @@ def names_path(model_path) -> Path:
 
 def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int = 16,
                batch: int = 2, dynamic: bool = True, opset: int = OPSET,
-               u8_weights: bool = True) -> dict[str, tuple[str, str]]:
+               u8_weights: bool = False) -> dict[str, tuple[str, str]]:
     """Write the QDQ model for ``model`` (a float torch model) and ``qparams`` to ``path`` and its
     name map to ``names_path(path)``; return the name map.
 
@@ -252,12 +252,14 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     (a path or ModelProto from ``export_float_onnx`` of the same model) skips the slow torch
     export, so one float export serves many QParams.
 
-    ``u8_weights`` stores signed 8-bit weights of a Linear whose input is uint8 on the uint8 grid
-    (``q + 128``, ``z + 128``): the same real values, and the combination (u8u8) that ONNX
-    Runtime runs exactly everywhere; its x86 u8s8 kernels without VNNI saturate int16 pair sums
-    (measured: up to 27 LSB off on a tiny Llama, SmolLM2's next-token loss 12.9 instead of 5.5).
-    The name map then holds ``z + 128`` for such a weight's zero-point: patch through
-    ``qdq_values`` with the same flag.
+    Signed 8-bit weights are stored as int8 with the QParams' zero point (0): the form ONNX
+    Runtime runs fastest where its u8 x s8 kernel is exact (x86 with VNNI, Arm; design.md
+    section 3). ``u8_weights`` stores those of a Linear whose input is uint8 on the uint8 grid
+    instead (``q + 128``, ``z + 128``): the same real values, for x86 CPUs without VNNI, whose
+    u8 x s8 kernels saturate int16 pair sums (measured: up to 27 LSB off on a tiny Llama,
+    SmolLM2's next-token loss 12.9 instead of 5.5); a device normally converts at load instead
+    (``set_weight_storage``, ``client.runtime.DeviceRuntime``). With it the name map holds
+    ``z + 128`` for such a weight's zero-point: patch through ``qdq_values`` with the same flag.
     """
     qparams.validate()
     if float_onnx is None:
@@ -278,6 +280,56 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     atomic_write_bytes(names_path(path), json.dumps(
         {k: list(v) for k, v in sorted(name_map.items())}, indent=1).encode())
     return name_map
+
+
+def u8_storable(mp: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(weight, zero point)`` initializer names of the 8-bit weights that may live on either
+    grid: an int8/uint8 weight behind a DequantizeLinear that feeds only MatMuls whose activation
+    comes from a DequantizeLinear with a uint8 zero point (what ``_plan`` moves with
+    ``u8_weights``). Found from the graph alone, so it works on any QDQ model of this shape."""
+    dtypes = {t.name: t.data_type for t in mp.graph.initializer}
+    producer = {o: n for n in mp.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in mp.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = []
+    for n in mp.graph.node:
+        if n.op_type != "DequantizeLinear" or len(n.input) < 3:
+            continue
+        w, z = n.input[0], n.input[2]
+        if dtypes.get(w) not in (TensorProto.INT8, TensorProto.UINT8) or dtypes.get(z) != dtypes[w]:
+            continue
+        users = consumers.get(n.output[0], [])
+        if not users or any(u.op_type != "MatMul" or u.input[1] != n.output[0] for u in users):
+            continue
+        acts = [producer.get(u.input[0]) for u in users]
+        if all(a is not None and a.op_type == "DequantizeLinear" and len(a.input) >= 3
+               and dtypes.get(a.input[2]) == TensorProto.UINT8 for a in acts):
+            out.append((w, z))
+    return out
+
+
+def set_weight_storage(mp: onnx.ModelProto, u8: bool) -> int:
+    """Move the 8-bit weights of uint8-input MatMuls to the uint8 grid (``u8``: ``q + 128``,
+    ``z + 128``) or back to int8 (``q - 128``, ``z - 128``), in place: the same real values,
+    bit for bit, and the values ``qdq_values(..., u8_weights=u8)`` computes, so patching keeps
+    working with that flag. Returns how many weights were moved (0: already in that form).
+    Which form is exact and fast is a property of the CPU's kernel (design.md section 3,
+    ``client.runtime.choose_weight_storage``)."""
+    index = {t.name: i for i, t in enumerate(mp.graph.initializer)}
+    src, dst = (TensorProto.INT8, np.uint8) if u8 else (TensorProto.UINT8, np.int8)
+    moved = 0
+    for w, z in u8_storable(mp):
+        for name in (w, z):
+            t = mp.graph.initializer[index[name]]
+            if t.data_type != src:
+                continue
+            a = numpy_helper.to_array(t).astype(np.int16)
+            a = a + 128 if u8 else a - 128
+            t.CopyFrom(numpy_helper.from_array(a.astype(dst), name))
+            moved += name == w
+    return moved
 
 
 def load_name_map(path) -> dict[str, tuple[str, str]]:

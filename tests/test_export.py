@@ -194,7 +194,7 @@ def test_name_map_covers_every_key(exported):
             np.testing.assert_array_equal(arrays[init].reshape(p.scale.shape), p.scale)
         elif kind == "zero_point" and key.endswith(":input"):
             np.testing.assert_array_equal(arrays[init], p.zero_point)
-        elif kind == "weight_q":  # stored on the uint8 grid (u8_weights): same real values
+        elif kind == "weight_q":  # int8 as exported, or the uint8 grid (u8_weights): same real values
             path = key.rsplit(":", 1)[0]
             s, z = arrays[f"{path}.weight.scale"], arrays[f"{path}.weight.zero_point"].astype(np.int32)
             w_hat = (arrays[init].astype(np.int32) - z).astype(np.float32) * s
