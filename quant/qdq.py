@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quant.affine import dequantize, quantize
-from quant.export import (MATMUL_TAG, OPSET, float_graph, float_linears, linear_paths, matmul_paths,
-                          node_tag, prune_unused, save_onnx)
+from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
+from quant.export import (MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
+                          linear_paths, matmul_paths, node_tag, prune_unused, save_onnx)
 from quant.qparams import QParams, atomic_write_bytes
-from quant.spec import QuantSpec
+from quant.spec import QuantSpec, weight_spec
 
 # what a name map entry ``(qparams key, kind)`` says an initializer holds
 KINDS = ("scale", "zero_point", "weight_q", "bias_q", "bias_scale", "smoothing")
@@ -145,6 +145,78 @@ def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = False
     return values, names
 
 
+# ------------------------------------------------------------------------ token embedding
+#
+# The embedding table is as large as lm_head (SmolLM2: 49152 x 576, 113 MB in float32). A tied
+# embedding reads lm_head's own integer weights (one copy in the file, patched with lm_head):
+# row r of the table is ``(q_r - z_r) * s_r / m`` with lm_head's per-row int8 weight, scale, zero
+# point and SmoothQuant factors ``m`` (lm_head quantizes ``W * m``). An untied one (or a tied one
+# whose lm_head is not 8-bit per row) gets its own int8 table with per-row min-max scales from
+# the float weights: not a QParams point, since no round changes it.
+
+EMBEDDING_SPEC = weight_spec(8)
+
+
+def _shared_head(table: np.ndarray, linears: dict, qp: QParams) -> str | None:
+    """The Linear whose 8-bit per-row (int8 or uint8) quantized weight equals ``table`` (a tied
+    lm_head), or None."""
+    for path, (w, _) in linears.items():
+        p = qp.points.get(f"{path}:weight")
+        if p is None or w.shape != table.shape or not np.array_equal(w, table):
+            continue
+        if p.spec.bits == 8 and p.spec.granularity == "per_channel" and p.spec.resolved_axis(2) == 0:
+            return path
+    return None
+
+
+def embedding_table(table: np.ndarray, linears: dict, qp: QParams) -> np.ndarray:
+    """The float32 table the QDQ graph's embedding computes (``embedding="int8"``): what a torch
+    reference puts in place of the float embedding to compute what the device computes."""
+    head = _shared_head(table, linears, qp)
+    if head is None:
+        s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
+        return dequantize(quantize(table, s, z, EMBEDDING_SPEC), s, z, EMBEDDING_SPEC)
+    m = qp.smoothing.get(head)
+    w = table if m is None else table * np.asarray(m, np.float32)
+    t = dequantized_weight(head, qp, w)
+    return t if m is None else t / np.asarray(m, np.float32)
+
+
+def _embedding_nodes(node, path: str, table: np.ndarray, linears: dict, qp: QParams,
+                     plans: dict) -> tuple[list, dict]:
+    """Nodes computing ``node``'s output (a Gather of the float table by ``input_ids``) from an int8
+    table, and the new initializers."""
+    ids, out, pre = node.input[1], node.output[0], f"{path}.embedding"
+    head = _shared_head(table, linears, qp)
+    mk = helper.make_node
+    if head is None:
+        s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
+        q = quantize(table, s, z, EMBEDDING_SPEC).astype(np.int8)
+        inits = {f"{path}.weight.q": q, f"{path}.weight.scale": np.asarray(s, np.float32)}
+        nodes = [mk("Gather", [f"{path}.weight.q", ids], [f"{pre}.q"], name=f"{pre}.Gather", axis=0),
+                 mk("Cast", [f"{pre}.q"], [f"{pre}.qf"], name=f"{pre}.Cast", to=TensorProto.FLOAT),
+                 mk("Gather", [f"{path}.weight.scale", ids], [f"{pre}.s"], name=f"{pre}.GatherScale", axis=0),
+                 mk("Unsqueeze", [f"{pre}.s", f"{pre}.last"], [f"{pre}.s1"], name=f"{pre}.Unsqueeze"),
+                 mk("Mul", [f"{pre}.qf", f"{pre}.s1"], [out], name=f"{pre}.Mul")]
+        return nodes, {**inits, f"{pre}.last": np.array([-1], np.int64)}
+    # lm_head's weight is stored (in, out): gather columns, then put the hidden axis last
+    hq, hs, hz = f"{head}.weight.q", f"{head}.weight.scale", f"{head}.weight.zero_point"
+    m = f"{head}.input.smooth" if f"{head}.input.smooth" in plans[head].values else None
+    nodes = [mk("Gather", [hq, ids], [f"{pre}.qt"], name=f"{pre}.Gather", axis=1),
+             mk("Transpose", [f"{pre}.qt"], [f"{pre}.q"], name=f"{pre}.Transpose", perm=[1, 2, 0]),
+             mk("Cast", [f"{pre}.q"], [f"{pre}.qf"], name=f"{pre}.Cast", to=TensorProto.FLOAT),
+             mk("Gather", [hz, ids], [f"{pre}.z"], name=f"{pre}.GatherZero", axis=0),
+             mk("Cast", [f"{pre}.z"], [f"{pre}.zf"], name=f"{pre}.CastZero", to=TensorProto.FLOAT),
+             mk("Unsqueeze", [f"{pre}.zf", f"{pre}.last"], [f"{pre}.z1"], name=f"{pre}.UnsqueezeZero"),
+             mk("Sub", [f"{pre}.qf", f"{pre}.z1"], [f"{pre}.c"], name=f"{pre}.Sub"),
+             mk("Gather", [hs, ids], [f"{pre}.s"], name=f"{pre}.GatherScale", axis=0),
+             mk("Unsqueeze", [f"{pre}.s", f"{pre}.last"], [f"{pre}.s1"], name=f"{pre}.Unsqueeze"),
+             mk("Mul", [f"{pre}.c", f"{pre}.s1"], [f"{pre}.d" if m else out], name=f"{pre}.Mul")]
+    if m:
+        nodes.append(mk("Div", [f"{pre}.d", m], [out], name=f"{pre}.Div"))
+    return nodes, {f"{pre}.last": np.array([-1], np.int64)}
+
+
 # ---------------------------------------------------------------------------- QDQ export
 
 
@@ -172,16 +244,29 @@ def _qdq_nodes(prefix: str, x: str) -> list:
                              name=f"{prefix}.DQ")]
 
 
-def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights: bool) -> dict:
+def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights: bool,
+               embedding: str = "int8") -> dict:
     g = mp.graph
     plans = {path: _plan(path, *linears[path], qparams, u8_weights) for path in linear_paths(mp)}
     name_map, mm_values = {}, {}
+    embeds = {}
+    if embedding == "int8":
+        tables = {t.name: t for t in g.initializer}
+        for node, path in embedding_gathers(mp):
+            table = numpy_helper.to_array(tables[node.input[0]]).astype(np.float32)
+            embeds[node.name] = _embedding_nodes(node, path, table, linears, qparams, plans)
+    elif embedding != "float":
+        raise ValueError(f"embedding must be 'int8' or 'float', got {embedding!r}")
     for path in matmul_paths(mp):  # attention matmuls: both operands are activations
         for i, kind in enumerate(("input", "other")):
             if f"{path}:{kind}" in qparams.points:
                 _act_point(f"{path}.{kind}", f"{path}:{kind}", qparams, mm_values, name_map)
     nodes = []
     for node in g.node:
+        if node.name in embeds:
+            nodes.extend(embeds[node.name][0])
+            g.initializer.extend(_to_tensor(n, a) for n, a in embeds[node.name][1].items())
+            continue
         path = node_tag(node)
         plan = plans.get(path)
         mm = node_tag(node, MATMUL_TAG)
@@ -242,7 +327,7 @@ def names_path(model_path) -> Path:
 
 def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int = 16,
                batch: int = 2, dynamic: bool = True, opset: int = OPSET,
-               u8_weights: bool = False) -> dict[str, tuple[str, str]]:
+               u8_weights: bool = False, embedding: str = "int8") -> dict[str, tuple[str, str]]:
     """Write the QDQ model for ``model`` (a float torch model) and ``qparams`` to ``path`` and its
     name map to ``names_path(path)``; return the name map.
 
@@ -260,6 +345,10 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     SmolLM2's next-token loss 12.9 instead of 5.5); a device normally converts at load instead
     (``set_weight_storage``, ``client.runtime.DeviceRuntime``). With it the name map holds
     ``z + 128`` for such a weight's zero-point: patch through ``qdq_values`` with the same flag.
+
+    ``embedding="int8"`` stores the token embedding as int8 rows (``embedding_table``): a tied
+    one shares the quantized lm_head, so patching lm_head's weight or smoothing moves both;
+    ``"float"`` keeps the float table.
     """
     qparams.validate()
     if float_onnx is None:
@@ -275,7 +364,7 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
                      - set(linear_paths(mp)) - set(matmul_paths(mp)))
     if unknown:
         raise ValueError(f"QParams keys name no Linear of this graph: {unknown[:5]}")
-    name_map = _qdq_graph(mp, qparams, linears, u8_weights)
+    name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding)
     save_onnx(mp, path)
     atomic_write_bytes(names_path(path), json.dumps(
         {k: list(v) for k, v in sorted(name_map.items())}, indent=1).encode())

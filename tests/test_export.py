@@ -22,7 +22,8 @@ from client.runtime import ort_session
 from quant.encodings import onnx_encoding_names, read_encodings_json, write_encodings_json
 from quant.export import export_float_onnx, float_linears, linear_paths, matmul_paths
 from quant.qdq import (activation_inputs, add_outputs, bias_quant, count_matmuls, dequantized_weight,
-                       export_qdq, load_name_map, names_path, patch_initializers, qdq_values)
+                       embedding_table, export_qdq, load_name_map, names_path, patch_initializers,
+                       qdq_values)
 from quant.qparams import PointParams, QParams
 from quant.spec import QuantSpec, activation_spec, weight_spec
 
@@ -83,6 +84,9 @@ def fake_quant_reference(model, qp: QParams, ids, integer: bool = False):
     differences flip enough quantization decisions to matter (measured on SmolLM2)."""
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")  # the attention math of the exported graph
+    emb = ref.get_input_embeddings()      # int8 rows, or lm_head's own integer weights when tied
+    table = model.get_input_embeddings().weight.detach().float().numpy()
+    emb.weight = torch.nn.Parameter(torch.from_numpy(embedding_table(table, float_linears(model), qp)))
     captured, hooks = {}, []
     for path, (w, b) in float_linears(model).items():
         mod = ref.get_submodule(path)
@@ -487,3 +491,19 @@ def test_smollm2_u8_s8_integer_kernels_and_agreement(tmp_path):
         assert abs(nll_ort - nll_ref) < 0.15
     assert early["exact"] >= 0.999
     assert overall["within_2"] >= 0.99
+
+
+def test_tied_embedding_shares_lm_head_integer_weights(exported, tmp_path):
+    """The tied embedding is read from lm_head's int8 weights (one copy, no float table in the
+    file), and ``embedding="float"`` keeps the float table (the file grows by vocab x hidden x 4)."""
+    model, qp, d = exported["model"], exported["qp"], exported["dir"]
+    mp = onnx.load(d / "qdq.onnx")
+    vocab, hidden = DIMS["vocab_size"], DIMS["hidden_size"]
+    floats = [t.name for t in mp.graph.initializer if list(t.dims) in ([vocab, hidden], [hidden, vocab])
+              and t.data_type == onnx.TensorProto.FLOAT]
+    assert floats == []
+    gathers = [n for n in mp.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
+    assert [n.input[0] for n in gathers][:1] == ["lm_head.weight.q"]
+    export_qdq(model, qp, tmp_path / "f.onnx", float_onnx=d / "float.onnx", embedding="float")
+    grown = (tmp_path / "f.onnx").stat().st_size - (d / "qdq.onnx").stat().st_size
+    assert abs(grown - vocab * hidden * 4) < 4096
