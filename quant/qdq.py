@@ -155,6 +155,7 @@ def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = False
 # the float weights: not a QParams point, since no round changes it.
 
 EMBEDDING_SPEC = weight_spec(8)
+BARRIER_LOWEST = "fedquant.lowest_float"  # the float32 lowest value, for the MatMulNBits barrier
 
 
 def _shared_head(table: np.ndarray, linears: dict, qp: QParams) -> str | None:
@@ -245,7 +246,7 @@ def _qdq_nodes(prefix: str, x: str) -> list:
 
 
 def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights: bool,
-               embedding: str = "int8") -> dict:
+               embedding: str = "int8", nbits_barrier: bool = True) -> dict:
     g = mp.graph
     plans = {path: _plan(path, *linears[path], qparams, u8_weights) for path in linear_paths(mp)}
     name_map, mm_values = {}, {}
@@ -261,7 +262,7 @@ def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights:
         for i, kind in enumerate(("input", "other")):
             if f"{path}:{kind}" in qparams.points:
                 _act_point(f"{path}.{kind}", f"{path}:{kind}", qparams, mm_values, name_map)
-    nodes = []
+    nodes, need_lowest = [], False
     for node in g.node:
         if node.name in embeds:
             nodes.extend(embeds[node.name][0])
@@ -284,6 +285,19 @@ def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights:
             if f"{path}.input.scale" in v:
                 nodes.extend(_qdq_nodes(f"{path}.input", node.input[0]))
                 node.input[0] = f"{path}.input.dq"
+                pw = qparams.points.get(f"{path}:weight")
+                if nbits_barrier and pw is not None and pw.spec.bits == 4:
+                    # ORT fuses DQ(4-bit weight) + MatMul into MatMulNBits only when the weight is
+                    # the MatMul's one DQ input, and has no integer kernel for a uint8 activation
+                    # with 4-bit weights: without this the 4-bit weights are dequantized to float
+                    # on every run. Max(x, lowest float) is the identity on the dequantized
+                    # activation and hides its DQ from the selector; MatMulNBits then computes in
+                    # fp32 (accuracy level 1, client.runtime.ort_session), the arithmetic the
+                    # QParams describe.
+                    nodes.append(helper.make_node("Max", [node.input[0], BARRIER_LOWEST],
+                                                  [f"{path}.input.dq.fp32"], name=f"{path}.input.Barrier"))
+                    node.input[0] = f"{path}.input.dq.fp32"
+                    need_lowest = True
             if f"{path}.weight.q" in v:
                 nodes.append(helper.make_node(
                     "DequantizeLinear", [f"{path}.weight.q", f"{path}.weight.scale",
@@ -298,6 +312,8 @@ def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights:
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
+    if need_lowest:
+        g.initializer.append(_to_tensor(BARRIER_LOWEST, np.array(np.finfo(np.float32).min, np.float32)))
     g.initializer.extend(_to_tensor(n, a) for n, a in mm_values.items())
     for plan in plans.values():
         g.initializer.extend(_to_tensor(n, a) for n, a in plan.values.items())
@@ -327,7 +343,8 @@ def names_path(model_path) -> Path:
 
 def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int = 16,
                batch: int = 2, dynamic: bool = True, opset: int = OPSET,
-               u8_weights: bool = False, embedding: str = "int8") -> dict[str, tuple[str, str]]:
+               u8_weights: bool = False, embedding: str = "int8", nbits_barrier: bool = True
+               ) -> dict[str, tuple[str, str]]:
     """Write the QDQ model for ``model`` (a float torch model) and ``qparams`` to ``path`` and its
     name map to ``names_path(path)``; return the name map.
 
@@ -348,7 +365,9 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
 
     ``embedding="int8"`` stores the token embedding as int8 rows (``embedding_table``): a tied
     one shares the quantized lm_head, so patching lm_head's weight or smoothing moves both;
-    ``"float"`` keeps the float table.
+    ``"float"`` keeps the float table. ``nbits_barrier`` puts an identity ``Max`` between a
+    4-bit Linear's activation DequantizeLinear and its MatMul so that ORT runs it as MatMulNBits
+    (see ``_qdq_graph``); False shows what the graph cost without it.
     """
     qparams.validate()
     if float_onnx is None:
@@ -364,7 +383,7 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
                      - set(linear_paths(mp)) - set(matmul_paths(mp)))
     if unknown:
         raise ValueError(f"QParams keys name no Linear of this graph: {unknown[:5]}")
-    name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding)
+    name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding, nbits_barrier)
     save_onnx(mp, path)
     atomic_write_bytes(names_path(path), json.dumps(
         {k: list(v) for k, v in sorted(name_map.items())}, indent=1).encode())

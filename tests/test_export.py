@@ -507,3 +507,19 @@ def test_tied_embedding_shares_lm_head_integer_weights(exported, tmp_path):
     export_qdq(model, qp, tmp_path / "f.onnx", float_onnx=d / "float.onnx", embedding="float")
     grown = (tmp_path / "f.onnx").stat().st_size - (d / "qdq.onnx").stat().st_size
     assert abs(grown - vocab * hidden * 4) < 4096
+
+
+def test_four_bit_weights_behind_uint8_inputs_run_as_matmulnbits(tmp_path, float_qwen2):
+    """The mixed profile's shape (uint8 activation, asymmetric uint4 groups): every such Linear runs
+    as MatMulNBits at accuracy level 1 (fp32 arithmetic on the fake-quantized activation, what the
+    QParams describe), not as a DequantizeLinear of the whole weight on every run."""
+    model, f = float_qwen2
+    act, wspec = COMBOS["u8/u4 group32 asymmetric"]
+    qp = minmax_qparams(model, batch(seed=2, shape=(4, 16)), act, wspec)
+    export_qdq(model, qp, tmp_path / "q.onnx", float_onnx=f)
+    ort_session(tmp_path / "q.onnx", optimized_path=tmp_path / "q.opt.onnx")
+    opt = onnx.load(tmp_path / "q.opt.onnx")
+    nbits = [n for n in opt.graph.node if n.op_type == "MatMulNBits"]
+    levels = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
+    assert len(nbits) == len(float_linears(model)) and levels == {1}
+    assert not [n for n in opt.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.input[0]]
