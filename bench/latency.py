@@ -169,6 +169,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS / "latency.json"))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    load_start = loadavg()
 
     import torch
 
@@ -220,7 +221,7 @@ def main(argv=None) -> dict:
         om = onnx.load(opt, load_external_data=False)
         counts = count_matmuls(om)
         row.update(kernels=counts, ops=op_counts(om), total_matmuls=total,
-                   integer_matmuls=sum(v for k, v in counts.items() if k in INTEGER_MATMULS))
+                   integer_matmuls=_integer_math(counts), matmulnbits_fp32=counts.get("MatMulNBits", 0))
         del om
         opt.unlink()
         tf, tq = time_pair(float_sess, sess, feed, args.runs)
@@ -245,7 +246,7 @@ def main(argv=None) -> dict:
 
     flags = _cpu_fields().get("flags", "").split()
     result = {
-        "model": "SmolLM2-135M-Instruct", "run": shown_path(run.resolve()), "batch": [args.batch, args.seq],
+        "model": "SmolLM2-135M-Instruct", "run": f"runs/{run.name}" if run.parent.name == "runs" else shown_path(run.resolve()), "batch": [args.batch, args.seq],
         "threads": args.threads, "runs": args.runs,
         "onnxruntime": __import__("onnxruntime").__version__,
         "cpu": {"model": cpu_model(), "flags": flags, "u8s8_saturates": u8s8_saturates(),
@@ -253,6 +254,7 @@ def main(argv=None) -> dict:
         "machine": machine(), "eval_sequences": [int(s) for s in evals.shape],
         "float": float_row, "rows": rows, "checks": same,
         "wall_s": round(time.perf_counter() - t_start, 1),
+        "loadavg_start_end": [load_start, loadavg()],  # the machine is shared: how busy it was
     }
     write_json(Path(args.out), result)
     print(table(result))
@@ -265,10 +267,22 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.0f} MB"
 
 
+def _integer_math(kernels: dict) -> int:
+    """Matmuls in integer arithmetic: MatMulNBits runs at accuracy level 1 here (fp32 compute)."""
+    return sum(v for k, v in kernels.items() if k in INTEGER_MATMULS and k != "MatMulNBits")
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
 def table(result: dict) -> str:
     """The README table (``bench/readme_tables.py`` style): one row per model."""
     f = result["float"]
-    lines = ["| model | latency / float (interleaved) | integer matmuls / all | Div, Transpose ops run | file | "
+    lines = ["| model | latency / float (interleaved) | integer-math matmuls / all (+ MatMulNBits, fp32) | Div, Transpose ops run | file | "
              "file / (integer weights + norms, biases) [+ weight scales, zero points] | session memory (held after load; peak) | NLL batch | eval perplexity |",
              "|---|---|---|---|---|---|---|---|---|"]
     fm = f["memory"]
@@ -279,7 +293,9 @@ def table(result: dict) -> str:
         m = r["memory"]
         lines.append(
             f"| {r['variant']} | {r['latency_ratio']:.2f} ({r['latency_ms']:.0f} ms vs {r['float_latency_ms']:.0f}) | "
-            f"{r['integer_matmuls']}/{sum(r['kernels'].values())} | {r['ops'].get('Div', 0)}, {r['ops'].get('Transpose', 0)} | "
+            f"{_integer_math(r['kernels'])}/{sum(r['kernels'].values())}"
+            f"{' (+' + str(r['kernels']['MatMulNBits']) + ')' if r['kernels'].get('MatMulNBits') else ''} | "
+            f"{r['ops'].get('Div', 0)}, {r['ops'].get('Transpose', 0)} | "
             f"{_mb(r['file_bytes'])} | {r['file_vs_payload']:.2f} [{r['file_vs_payload_with_weight_params']:.2f}] | "
             f"{_mb(m.get('session_rss', 0))}; {_mb(m.get('peak_rss', 0))} | {r['nll_batch']} | {r['eval_perplexity']} |")
     c = result["cpu"]
