@@ -535,3 +535,27 @@ def test_four_bit_weights_behind_uint8_inputs_run_as_matmulnbits(tmp_path, float
     levels = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
     assert len(nbits) == len(float_linears(model)) and levels == {1}
     assert not [n for n in opt.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.input[0]]
+
+
+def test_untied_embedding_gets_its_own_int8_rows(tmp_path):
+    """An untied embedding is stored as int8 rows with per-row min-max scales from its own float
+    table (no QParams point: no round changes it), and ORT computes what the torch reference with
+    that table computes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(**{**DIMS, "tie_word_embeddings": False})).eval()
+    export_float_onnx(model, tmp_path / "float.onnx")
+    qp = minmax_qparams(model, batch(seed=2, shape=(4, 16)))
+    names = export_qdq(model, qp, tmp_path / "q.onnx", float_onnx=tmp_path / "float.onnx")
+    mp = onnx.load(tmp_path / "q.onnx")
+    arrays = {t.name: numpy_helper.to_array(t) for t in mp.graph.initializer}
+    assert arrays["model.embed_tokens.weight.q"].dtype == np.int8
+    assert arrays["model.embed_tokens.weight.scale"].shape == (DIMS["vocab_size"],)
+    assert "model.embed_tokens.weight.q" not in names
+    ids = batch()
+    ref, _ = fake_quant_reference(model, qp, ids)
+    got, _ = ort_run(mp, ids)
+    with torch.no_grad():
+        float_err = float(np.abs(model(input_ids=ids, use_cache=False).logits.numpy() - ref).max())
+    assert np.abs(got - ref).max() < 0.05 * float_err + 1e-4
