@@ -118,6 +118,14 @@ def mixed_plan_block(d: dict) -> str:
             f"{plan['avg_weight_bits']:.2f}.\n")
 
 
+def latency_block(d: dict) -> str:
+    """Issue 16's latency/size table, from bench/latency.py's latency.json."""
+    from bench.latency import table
+
+    return (f"`.venv/bin/python -m bench.latency --run {d['run']}` (the run's final QParams exported "
+            f"per profile; {d['wall_s']:.0f} s). Source: `bench/results/latency.json`.\n\n" + table(d) + "\n")
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
     new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
@@ -155,6 +163,8 @@ def main() -> None:
             print("README.md has no <!-- quality-bench:begin --> block: quality_bench.json not shown")
     if (RESULTS / "mixed_plan.json").is_file():
         readme = replace_block(readme, "mixed-plan", mixed_plan_block(json.loads((RESULTS / "mixed_plan.json").read_text())))
+    if (RESULTS / "latency.json").is_file() and "<!-- latency:begin -->" in readme:
+        readme = replace_block(readme, "latency", latency_block(json.loads((RESULTS / "latency.json").read_text())))
     (ROOT / "README.md").write_text(readme)
     print("README.md tables regenerated")
 

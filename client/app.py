@@ -130,7 +130,7 @@ def get_runtime(device_dir: str, profile: str) -> DeviceRuntime:
         float_onnx = device.float_onnx_path(device_dir)
         capture = _cached(_CAPTURES, (str(float_onnx), p.threads), lambda: FloatCapture(float_onnx, p.threads))
         return DeviceRuntime(device.model_path(device_dir, profile), threads=p.threads,
-                             float_onnx=float_onnx, capture=capture)
+                             float_onnx=float_onnx, capture=capture, weight_storage=p.int8_weight_storage)
     return _cached(_RUNTIMES, (device_dir, profile), load)
 
 

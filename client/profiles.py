@@ -30,6 +30,10 @@ class DeviceProfile(BaseModel):
     weight_symmetric: bool = Field(True, description="false: unsigned weights with a zero point per "
                                    "channel or group")
     int16_activations: bool = False
+    int8_weight_storage: Literal["auto", "int8", "uint8"] = Field(
+        "auto", description="how the runtime stores 8-bit weights behind uint8 activations: auto picks "
+        "int8 where ORT's u8 x s8 kernel is exact (x86 with VNNI, Arm), uint8 (q + 128) on x86 "
+        "without VNNI, where it saturates (client.runtime.choose_weight_storage)")
     threads: int = Field(1, ge=1, le=64)
     memory_mb: float = Field(512.0, gt=0, description="budget for one job's exposed activations")
 

@@ -8,9 +8,14 @@ import onnx
 
 
 def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all",
-                nbits_accuracy: int = 1):
+                nbits_accuracy: int = 1, weight_storage: str | None = "auto"):
     """An ONNX Runtime CPU session with ``threads`` intra-op threads; ``optimized_path`` writes the
     graph ORT actually runs (after QDQ fusion) for inspection.
+
+    ``weight_storage`` (``choose_weight_storage``): the grid the 8-bit weights of uint8-input
+    MatMuls run on. ``"auto"`` moves int8 weights to uint8 (a converted copy, same real values)
+    only on a CPU whose u8 x s8 kernel saturates, so that every session is exact on every CPU;
+    ``"int8"``/``"uint8"`` force a form; None runs the graph as given.
 
     ``nbits_accuracy``: when ORT fuses a weight DequantizeLinear + MatMul into MatMulNBits, its
     default (4) quantizes the float activations to int8 inside the kernel, silently turning a
@@ -29,6 +34,17 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
     if optimized_path is not None:
         so.optimized_model_filepath = os.fspath(optimized_path)
+    if weight_storage is not None and (weight_storage != "auto" or u8s8_saturates()):
+        from quant.qdq import set_weight_storage
+
+        mp = onnx.ModelProto()
+        if isinstance(model, onnx.ModelProto):
+            mp.CopyFrom(model)
+        else:
+            mp = onnx.load(os.fspath(model))
+        if set_weight_storage(mp, choose_weight_storage(weight_storage) == "uint8"):
+            model = mp
+        del mp
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
@@ -52,6 +68,56 @@ from quant.qparams import QParams, atomic_write_bytes, load_qparams, qparams_pro
 from quant.smoothing import smoothed_weight_point  # noqa: E402
 
 BUNDLE_FORMAT = "fedquant.device/1"
+
+# x86 CPU flags whose int8 dot product (vpdpbusd) accumulates u8 x s8 products straight into int32.
+# Without one of them ONNX Runtime's x86 u8 x s8 kernels (SSE4.1/AVX2/AVX-512BW) use vpmaddubsw,
+# which adds two u8 x s8 products into a *saturating* int16 (255 * -128 * 2 overflows).
+X86_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+WEIGHT_STORAGES = ("auto", "int8", "uint8")
+
+
+def cpu_flags() -> tuple[str, set[str]]:
+    """``(machine, flags)`` of this CPU: ``platform.machine()`` and the flags of /proc/cpuinfo
+    (x86 ``flags``, Arm ``Features``); empty flags where there is no /proc/cpuinfo."""
+    import platform
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k.strip().lower() in ("flags", "features"):
+                flags |= set(v.split())
+                break
+    except OSError:
+        pass
+    return platform.machine(), flags
+
+
+def u8s8_saturates(machine: str | None = None, flags=None) -> bool:
+    """Whether ONNX Runtime's u8 x s8 integer matmul saturates on this CPU (or on ``machine`` with
+    ``flags``): x86 without VNNI. ORT's own switch (``session.x64quantprecision``) asks MLAS, which
+    also answers yes on AVX-512 VNNI CPUs (measured on an EPYC with avx512_vnni: it moved all 211
+    SmolLM2 weights to uint8 and ran 1.85x slower), so the runtime decides from the flags instead.
+    Arm's kernels widen before they add (no saturation); an x86 CPU whose flags cannot be read
+    counts as saturating (the exact form is always safe)."""
+    if machine is None:
+        machine, flags = cpu_flags()
+    m = str(machine).lower()
+    if m not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    return not (set(flags or ()) & set(X86_VNNI_FLAGS))
+
+
+def choose_weight_storage(storage: str = "auto", machine: str | None = None, flags=None) -> str:
+    """``"int8"`` or ``"uint8"``: how a device stores the 8-bit weights of its uint8-input Linears
+    (design.md section 3). ``"auto"``: int8 (zero point 0, the QParams' own values, ORT's fast
+    u8 x s8 kernel) unless that kernel saturates on this CPU (``u8s8_saturates``), then uint8
+    (``q + 128``, ORT's exact u8 x u8 kernel). The real values are the same either way."""
+    if storage not in WEIGHT_STORAGES:
+        raise ValueError(f"weight storage must be one of {WEIGHT_STORAGES}, got {storage!r}")
+    if storage != "auto":
+        return storage
+    return "uint8" if u8s8_saturates(machine, flags) else "int8"
 
 
 class PatchRefused(ValueError):
@@ -98,7 +164,7 @@ def load_float_linears(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     return out
 
 
-def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_weights: bool = True
+def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_weights: bool = False
                        ) -> Path:
     """Export side (needs torch): write everything ``DeviceRuntime`` loads, beside ``model_path``:
     the QDQ model + name map (``quant.qdq.export_qdq``), the float weights (npz), the QParams
@@ -116,9 +182,16 @@ def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_we
 
 class DeviceRuntime:
     """The integer runtime of one device: an ORT session over the QDQ model, patchable by
-    QParams key, plus (lazily) the float-graph session that statistics are captured on."""
+    QParams key, plus (lazily) the float-graph session that statistics are captured on.
 
-    def __init__(self, model_path, threads: int = 1, float_onnx=None, capture: "FloatCapture | None" = None):
+    ``weight_storage`` (``choose_weight_storage``): at load the runtime moves the 8-bit weights
+    to the grid that is exact and fast on this CPU (int8 with VNNI or on Arm, uint8 on x86
+    without VNNI) whatever form the bundle holds; ``self.weight_storage`` says which it runs,
+    ``self.u8_weights`` is what patches recompute with, ``canonical_model()`` is the model as
+    exported (int8 storage, what ``export/`` ships)."""
+
+    def __init__(self, model_path, threads: int = 1, float_onnx=None, capture: "FloatCapture | None" = None,
+                 weight_storage: str = "auto"):
         import onnx
 
         from quant.qdq import load_name_map, names_path
@@ -128,7 +201,6 @@ class DeviceRuntime:
         meta = json.loads(bundle_path(self.path).read_text())
         if meta.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{bundle_path(self.path)}: not a {BUNDLE_FORMAT} bundle")
-        self.u8_weights = bool(meta["u8_weights"])
         self.float_onnx = Path(float_onnx or meta["float_onnx"])
         self.name_map = load_name_map(names_path(self.path))
         self.linears = load_float_linears(weights_path(self.path))
@@ -136,9 +208,15 @@ class DeviceRuntime:
         self.model = onnx.load(str(self.path))
         from onnx import numpy_helper
 
+        from quant.qdq import set_weight_storage
+
+        self.weight_storage = choose_weight_storage(weight_storage)
+        want_u8 = self.weight_storage == "uint8"
+        self.storage_moved = set_weight_storage(self.model, want_u8)
+        self.u8_weights = want_u8
         self._inits = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer
                        if t.name in self.name_map}
-        self.session = ort_session(self.model, threads=self.threads)
+        self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
         # the float graph is the same for every profile of a model: a process can share one
         # FloatCapture between its runtimes (it holds the float graph and its session: ~1 GB on SmolLM2)
         self._capture = capture
@@ -229,7 +307,7 @@ class DeviceRuntime:
         patch_initializers(self.model, diff)
         t2 = time.perf_counter()
         try:
-            session = ort_session(self.model, threads=self.threads)
+            session = ort_session(self.model, threads=self.threads, weight_storage=None)
         except Exception:
             patch_initializers(self.model, saved)
             raise
@@ -240,6 +318,20 @@ class DeviceRuntime:
         self.last_patch = {"changed": len(diff), "compute_s": t1 - t0, "patch_s": t2 - t1,
                            "session_s": t3 - t2, "total_s": t3 - t0}
         return self.last_patch
+
+    def canonical_model(self):
+        """The model with its 8-bit weights in the exported form (int8, the QParams' zero points):
+        ``self.model`` itself when the runtime runs that form, else a converted copy."""
+        if not self.u8_weights:
+            return self.model
+        import onnx
+
+        from quant.qdq import set_weight_storage
+
+        mp = onnx.ModelProto()
+        mp.CopyFrom(self.model)
+        set_weight_storage(mp, False)
+        return mp
 
     # -------------------------------------------------------------------- inference
 
@@ -306,7 +398,7 @@ class FloatCapture:
             del mp.graph.output[:]  # only the exposed tensors: the lm_head and softmax are pruned
             add_outputs(mp, names)
             prune_unused(mp.graph)
-            self._sessions = {names: ort_session(mp, threads=self.threads)}  # keep one
+            self._sessions = {names: ort_session(mp, threads=self.threads, weight_storage=None)}  # keep one
         return self._sessions[names]
 
     def run(self, ids, keys, smoothing=None) -> dict[str, np.ndarray]:

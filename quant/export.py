@@ -229,6 +229,20 @@ def export_float_onnx(model, path, *, seq_len: int = 16, batch: int = 2, dynamic
     return save_onnx(float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset), path)
 
 
+def embedding_gathers(mp: onnx.ModelProto) -> list[tuple[object, str]]:
+    """``(Gather node, module path)`` of each token embedding: a Gather of a 2-D initializer by the
+    graph input ``input_ids`` (the path from the exporter's scopes, e.g. ``model.embed_tokens``)."""
+    inits = {t.name: len(t.dims) for t in mp.graph.initializer}
+    inputs = {i.name for i in mp.graph.input}
+    out = []
+    for n in mp.graph.node:
+        if n.op_type == "Gather" and inits.get(n.input[0]) == 2 and n.input[1] in inputs \
+                and all(a.name != "axis" or a.i == 0 for a in n.attribute):
+            scopes = [s[len(_WRAP) + 1:] for s in _scopes(n) if s.startswith(_WRAP + ".")]
+            out.append((n, scopes[-1] if scopes else n.input[0]))
+    return out
+
+
 def linear_paths(mp: onnx.ModelProto) -> list[str]:
     """Module paths of the Linears in a graph written by this module, in graph order."""
     return [node_tag(n) for n in mp.graph.node if n.op_type == "MatMul" and node_tag(n)]

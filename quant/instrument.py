@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from quant import lsq
@@ -57,6 +57,8 @@ class QuantConfig(BaseModel):
     overrides: dict[str, QuantSpec] = {}
     skip: list[str] = []
     attention_matmuls: bool = False
+    embedding: Literal["int8", "float"] = Field("int8", description="the token embedding as the QDQ "
+                                                "graph stores it (quant.qdq.embedding_table)")
 
     @field_validator("overrides")
     @classmethod
@@ -251,6 +253,47 @@ class QuantLinear(nn.Module):
         return F.linear(self.input_quantizer(x), self.quantized_weight(), self.linear.bias)
 
 
+class QuantEmbedding(nn.Module):
+    """The token embedding as the QDQ graph computes it (``quant.qdq.embedding_table``): tied to a
+    QuantLinear whose weight is 8-bit per row (SmolLM2's lm_head), row r is lm_head's fake-quantized
+    ``W * m`` row divided by ``m``, so it moves with lm_head's weight qparams and smoothing; else
+    its own int8 rows with min-max scales from the float table (fixed: not a QParams point). Float
+    while ``ref`` (a weight quantizer of the model) is in float mode."""
+
+    def __init__(self, embedding: nn.Embedding, head: "QuantLinear | None", ref: "FakeQuantizer"):
+        super().__init__()
+        self.embedding = embedding
+        self._head = [head]  # lists, not submodules: the head and its points belong to lm_head
+        self._ref = [ref]
+        if head is None:
+            from quant.qdq import EMBEDDING_SPEC  # onnx + numpy only
+
+            w = embedding.weight.detach().float()
+            s, z = range_to_qparams(*tensor_range(w, EMBEDDING_SPEC), EMBEDDING_SPEC)
+            self.register_buffer("table", fake_quant(w, s, z, EMBEDDING_SPEC), persistent=False)
+
+    weight = property(lambda self: self.embedding.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._ref[0].mode == "float":
+            return self.embedding(ids)
+        head = self._head[0]
+        if head is None:
+            return F.embedding(ids, self.table)
+        rows = F.embedding(ids, head.quantized_weight())
+        m = head.smooth
+        return rows if m is None else rows / m.to(rows.dtype)
+
+
+def _tied_head(embedding: nn.Embedding, replacements) -> "QuantLinear | None":
+    for _, ql in replacements:
+        spec = ql.weight_quantizer.spec
+        if ql.linear.weight is embedding.weight and spec.bits == 8 \
+                and spec.granularity == "per_channel" and spec.resolved_axis(2) == 0:
+            return ql
+    return None
+
+
 class QuantMatMul(nn.Module):
     """``torch.matmul(input, other)`` of two activations, both fake-quantized (per tensor)."""
 
@@ -359,6 +402,13 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> list[str]:
     for name, ql in replacements:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, ql)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if config.embedding == "int8" and isinstance(emb, nn.Embedding) and replacements:
+        head = _tied_head(emb, replacements)
+        qe = QuantEmbedding(emb, head, (head or replacements[0][1]).weight_quantizer)
+        path = next(n for n, m in model.named_modules() if m is emb)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, qe)
     for m, op, qm in qmatmuls:
         setattr(m, op, qm)
     if qmatmuls:

@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quant.affine import dequantize, quantize
-from quant.export import (MATMUL_TAG, OPSET, float_graph, float_linears, linear_paths, matmul_paths,
-                          node_tag, prune_unused, save_onnx)
+from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
+from quant.export import (MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
+                          linear_paths, matmul_paths, node_tag, prune_unused, save_onnx)
 from quant.qparams import QParams, atomic_write_bytes
-from quant.spec import QuantSpec
+from quant.spec import QuantSpec, weight_spec
 
 # what a name map entry ``(qparams key, kind)`` says an initializer holds
 KINDS = ("scale", "zero_point", "weight_q", "bias_q", "bias_scale", "smoothing")
@@ -127,7 +127,7 @@ def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weight
     return _Plan(values, names, w_attrs, b_attrs)
 
 
-def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = True
+def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = False
                ) -> tuple[dict[str, np.ndarray], dict]:
     """All QDQ initializer values and the name map for ``qparams`` and the float weights
     ``linears`` (from ``float_linears``). A client that changes QParams recomputes these and
@@ -143,6 +143,79 @@ def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = True
         if path not in linears:
             _act_point(f"{path}.{kind}", key, qparams, values, names)
     return values, names
+
+
+# ------------------------------------------------------------------------ token embedding
+#
+# The embedding table is as large as lm_head (SmolLM2: 49152 x 576, 113 MB in float32). A tied
+# embedding reads lm_head's own integer weights (one copy in the file, patched with lm_head):
+# row r of the table is ``(q_r - z_r) * s_r / m`` with lm_head's per-row int8 weight, scale, zero
+# point and SmoothQuant factors ``m`` (lm_head quantizes ``W * m``). An untied one (or a tied one
+# whose lm_head is not 8-bit per row) gets its own int8 table with per-row min-max scales from
+# the float weights: not a QParams point, since no round changes it.
+
+EMBEDDING_SPEC = weight_spec(8)
+BARRIER_LOWEST = "fedquant.lowest_float"  # the float32 lowest value, for the MatMulNBits barrier
+
+
+def _shared_head(table: np.ndarray, linears: dict, qp: QParams) -> str | None:
+    """The Linear whose 8-bit per-row (int8 or uint8) quantized weight equals ``table`` (a tied
+    lm_head), or None."""
+    for path, (w, _) in linears.items():
+        p = qp.points.get(f"{path}:weight")
+        if p is None or w.shape != table.shape or not np.array_equal(w, table):
+            continue
+        if p.spec.bits == 8 and p.spec.granularity == "per_channel" and p.spec.resolved_axis(2) == 0:
+            return path
+    return None
+
+
+def embedding_table(table: np.ndarray, linears: dict, qp: QParams) -> np.ndarray:
+    """The float32 table the QDQ graph's embedding computes (``embedding="int8"``): what a torch
+    reference puts in place of the float embedding to compute what the device computes."""
+    head = _shared_head(table, linears, qp)
+    if head is None:
+        s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
+        return dequantize(quantize(table, s, z, EMBEDDING_SPEC), s, z, EMBEDDING_SPEC)
+    m = qp.smoothing.get(head)
+    w = table if m is None else table * np.asarray(m, np.float32)
+    t = dequantized_weight(head, qp, w)
+    return t if m is None else t / np.asarray(m, np.float32)
+
+
+def _embedding_nodes(node, path: str, table: np.ndarray, linears: dict, qp: QParams,
+                     plans: dict) -> tuple[list, dict]:
+    """Nodes computing ``node``'s output (a Gather of the float table by ``input_ids``) from an int8
+    table, and the new initializers."""
+    ids, out, pre = node.input[1], node.output[0], f"{path}.embedding"
+    head = _shared_head(table, linears, qp)
+    mk = helper.make_node
+    if head is None:
+        s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
+        q = quantize(table, s, z, EMBEDDING_SPEC).astype(np.int8)
+        inits = {f"{path}.weight.q": q, f"{path}.weight.scale": np.asarray(s, np.float32)}
+        nodes = [mk("Gather", [f"{path}.weight.q", ids], [f"{pre}.q"], name=f"{pre}.Gather", axis=0),
+                 mk("Cast", [f"{pre}.q"], [f"{pre}.qf"], name=f"{pre}.Cast", to=TensorProto.FLOAT),
+                 mk("Gather", [f"{path}.weight.scale", ids], [f"{pre}.s"], name=f"{pre}.GatherScale", axis=0),
+                 mk("Unsqueeze", [f"{pre}.s", f"{pre}.last"], [f"{pre}.s1"], name=f"{pre}.Unsqueeze"),
+                 mk("Mul", [f"{pre}.qf", f"{pre}.s1"], [out], name=f"{pre}.Mul")]
+        return nodes, {**inits, f"{pre}.last": np.array([-1], np.int64)}
+    # lm_head's weight is stored (in, out): gather columns, then put the hidden axis last
+    hq, hs, hz = f"{head}.weight.q", f"{head}.weight.scale", f"{head}.weight.zero_point"
+    m = f"{head}.input.smooth" if f"{head}.input.smooth" in plans[head].values else None
+    nodes = [mk("Gather", [hq, ids], [f"{pre}.qt"], name=f"{pre}.Gather", axis=1),
+             mk("Transpose", [f"{pre}.qt"], [f"{pre}.q"], name=f"{pre}.Transpose", perm=[1, 2, 0]),
+             mk("Cast", [f"{pre}.q"], [f"{pre}.qf"], name=f"{pre}.Cast", to=TensorProto.FLOAT),
+             mk("Gather", [hz, ids], [f"{pre}.z"], name=f"{pre}.GatherZero", axis=0),
+             mk("Cast", [f"{pre}.z"], [f"{pre}.zf"], name=f"{pre}.CastZero", to=TensorProto.FLOAT),
+             mk("Unsqueeze", [f"{pre}.zf", f"{pre}.last"], [f"{pre}.z1"], name=f"{pre}.UnsqueezeZero"),
+             mk("Sub", [f"{pre}.qf", f"{pre}.z1"], [f"{pre}.c"], name=f"{pre}.Sub"),
+             mk("Gather", [hs, ids], [f"{pre}.s"], name=f"{pre}.GatherScale", axis=0),
+             mk("Unsqueeze", [f"{pre}.s", f"{pre}.last"], [f"{pre}.s1"], name=f"{pre}.Unsqueeze"),
+             mk("Mul", [f"{pre}.c", f"{pre}.s1"], [f"{pre}.d" if m else out], name=f"{pre}.Mul")]
+    if m:
+        nodes.append(mk("Div", [f"{pre}.d", m], [out], name=f"{pre}.Div"))
+    return nodes, {f"{pre}.last": np.array([-1], np.int64)}
 
 
 # ---------------------------------------------------------------------------- QDQ export
@@ -172,16 +245,29 @@ def _qdq_nodes(prefix: str, x: str) -> list:
                              name=f"{prefix}.DQ")]
 
 
-def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights: bool) -> dict:
+def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights: bool,
+               embedding: str = "int8", nbits_barrier: bool = True) -> dict:
     g = mp.graph
     plans = {path: _plan(path, *linears[path], qparams, u8_weights) for path in linear_paths(mp)}
     name_map, mm_values = {}, {}
+    embeds = {}
+    if embedding == "int8":
+        tables = {t.name: t for t in g.initializer}
+        for node, path in embedding_gathers(mp):
+            table = numpy_helper.to_array(tables[node.input[0]]).astype(np.float32)
+            embeds[node.name] = _embedding_nodes(node, path, table, linears, qparams, plans)
+    elif embedding != "float":
+        raise ValueError(f"embedding must be 'int8' or 'float', got {embedding!r}")
     for path in matmul_paths(mp):  # attention matmuls: both operands are activations
         for i, kind in enumerate(("input", "other")):
             if f"{path}:{kind}" in qparams.points:
                 _act_point(f"{path}.{kind}", f"{path}:{kind}", qparams, mm_values, name_map)
-    nodes = []
+    nodes, need_lowest = [], False
     for node in g.node:
+        if node.name in embeds:
+            nodes.extend(embeds[node.name][0])
+            g.initializer.extend(_to_tensor(n, a) for n, a in embeds[node.name][1].items())
+            continue
         path = node_tag(node)
         plan = plans.get(path)
         mm = node_tag(node, MATMUL_TAG)
@@ -199,6 +285,19 @@ def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights:
             if f"{path}.input.scale" in v:
                 nodes.extend(_qdq_nodes(f"{path}.input", node.input[0]))
                 node.input[0] = f"{path}.input.dq"
+                pw = qparams.points.get(f"{path}:weight")
+                if nbits_barrier and pw is not None and pw.spec.bits == 4:
+                    # ORT fuses DQ(4-bit weight) + MatMul into MatMulNBits only when the weight is
+                    # the MatMul's one DQ input, and has no integer kernel for a uint8 activation
+                    # with 4-bit weights: without this the 4-bit weights are dequantized to float
+                    # on every run. Max(x, lowest float) is the identity on the dequantized
+                    # activation and hides its DQ from the selector; MatMulNBits then computes in
+                    # fp32 (accuracy level 1, client.runtime.ort_session), the arithmetic the
+                    # QParams describe.
+                    nodes.append(helper.make_node("Max", [node.input[0], BARRIER_LOWEST],
+                                                  [f"{path}.input.dq.fp32"], name=f"{path}.input.Barrier"))
+                    node.input[0] = f"{path}.input.dq.fp32"
+                    need_lowest = True
             if f"{path}.weight.q" in v:
                 nodes.append(helper.make_node(
                     "DequantizeLinear", [f"{path}.weight.q", f"{path}.weight.scale",
@@ -213,6 +312,8 @@ def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights:
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
+    if need_lowest:
+        g.initializer.append(_to_tensor(BARRIER_LOWEST, np.array(np.finfo(np.float32).min, np.float32)))
     g.initializer.extend(_to_tensor(n, a) for n, a in mm_values.items())
     for plan in plans.values():
         g.initializer.extend(_to_tensor(n, a) for n, a in plan.values.items())
@@ -242,7 +343,8 @@ def names_path(model_path) -> Path:
 
 def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int = 16,
                batch: int = 2, dynamic: bool = True, opset: int = OPSET,
-               u8_weights: bool = True) -> dict[str, tuple[str, str]]:
+               u8_weights: bool = False, embedding: str = "int8", nbits_barrier: bool = True
+               ) -> dict[str, tuple[str, str]]:
     """Write the QDQ model for ``model`` (a float torch model) and ``qparams`` to ``path`` and its
     name map to ``names_path(path)``; return the name map.
 
@@ -252,12 +354,20 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     (a path or ModelProto from ``export_float_onnx`` of the same model) skips the slow torch
     export, so one float export serves many QParams.
 
-    ``u8_weights`` stores signed 8-bit weights of a Linear whose input is uint8 on the uint8 grid
-    (``q + 128``, ``z + 128``): the same real values, and the combination (u8u8) that ONNX
-    Runtime runs exactly everywhere; its x86 u8s8 kernels without VNNI saturate int16 pair sums
-    (measured: up to 27 LSB off on a tiny Llama, SmolLM2's next-token loss 12.9 instead of 5.5).
-    The name map then holds ``z + 128`` for such a weight's zero-point: patch through
-    ``qdq_values`` with the same flag.
+    Signed 8-bit weights are stored as int8 with the QParams' zero point (0): the form ONNX
+    Runtime runs fastest where its u8 x s8 kernel is exact (x86 with VNNI, Arm; design.md
+    section 3). ``u8_weights`` stores those of a Linear whose input is uint8 on the uint8 grid
+    instead (``q + 128``, ``z + 128``): the same real values, for x86 CPUs without VNNI, whose
+    u8 x s8 kernels saturate int16 pair sums (measured: up to 27 LSB off on a tiny Llama,
+    SmolLM2's next-token loss 12.9 instead of 5.5); a device normally converts at load instead
+    (``set_weight_storage``, ``client.runtime.DeviceRuntime``). With it the name map holds
+    ``z + 128`` for such a weight's zero-point: patch through ``qdq_values`` with the same flag.
+
+    ``embedding="int8"`` stores the token embedding as int8 rows (``embedding_table``): a tied
+    one shares the quantized lm_head, so patching lm_head's weight or smoothing moves both;
+    ``"float"`` keeps the float table. ``nbits_barrier`` puts an identity ``Max`` between a
+    4-bit Linear's activation DequantizeLinear and its MatMul so that ORT runs it as MatMulNBits
+    (see ``_qdq_graph``); False shows what the graph cost without it.
     """
     qparams.validate()
     if float_onnx is None:
@@ -273,11 +383,61 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
                      - set(linear_paths(mp)) - set(matmul_paths(mp)))
     if unknown:
         raise ValueError(f"QParams keys name no Linear of this graph: {unknown[:5]}")
-    name_map = _qdq_graph(mp, qparams, linears, u8_weights)
+    name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding, nbits_barrier)
     save_onnx(mp, path)
     atomic_write_bytes(names_path(path), json.dumps(
         {k: list(v) for k, v in sorted(name_map.items())}, indent=1).encode())
     return name_map
+
+
+def u8_storable(mp: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(weight, zero point)`` initializer names of the 8-bit weights that may live on either
+    grid: an int8/uint8 weight behind a DequantizeLinear that feeds only MatMuls whose activation
+    comes from a DequantizeLinear with a uint8 zero point (what ``_plan`` moves with
+    ``u8_weights``). Found from the graph alone, so it works on any QDQ model of this shape."""
+    dtypes = {t.name: t.data_type for t in mp.graph.initializer}
+    producer = {o: n for n in mp.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in mp.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = []
+    for n in mp.graph.node:
+        if n.op_type != "DequantizeLinear" or len(n.input) < 3:
+            continue
+        w, z = n.input[0], n.input[2]
+        if dtypes.get(w) not in (TensorProto.INT8, TensorProto.UINT8) or dtypes.get(z) != dtypes[w]:
+            continue
+        users = consumers.get(n.output[0], [])
+        if not users or any(u.op_type != "MatMul" or u.input[1] != n.output[0] for u in users):
+            continue
+        acts = [producer.get(u.input[0]) for u in users]
+        if all(a is not None and a.op_type == "DequantizeLinear" and len(a.input) >= 3
+               and dtypes.get(a.input[2]) == TensorProto.UINT8 for a in acts):
+            out.append((w, z))
+    return out
+
+
+def set_weight_storage(mp: onnx.ModelProto, u8: bool) -> int:
+    """Move the 8-bit weights of uint8-input MatMuls to the uint8 grid (``u8``: ``q + 128``,
+    ``z + 128``) or back to int8 (``q - 128``, ``z - 128``), in place: the same real values,
+    bit for bit, and the values ``qdq_values(..., u8_weights=u8)`` computes, so patching keeps
+    working with that flag. Returns how many weights were moved (0: already in that form).
+    Which form is exact and fast is a property of the CPU's kernel (design.md section 3,
+    ``client.runtime.choose_weight_storage``)."""
+    index = {t.name: i for i, t in enumerate(mp.graph.initializer)}
+    src, dst = (TensorProto.INT8, np.uint8) if u8 else (TensorProto.UINT8, np.int8)
+    moved = 0
+    for w, z in u8_storable(mp):
+        for name in (w, z):
+            t = mp.graph.initializer[index[name]]
+            if t.data_type != src:
+                continue
+            a = numpy_helper.to_array(t).astype(np.int16)
+            a = a + 128 if u8 else a - 128
+            t.CopyFrom(numpy_helper.from_array(a.astype(dst), name))
+            moved += name == w
+    return moved
 
 
 def load_name_map(path) -> dict[str, tuple[str, str]]:

@@ -70,7 +70,7 @@ def write_artifacts(prep: Prepared, ev: ServerEval, final: dict[str, QParams]) -
         rt = ev.runtime(p)
         rt.patch(qp)
         tmp = d / f".model.onnx.tmp{os.getpid()}"
-        onnx.save(rt.model, str(tmp))
+        onnx.save(rt.canonical_model(), str(tmp))  # int8 weights as exported, whatever this CPU runs
         os.replace(tmp, d / "model.onnx")
         shutil.copyfile(names_path(rt.path), names_path(d / "model.onnx"))
         save_qparams(qp, prep.out / "qparams" / f"{p}.safetensors")

@@ -274,3 +274,36 @@ def test_new_smoothing_without_weight_points_is_folded_on_the_device(bundle, tmp
     np.testing.assert_array_equal(rt.logits(x), ort_session(tmp_path / "re.onnx").run(["logits"], {"input_ids": x})[0])
     with pytest.raises(PatchRefused, match="factors"):
         rt.patch(QParams({}, qp.model, 2, {path: m[:-1]}))
+
+
+def test_weight_storage_is_chosen_at_load_and_patches_stay_exact(bundle, tmp_path):
+    """The runtime runs the int8 bundle on either grid (design.md section 3): the same logits bit
+    for bit on this CPU when its u8 x s8 kernel is exact, a patch under uint8 storage equals a
+    fresh export moved to uint8, and ``canonical_model`` gives back the exported int8 form."""
+    from client.runtime import choose_weight_storage
+    from quant.qdq import set_weight_storage
+
+    model, qp = bundle["model"], bundle["qp"]
+    rts = {f: DeviceRuntime(bundle["dir"] / "qdq.onnx", weight_storage=f) for f in ("int8", "uint8", "auto")}
+    assert rts["auto"].weight_storage == choose_weight_storage()
+    assert rts["uint8"].u8_weights and rts["uint8"].storage_moved == len(float_linears(model))
+    assert rts["int8"].storage_moved == 0
+    x = ids(3)
+    if choose_weight_storage() == "int8":
+        assert np.array_equal(rts["int8"].logits(x), rts["uint8"].logits(x))
+    path = list(float_linears(model))[4]
+    p = qp.points[f"{path}:weight"]
+    q = qp.points[f"{path}:input"]
+    qp2 = qp.with_points({f"{path}:weight": PointParams(p.spec, p.scale * np.float32(1.1), p.zero_point),
+                          f"{path}:input": PointParams(q.spec, q.scale * np.float32(0.9), q.zero_point)},
+                         version=qp.version + 1)
+    rt = rts["uint8"]
+    rt.patch(qp2)
+    export_qdq(model, qp2, tmp_path / "re.onnx", float_onnx=bundle["dir"] / "float.onnx")
+    re = onnx.load(tmp_path / "re.onnx")
+    canon = {t.name: t.SerializeToString() for t in rt.canonical_model().graph.initializer}
+    assert canon == {t.name: t.SerializeToString() for t in re.graph.initializer}
+    set_weight_storage(re, True)
+    assert {t.name: t.SerializeToString() for t in rt.model.graph.initializer} == \
+        {t.name: t.SerializeToString() for t in re.graph.initializer}
+    assert np.array_equal(rt.logits(x), ort_session(re, weight_storage=None).run(["logits"], {"input_ids": x})[0])

@@ -22,7 +22,8 @@ from client.runtime import ort_session
 from quant.encodings import onnx_encoding_names, read_encodings_json, write_encodings_json
 from quant.export import export_float_onnx, float_linears, linear_paths, matmul_paths
 from quant.qdq import (activation_inputs, add_outputs, bias_quant, count_matmuls, dequantized_weight,
-                       export_qdq, load_name_map, names_path, patch_initializers, qdq_values)
+                       embedding_table, export_qdq, load_name_map, names_path, patch_initializers,
+                       qdq_values)
 from quant.qparams import PointParams, QParams
 from quant.spec import QuantSpec, activation_spec, weight_spec
 
@@ -83,6 +84,9 @@ def fake_quant_reference(model, qp: QParams, ids, integer: bool = False):
     differences flip enough quantization decisions to matter (measured on SmolLM2)."""
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")  # the attention math of the exported graph
+    emb = ref.get_input_embeddings()      # int8 rows, or lm_head's own integer weights when tied
+    table = model.get_input_embeddings().weight.detach().float().numpy()
+    emb.weight = torch.nn.Parameter(torch.from_numpy(embedding_table(table, float_linears(model), qp)))
     captured, hooks = {}, []
     for path, (w, b) in float_linears(model).items():
         mod = ref.get_submodule(path)
@@ -194,7 +198,7 @@ def test_name_map_covers_every_key(exported):
             np.testing.assert_array_equal(arrays[init].reshape(p.scale.shape), p.scale)
         elif kind == "zero_point" and key.endswith(":input"):
             np.testing.assert_array_equal(arrays[init], p.zero_point)
-        elif kind == "weight_q":  # stored on the uint8 grid (u8_weights): same real values
+        elif kind == "weight_q":  # int8 as exported, or the uint8 grid (u8_weights): same real values
             path = key.rsplit(":", 1)[0]
             s, z = arrays[f"{path}.weight.scale"], arrays[f"{path}.weight.zero_point"].astype(np.int32)
             w_hat = (arrays[init].astype(np.int32) - z).astype(np.float32) * s
@@ -469,6 +473,18 @@ def test_smollm2_u8_s8_integer_kernels_and_agreement(tmp_path):
     print(f"kernels: {counts}")
     assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) >= 211
     opt.unlink()
+    # the tied 49152 x 576 embedding reads lm_head's int8 weights: no float table in the file
+    q = onnx.load(tmp_path / "q.onnx")
+    assert not [t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                and int(np.prod(t.dims)) > 2**20]
+    # int8 and uint8 storage: the same logits bit for bit where the u8 x s8 kernel is exact
+    from client.runtime import u8s8_saturates
+    if not u8s8_saturates():
+        x = {"input_ids": ids.numpy()}
+        a = ort_session(q, weight_storage="int8").run(["logits"], x)[0]
+        b = ort_session(q, weight_storage="uint8").run(["logits"], x)[0]
+        assert np.array_equal(a, b)
+    del q
 
     mp = onnx.load(tmp_path / "q.onnx")
     feeds = activation_inputs(mp)
@@ -487,3 +503,59 @@ def test_smollm2_u8_s8_integer_kernels_and_agreement(tmp_path):
         assert abs(nll_ort - nll_ref) < 0.15
     assert early["exact"] >= 0.999
     assert overall["within_2"] >= 0.99
+
+
+def test_tied_embedding_shares_lm_head_integer_weights(exported, tmp_path):
+    """The tied embedding is read from lm_head's int8 weights (one copy, no float table in the
+    file), and ``embedding="float"`` keeps the float table (the file grows by vocab x hidden x 4)."""
+    model, qp, d = exported["model"], exported["qp"], exported["dir"]
+    mp = onnx.load(d / "qdq.onnx")
+    vocab, hidden = DIMS["vocab_size"], DIMS["hidden_size"]
+    floats = [t.name for t in mp.graph.initializer if list(t.dims) in ([vocab, hidden], [hidden, vocab])
+              and t.data_type == onnx.TensorProto.FLOAT]
+    assert floats == []
+    gathers = [n for n in mp.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
+    assert [n.input[0] for n in gathers][:1] == ["lm_head.weight.q"]
+    export_qdq(model, qp, tmp_path / "f.onnx", float_onnx=d / "float.onnx", embedding="float")
+    grown = (tmp_path / "f.onnx").stat().st_size - (d / "qdq.onnx").stat().st_size
+    assert abs(grown - vocab * hidden * 4) < 4096
+
+
+def test_four_bit_weights_behind_uint8_inputs_run_as_matmulnbits(tmp_path, float_qwen2):
+    """The mixed profile's shape (uint8 activation, asymmetric uint4 groups): every such Linear runs
+    as MatMulNBits at accuracy level 1 (fp32 arithmetic on the fake-quantized activation, what the
+    QParams describe), not as a DequantizeLinear of the whole weight on every run."""
+    model, f = float_qwen2
+    act, wspec = COMBOS["u8/u4 group32 asymmetric"]
+    qp = minmax_qparams(model, batch(seed=2, shape=(4, 16)), act, wspec)
+    export_qdq(model, qp, tmp_path / "q.onnx", float_onnx=f)
+    ort_session(tmp_path / "q.onnx", optimized_path=tmp_path / "q.opt.onnx")
+    opt = onnx.load(tmp_path / "q.opt.onnx")
+    nbits = [n for n in opt.graph.node if n.op_type == "MatMulNBits"]
+    levels = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
+    assert len(nbits) == len(float_linears(model)) and levels == {1}
+    assert not [n for n in opt.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.input[0]]
+
+
+def test_untied_embedding_gets_its_own_int8_rows(tmp_path):
+    """An untied embedding is stored as int8 rows with per-row min-max scales from its own float
+    table (no QParams point: no round changes it), and ORT computes what the torch reference with
+    that table computes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(**{**DIMS, "tie_word_embeddings": False})).eval()
+    export_float_onnx(model, tmp_path / "float.onnx")
+    qp = minmax_qparams(model, batch(seed=2, shape=(4, 16)))
+    names = export_qdq(model, qp, tmp_path / "q.onnx", float_onnx=tmp_path / "float.onnx")
+    mp = onnx.load(tmp_path / "q.onnx")
+    arrays = {t.name: numpy_helper.to_array(t) for t in mp.graph.initializer}
+    assert arrays["model.embed_tokens.weight.q"].dtype == np.int8
+    assert arrays["model.embed_tokens.weight.scale"].shape == (DIMS["vocab_size"],)
+    assert "model.embed_tokens.weight.q" not in names
+    ids = batch()
+    ref, _ = fake_quant_reference(model, qp, ids)
+    got, _ = ort_run(mp, ids)
+    with torch.no_grad():
+        float_err = float(np.abs(model(input_ids=ids, use_cache=False).logits.numpy() - ref).max())
+    assert np.abs(got - ref).max() < 0.05 * float_err + 1e-4
