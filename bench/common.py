@@ -12,7 +12,6 @@ from pathlib import Path
 from simulation.machine import SIMD_FLAGS, cpu_fields, cpu_model, simd_flags
 
 __all__ = ["SIMD_FLAGS", "cpu_fields", "cpu_model", "simd_flags"]   # re-exported for the benches
-_cpu_fields = cpu_fields        # TEMP: bench/poisoning.py (in progress) still imports the old name
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
