@@ -101,7 +101,7 @@ class ServerConfig(BaseModel):
     profile_calibrators: dict[str, CalibratorConfig] = Field(
         default_factory=dict, description="per-profile calibrator (the best clipping depends on the bit widths)")
     smoothing: SmoothingConfig | None = Field(None, description="SmoothQuant factors from the scouting round")
-    # Aggregation rules (server/aggregate.py; README "Bounded influence" says what each costs on an
+    # Aggregation rules (server/aggregate.py; README "A hostile fleet" says what they cost on an
     # honest fleet). The robust ones are the defaults: a phone fleet is hostile ground.
     stats_rule: Literal["sum", "trimmed"] = Field(
         "trimmed", description="per round and point: 'sum' pools the clients' histograms exactly; 'trimmed' "
@@ -109,8 +109,8 @@ class ServerConfig(BaseModel):
                                "(each client counted as the median client's n)")
     absmax_rule: Literal["max", "clipped"] = Field(
         "clipped", description="scouting reports: 'max' as sent; 'clipped' caps each client's per-channel "
-                               "abs-max and ranges at absmax_clip x the clients' median")
-    absmax_clip: float = Field(4.0, ge=1, description="multiple of the clients' median (absmax_rule = clipped)")
+                               "abs-max and ranges at absmax_clip x the clients' lower median")
+    absmax_clip: float = Field(4.0, ge=1, description="multiple of the clients' lower median (absmax_rule = clipped)")
     round_factor: float = Field(
         4.0, gt=1, description="with the robust rules, the most one round can stretch a range: a statistics "
                                "round's min/max are clamped to this multiple of the grid (so a grid widens by at "

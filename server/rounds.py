@@ -3,7 +3,7 @@ who is sampled, what each profile is sent, and what the valid replies change. No
 ``server.strategy`` does the messaging and the files.
 
 - scout: the clients' (min, max) (with ``absmax_rule = "clipped"``, each capped at a multiple of the
-  clients' median: ``server.aggregate.clip_scouting``) give each activation point a histogram grid
+  clients' lower median: ``server.aggregate.clip_scouting``) give each activation point a histogram grid
   (``server.aggregate.grids_from_scouting``). With ``config.smoothing`` the round also collects
   each smoothable Linear input's per-channel abs-max: the server merges them by max, computes
   SmoothQuant factors from them and the float weights, folds them into every profile (smoothing
@@ -12,8 +12,8 @@ who is sampled, what each profile is sent, and what the valid replies change. No
 - stats: the replies are added to the running sums (``stats_rule = "sum"``: exact; ``"trimmed"``:
   the round's clients are first merged by ``server.aggregate.trimmed_statistics``, so no minority
   steers them, and their min/max clamped to ``round_factor`` x the grid, so no round, however few
-  its replies, stretches a range further); a point whose mass outside its grid exceeds ``widen_threshold`` gets a coarser
-  grid and its sums are re-binned exactly
+  its replies, stretches a range further); a point whose mass outside its grid exceeds
+  ``widen_threshold`` gets a coarser grid and its sums are re-binned exactly
   (``quant.stats.widen``); then every profile's activation ranges are calibrated from the sums
   (one calibrator run per profile: the best clipping depends on the bit width) and a profile whose
   values changed gets a new QParams version. The clients whose replies were accepted are marked
