@@ -28,7 +28,14 @@ What it costs, and how that is kept down:
   a stats attack starts from the clean run's post-scout state and runs the 2 stats rounds, an lsq
   attack starts from the clean post-statistics state and runs the 2 lsq rounds; each is compared
   with the clean run of the same rule set after the same rounds;
-- evaluations are cached per QParams content.
+- evaluations are cached per QParams content;
+- replies and evaluations are also kept on disk (``<out>/cache``, keyed as above and by the
+  sources of ``client/`` and ``quant/``), so a run started again recomputes nothing it has.
+
+Each row is compared with the clean run of its rule set (the goals are read from that) and with a
+control: the same rounds and the same sample with the attackers honest. Forcing an attacker into a
+round moves an honest client to another round and leaves the attacker's own data out; the control
+shows what that alone does, so that what remains is the poison.
 
 Worst case placement (``--placement forced``, the default): the attackers are a fixed set of
 client ids (chosen across the profiles in proportion to the fleet) and are always in the sample of
@@ -378,7 +385,7 @@ class Fleet:
         from server.validate import Rejection
         from simulation import attacks
 
-        if attack is None:
+        if attack is None or attack.get("fn") is None:
             return self.honest(cid, ins, config)
         # an attack that does not read the honest reply (lsq_scale) spares the client's job
         honest, n = self.honest(cid, ins, config) if attack.get("reads_honest", True) else (None, 0)
@@ -567,6 +574,20 @@ def run_rule_set(fleet: Fleet, base, name: str, rules: dict, attacks: list[str],
         bar.update(1)
     start = {"scout": s0, "stats": s1, "lsq": s3}
     ref_state = {"stats": s3, "lsq": s6}
+    controls: dict = {}
+
+    def control(stage: str, who: list[str]) -> dict:
+        """The same rounds with the same sample, the attackers honest: what the placement alone
+        (an attacker in a round the server's draw did not give it, its honest data left out of
+        another) does, which the comparison with the clean run includes."""
+        key = (stage, tuple(who))
+        if key not in controls:
+            honest = {"stage": stage, "job": stage, "fn": None}
+            st, _ = run_rounds(fleet, start[stage], stage_rounds[stage], config, honest, who,
+                               on_round=lambda r: say(r, f"control x{len(who)}"), placement=placement)
+            controls[key] = fleet.evaluate(st.qparams)
+        return controls[key]
+
     rows = []
     for aname in attacks:
         a = ATTACKS[aname]
@@ -582,12 +603,15 @@ def run_rule_set(fleet: Fleet, base, name: str, rules: dict, attacks: list[str],
             ref = clean["ppl"][cmp]
             d = change(ppl, ref)
             worst = max(d.values())
+            ctl = control(a["stage"], who)
             row = {"attack": aname, "stage": a["stage"], "share": label, "attackers": k,
                    "attacker_ids": who, "attacker_profiles": {p: sum(fleet.profile_of[c] == p for c in who)
                                                               for p in sorted(set(fleet.profile_of.values()))},
                    "ran": ran_label(stage_rounds[a["stage"]], a["stage"]), "compared_with": f"clean after {cmp}",
                    "ppl": ppl, "clean_ppl": ref, "change_pct": d, "worst_change_pct": worst,
                    "goal_pct": GOALS.get(label), "holds": None if label not in GOALS else bool(worst <= GOALS[label]),
+                   "control_ppl": ctl, "change_vs_control_pct": change(ppl, ctl),
+                   "holds_vs_control": None if label not in GOALS else bool(max(change(ppl, ctl).values()) <= GOALS[label]),
                    "attacker_replies_rejected": sum(1 for rec in recs for b in rec["rejected"] if b["attacker"]),
                    "attacker_share_of_replies": [f"{sum(v['attackers'] for v in rec['by_profile'].values())}/"
                                                  f"{sum(v['replies'] for v in rec['by_profile'].values())}"
@@ -596,7 +620,8 @@ def run_rule_set(fleet: Fleet, base, name: str, rules: dict, attacks: list[str],
             rows.append(row)
             log(f"[{name}] {aname}, {label} ({k}): {fmt_ppl(ppl)}, change "
                 + ", ".join(f"{p} {v:+.2f}%" for p, v in d.items())
-                + f" -> goal {GOALS.get(label)}%: {'holds' if row['holds'] else 'FAILS'}")
+                + f" -> goal {GOALS.get(label)}%: {'holds' if row['holds'] else 'FAILS'}; vs the same sample honest "
+                + ", ".join(f"{p} {v:+.2f}%" for p, v in row["change_vs_control_pct"].items()))
             if bar is not None:
                 bar.update(1)
     return {"rules": values, "missing_fields": missing, "placement": placement, "clean": clean, "rows": rows,
@@ -634,13 +659,15 @@ def table(res: dict) -> str:
                                             + (f" (missing: {', '.join(rs['missing_fields'])})" if rs["missing_fields"] else "")
                                             for n, rs in res["rule_sets"].items()) + ".", ""]
     head = ["rules", "attack", "attackers", "ran", "attackers / replies (attacked rounds)"] + \
-        [f"{p} ppl" for p in profiles] + [f"{p} vs clean" for p in profiles] + ["goal", "holds"]
+        [f"{p} ppl" for p in profiles] + [f"{p} vs clean" for p in profiles] + ["goal", "holds"] + \
+        [f"{p} vs same sample, honest" for p in profiles] + ["holds vs same sample"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rs in res["rule_sets"].items():
         c = rs["clean"]
         for stage in ("stats", "lsq"):
             cells = [name, f"clean (after {stage})", "0", c["ran"][stage], "-"]
             cells += [f"{c['ppl'][stage][p]:.2f}" for p in profiles] + ["-"] * len(profiles) + ["-", "-"]
+            cells += ["-"] * len(profiles) + ["-"]
             lines.append("| " + " | ".join(cells) + " |")
         for r in rs["rows"]:
             att = f"{r['attackers']} ({r['share']}: " + ", ".join(f"{p} {v}" for p, v in r["attacker_profiles"].items() if v) + ")"
@@ -648,6 +675,9 @@ def table(res: dict) -> str:
             cells += [f"{r['ppl'][p]:.2f}" for p in profiles]
             cells += [f"{r['change_pct'][p]:+.2f}%" for p in profiles]
             cells += [f"<= +{r['goal_pct']}%", "yes" if r["holds"] else "**no**"]
+            vc = r.get("change_vs_control_pct")
+            cells += [f"{vc[p]:+.2f}%" if vc else "-" for p in profiles]
+            cells += ["-" if not vc else "yes" if max(vc.values()) <= r["goal_pct"] else "**no**"]
             lines.append("| " + " | ".join(cells) + " |")
     sets = list(res["rule_sets"].items())
     if len(sets) > 1:
@@ -660,7 +690,11 @@ def table(res: dict) -> str:
               "before them (same rule set), and is compared with the clean run after the same rounds: "
               "scout and stats attacks with the clean run after statistics, lsq attacks with the clean run "
               "after the learned ranges. `holds`: the largest increase over the profiles is within the goal "
-              "for the share of attackers (1 client +0.5%, 10% +1%, 30% +5%)."]
+              "for the share of attackers (1 client +0.5%, 10% +1%, 30% +5%). `vs same sample, honest`: "
+              "against the same rounds with the same sample in which the attackers send their honest replies "
+              "(forcing an attacker into a round moves an honest client to another and leaves the "
+              "attacker's own data out: that alone moves perplexity a little, and the clean comparison "
+              "includes it)."]
     return "\n".join(lines) + "\n"
 
 

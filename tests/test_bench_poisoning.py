@@ -181,6 +181,7 @@ def test_command_writes_and_merges_rule_sets(prepared, tmp_path):
             assert r["attacker_replies_rejected"] == 0
             assert all(math.isfinite(v) for v in r["ppl"].values())
             assert r["holds"] == (r["worst_change_pct"] <= 5.0)
+            assert set(r["control_ppl"]) == set(r["ppl"]) == set(r["change_vs_control_pct"])
     assert saved["machine"]["cpu_model"] and saved["wall_s"] > 0 and saved["shares"]["30%"] == 2
     text = md.read_text()
     assert text.count("| exact |") == 4 and text.count("| robust |") == 4 and "stats* x2" in text and "lsq*" in text
