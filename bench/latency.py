@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from bench.common import RESULTS, _cpu_fields, cpu_model, machine, shown_path, write_json
+from bench.common import RESULTS, cpu_fields, cpu_model, machine, shown_path, write_json
 from client.runtime import choose_weight_storage, ort_session, u8s8_saturates
 from quant.qdq import INTEGER_MATMULS, count_matmuls, export_qdq
 
@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
     if a in logits_by and b in logits_by:
         same["int8 uint8 vs int8 storage, logits max diff"] = float(np.abs(logits_by[a] - logits_by[b]).max())
 
-    flags = _cpu_fields().get("flags", "").split()
+    flags = cpu_fields().get("flags", "").split()
     result = {
         "model": "SmolLM2-135M-Instruct", "run": f"runs/{run.name}" if run.parent.name == "runs" else shown_path(run.resolve()), "batch": [args.batch, args.seq],
         "threads": args.threads, "runs": args.runs,

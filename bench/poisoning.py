@@ -646,6 +646,44 @@ def fmt_ppl(ppl: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Table
 
+def _pct(v: float) -> str:
+    return f"{v:+,.0f}%" if abs(v) >= 100 else f"{v:+.2f}%"
+
+
+def readme_table(res: dict) -> str:
+    """The README's compact table: one row per attack and share, the rule sets side by side (the
+    int8 and mixed change against the clean run of the same rule set, and whether the goal holds)."""
+    profiles, sets = res["profiles"], res["rule_sets"]
+    head = ["attack", "attackers"]
+    for name in sets:
+        head += [f"{name}: {p}" for p in profiles] + [name]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_key = {name: {(r["attack"], r["share"]): r for r in rs["rows"]} for name, rs in sets.items()}
+    first = next(iter(sets.values()))["rows"]
+    for r0 in first:
+        key = (r0["attack"], r0["share"])
+        cells = [r0["attack"], f"{r0['share']} ({r0['attackers']})"]
+        for name in sets:
+            r = by_key[name].get(key)
+            if r is None:
+                cells += ["not run"] * len(profiles) + [""]
+                continue
+            cells += [_pct(r["change_pct"][p]) for p in profiles]
+            cells.append("holds" if r["holds"] else "**fails**")
+        lines.append("| " + " | ".join(cells) + " |")
+    clean = "; ".join(f"{name} " + ", ".join(f"{st}: " + " / ".join(f"{rs['clean']['ppl'][st][p]:.2f}" for p in profiles)
+                                             for st in ("stats", "lsq"))
+                      for name, rs in sets.items())
+    return (f"`.venv/bin/python -m bench.poisoning` ({res['model']}, {res['clients']} clients of `{res['config']}`, "
+            f"perplexity ({' / '.join(profiles)}) on the server's {res['eval_sequences']} held-out sequences in the "
+            f"ONNX Runtime integer model; {res['machine']['cpu_model']} "
+            f"({' '.join(res['machine'].get('simd', []))}), {res['machine']['cores']} cores, "
+            f"{res['wall_s']:.0f} s over its invocations). Clean runs after statistics and after learned ranges: "
+            f"{clean}. Change against the clean run of the same rule set; goal +0.5% at one client, +1% at 10%, "
+            f"+5% at 30%. Source: `bench/results/poisoning.json` (per-row controls, reply counts: `.md` beside it).\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def table(res: dict) -> str:
     """The markdown table of ``res`` (poisoning.json)."""
     profiles = res["profiles"]

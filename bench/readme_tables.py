@@ -126,6 +126,13 @@ def latency_block(d: dict) -> str:
             f"per profile; {d['wall_s']:.0f} s). Source: `bench/results/latency.json`.\n\n" + table(d) + "\n")
 
 
+def poisoning_block(d: dict) -> str:
+    """Issue 14's poisoning table, from bench/poisoning.py's poisoning.json."""
+    from bench.poisoning import readme_table
+
+    return readme_table(d)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
     new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
@@ -165,6 +172,8 @@ def main() -> None:
         readme = replace_block(readme, "mixed-plan", mixed_plan_block(json.loads((RESULTS / "mixed_plan.json").read_text())))
     if (RESULTS / "latency.json").is_file() and "<!-- latency:begin -->" in readme:
         readme = replace_block(readme, "latency", latency_block(json.loads((RESULTS / "latency.json").read_text())))
+    if (RESULTS / "poisoning.json").is_file() and "<!-- poisoning:begin -->" in readme:
+        readme = replace_block(readme, "poisoning", poisoning_block(json.loads((RESULTS / "poisoning.json").read_text())))
     (ROOT / "README.md").write_text(readme)
     print("README.md tables regenerated")
 
