@@ -24,6 +24,10 @@ Messages (server -> client) and OK replies
         -> scout/stats/lsq: ``arrays`` (flat of the encoded reply), ``config`` ``{"header": json}``,
            ``metrics``; eval: ``metrics`` only (``num-examples``, ``nll_sum``, ``tokens``,
            ``perplexity``, ``version``, ...). Metrics hold plain int/float only (others dropped).
+        A stats instruction whose config carries ``secure-cap`` int is one step of a SecAgg+ round
+        (docs/privacy.md): the reply is then Flower's FitRes form, one float64 vector of
+        ``quant.wire.stats_to_secure_vector`` with num_examples 1, which :func:`secure_aggregation_mod`
+        (Flower's ``secaggplus_mod``) masks before it leaves the device.
         scout/stats/eval run on the onnxruntime device runtime (client.jobs), lsq on the
         instrumented torch model (client.learn); scout/stats/lsq use the node's ``train`` split,
         eval its ``test`` split.
@@ -70,7 +74,7 @@ from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_pa
 from quant.learn_config import LearnConfig
 from quant.qparams import load_qparams
 from quant.wire import (Instruction, WireError, decode_instruction, encode_scout_reply,
-                        encode_stats_reply, encode_lsq_reply)
+                        encode_stats_reply, encode_lsq_reply, stats_to_secure_vector)
 
 PROTOCOL = "fedquant.flower/1"
 TRAIN_JOBS = ("scout", "stats", "lsq")
@@ -427,7 +431,13 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
         reply, metrics = jobs.scout(rt, ins, seqs, batch_size=batch_size, profile=profile)
         flat, header = encode_scout_reply(reply, ins)
     elif ins.job == "stats":
+        secure_cap = cfg.get("secure-cap")
+        if secure_cap is not None and (not isinstance(secure_cap, int) or secure_cap < 1 or ins.absmax):
+            raise Refused("bad_instruction", f"secure-cap {secure_cap!r}: a secure statistics round needs a "
+                                             "positive int cap and no abs-max points")
         reply, metrics = jobs.statistics(rt, ins, seqs, batch_size=batch_size, profile=profile)
+        if secure_cap is not None:
+            return _secure_stats_reply(stats_to_secure_vector(reply, ins, secure_cap), metrics, patch_s)
         flat, header = encode_stats_reply(reply, ins)
     else:
         from client.learn import learn_ranges
@@ -440,16 +450,42 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
     return _payload_reply(flat, header, metrics)
 
 
+def _secure_stats_reply(vector: np.ndarray, metrics: dict, patch_s) -> RecordDict:
+    """The statistics as Flower's FitRes (the form ``secaggplus_mod`` reads): one vector, weight 1,
+    so the secure aggregate is the clients' mean and the server multiplies it by their number."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    if patch_s is not None:
+        metrics["patch_s"] = patch_s
+    scalars = {k: v for k, v in ((k, _metric_value(v)) for k, v in metrics.items()) if isinstance(v, (int, float))}
+    res = FitRes(Status(Code.OK, "secure statistics"), ndarrays_to_parameters([vector]), 1, scalars)
+    return compat.fitres_to_recorddict(res, keep_input=False)
+
+
 # ------------------------------------------------------------------------------ Flower
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ client mod (Bell et al., CCS 2020) for the messages of a secure round,
+    which carry its config record; every other message passes through untouched (the mod alone
+    would refuse them). At the masked-vector step it calls this app, whose reply it masks, so the
+    statistics leave the device only as a share of a sum."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type == "train" and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
 
 def make_app(defaults: dict | None = None, mods: list | None = None) -> ClientApp:
     """The ClientApp; ``defaults`` fill run_config keys the run does not set (``fedquant simulate``
     passes its ``device-dir`` this way, since Flower's simulation engine has no run config of its
     own). ``mods`` are Flower ClientApp mods around every message (a simulation's unreliable
-    devices: ``simulation.faults``). The app object is pickled to every simulation actor, so both
-    must be picklable."""
+    devices: ``simulation.faults``), outside :func:`secure_aggregation_mod`, which every app has.
+    The app object is pickled to every simulation actor, so both must be picklable."""
     defaults = dict(defaults or {})
-    client_app = ClientApp(mods=list(mods or []))
+    client_app = ClientApp(mods=[*(mods or []), secure_aggregation_mod])
 
     def answer(category: str, msg: Message, context: Context) -> Message:
         run_config = {**defaults, **{k: v for k, v in context.run_config.items() if v not in (None, "")}}

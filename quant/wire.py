@@ -655,6 +655,87 @@ def _inconsistent(c64: np.ndarray, ba: np.ndarray, n: np.ndarray, mm: np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------
+# Statistics as one vector of [0, 1] numbers: what secure aggregation sums (docs/privacy.md)
+
+def secure_stats_length(ins: "Instruction") -> int:
+    """Length of a statistics reply as a secure-aggregation vector: per point its cells
+    ``[below, bins..., above]``, then one ``n`` per point."""
+    return sum(ins.grids[k].bins + 2 for k in ins.keys) + len(ins.keys)
+
+
+def stats_to_secure_vector(reply: StatsReply, ins: "Instruction", cap: int) -> np.ndarray:
+    """A statistics reply as float64 numbers in [0, 1]: each point's cells and ``n`` divided by
+    ``cap``, the most values one client may count at a point. SecAgg+ sums clients' vectors in
+    fixed point within a clipping range, so each must be bounded; a point where the client saw more
+    than ``cap`` values is scaled down to ``cap`` (its shape kept), which also bounds what one
+    client weighs in the sum, as the robust rules do. Min/max and abs-max are not sent: a maximum
+    does not go through a sum."""
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    if ins.absmax:
+        raise ValueError("a secure statistics round cannot carry per-channel abs-max (a max is not a sum)")
+    _same_keys(reply.stats, ins.keys, "stats reply")
+    parts, ns = [], []
+    for k in ins.keys:
+        s = reply.stats[k]
+        if s.grid != ins.grids[k]:
+            raise ValueError(f"{k}: statistics on grid {s.grid}, the instruction sent {ins.grids[k]}")
+        cells = np.concatenate([[s.below], s.counts, [s.above]]).astype(np.float64)
+        scale = 1.0 / max(cap, s.n)
+        parts.append(cells * scale)
+        ns.append(s.n * scale)
+    return np.concatenate([*parts, np.asarray(ns, dtype=np.float64)]) if parts else np.zeros(0)
+
+
+def secure_vector_to_stats(total: np.ndarray, ins: "Instruction", cap: int, clients: int,
+                           tolerance: float) -> dict[str, ActivationStats]:
+    """The statistics of a secure sum of ``clients``' :func:`stats_to_secure_vector` vectors
+    (``total``: the sum, still divided by ``cap``): counts rounded to integers (fixed-point noise
+    makes them fractional and may make an empty cell slightly negative), ``n`` their total, and
+    min/max where the occupied cells put them (the lower edge of the first occupied bin, the upper
+    edge of the last one, just outside the grid when mass lies outside it), since no client sent
+    its own. ``tolerance``: how far the fixed point may move a number. Raises ValueError for a sum
+    no honest clients give: the wrong length, not finite, a number outside [0, clients], or a
+    point whose cells do not add up to its ``n`` (a client that sent garbage under its mask)."""
+    total = np.asarray(total, dtype=np.float64)
+    if total.shape != (secure_stats_length(ins),):
+        raise ValueError(f"secure statistics: {total.shape[0] if total.ndim == 1 else total.shape} numbers, "
+                         f"the instruction's points need {secure_stats_length(ins)}")
+    if not np.isfinite(total).all():
+        raise ValueError("secure statistics: the sum is not finite")
+    if total.size and not (total.min() >= -tolerance and total.max() <= clients + tolerance):
+        raise ValueError(f"secure statistics: numbers in [{total.min():.6g}, {total.max():.6g}], "
+                         f"{clients} clients give [0, {clients}]")
+    ns = total[len(total) - len(ins.keys):]
+    out, at = {}, 0
+    for k, n_sent in zip(ins.keys, ns):
+        g = ins.grids[k]
+        part = total[at:at + g.bins + 2]
+        if abs(part.sum() - n_sent) > (g.bins + 3) * tolerance:
+            raise ValueError(f"secure statistics: {k}: the cells add up to {part.sum() * cap:.6g} values, "
+                             f"n says {n_sent * cap:.6g}")
+        cells = np.maximum(np.rint(part * cap), 0).astype(np.int64)
+        at += g.bins + 2
+        below, counts, above = int(cells[0]), cells[1:-1], int(cells[-1])
+        n = int(cells.sum())
+        if n == 0:
+            out[k] = ActivationStats(g, counts)
+            continue
+        edges, occupied = g.edges(), np.flatnonzero(counts)
+        below_lo = math.nextafter(g.lo, -math.inf)
+        if below:
+            mn = below_lo
+        else:
+            mn = float(edges[occupied[0]]) if occupied.size else g.hi
+        if above:
+            mx = g.hi
+        else:
+            mx = float(np.nextafter(edges[occupied[-1] + 1], -np.inf)) if occupied.size else below_lo
+        out[k] = ActivationStats(g, counts, below, above, mn, mx, n)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Learned-range reply: deltas of (log s, beta) and the local loss
 
 @dataclass(frozen=True, eq=False)

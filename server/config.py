@@ -86,6 +86,41 @@ class SmoothingConfig(BaseModel):
         return self
 
 
+class SecureConfig(BaseModel):
+    """Secure aggregation of the statistics rounds with Flower's SecAgg+ (Bell et al., CCS 2020;
+    docs/privacy.md): the server learns the sum of the sampled clients' histograms, never one
+    client's. Each client's counts are sent divided by ``cap`` (numbers in [0, 1]) and summed in
+    fixed point: ``quantization_range`` levels over SecAgg+'s clipping range [-1, 1] (a count
+    lands within ``cap / quantization_range`` of its value), modulo ``modulus_range`` (which must
+    hold the sum of every client's levels)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cap: int = Field(1 << 24, ge=1, le=1 << 40,
+                     description="values one client may count at one point; a point with more is scaled to it")
+    num_shares: float = Field(1.0, gt=0, le=1, description="share of a round's clients each one shares its secret "
+                                                            "with (SecAgg+'s neighbourhood)")
+    reconstruction_threshold: float = Field(0.5, gt=0, le=1,
+                                            description="share of those shares needed to recover a dropped client's masks")
+    quantization_range: int = Field(1 << 30, ge=1 << 8, lt=1 << 31,
+                                    description="fixed-point levels per value (< 2^31: Flower rounds in int32)")
+    modulus_range: int = Field(1 << 48, ge=1 << 16, le=1 << 62, description="a power of 2")
+    timeout_s: float | None = Field(None, gt=0, description="each protocol step's reply timeout (default reply_timeout_s)")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "SecureConfig":
+        if self.modulus_range & (self.modulus_range - 1):
+            raise ValueError(f"modulus_range must be a power of 2, got {self.modulus_range}")
+        if self.modulus_range <= 2 * self.quantization_range:
+            raise ValueError("modulus_range must exceed 2 x quantization_range (it holds the sum of the clients' levels)")
+        return self
+
+    def max_clients(self) -> int:
+        """Clients whose fixed-point sum fits the modulus (each sends levels up to quantization_range, plus
+        its weight factor)."""
+        return self.modulus_range // (self.quantization_range + 1) - 1
+
+
 class ServerConfig(BaseModel):
     """Everything the server needs to run a federated quantization schedule."""
 
@@ -118,6 +153,8 @@ class ServerConfig(BaseModel):
     lsq_rule: Literal["mean", "median", "trimmed"] = "median"
     trim: float = Field(0.25, ge=0, lt=0.5,
                         description="share trimmed on each side (stats_rule = trimmed, lsq_rule = trimmed)")
+    secure: SecureConfig | None = Field(None, description="secure aggregation of the statistics rounds "
+                                                          "(SecAgg+); needs stats_rule = 'sum'")
     server_opt: Literal["fedavg", "fedadam"] = "fedavg"
     server_lr: float = Field(1.0, gt=0)
     adam_b1: float = Field(0.9, ge=0, lt=1)
@@ -169,6 +206,14 @@ class ServerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _secure_needs_sums(self) -> "ServerConfig":
+        if self.secure is not None and self.stats_rule != "sum":
+            raise ValueError(f"secure aggregation hides each client's statistics, so they cannot be merged by "
+                             f"stats_rule = {self.stats_rule!r}: set stats_rule = 'sum' (each client's weight is "
+                             f"then bounded by secure.cap instead)")
+        return self
+
+    @model_validator(mode="after")
     def _smoothing_needs_scouting(self) -> "ServerConfig":
         if self.smoothing is not None and not any(s.job == "scout" for s in self.schedule):
             raise ValueError("smoothing is set but the schedule has no scout round: the factors come "
@@ -202,6 +247,10 @@ class ServerConfig(BaseModel):
             del data["stats_rule"]
         if data["absmax_rule"] == "max":
             del data["absmax_rule"], data["absmax_clip"]
+        if data["secure"] is None:
+            del data["secure"]
+        else:
+            data["secure"].pop("timeout_s", None)       # how long to wait changes nothing computed
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 

@@ -29,6 +29,8 @@ def instruction_message(node_id: int, profile: str, ins: Instruction, flat, head
     cfg = {"header": json.dumps(header), "profile": profile, "batch-size": int(config.batch_size)}
     if ins.job == "lsq":
         cfg["learn"] = config.learn_json()
+    if ins.job == "stats" and config.secure is not None:
+        cfg["secure-cap"] = int(config.secure.cap)      # the reply is then one SecAgg+ vector
     content = RecordDict({"arrays": ArrayRecord({dt: Array(a) for dt, a in flat.items()}),
                           "config": ConfigRecord(cfg)})
     return Message(content, dst_node_id=int(node_id), message_type=MESSAGE_TYPE[ins.job],

@@ -49,7 +49,9 @@ from quant.wire import encode_instruction, payload_nbytes
 from server.config import RoundSpec, ServerConfig
 from server.messages import instruction_message, read_reply
 from server.roster import Roster, first_reply_by_node, refresh_roster, wait_for_nodes
+from quant.wire import StatsReply, secure_stats_length, secure_vector_to_stats
 from server.rounds import Accepted, apply_round, instructions_for, sample_by_profile, sample_clients
+from server.secure import secure_sum, secure_tolerance
 from server.state import (RunState, append_metrics, initial_state, load_checkpoint, run_digest, save_checkpoint,
                           trim_metrics)
 from server.validate import Rejection, summarise_rejections
@@ -134,11 +136,14 @@ class FedQuant(Strategy):
             evaluate = spec.job == "eval"
             configure = self.configure_evaluate if evaluate else self.configure_train
             messages = list(configure(rnd, ArrayRecord(), ConfigRecord(), grid))
-            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
-            if evaluate:
-                result.evaluate_metrics_clientapp[rnd] = self.aggregate_evaluate(rnd, replies)
+            if spec.job == "stats" and self.config.secure is not None:
+                result.train_metrics_clientapp[rnd] = self._secure_stats(rnd, grid, messages, timeout)
             else:
-                result.train_metrics_clientapp[rnd] = self.aggregate_train(rnd, replies)[1]
+                replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+                if evaluate:
+                    result.evaluate_metrics_clientapp[rnd] = self.aggregate_evaluate(rnd, replies)
+                else:
+                    result.train_metrics_clientapp[rnd] = self.aggregate_train(rnd, replies)[1]
             metrics = self.round["metrics"]
             if evaluate and self.evaluate_fn is not None:
                 metrics["server_eval"] = {p: dict(self.evaluate_fn(p, qp))
@@ -201,7 +206,7 @@ class FedQuant(Strategy):
 
     def _aggregate(self, rnd: int, replies: Iterable[Message]) -> MetricRecord:
         r = self.round
-        spec, sampled, profile, inss = r["spec"], r["sampled"], r["profile"], r["instructions"]
+        sampled, profile, inss = r["sampled"], r["profile"], r["instructions"]
         profiles = sorted(set(profile.values()))
         by_node = first_reply_by_node(replies, [self.roster.members[c].node_id for c in sampled])
         accepted: dict[str, list[Accepted]] = {p: [] for p in profiles}
@@ -219,6 +224,54 @@ class FedQuant(Strategy):
             else:
                 accepted[m.profile].append(Accepted(c, n, reply))
 
+        return self._apply(rnd, accepted, rejections, rejected_by_profile, rejected_clients, up)
+
+    def _secure_stats(self, rnd: int, grid: Grid, messages: list[Message], timeout: float) -> MetricRecord:
+        """A statistics round through SecAgg+ (server/secure.py), one protocol per profile: the server
+        gets each profile's sum, never a client's statistics. The sum stands for the clients that sent
+        a masked vector (the first carries it, the others empty statistics, so each is counted as used);
+        the others are rejected as ``secure_dropout``, a whole profile as ``secure_failed``."""
+        r = self.round
+        sampled, profile, inss = r["sampled"], r["profile"], r["instructions"]
+        secure = self.config.secure
+        node_of = {c: self.roster.members[c].node_id for c in sampled}
+        message_of = {int(m.metadata.dst_node_id): m for m in messages}
+        accepted: dict[str, list[Accepted]] = {p: [] for p in sorted(set(profile.values()))}
+        rejections, rejected_by_profile, rejected_clients = [], {}, {}
+        up: dict[str, list[int]] = {p: [] for p in accepted}
+        report = {}
+        for p in accepted:
+            clients = [c for c in sampled if profile[c] == p]
+            res = secure_sum(grid, [message_of[node_of[c]] for c in clients], rnd, secure, timeout)
+            stats, reason = None, res.reason
+            if res.total is not None:
+                try:
+                    stats = secure_vector_to_stats(res.total, inss[p], secure.cap, len(res.contributors),
+                                                   tolerance=secure_tolerance(secure, len(res.contributors)))
+                except ValueError as e:
+                    reason = f"the secure sum does not decode: {e}"
+            sent = {node_of[c]: c for c in clients}
+            contributors = [sent[n] for n in res.contributors if n in sent] if stats is not None else []
+            for i, c in enumerate(contributors):
+                accepted[p].append(Accepted(c, 1, StatsReply(stats if i == 0 else {})))
+                up[p].append(8 * (secure_stats_length(inss[p]) + 1))
+            for c in clients:
+                if c not in contributors:
+                    rej = Rejection("secure_failed", reason) if stats is None else \
+                        Rejection("secure_dropout", "sent no masked vector")
+                    rejections.append(rej)
+                    rejected_by_profile.setdefault(p, []).append(rej)
+                    rejected_clients[c] = rej.code
+            report[p] = {"clients": len(clients), "summed": len(contributors)} | ({"reason": reason[:300]} if stats is None else {})
+            if stats is None:
+                log.warning("round %d: secure aggregation of profile %s failed: %s", rnd, p, reason[:300])
+        record = self._apply(rnd, accepted, rejections, rejected_by_profile, rejected_clients, up)
+        r["metrics"]["secure"] = report
+        return record
+
+    def _apply(self, rnd: int, accepted, rejections, rejected_by_profile, rejected_clients, up) -> MetricRecord:
+        r = self.round
+        spec, sampled, profile = r["spec"], r["sampled"], r["profile"]
         self.state, metrics = apply_round(self.state, rnd, spec, accepted, rejections, self.config, self.weights)
         metrics |= round_traffic(sampled, profile, r["down"], up)
         metrics |= {"sampled": len(sampled), "roster": r["roster"],

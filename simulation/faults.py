@@ -5,8 +5,10 @@ A fleet entry's ``availability`` and ``dropout`` say how often its phones are of
 drop out of a job they started. Flower's simulation engine keeps every node connected, so the mod
 answers for a lost device with the client's error record (``unavailable`` / ``dropout``,
 docs/protocol.md) instead of keeping the round waiting for its timeout; the server counts it like
-any lost reply. Draws depend only on (seed, partition id, round): a resumed run loses the same
-devices.
+any lost reply. In a secure statistics round (SecAgg+) the lost device raises instead, so that
+Flower answers with an error message, as for a node that vanished mid-protocol: the protocol then
+removes its masks from the sum with its neighbours' shares. Draws depend only on (seed, partition
+id, round): a resumed run loses the same devices.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECURE_RECORD
 
 from client.app import error_reply, make_app
 from quant.stats import ActivationStats
@@ -58,7 +61,17 @@ class Unreliable:
 
     def __call__(self, msg: Message, context: Context, call_next) -> Message:
         content = self.lost(msg.metadata.message_type.split(".")[0], msg.content, context.node_config)
-        return call_next(msg, context) if content is None else Message(content=content, reply_to=msg)
+        if content is None:
+            return call_next(msg, context)
+        if SECURE_RECORD in msg.content.config_records:      # mid-SecAgg+: the device is gone
+            raise DeviceLost(content["error"]["reason"])
+        return Message(content=content, reply_to=msg)
+
+
+class DeviceLost(RuntimeError):
+    """A simulated device that vanished in the middle of a secure round (Flower reports an error)."""
+
+
 
 
 def unreliable_for(prep) -> Unreliable | None:

@@ -1,0 +1,133 @@
+"""Secure aggregation of the statistics rounds (SecAgg+, docs/privacy.md): the vector layout, the
+server's checks of a sum, the config, and a run on Flower's real simulation engine whose secure sums
+equal the plaintext sums of the same clients, with devices dropping out in the middle of the
+protocol."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.test_wire import qparams
+from quant.stats import grid_from_absmax, merge_all, observe
+from quant.wire import (Instruction, StatsReply, secure_stats_length, secure_vector_to_stats,
+                        stats_to_secure_vector)
+from server.config import SecureConfig, ServerConfig
+from server.secure import secure_tolerance
+from server.state import load_checkpoint
+from tests.test_simulate import SMOKE, simulate
+
+RNG = np.random.default_rng(0)
+KEYS = ["m.l0.q:input", "m.l0.d:input", "m.l0.o:input"]
+
+
+def instruction(bins=32):
+    grids = {k: grid_from_absmax([2.0 + i], bins) for i, k in enumerate(KEYS)}
+    return Instruction(3, "stats", qparams(), grids=grids)
+
+
+def reply(ins, size=(40, 8), scale=1.0):
+    return StatsReply({k: observe(RNG.normal(size=size).astype(np.float32) * scale * (1 + i), ins.grids[k])
+                       for i, k in enumerate(ins.keys)})
+
+
+def test_vectors_sum_to_the_pooled_statistics():
+    ins = instruction()
+    replies = [reply(ins, scale=s) for s in (0.5, 1.0, 3.0)]      # 3.0: mass outside the grids
+    cap = 1 << 20
+    vecs = [stats_to_secure_vector(r, ins, cap) for r in replies]
+    assert all(v.shape == (secure_stats_length(ins),) and v.min() >= 0 and v.max() <= 1 for v in vecs)
+    pooled = {k: merge_all([r.stats[k] for r in replies]) for k in KEYS}
+    got = secure_vector_to_stats(np.sum(vecs, axis=0), ins, cap, 3, tolerance=1e-12)
+    for k in KEYS:
+        g, p = got[k], pooled[k]
+        assert np.array_equal(g.counts, p.counts) and (g.below, g.above, g.n) == (p.below, p.above, p.n), k
+        # no client sent min/max: the occupied cells bound them, on the same side of the grid
+        assert (g.min < g.lo) == (p.min < p.lo) and (g.max >= g.hi) == (p.max >= p.hi), k
+        assert g.min <= p.min or p.min < p.lo
+    assert got[KEYS[2]].above > 0 and got[KEYS[2]].below > 0
+
+
+def test_a_point_over_the_cap_is_scaled_to_it_and_the_shape_kept():
+    ins = instruction()
+    r = reply(ins, size=(100, 8))
+    v = stats_to_secure_vector(r, ins, cap=200)                    # 800 values per point > 200
+    back = secure_vector_to_stats(v, ins, 200, 1, tolerance=1e-12)
+    for k in KEYS:
+        assert back[k].n == pytest.approx(200, abs=len(r.stats[k].counts) + 2)
+        share = r.stats[k].counts / r.stats[k].n
+        assert np.allclose(back[k].counts / back[k].n, share, atol=0.01)
+
+
+def test_sums_no_honest_clients_give_are_refused():
+    ins = instruction()
+    v = stats_to_secure_vector(reply(ins), ins, 1 << 20)
+    n = secure_stats_length(ins)
+    for bad, words in ((np.zeros(n + 1), "numbers"), (np.full(n, np.nan), "not finite"),
+                       (v + 1.5, "clients give"), (np.where(np.arange(n) == 3, v + 0.5, v), "add up")):
+        with pytest.raises(ValueError, match=words):
+            secure_vector_to_stats(bad, ins, 1 << 20, 1, tolerance=1e-6)
+
+
+def test_secure_config_needs_sums_and_a_modulus_that_holds_the_sum():
+    sched = [{"job": "scout"}, {"job": "stats"}]
+    with pytest.raises(ValueError, match="stats_rule = 'sum'"):
+        ServerConfig(schedule=sched, secure=SecureConfig())
+    ok = ServerConfig(schedule=sched, stats_rule="sum", secure=SecureConfig())
+    assert ok.secure.max_clients() >= 100_000
+    assert ok.digest() != ServerConfig(schedule=sched, stats_rule="sum").digest()
+    with pytest.raises(ValueError, match="power of 2"):
+        SecureConfig(modulus_range=(1 << 40) + 1)
+    with pytest.raises(ValueError, match="exceed"):
+        SecureConfig(modulus_range=1 << 30, quantization_range=1 << 30)
+    # each client's count is off by less than 2 cap / quantization_range (1/32 with the defaults):
+    # the rounded sum of up to 16 clients is exact, and the tolerance covers that error twice
+    d = SecureConfig()
+    assert 16 * 2 * d.cap / d.quantization_range <= 1.0
+    assert secure_tolerance(d, 16) == 2 * 16 * 2 / d.quantization_range
+
+
+def _config(tmp_path, secure: bool):
+    """The smoke run with 9 int8 clients, 3 per statistics round, 1 in 4 devices dropping out of a
+    job (the draw is seeded: both runs lose the same devices in the same rounds)."""
+    text = SMOKE.read_text()
+    text = text.replace("clients = 6", "clients = 9")
+    text = text.replace('[[fleet]]\nprofile = "int8"\nshare = 2\n', '[[fleet]]\nprofile = "int8"\nshare = 2\ndropout = 0.25\n')
+    text = text.replace('[[fleet]]\nprofile = "int16"\nshare = 1\n', "")
+    text = text.replace("min_available = 6", "min_available = 9")
+    head = '[server]\nstats_rule = "sum"\nabsmax_rule = "max"\n'
+    text = text.replace("[server]\n", head + ("secure = { cap = 1048576 }\n" if secure else ""), 1)
+    text = text.replace('job = "stats"\nrepeat = 2\nfraction = 0.5', 'job = "stats"\nrepeat = 2\nfraction = 0.34')
+    path = tmp_path / ("secure.toml" if secure else "plain.toml")
+    path.write_text(text)
+    return path
+
+
+def test_secure_sums_equal_the_plaintext_sums_with_devices_dropping_out(tmp_path):
+    """Two runs of scout + 2 statistics rounds: SecAgg+ and plaintext sums. The same clients are
+    sampled and the same ones drop out (in the secure run in the middle of the protocol, after the
+    keys were shared: their masks are removed with their neighbours' shares); the statistics the
+    server keeps are the same counts, point by point."""
+    runs = {}
+    for secure in (False, True):
+        out = tmp_path / ("secure" if secure else "plain")
+        simulate(out, "--rounds", "3", config=_config(tmp_path, secure))
+        runs[secure] = (load_checkpoint(out / "checkpoint.safetensors"),
+                        [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()])
+    (plain, pm), (sec, sm) = runs[False], runs[True]
+    stats_rounds = [m for m in sm if m["job"] == "stats"]
+    assert all(m["secure"]["int8"]["summed"] >= 2 for m in stats_rounds), stats_rounds
+    dropped = sum(m["rejections"].get("secure_dropout", 0) for m in stats_rounds)
+    assert dropped >= 1, "the seeded draw lost no device in a statistics round: change the dropout rate"
+    assert dropped == sum(m["rejections"].get("client:dropout", 0) for m in pm if m["job"] == "stats")
+    assert [m.get("rejected_clients") for m in stats_rounds] == \
+        [{c: "secure_dropout" for c in (m.get("rejected_clients") or {})} or None
+         for m in pm if m["job"] == "stats"]
+    assert set(sec.sums) == set(plain.sums) and sec.sums
+    for k, p in plain.sums.items():
+        s = sec.sums[k]
+        assert s.grid == p.grid, k
+        assert np.array_equal(s.counts, p.counts) and (s.below, s.above, s.n) == (p.below, p.above, p.n), k
+    assert sec.used == plain.used
