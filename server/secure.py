@@ -41,11 +41,51 @@ log = logging.getLogger(__name__)
 class SecureSum:
     """What one secure aggregation gives the server: the sum of the vectors of ``contributors``
     (node ids), or None when the protocol stopped (too few clients, or too few answered a step:
-    ``reason``)."""
+    ``reason``); and the payload bytes each node was sent and sent back over all the protocol's
+    steps (``bytes_down``, ``bytes_up``: node id -> bytes)."""
 
     total: np.ndarray | None
     contributors: list[int] = field(default_factory=list)
     reason: str = ""
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a message: array bytes, and the config records' values (bytes and strings
+    at their length, numbers at 8 bytes); Flower's own framing is not counted."""
+    total = 0
+    for rec in content.array_records.values():
+        total += sum(int(np.asarray(a.numpy()).nbytes) for a in rec.values())
+    for rec in content.config_records.values():
+        for v in rec.values():
+            for x in (v if isinstance(v, list) else [v]):
+                total += len(x) if isinstance(x, (bytes, str)) else 8
+    for rec in content.metric_records.values():
+        total += 8 * sum(len(v) if isinstance(v, list) else 1 for v in rec.values())
+    return total
+
+
+class _CountingGrid:
+    """The grid, with the payload bytes of every message it sends and receives counted per node."""
+
+    def __init__(self, grid: Grid):
+        self._grid, self.down, self.up = grid, {}, {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:
+            nid = int(m.metadata.dst_node_id)
+            self.down[nid] = self.down.get(nid, 0) + content_nbytes(m.content)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if not r.has_error():
+                nid = int(r.metadata.src_node_id)
+                self.up[nid] = self.up.get(nid, 0) + content_nbytes(r.content)
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
 
 
 class _Collect(LegacyStrategy):
@@ -122,13 +162,15 @@ def secure_sum(grid: Grid, messages: list[Message], round: int, config: SecureCo
         contents, num_shares=float(config.num_shares), reconstruction_threshold=float(config.reconstruction_threshold),
         max_weight=1.0, clipping_range=1.0, quantization_range=int(config.quantization_range),
         modulus_range=int(config.modulus_range), timeout=config.timeout_s or timeout)
+    counting = _CountingGrid(grid)
+    traffic = {"bytes_down": counting.down, "bytes_up": counting.up}
     try:
-        workflow(grid, context)
+        workflow(counting, context)
     except Exception as e:      # noqa: BLE001 -- a client's reply must not stop the run
         log.warning("round %d: secure aggregation raised", round, exc_info=True)
-        return SecureSum(None, reason=f"SecAgg+ raised {type(e).__name__}: {e}"[:500])
+        return SecureSum(None, reason=f"SecAgg+ raised {type(e).__name__}: {e}"[:500], **traffic)
     if strategy.mean is None:
         return SecureSum(None, reason="SecAgg+ stopped before the sum: too few clients answered a step "
-                                      "(Flower's log says which)")
+                                      "(Flower's log says which)", **traffic)
     k = len(strategy.contributors)
-    return SecureSum(np.asarray(strategy.mean, dtype=np.float64) * k, sorted(strategy.contributors))
+    return SecureSum(np.asarray(strategy.mean, dtype=np.float64) * k, sorted(strategy.contributors), **traffic)

@@ -40,16 +40,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from quant.qparams import QParams
-from quant.wire import encode_instruction, payload_nbytes
+from quant.wire import StatsReply, encode_instruction, payload_nbytes, secure_vector_to_stats
 from server.config import RoundSpec, ServerConfig
 from server.messages import instruction_message, read_reply
 from server.roster import Roster, first_reply_by_node, refresh_roster, wait_for_nodes
-from quant.wire import StatsReply, secure_stats_length, secure_vector_to_stats
 from server.rounds import Accepted, apply_round, instructions_for, sample_by_profile, sample_clients
 from server.secure import secure_sum, secure_tolerance
 from server.state import (RunState, append_metrics, initial_state, load_checkpoint, run_digest, save_checkpoint,
@@ -239,6 +239,7 @@ class FedQuant(Strategy):
         accepted: dict[str, list[Accepted]] = {p: [] for p in sorted(set(profile.values()))}
         rejections, rejected_by_profile, rejected_clients = [], {}, {}
         up: dict[str, list[int]] = {p: [] for p in accepted}
+        down: dict[str, list[int]] = {p: [] for p in accepted}
         report = {}
         for p in accepted:
             clients = [c for c in sampled if profile[c] == p]
@@ -254,7 +255,8 @@ class FedQuant(Strategy):
             contributors = [sent[n] for n in res.contributors if n in sent] if stats is not None else []
             for i, c in enumerate(contributors):
                 accepted[p].append(Accepted(c, 1, StatsReply(stats if i == 0 else {})))
-                up[p].append(8 * (secure_stats_length(inss[p]) + 1))
+            up[p] = [res.bytes_up.get(node_of[c], 0) for c in clients]
+            down[p] = [res.bytes_down.get(node_of[c], 0) for c in clients]
             for c in clients:
                 if c not in contributors:
                     rej = Rejection("secure_failed", reason) if stats is None else \
@@ -266,7 +268,10 @@ class FedQuant(Strategy):
             if stats is None:
                 log.warning("round %d: secure aggregation of profile %s failed: %s", rnd, p, reason[:300])
         record = self._apply(rnd, accepted, rejections, rejected_by_profile, rejected_clients, up)
-        r["metrics"]["secure"] = report
+        # every step of the protocol, both ways: keys, shares, the instruction, the masked vector
+        r["metrics"]["secure"] = report | {"bytes": {p: {"down_per_client": float(np.mean(down[p])) if down[p] else 0.0,
+                                                         "up_per_client": float(np.mean(up[p])) if up[p] else 0.0}
+                                                     for p in sorted(down)}}
         return record
 
     def _apply(self, rnd: int, accepted, rejections, rejected_by_profile, rejected_clients, up) -> MetricRecord:

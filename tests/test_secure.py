@@ -6,6 +6,7 @@ protocol."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -131,3 +132,57 @@ def test_secure_sums_equal_the_plaintext_sums_with_devices_dropping_out(tmp_path
         assert s.grid == p.grid, k
         assert np.array_equal(s.counts, p.counts) and (s.below, s.above, s.n) == (p.below, p.above, p.n), k
     assert sec.used == plain.used
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")
+def test_secure_statistics_on_the_deployment_engine(tmp_path, monkeypatch):
+    """The fleet runs it from the same switch: 3 SuperNodes (TLS, node authentication) of one
+    profile, scout + a secure statistics round; the round sums all 3 through SecAgg+ and moves the
+    ranges."""
+    from server.fleet import deployment
+    from server.fleet.processes import alive
+    from tests.test_fleet import FLEET_SMOKE, _all_pids
+
+    for k, v in dict(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0",
+                     HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1").items():
+        monkeypatch.setenv(k, v)
+    text = FLEET_SMOKE.read_text().replace('[[fleet]]\nprofile = "int16"\nshare = 1\n', "")
+    text = text.replace("[server]\n", '[server]\nstats_rule = "sum"\nsecure = { cap = 1048576 }\n', 1)
+    config = tmp_path / "fleet-secure.toml"
+    config.write_text(text)
+    d, out = tmp_path / "fleet", tmp_path / "run"
+    pids: set[int] = set()
+    try:
+        deployment.up(d, config, out)
+        pids.update(_all_pids(d))
+        run_id = deployment.submit_run(d, config, out, out / "device")
+        status = deployment.wait_run(d, run_id, timeout=900)
+        assert status == "finished:completed", deployment.run_log(d, run_id)[-4000:]
+        pids.update(_all_pids(d))
+    finally:
+        deployment.stop_fleet(d)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    stats = metrics[1]
+    assert stats["job"] == "stats" and stats["replies"] == 3 and stats["rejections"] == {}, stats
+    assert stats["secure"]["int8"]["summed"] == 3 and stats["applied"] and stats["versions"] == {"int8": 1}
+    assert stats["secure"]["bytes"]["int8"]["up_per_client"] > 0
+    sums = load_checkpoint(out / "checkpoint.safetensors").sums
+    assert sums and all(s.n > 0 for s in sums.values())
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in pids if alive(p)] == []
+
+
+def test_bench_configs_share_secrets_with_a_logarithmic_neighbourhood():
+    """bench/secure_rounds.py: the plain and secure configs differ only in `secure`; a large fleet
+    shares each client's secrets with about 33 neighbours, a small one with all."""
+    from bench.secure_rounds import configs
+
+    for n, shares in ((10, 1.0), (1000, 0.033)):
+        _, plain, secure = configs(n)
+        assert plain.stats_rule == secure.stats_rule == "sum" and plain.secure is None
+        assert secure.secure.num_shares == pytest.approx(shares)
+        assert plain.model_copy(update={"secure": secure.secure}) == secure
+        assert n <= secure.secure.max_clients()

@@ -1,0 +1,154 @@
+"""What secure aggregation (SecAgg+, docs/privacy.md) costs a statistics round, beside the same
+round in the clear.
+
+With the tiny model (``bench.flower_rounds.sim_config``: one 32-token sequence per client, one int8
+profile, 512 bins), for N = 10, 100 and 1000 simulated clients, one Flower simulation per N on the
+Ray backend; in it, two runs of ``server.app.run_server`` on the same nodes, each scout + stats
+(every client sampled), statistics summed: first in the clear, then with ``[server] secure``. The
+secure run's neighbourhood is ``num_shares = min(1, 33 / N)`` (SecAgg+ shares each client's secrets
+with O(log N) neighbours, not all of them), reconstruction threshold half of it.
+
+Per N: the statistics round's wall time (``metrics.jsonl``; rounds per minute = 60 / wall) and the
+payload bytes per client (plain: instruction down, reply up; secure: every step of the protocol
+both ways, ``secure.bytes`` of the metrics line: keys, encrypted shares, the instruction, the
+masked vector), and whether the secure sum equals the plaintext one (the same counts per point).
+
+    .venv/bin/python -m bench.secure_rounds                 # N = 10, 100, 1000 -> bench/results/secure_rounds.json
+    .venv/bin/python -m bench.secure_rounds --clients 10    # one N
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, ROOT, machine, quiet_env, versions, write_json
+
+quiet_env()
+
+DEFAULT_OUT = RESULTS / "secure_rounds.json"
+
+
+def log(s: str) -> None:
+    print(s, file=sys.stderr, flush=True)
+
+
+def configs(n: int):
+    """The plain and the secure server configs for ``n`` clients (scout + stats, sums)."""
+    from bench.flower_rounds import sim_config
+    from server.config import SecureConfig
+
+    sim = sim_config(n, lsq=False)
+    plain = sim.server.model_copy(update={"stats_rule": "sum"})
+    secure = plain.model_copy(update={"secure": SecureConfig(num_shares=min(1.0, 33 / n), reconstruction_threshold=0.5)})
+    return sim, plain, secure
+
+
+def same_sums(a: Path, b: Path) -> bool:
+    from server.state import load_checkpoint
+
+    sa, sb = load_checkpoint(a).sums, load_checkpoint(b).sums
+    return set(sa) == set(sb) and all(
+        np.array_equal(sa[k].counts, sb[k].counts) and (sa[k].below, sa[k].above, sa[k].n) == (sb[k].below, sb[k].above, sb[k].n)
+        for k in sa)
+
+
+def run_n(n: int, work: Path) -> dict:
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.app import make_app
+    from server.app import run_server
+    from server.roster import wait_for_nodes
+    from simulation.prepare import prepare
+    from simulation.simulate import backend_config, quiet_flower
+
+    sim, plain, secure = configs(n)
+    t0 = time.perf_counter()
+    prep = prepare(sim, work / f"n{n}", progress=log)
+    if len(prep.clients) != n:
+        raise RuntimeError(f"asked for {n} clients, the fleet has {len(prep.clients)}")
+    prepare_s = time.perf_counter() - t0
+    out: dict = {"error": None}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context) -> None:
+        try:
+            wait_for_nodes(grid, n, plain.wait_s)
+            for name, cfg in (("plain", plain), ("secure", secure)):
+                run_server(grid, cfg, prep.initial, prep.out / name,
+                           on_round=lambda r, name=name: log(f"N={n} {name} round {r['round']} {r['job']}: "
+                                                             f"{r['wall_s']:.2f} s, {r['replies']} replies"))
+        except BaseException:  # noqa: BLE001 -- reported after the simulation ends
+            out["error"] = traceback.format_exc()
+
+    quiet_flower()
+    t1 = time.perf_counter()
+    run_simulation(server_app, make_app({"device-dir": str(prep.device_dir.resolve())}), num_supernodes=n,
+                   backend_config=backend_config(prep.cfg))
+    sim_s = time.perf_counter() - t1
+    if out["error"]:
+        raise RuntimeError(f"N={n}: the ServerApp failed:\n{out['error']}")
+    row = {"clients": n, "num_shares": secure.secure.num_shares, "prepare_s": prepare_s, "simulation_s": sim_s}
+    for name in ("plain", "secure"):
+        stats = [json.loads(x) for x in (prep.out / name / "metrics.jsonl").read_text().splitlines()]
+        st = next(m for m in stats if m["job"] == "stats")
+        if name == "secure":
+            b = st["secure"]["bytes"]["int8"]
+            down, up = b["down_per_client"], b["up_per_client"]
+        else:
+            down, up = st["bytes_down_per_client"], st["bytes_up_per_client"]
+        row[name] = {"wall_s": st["wall_s"], "rounds_per_min": 60 / st["wall_s"], "replies": st["replies"],
+                     "rejections": st["rejections"], "bytes_down_per_client": down, "bytes_up_per_client": up}
+    row["secure_vs_plain_time"] = row["secure"]["wall_s"] / row["plain"]["wall_s"]
+    row["same_sums"] = same_sums(prep.out / "plain" / "checkpoint.safetensors",
+                                 prep.out / "secure" / "checkpoint.safetensors")
+    return row
+
+
+def table(res: dict) -> str:
+    lines = ["| clients | neighbours | plain: s / round (rounds/min) | secure: s / round (rounds/min) | secure / plain time "
+             "| plain bytes down + up per client | secure bytes down + up per client | same sums |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        p, s = r["plain"], r["secure"]
+        nb = max(3, round(r["num_shares"] * r["clients"])) if r["num_shares"] < 1 else r["clients"]
+        lines.append(f"| {r['clients']} | {nb} | {p['wall_s']:.1f} ({p['rounds_per_min']:.1f}) | "
+                     f"{s['wall_s']:.1f} ({s['rounds_per_min']:.1f}) | {r['secure_vs_plain_time']:.1f}x | "
+                     f"{p['bytes_down_per_client'] / 1e3:.1f} + {p['bytes_up_per_client'] / 1e3:.1f} kB | "
+                     f"{s['bytes_down_per_client'] / 1e3:.1f} + {s['bytes_up_per_client'] / 1e3:.1f} kB | "
+                     f"{'yes' if r['same_sums'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, nargs="*", default=[10, 100, 1000])
+    ap.add_argument("--work", default=None, help="keep the run directories here (default: a temp dir)")
+    ap.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT.relative_to(ROOT)})")
+    args = ap.parse_args(argv)
+    out = Path(args.out) if args.out else DEFAULT_OUT
+    t0 = time.perf_counter()
+    res = {"bench": "secure_rounds", "machine": machine(), "versions": versions(("flwr", "ray", "cryptography", "numpy")),
+           "rows": []}
+    with tempfile.TemporaryDirectory(prefix="secure-rounds-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        for n in args.clients:
+            res["rows"].append(run_n(n, work))
+            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            write_json(out, res)                   # each N as it ends: a long run keeps what it did
+            log(table(res))
+    print(table(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
