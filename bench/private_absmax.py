@@ -1,0 +1,79 @@
+"""Summable stand-ins for the scouting round's per-channel abs-max (the max over clients), which
+secure aggregation cannot compute (docs/privacy.md, "Not private yet").
+
+Reads the honest scouting replies ``python -m bench.poisoning`` keeps in its cache (SmolLM2, the 24
+clients of ``configs/default.toml``: one per client), and compares with the exact max over clients,
+per channel of every smoothable input:
+
+- the log-moment estimate ``exp(mean + z std)`` of the clients' log abs-max (two sums per channel);
+- the power mean ``(sum a^p)^(1/p)`` (one sum per channel; never below the max, at most
+  ``K^(1/p)`` above it), which in fixed point needs each ``a`` scaled by a bound ``B`` close to the
+  max: the levels SecAgg+ gives (2^29 over [0, 1]) hold ``(a/B)^p`` only for ``a/B`` above
+  ``2^(-29/p)``.
+
+    .venv/bin/python -m bench.private_absmax [--cache runs/bench-poisoning/cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, ROOT, machine, write_json
+from quant.wire import unpack
+
+
+def scouting_absmax(cache: Path) -> list[dict[str, np.ndarray]]:
+    """Each cached scouting reply's per-channel abs-max (input key -> (C,) float64)."""
+    out = []
+    for f in sorted(glob.glob(str(cache / "replies" / "*.npz"))):
+        z = np.load(f)
+        header = json.loads(str(z["header"]))
+        if header.get("kind") != "scout":
+            continue
+        arrays = unpack({k[2:]: z[k] for k in z.keys() if k.startswith("a/")}, header["index"])
+        out.append({k[len("absmax/"):]: v.astype(np.float64) for k, v in arrays.items() if k.startswith("absmax/")})
+    return out
+
+
+def log2_errors(est: dict, true: dict) -> dict:
+    r = np.concatenate([np.log2(est[k] / true[k]) for k in sorted(true)])
+    return {"median": float(np.median(r)), "p5": float(np.percentile(r, 5)), "p95": float(np.percentile(r, 95)),
+            "min": float(r.min()), "max": float(r.max()), "off_by_more_than_25pct": float(np.mean(np.abs(2 ** r - 1) > 0.25))}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-poisoning" / "cache")
+    ap.add_argument("--out", type=Path, default=RESULTS / "private_absmax.json")
+    args = ap.parse_args(argv)
+    reps = scouting_absmax(args.cache)
+    if len(reps) < 2:
+        raise SystemExit(f"{args.cache}: {len(reps)} cached scouting replies; run `python -m bench.poisoning` first")
+    keys = sorted(reps[0])
+    a = {k: np.stack([r[k] for r in reps]) for k in keys}
+    true = {k: v.max(0) for k, v in a.items()}
+    logs = {k: np.log(np.maximum(v, 1e-30)) for k, v in a.items()}
+    rows = {}
+    for z in (0.0, 1.0, 2.0):
+        rows[f"log-moments z={z:g}"] = log2_errors({k: np.exp(logs[k].mean(0) + z * logs[k].std(0)) for k in keys}, true)
+    for p in (8, 16, 32):
+        rows[f"power mean p={p}"] = log2_errors({k: np.sum(v ** p, 0) ** (1 / p) for k, v in a.items()}, true)
+    res = {"bench": "private_absmax", "clients": len(reps), "inputs": len(keys),
+           "channels": int(sum(v.shape[1] for v in a.values())), "log2_estimate_over_max": rows,
+           "cache": str(args.cache.relative_to(ROOT)) if args.cache.is_relative_to(ROOT) else str(args.cache),
+           "machine": machine()}
+    write_json(args.out, res)
+    print(f"{res['clients']} clients, {res['inputs']} inputs, {res['channels']} channels: log2(estimate / max)")
+    for name, r in rows.items():
+        print(f"  {name:22s} median {r['median']:+.3f}, 5-95% [{r['p5']:+.3f}, {r['p95']:+.3f}], "
+              f"range [{r['min']:+.3f}, {r['max']:+.3f}], off by > 25%: {r['off_by_more_than_25pct']:.1%}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
