@@ -133,6 +133,16 @@ def poisoning_block(d: dict) -> str:
     return readme_table(d)
 
 
+def secure_rounds_block(d: dict) -> str:
+    """Issue 15's SecAgg+ cost table, from bench/secure_rounds.py's secure_rounds.json."""
+    from bench.secure_rounds import table
+
+    m = d["machine"]
+    return (f"`.venv/bin/python -m bench.secure_rounds` (tiny model, one 32-token sequence per client, 512 bins; "
+            f"Flower {d['versions'].get('flwr')} simulation engine, 2 Ray actors; {_cpu(m)}, {m['cores']} cores shared "
+            f"with other jobs, {d['wall_s']:.0f} s). Source: `bench/results/secure_rounds.json`.\n\n" + table(d))
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
     new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
@@ -172,6 +182,9 @@ def main() -> None:
         readme = replace_block(readme, "mixed-plan", mixed_plan_block(json.loads((RESULTS / "mixed_plan.json").read_text())))
     if (RESULTS / "latency.json").is_file() and "<!-- latency:begin -->" in readme:
         readme = replace_block(readme, "latency", latency_block(json.loads((RESULTS / "latency.json").read_text())))
+    if (RESULTS / "secure_rounds.json").is_file() and "<!-- secure-rounds:begin -->" in readme:
+        readme = replace_block(readme, "secure-rounds",
+                               secure_rounds_block(json.loads((RESULTS / "secure_rounds.json").read_text())))
     if (RESULTS / "poisoning.json").is_file() and "<!-- poisoning:begin -->" in readme:
         readme = replace_block(readme, "poisoning", poisoning_block(json.loads((RESULTS / "poisoning.json").read_text())))
     (ROOT / "README.md").write_text(readme)
