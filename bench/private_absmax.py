@@ -12,6 +12,16 @@ per channel of every smoothable input:
   ``2^(-29/p)``.
 
     .venv/bin/python -m bench.private_absmax [--cache runs/bench-poisoning/cache]
+
+``--quality RUN_DIR`` (a prepared SmolLM2 run of ``configs/default.toml``, e.g. bench.poisoning's
+``runs/bench-poisoning``) also measures what each stand-in costs in perplexity: the centralized
+recipe (``simulation.evaluation.centralized_qparams``: scouting, SmoothQuant, statistics of the
+pooled training data, calibration) with every client's per-channel abs-max replaced by the
+fleet-wide estimate, which is all a server that cannot see clients one by one would have (the
+smoothed inputs' grids then come from it too), evaluated on the server's held-out sequences. The
+power mean is simulated as the planned two secure passes would give it: ``B = 2 exp(mean + 2 std)``
+of log abs-max, then ``(min(a, B) / B)^16`` rounded to SecAgg+'s 2^-29 levels and summed (the
+log-moment estimate where every client rounds to 0).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +57,63 @@ def log2_errors(est: dict, true: dict) -> dict:
             "min": float(r.min()), "max": float(r.max()), "off_by_more_than_25pct": float(np.mean(np.abs(2 ** r - 1) > 0.25))}
 
 
+LEVEL = 2.0 ** -29          # one SecAgg+ level over [0, 1] with quantization_range 2^30 over [-1, 1]
+
+
+def power_mean_secure(a: np.ndarray, p: int = 16) -> np.ndarray:
+    """The max over clients (rows of ``a``, per column) as the two planned secure passes estimate
+    it: a bound from log-moments, then the power mean of the clipped, scaled values in fixed point."""
+    logs = np.log(np.maximum(a, 1e-30))
+    moments = np.exp(logs.mean(0) + 2 * logs.std(0))
+    bound = 2 * moments
+    levels = np.rint((np.minimum(a, bound) / bound) ** p / LEVEL) * LEVEL
+    total = levels.sum(0)
+    return np.where(total > 0, bound * total ** (1 / p), moments)
+
+
+def estimates(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind == "max":
+        return a.max(0)
+    if kind == "power16-secure":
+        return power_mean_secure(a, 16)
+    if kind == "log-moments-z2":
+        logs = np.log(np.maximum(a, 1e-30))
+        return np.exp(logs.mean(0) + 2 * logs.std(0))
+    raise ValueError(kind)
+
+
+def quality(run_dir: Path, kinds) -> dict:
+    """Held-out perplexity per profile of the centralized recipe with each estimate of the
+    per-channel abs-max (module docstring)."""
+    from dataclasses import replace
+
+    from simulation.evaluation import ServerEval, centralized_qparams
+    from simulation.prepare import load_simulation_config, prepare
+
+    cfg = load_simulation_config(ROOT / "configs" / "default.toml")
+    prep = prepare(cfg, run_dir, progress=lambda m: print(m, flush=True))
+    ev = ServerEval(prep.device_dir, prep.evals, cfg.threads, cfg.server.batch_size)
+    out = {}
+    for kind in kinds:
+        def view(scouting, kind=kind):
+            keys = sorted(scouting[0].channel_absmax)
+            merged = {k: estimates(kind, np.stack([np.asarray(r.channel_absmax[k], np.float64) for r in scouting]))
+                      .astype(np.float32) for k in keys}
+            return [replace(r, channel_absmax=merged) for r in scouting]
+        t0 = time.perf_counter()
+        qps = centralized_qparams(prep, view)
+        out[kind] = {p: float(ev(p, qp)["perplexity"]) for p, qp in sorted(qps.items())}
+        print(f"{kind}: " + ", ".join(f"{p} {v:.2f}" for p, v in out[kind].items())
+              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-poisoning" / "cache")
     ap.add_argument("--out", type=Path, default=RESULTS / "private_absmax.json")
+    ap.add_argument("--quality", type=Path, default=None, metavar="RUN_DIR",
+                    help="also the perplexity of the centralized recipe with each estimate (SmolLM2, minutes)")
     args = ap.parse_args(argv)
     reps = scouting_absmax(args.cache)
     if len(reps) < 2:
@@ -63,10 +127,15 @@ def main(argv=None) -> dict:
         rows[f"log-moments z={z:g}"] = log2_errors({k: np.exp(logs[k].mean(0) + z * logs[k].std(0)) for k in keys}, true)
     for p in (8, 16, 32):
         rows[f"power mean p={p}"] = log2_errors({k: np.sum(v ** p, 0) ** (1 / p) for k, v in a.items()}, true)
+    rows["power mean p=16, two secure passes"] = log2_errors({k: power_mean_secure(v, 16) for k, v in a.items()}, true)
     res = {"bench": "private_absmax", "clients": len(reps), "inputs": len(keys),
            "channels": int(sum(v.shape[1] for v in a.values())), "log2_estimate_over_max": rows,
            "cache": str(args.cache.relative_to(ROOT)) if args.cache.is_relative_to(ROOT) else str(args.cache),
            "machine": machine()}
+    if args.quality is not None:
+        t0 = time.perf_counter()
+        res["perplexity"] = quality(args.quality, ("max", "power16-secure", "log-moments-z2"))
+        res["quality_wall_s"] = round(time.perf_counter() - t0, 1)
     write_json(args.out, res)
     print(f"{res['clients']} clients, {res['inputs']} inputs, {res['channels']} channels: log2(estimate / max)")
     for name, r in rows.items():

@@ -54,13 +54,16 @@ def float_perplexity(float_onnx: Path, evals: np.ndarray, threads: int, batch_si
     return float(np.exp(total / count))
 
 
-def centralized_qparams(prep: Prepared) -> dict[str, QParams]:
+def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams]:
     """What a data-collecting server would get: the same recipe (scouting, smoothing if the config
     has it, grids, statistics, calibrator) on the pooled training data of every client (a smoothed
     input: of the clients whose profile has that smoothing, as in the federation). Each step
     runs client by client with the clients' own job functions (the float activations are the same
     numbers) and is merged with the server's functions: merges are exact, so this equals one pass
-    over the pooled data, and a federation whose rounds reach every client gives the same bits."""
+    over the pooled data, and a federation whose rounds reach every client gives the same bits.
+    ``scouting_view`` (list of ScoutReply -> list of ScoutReply), when given, replaces the clients'
+    scouting reports before they are used: what a server that cannot see them one by one would
+    have instead (bench/private_absmax.py)."""
     from client.jobs import scout, statistics
     from client.runtime import DeviceRuntime
     from quant.wire import Instruction
@@ -79,6 +82,8 @@ def centralized_qparams(prep: Prepared) -> dict[str, QParams]:
                       absmax={f"{p}:input": int(weights[p].shape[1])
                               for p in smoothable_paths(prep.initial, scfg, weights)})
     scouting = [scout(rt, ins, c.train, batch_size=bs)[0] for c in prep.clients]
+    if scouting_view is not None:
+        scouting = scouting_view(scouting)
 
     def pooled(profiles, initial, replies) -> dict[str, QParams]:
         """Grids, statistics of every client and calibration for profiles sharing a smoothing."""
