@@ -52,15 +52,15 @@ def say(progress, msg: str) -> None:
 
 # How the server merges replies: nothing prepared depends on them (the centralized reference pools
 # the data exactly), so runs that differ only in them share a preparation.
-AGGREGATION_RULES = ("stats_rule", "absmax_rule", "absmax_clip", "trim", "round_factor", "lsq_rule")
+AGGREGATION_RULES = ("stats_rule", "absmax_rule", "absmax_clip", "trim", "round_factor", "lsq_rule", "secure")
 
 
 def config_digest(cfg: SimulationConfig) -> str:
     """What must not change for a run directory to be reused: everything but the engine (how many
     CPUs does not change a result), how long the server waits (a fleet that lost devices resumes
-    with a lower ``min_available``), the aggregation rules, and the schedule, which the server's
-    checkpoint digest checks itself (``server.config.ServerConfig.digest``: a run resumes only
-    under the same schedule and rules)."""
+    with a lower ``min_available``), the aggregation rules (secure aggregation included), and the
+    schedule, which the server's checkpoint digest checks itself
+    (``server.config.ServerConfig.digest``: a run resumes only under the same schedule and rules)."""
     d = cfg.model_dump(mode="json")
     d.pop("engine", None)
     d.pop("name", None)         # a label

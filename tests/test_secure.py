@@ -186,3 +186,14 @@ def test_bench_configs_share_secrets_with_a_logarithmic_neighbourhood():
         assert secure.secure.num_shares == pytest.approx(shares)
         assert plain.model_copy(update={"secure": secure.secure}) == secure
         assert n <= secure.secure.max_clients()
+
+
+def test_a_secure_run_reuses_a_plain_runs_preparation():
+    """`--prepared-from`: secure aggregation changes the rounds, not what preparation makes."""
+    from simulation.prepare import config_digest, load_simulation_config
+
+    plain = load_simulation_config(SMOKE)
+    secure = plain.model_copy(update={"server": plain.server.model_copy(
+        update={"stats_rule": "sum", "secure": SecureConfig()})})
+    assert config_digest(plain) == config_digest(secure)
+    assert plain.server.digest() != secure.server.digest()
