@@ -32,7 +32,8 @@ class DataConfig(BaseModel):
     train_sequences: int = Field(4, ge=1, description="at most this many training sequences per client")
     test_sequences: int = Field(1, ge=0, description="held-out sequences per client (federated evaluation)")
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="share of roles no client holds")
-    eval_sequences: int = Field(16, ge=1, description="server-side evaluation sequences, held-out roles")
+    eval_sequences: int = Field(64, ge=1, description="server-side evaluation sequences, drawn across the "
+                                                    "held-out roles (or files) in turn: simulation.fleet")
     random_sequences: int = Field(16, ge=1, description="random-token sequences: the common recipe "
                                                         "that the run starts from")
     iid: bool = Field(False, description="deal the clients' text out IID instead of by role")
