@@ -17,13 +17,73 @@ from quant.qparams import QParams, atomic_write_bytes
 from simulation.prepare import Prepared, say, server_weights
 
 
-class ServerEval:
-    """Server-side evaluation on the held-out roles with each profile's ONNX Runtime integer
-    model (a ``client.runtime.DeviceRuntime`` of the device directory, patched to the QParams)."""
+# One batch's logits at most (256 MB of float32): with a 262k vocabulary a batch of 8 x 128 rows
+# would be 1 GB, and the float reference runs beside it (issue 19, goal 6).
+LOGITS_ELEMENTS = 1 << 26
+BOOTSTRAP_RESAMPLES = 1000
 
-    def __init__(self, device_dir: Path, evals: np.ndarray, threads: int, batch_size: int = 8):
+
+def fidelity_columns(quant_logits, float_logits, ids: np.ndarray, batch_size: int) -> np.ndarray:
+    """float64 [N, 5] per sequence: quantized NLL, float NLL, KL(float || quantized), top-1
+    agreements, predicted tokens. The two models run in lockstep, one batch at a time (rows
+    chosen so that rows x T x vocab <= ``LOGITS_ELEMENTS``): only one batch of each model's logits
+    is ever held, and nothing of the float model is stored between calls. ``quant_logits`` and
+    ``float_logits`` map ids [b, T] to logits [b, T, V]."""
+    from quant.metrics import next_token_fidelity, sequence_nll
+
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 2 or len(ids) == 0:
+        raise ValueError(f"evaluation ids must be a non-empty [N, T] array, got shape {ids.shape}")
+    out = np.zeros((len(ids), 5))
+    i, rows = 0, 1                     # the first batch is one row: it tells the vocabulary size
+    while i < len(ids):
+        batch = ids[i:i + rows]
+        q = quant_logits(batch)
+        f = float_logits(batch)
+        kl, agree = next_token_fidelity(f, q)
+        out[i:i + len(batch)] = np.stack([sequence_nll(q, batch), sequence_nll(f, batch), kl, agree,
+                                          np.full(len(batch), batch.shape[1] - 1)], axis=1)
+        i += len(batch)
+        rows = max(1, min(batch_size, LOGITS_ELEMENTS // (ids.shape[1] * q.shape[-1])))
+        del q, f
+    return out
+
+
+def fidelity_summary(cols: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+    """The figures of one evaluation set from ``fidelity_columns``: perplexity (the old fields:
+    perplexity, nll_sum, tokens), the float model's, the change vs float in percent, KL(float ||
+    quantized) in nats per token, top-1 agreement (a fraction), and a seeded bootstrap 95%
+    interval over sequences for the last three (``quant.metrics.bootstrap_interval``)."""
+    from quant.metrics import bootstrap_interval
+
+    nll, fl, kl, agree, tokens = cols.sum(axis=0)
+
+    def change(s):
+        return 100.0 * np.expm1((s[:, 0] - s[:, 1]) / s[:, 4])
+
+    def ci(stat):
+        return [round(v, 6) for v in bootstrap_interval(cols, stat, resamples=resamples, seed=seed)]
+    return {"perplexity": float(np.exp(nll / tokens)), "nll_sum": float(nll), "tokens": int(tokens),
+            "sequences": int(len(cols)), "float_perplexity": float(np.exp(fl / tokens)),
+            "vs_float_pct": float(100.0 * np.expm1((nll - fl) / tokens)),
+            "vs_float_pct_ci": ci(change),
+            "kl": float(kl / tokens), "kl_ci": ci(lambda s: s[:, 2] / s[:, 4]),
+            "top1": float(agree / tokens), "top1_ci": ci(lambda s: s[:, 3] / s[:, 4])}
+
+
+class ServerEval:
+    """Server-side evaluation with each profile's ONNX Runtime integer model (a
+    ``client.runtime.DeviceRuntime`` of the device directory, patched to the QParams), beside
+    the float graph the device directory names: perplexity, fidelity to float and intervals
+    (``fidelity_summary``) on the held-out roles, and on the out-of-domain text under ``"ood"``
+    when ``ood`` ids are given."""
+
+    def __init__(self, device_dir: Path, evals: np.ndarray, threads: int, batch_size: int = 8,
+                 ood: np.ndarray | None = None, seed: int = 0):
         self.device_dir, self.evals, self.threads, self.batch_size = device_dir, evals, threads, batch_size
+        self.ood, self.seed = ood, seed
         self.runtimes: dict = {}
+        self._float = None
 
     def runtime(self, profile: str):
         from client.runtime import DeviceRuntime
@@ -32,13 +92,30 @@ class ServerEval:
             self.runtimes[profile] = DeviceRuntime(self.device_dir / profile / "model.onnx", threads=self.threads)
         return self.runtimes[profile]
 
+    def float_logits(self, ids: np.ndarray) -> np.ndarray:
+        from client.runtime import ort_session
+
+        if self._float is None:
+            self._float = ort_session(next(iter(self.runtimes.values())).float_onnx, threads=self.threads)
+        return self._float.run(["logits"], {"input_ids": np.asarray(ids, dtype=np.int64)})[0]
+
+    def sets(self) -> dict[str, np.ndarray]:
+        return {"heldout": self.evals, **({"ood": self.ood} if self.ood is not None and len(self.ood) else {})}
+
     def __call__(self, profile: str, qparams: QParams) -> dict:
         rt = self.runtime(profile)
         if int(qparams.version) < int(rt.qparams.version):   # a reference evaluated after the run
             qparams = QParams(qparams.points, qparams.model, rt.qparams.version, qparams.smoothing, qparams.meta)
         rt.patch(qparams)
-        nll, tokens = rt.evaluate(self.evals, batch_size=self.batch_size)
-        return {"perplexity": float(np.exp(nll / tokens)), "nll_sum": float(nll), "tokens": int(tokens)}
+        out: dict = {}
+        for name, ids in self.sets().items():
+            cols = fidelity_columns(rt.logits, self.float_logits, ids, self.batch_size)
+            res = fidelity_summary(cols, self.seed)
+            if name == "heldout":
+                out.update(res)
+            else:
+                out[name] = res
+        return out
 
 
 def float_perplexity(float_onnx: Path, evals: np.ndarray, threads: int, batch_size: int = 8) -> float:
@@ -114,12 +191,15 @@ def centralized_qparams(prep: Prepared) -> dict[str, QParams]:
 
 
 def references(prep: Prepared, ev: ServerEval, progress) -> dict[str, dict]:
-    """Float and random-token-calibration perplexity per profile, cached in the run directory."""
+    """Float and random-token-calibration perplexity per profile (with the random calibration's
+    fidelity to float under ``random_calib``), cached in the run directory."""
     f = prep.out / "references.json"
     if f.is_file():
         return json.loads(f.read_text())
     say(progress, "references: float and random-token calibration perplexity")
-    fl = float_perplexity(prep.float_onnx, prep.evals, prep.cfg.threads, prep.cfg.server.batch_size)
-    refs = {p: {"float_ppl": fl, "random_calib_ppl": ev(p, qp)["perplexity"]} for p, qp in prep.initial.items()}
+    refs = {}
+    for p, qp in prep.initial.items():
+        r = ev(p, qp)
+        refs[p] = {"float_ppl": r["float_perplexity"], "random_calib_ppl": r["perplexity"], "random_calib": r}
     atomic_write_bytes(f, json.dumps(refs, indent=1).encode())
     return refs
