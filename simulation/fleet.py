@@ -94,6 +94,17 @@ def round_robin_sequences(docs: dict[str, list[str]], tokenizer, seq_len: int, n
     return ids, where
 
 
+def ood_sequences(cfg: DataConfig, tokenizer) -> tuple[np.ndarray, list[dict]]:
+    """The out-of-domain evaluation set: ``cfg.ood_sequences`` windows drawn in turn across the
+    Factbook's countries (``simulation.factbook``), seeded like the held-out roles, and where each
+    came from; none when ``ood_sequences`` is 0."""
+    if cfg.ood_sequences == 0:
+        return np.zeros((0, cfg.seq_len), dtype=np.int64), []
+    from simulation.factbook import load_backgrounds
+
+    return round_robin_sequences(load_backgrounds(), tokenizer, cfg.seq_len, cfg.ood_sequences, cfg.seed, "ood")
+
+
 def build_fleet(cfg: DataConfig, tokenizer, profiles: list[tuple[str, float]]
                 ) -> tuple[list[ClientData], np.ndarray, dict]:
     """(clients, server evaluation ids from held-out clients, a description). Profiles are dealt

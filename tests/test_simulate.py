@@ -70,6 +70,8 @@ def test_smoke_run_writes_what_design_says(full_run):
         for ev in (*s["federated_eval"], s["random_calib"], s["centralized"]):
             assert ev["float_perplexity"] == pytest.approx(s["float_ppl"])
             assert ev["kl"] > 0 and 0 < ev["top1"] <= 1 and ev["sequences"] == 8
+            ood = ev["ood"]                 # the out-of-domain text, beside the held-out roles
+            assert ood["sequences"] == 8 and ood["kl"] > 0 and ood["float_perplexity"] > 1
             for key in ("vs_float_pct", "kl", "top1"):
                 assert ev[f"{key}_ci"][0] <= ev[f"{key}_ci"][1], key
         assert [e["perplexity"] for e in s["federated_eval"]] == s["federated_ppl"]
@@ -84,6 +86,7 @@ def test_smoke_run_writes_what_design_says(full_run):
     # the evaluation set: 8 windows, each of another held-out role, named in summary.json
     ids = summary["data"]["eval_ids"]
     assert len(ids) == 8 and len({w["id"] for w in ids}) == 8 and all(w["window"] == 0 for w in ids)
+    assert summary["data"]["ood_sequences"] == 8 and len({w["id"] for w in summary["data"]["ood_ids"]}) == 8
     for png in ("perplexity.png", "scale_drift.png"):
         assert (out / png).stat().st_size > 10_000
     # statistics rounds sample without replacement: every client contributed once
