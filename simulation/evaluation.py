@@ -62,7 +62,7 @@ def fidelity_summary(cols: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP
         return 100.0 * np.expm1((s[:, 0] - s[:, 1]) / s[:, 4])
 
     def ci(stat):
-        return [round(v, 6) for v in bootstrap_interval(cols, stat, resamples=resamples, seed=seed)]
+        return list(bootstrap_interval(cols, stat, resamples=resamples, seed=seed))
     return {"perplexity": float(np.exp(nll / tokens)), "nll_sum": float(nll), "tokens": int(tokens),
             "sequences": int(len(cols)), "float_perplexity": float(np.exp(fl / tokens)),
             "vs_float_pct": float(100.0 * np.expm1((nll - fl) / tokens)),
