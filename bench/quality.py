@@ -215,9 +215,10 @@ class Evaluator:
 
         def run(model):
             return lambda ids: model.run(["logits"], {"input_ids": ids})[0]
-        res = fidelity_summary(fidelity_columns(run(sess), run(self.float_session), self.evals, self.batch))
+        res = fidelity_summary(fidelity_columns(run(sess), self.evals, self.batch, float_logits=run(self.float_session)))
         if self.ood is not None and len(self.ood):
-            res["ood"] = fidelity_summary(fidelity_columns(run(sess), run(self.float_session), self.ood, self.batch))
+            res["ood"] = fidelity_summary(fidelity_columns(run(sess), self.ood, self.batch,
+                                                           float_logits=run(self.float_session)))
         return res
 
     def evaluate(self, path: Path, pair: bool = True) -> dict:

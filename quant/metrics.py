@@ -78,6 +78,57 @@ def next_token_fidelity(float_logits, quant_logits, chunk_elements: int = 1 << 2
     return kl, agree
 
 
+def float_top_k(float_logits, k: int, chunk_elements: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """The float model's ``k`` most likely next tokens at every predicting position, most likely
+    first: (ids int32 [B, T - 1, k], log-probabilities float32 [B, T - 1, k]). A compact reference
+    (k of a vocabulary of 49k-262k) that ``top_k_fidelity`` compares a quantized model against."""
+    f = np.asarray(float_logits)
+    if f.ndim != 3:
+        raise ValueError(f"expected logits [B, T, V], got {f.shape}")
+    B, T, V = f.shape
+    k = min(k, V)
+    step = max(1, chunk_elements // V)
+    ids = np.empty((B, T - 1, k), np.int32)
+    logp = np.empty((B, T - 1, k), np.float32)
+    for b in range(B):
+        for t in range(0, T - 1, step):
+            lf = _log_softmax64(f[b, t:min(t + step, T - 1)])
+            top = np.argpartition(-lf, k - 1, axis=-1)[:, :k]
+            vals = np.take_along_axis(lf, top, -1)
+            order = np.argsort(-vals, axis=-1, kind="stable")
+            ids[b, t:t + len(lf)] = np.take_along_axis(top, order, -1)
+            logp[b, t:t + len(lf)] = np.take_along_axis(vals, order, -1)
+    return ids, logp
+
+
+def top_k_fidelity(quant_logits, top_ids: np.ndarray, top_logp: np.ndarray,
+                   chunk_elements: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """``next_token_fidelity`` against a cached ``float_top_k`` reference: per sequence (summed KL,
+    top-1 agreements). The KL is that of the two distributions coarsened to the float model's
+    top k tokens plus one bucket for the rest, sum_topk p log(p/q) + r_p log(r_p / r_q) with r the
+    mass outside the top k: never above the exact KL (coarsening cannot increase a divergence),
+    and equal to it when the rest's ratio q/p is constant. Top-1 agreement is exact."""
+    q = np.asarray(quant_logits)
+    B, T, V = q.shape
+    if top_ids.shape[:2] != (B, T - 1):
+        raise ValueError(f"reference of shape {top_ids.shape} for logits {q.shape}")
+    step = max(1, chunk_elements // V)
+    kl, agree = np.zeros(B, np.float64), np.zeros(B, np.float64)
+    for b in range(B):
+        for t in range(0, T - 1, step):
+            lq = _log_softmax64(q[b, t:min(t + step, T - 1)])
+            ti, lp = top_ids[b, t:t + len(lq)], top_logp[b, t:t + len(lq)].astype(np.float64)
+            lq_top = np.take_along_axis(lq, ti.astype(np.int64), -1)
+            p = np.exp(lp)
+            rest_p = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
+            rest_q = np.clip(1.0 - np.exp(lq_top).sum(-1), 1e-300, 1.0)
+            # below 1e-5 the rest's mass is the rounding of float32 log-probabilities, not mass
+            tail = np.where(rest_p > 1e-5, rest_p * (np.log(np.maximum(rest_p, 1e-300)) - np.log(rest_q)), 0.0)
+            kl[b] += float((p * (lp - lq_top)).sum() + tail.sum())
+            agree[b] += float((ti[:, 0] == lq.argmax(-1)).sum())
+    return kl, agree
+
+
 def bootstrap_interval(columns: np.ndarray, statistic, resamples: int = 1000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic`` over sequences.

@@ -252,28 +252,37 @@ def _pct(v, ci=None) -> str:
 
 
 def run_table(model: str, summary: dict) -> Table:
-    """The table ``fedquant simulate`` ends with: per profile the references and the last
-    federated evaluation, its change vs float with the 95% interval, KL(float || quantized) per
-    token, top-1 agreement, and the out-of-domain text's change and KL (older summaries: "-")."""
-    table = Table(title=f"{model}: held-out roles and out-of-domain text, ONNX Runtime integer model "
+    """The table ``fedquant simulate`` ends with: per text (held-out roles, out-of-domain) and
+    profile, the references and the last federated evaluation: perplexity, change vs float with
+    its 95% interval, KL(float || quantized) per token and top-1 agreement ("-" where an older
+    summary lacks them)."""
+    table = Table(title=f"{model}: ONNX Runtime integer model on held-out roles and out-of-domain text "
                         f"({summary['clients']} clients, {summary['rounds']} rounds, {summary['wall_s']} s)")
-    for col in ("profile", "float", "random-token calib", "centralized", "federated (last)", "vs float [95%]",
-                "KL", "top-1", "OOD vs float", "OOD KL"):
-        table.add_column(col, justify="left" if col == "profile" else "right")
+    for col in ("text", "profile", "QParams", "PPL", "vs float [95%]", "KL", "top-1"):
+        right = col not in ("text", "profile", "QParams")
+        table.add_column(col, justify="right" if right else "left", no_wrap=right, overflow="fold")
 
     def f(v, fmt="{:.2f}"):
         return "-" if v is None else fmt.format(v)
-    for p, s in summary["profiles"].items():
-        last = s["federated_ppl"][-1] if s["federated_ppl"] else None
-        ev = (s.get("federated_eval") or [{}])[-1]
-        ood = ev.get("ood") or {}
-        if "vs_float_pct" in ev:
-            inc = _pct(ev["vs_float_pct"], ev.get("vs_float_pct_ci"))
-        else:
-            inc = "-" if last is None or not s["float_ppl"] else _pct(100 * (last / s["float_ppl"] - 1))
-        table.add_row(p, f(s["float_ppl"]), f(s["random_calib_ppl"]), f(s["centralized_ppl"]), f(last), inc,
-                      f(ev.get("kl"), "{:.3f}"), f(None if "top1" not in ev else 100 * ev["top1"], "{:.1f}%"),
-                      _pct(ood.get("vs_float_pct"), ood.get("vs_float_pct_ci")), f(ood.get("kl"), "{:.3f}"))
+    for text in ("roles", "OOD"):
+        for p, s in summary["profiles"].items():
+            last = (s.get("federated_eval") or [None])[-1]
+            evs = [("random ids", s.get("random_calib"), s.get("random_calib_ppl")),
+                   ("centralized", s.get("centralized"), s.get("centralized_ppl")),
+                   ("federated", last, s["federated_ppl"][-1] if s["federated_ppl"] else None)]
+            ood_float = next((e["ood"]["float_perplexity"] for _, e, _ in evs if e and e.get("ood")), None)
+            table.add_row(text, p, "float", f(s["float_ppl"] if text == "roles" else ood_float), "", "", "")
+            for what, ev, ppl in evs:
+                ev = (ev or {}) if text == "roles" else ((ev or {}).get("ood") or {})
+                if text == "OOD" and not ev:
+                    continue
+                ppl = ev.get("perplexity", ppl if text == "roles" else None)
+                if "vs_float_pct" in ev:
+                    inc = _pct(ev["vs_float_pct"], ev.get("vs_float_pct_ci"))
+                else:
+                    inc = "-" if ppl is None or not s["float_ppl"] else _pct(100 * (ppl / s["float_ppl"] - 1))
+                table.add_row(text, p, what, f(ppl), inc, f(ev.get("kl"), "{:.3f}"),
+                              f(None if "top1" not in ev else 100 * ev["top1"], "{:.1f}%"))
     return table
 
 

@@ -23,29 +23,68 @@ LOGITS_ELEMENTS = 1 << 26
 BOOTSTRAP_RESAMPLES = 1000
 
 
-def fidelity_columns(quant_logits, float_logits, ids: np.ndarray, batch_size: int) -> np.ndarray:
-    """float64 [N, 5] per sequence: quantized NLL, float NLL, KL(float || quantized), top-1
-    agreements, predicted tokens. The two models run in lockstep, one batch at a time (rows
-    chosen so that rows x T x vocab <= ``LOGITS_ELEMENTS``): only one batch of each model's logits
-    is ever held, and nothing of the float model is stored between calls. ``quant_logits`` and
-    ``float_logits`` map ids [b, T] to logits [b, T, V]."""
-    from quant.metrics import next_token_fidelity, sequence_nll
+TOP_K = 256          # float tokens kept per position by the cached reference (``float_reference``)
 
+
+def bounded_batches(logits, ids: np.ndarray, batch_size: int):
+    """(start row, ids batch, its logits) over ``ids``, at most ``batch_size`` rows and at most
+    ``LOGITS_ELEMENTS`` logits a batch (the first batch is one row: it tells the vocabulary)."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.ndim != 2 or len(ids) == 0:
         raise ValueError(f"evaluation ids must be a non-empty [N, T] array, got shape {ids.shape}")
-    out = np.zeros((len(ids), 5))
-    i, rows = 0, 1                     # the first batch is one row: it tells the vocabulary size
+    i, rows = 0, 1
     while i < len(ids):
         batch = ids[i:i + rows]
-        q = quant_logits(batch)
-        f = float_logits(batch)
-        kl, agree = next_token_fidelity(f, q)
-        out[i:i + len(batch)] = np.stack([sequence_nll(q, batch), sequence_nll(f, batch), kl, agree,
-                                          np.full(len(batch), batch.shape[1] - 1)], axis=1)
+        out = logits(batch)
+        yield i, batch, out
         i += len(batch)
-        rows = max(1, min(batch_size, LOGITS_ELEMENTS // (ids.shape[1] * q.shape[-1])))
-        del q, f
+        rows = max(1, min(batch_size, LOGITS_ELEMENTS // (ids.shape[1] * out.shape[-1])))
+
+
+def float_reference(float_logits, ids: np.ndarray, batch_size: int, k: int = TOP_K) -> dict:
+    """What the float model says of one evaluation set, computed once and kept compactly: per
+    sequence its NLL, per position its ``k`` most likely tokens and their log-probabilities
+    (``quant.metrics.float_top_k``): 64 sequences of 128 tokens take 17 MB whatever the vocabulary,
+    where the logits would take 1.6 GB (49k) to 8.6 GB (262k)."""
+    from quant.metrics import float_top_k, sequence_nll
+
+    n, t = np.asarray(ids).shape
+    ref = {"nll": np.zeros(n), "top_ids": np.zeros((n, t - 1, 0), np.int32), "top_logp": None}
+    tops, logps = [], []
+    for i, batch, f in bounded_batches(float_logits, ids, batch_size):
+        ref["nll"][i:i + len(batch)] = sequence_nll(f, batch)
+        a, b = float_top_k(f, k)
+        tops.append(a)
+        logps.append(b)
+    ref["top_ids"], ref["top_logp"] = np.concatenate(tops), np.concatenate(logps)
+    return ref
+
+
+def fidelity_columns(quant_logits, ids: np.ndarray, batch_size: int, float_logits=None,
+                     reference: dict | None = None) -> np.ndarray:
+    """float64 [N, 5] per sequence: quantized NLL, float NLL, KL(float || quantized), top-1
+    agreements, predicted tokens. Against the float model either exactly, running
+    ``float_logits`` in lockstep a batch at a time (``quant.metrics.next_token_fidelity``), or
+    against a cached ``float_reference`` (``quant.metrics.top_k_fidelity``: the quantized model
+    alone runs; the KL is the top-k coarsened one, a lower bound that README measures against the
+    exact). Only one batch of logits per model is ever held. ``quant_logits`` and ``float_logits``
+    map ids [b, T] to logits [b, T, V]."""
+    from quant.metrics import next_token_fidelity, sequence_nll, top_k_fidelity
+
+    if (float_logits is None) == (reference is None):
+        raise ValueError("fidelity_columns: give either float_logits (exact) or a float reference")
+    out = np.zeros((len(ids), 5))
+    for i, batch, q in bounded_batches(quant_logits, ids, batch_size):
+        rows = slice(i, i + len(batch))
+        if reference is not None:
+            fl = reference["nll"][rows]
+            kl, agree = top_k_fidelity(q, reference["top_ids"][rows], reference["top_logp"][rows])
+        else:
+            f = float_logits(batch)
+            fl = sequence_nll(f, batch)
+            kl, agree = next_token_fidelity(f, q)
+            del f
+        out[rows] = np.stack([sequence_nll(q, batch), fl, kl, agree, np.full(len(batch), batch.shape[1] - 1)], axis=1)
     return out
 
 
@@ -84,6 +123,7 @@ class ServerEval:
         self.ood, self.seed = ood, seed
         self.runtimes: dict = {}
         self._float = None
+        self.references: dict[str, dict] = {}      # per evaluation set: float_reference, made once
 
     def runtime(self, profile: str):
         from client.runtime import DeviceRuntime
@@ -108,8 +148,12 @@ class ServerEval:
             qparams = QParams(qparams.points, qparams.model, rt.qparams.version, qparams.smoothing, qparams.meta)
         rt.patch(qparams)
         out: dict = {}
+        if not self.references:
+            self.references = {name: float_reference(self.float_logits, ids, self.batch_size)
+                               for name, ids in self.sets().items()}
+            self._float = None                     # the float session is not needed again
         for name, ids in self.sets().items():
-            cols = fidelity_columns(rt.logits, self.float_logits, ids, self.batch_size)
+            cols = fidelity_columns(rt.logits, ids, self.batch_size, reference=self.references[name])
             res = fidelity_summary(cols, self.seed)
             if name == "heldout":
                 out.update(res)

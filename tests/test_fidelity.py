@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from quant.metrics import bootstrap_interval, nll_sum_and_count, next_token_fidelity, sequence_nll
-from simulation.evaluation import fidelity_columns, fidelity_summary
+from quant.metrics import (bootstrap_interval, float_top_k, next_token_fidelity, nll_sum_and_count, sequence_nll,
+                           top_k_fidelity)
+from simulation.evaluation import fidelity_columns, fidelity_summary, float_reference
 
 
 def _direct_kl_top1(f, q):
@@ -81,13 +82,49 @@ def test_fidelity_summary_of_a_model_against_itself_and_a_perturbed_one():
         return table[ids] + np.sin(ids[..., None] * np.arange(50)).astype(np.float32)
 
     ids = rng.integers(0, 50, size=(12, 10))
-    same = fidelity_summary(fidelity_columns(float_logits, float_logits, ids, batch_size=5))
+    same = fidelity_summary(fidelity_columns(float_logits, ids, batch_size=5, float_logits=float_logits))
     assert same["vs_float_pct"] == 0 and same["kl"] == pytest.approx(0, abs=1e-12) and same["top1"] == 1
     assert same["tokens"] == 12 * 9 and same["sequences"] == 12 and same["perplexity"] == same["float_perplexity"]
-    r = fidelity_summary(fidelity_columns(noisy_logits, float_logits, ids, batch_size=5))
+    r = fidelity_summary(fidelity_columns(noisy_logits, ids, batch_size=5, float_logits=float_logits))
     total, count = nll_sum_and_count(noisy_logits(ids), ids)
     assert r["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-9)
     assert r["kl"] > 0.01 and r["top1"] < 1
     for key in ("vs_float_pct", "kl", "top1"):
         lo, hi = r[f"{key}_ci"]
         assert lo <= r[key] <= hi and lo < hi, key
+
+
+def test_top_k_reference_is_exact_at_full_k_and_a_lower_bound_below():
+    rng = np.random.default_rng(4)
+    f = rng.normal(size=(3, 6, 40)).astype(np.float32) * 2
+    q = f + rng.normal(size=f.shape).astype(np.float32) * 0.7
+    kl, agree = next_token_fidelity(f, q)
+    ids, logp = float_top_k(f, 40)
+    assert np.array_equal(ids[..., 0], f[:, :-1].argmax(-1)) and (np.diff(logp, axis=-1) <= 0).all()
+    full_kl, full_agree = top_k_fidelity(q, ids, logp)
+    assert full_kl == pytest.approx(kl, rel=1e-4) and np.array_equal(full_agree, agree)
+    for k in (1, 5, 20):
+        kk, ka = top_k_fidelity(q, *float_top_k(f, k))
+        assert (kk <= kl + 1e-9).all() and (kk >= 0).all() and np.array_equal(ka, agree), k
+    with pytest.raises(ValueError, match="reference of shape"):
+        top_k_fidelity(q[:2], ids, logp)
+
+
+def test_cached_reference_columns_match_lockstep_ones():
+    rng = np.random.default_rng(5)
+    table = rng.normal(size=(30, 30)).astype(np.float32) * 3
+
+    def float_logits(ids):
+        return table[ids]
+
+    def noisy_logits(ids):
+        return table[ids] + np.cos(ids[..., None] * np.arange(30)).astype(np.float32)
+
+    ids = rng.integers(0, 30, size=(7, 9))
+    exact = fidelity_columns(noisy_logits, ids, 3, float_logits=float_logits)
+    cached = fidelity_columns(noisy_logits, ids, 3, reference=float_reference(float_logits, ids, 3, k=30))
+    assert cached == pytest.approx(exact, rel=1e-4)
+    coarse = fidelity_columns(noisy_logits, ids, 3, reference=float_reference(float_logits, ids, 3, k=4))
+    assert np.array_equal(coarse[:, [0, 1, 3, 4]], exact[:, [0, 1, 3, 4]]) and (coarse[:, 2] <= exact[:, 2] + 1e-9).all()
+    with pytest.raises(ValueError, match="either float_logits"):
+        fidelity_columns(noisy_logits, ids, 3)
