@@ -1,7 +1,7 @@
 """Evaluate a finished run directory's QParams on the honest evaluation set (issue 19).
 
-    flock /tmp/fedquant-heavy.lock .venv/bin/python -m bench.evaluate_run --run runs/default
-    .venv/bin/python -m bench.evaluate_run --run runs/smoke --out /tmp/eval.json   # the tiny model
+    .venv/bin/python -m bench.evaluate_run --run runs/default         # SmolLM2: about 20 minutes
+    .venv/bin/python -m bench.evaluate_run --run runs/smoke --out eval.json   # the tiny model: seconds
 
 For each profile of the run: its starting QParams (random-token calibration), the centralized
 reference (the same recipe on the pooled training data, when the run scouted) and the run's final
