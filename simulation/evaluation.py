@@ -122,7 +122,7 @@ class ServerEval:
         self.device_dir, self.evals, self.threads, self.batch_size = device_dir, evals, threads, batch_size
         self.ood, self.seed = ood, seed
         self.runtimes: dict = {}
-        self._float = None
+        self._float, self.float_onnx = None, None
         self.references: dict[str, dict] = {}      # per evaluation set: float_reference, made once
 
     def runtime(self, profile: str):
@@ -130,13 +130,16 @@ class ServerEval:
 
         if profile not in self.runtimes:
             self.runtimes[profile] = DeviceRuntime(self.device_dir / profile / "model.onnx", threads=self.threads)
+            self.float_onnx = self.float_onnx or self.runtimes[profile].float_onnx
         return self.runtimes[profile]
 
     def float_logits(self, ids: np.ndarray) -> np.ndarray:
         from client.runtime import ort_session
 
         if self._float is None:
-            self._float = ort_session(next(iter(self.runtimes.values())).float_onnx, threads=self.threads)
+            if self.float_onnx is None:
+                raise RuntimeError("ServerEval.float_logits before any profile's runtime named the float graph")
+            self._float = ort_session(self.float_onnx, threads=self.threads)
         return self._float.run(["logits"], {"input_ids": np.asarray(ids, dtype=np.int64)})[0]
 
     def sets(self) -> dict[str, np.ndarray]:
