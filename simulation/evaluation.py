@@ -137,9 +137,10 @@ class ServerEval:
         from client.runtime import ort_session
 
         if self._float is None:
-            if self.float_onnx is None:
+            path = self.float_onnx or next((rt.float_onnx for rt in self.runtimes.values()), None)
+            if path is None:
                 raise RuntimeError("ServerEval.float_logits before any profile's runtime named the float graph")
-            self._float = ort_session(self.float_onnx, threads=self.threads)
+            self._float = ort_session(path, threads=self.threads)
         return self._float.run(["logits"], {"input_ids": np.asarray(ids, dtype=np.int64)})[0]
 
     def sets(self) -> dict[str, np.ndarray]:
