@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
                 res["seconds"] = {"quantized_forward": round(quant_s[0], 1), "float_forward": round(float_s[0], 1),
                                   "total": round(time.perf_counter() - t0, 1)}
                 row[name] = res
+            if what == "fedquant, final":      # what one evaluation costs the server, as a run does it
+                t0 = time.perf_counter()
+                again = ev(profile, qp)
+                row["server_eval_seconds"] = round(time.perf_counter() - t0, 1)
+                assert again["perplexity"] == row["heldout"]["perplexity"], "ServerEval disagrees with this bench"
             rows.append(row)
             h, o = row["heldout"], row["ood"]
             print(f"{profile} {what}: held-out {h['perplexity']:.2f} ({h['vs_float_pct']:+.2f}%) KL {h['kl']:.4f} "
