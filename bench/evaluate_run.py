@@ -63,6 +63,15 @@ def both_columns(quant_logits, float_logits, ids: np.ndarray, batch_size: int, r
     return exact, cached
 
 
+def shown_run(run: Path) -> str:
+    """The run directory as a results file records it: ``runs/NAME`` for a run in any checkout's
+    runs/ folder (no developer's absolute path), else relative to this checkout or ``~/...``."""
+    p = run.resolve()
+    if p.is_relative_to(ROOT):
+        return str(p.relative_to(ROOT))
+    return f"runs/{p.name}" if p.parent.name == "runs" else shown_path(p)
+
+
 def qparams_to_evaluate(run: Path, profile: str) -> list[tuple[str, Path]]:
     rows = [("random-token calibration (start)", run / "initial" / f"{profile}.safetensors"),
             ("centralized, same recipe on pooled data", run / "qparams" / f"{profile}.centralized.safetensors"),
@@ -88,6 +97,23 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {r['profile']} | {r['qparams']} | {h['perplexity']:.2f} | {pct(h)} | {kl(h)} | {top1(h)} "
                      f"| {o['perplexity']:.2f} | {pct(o)} | {kl(o)} | {top1(o)} |")
     return "\n".join(lines) + "\n"
+
+
+def readme_block(d: dict) -> str:
+    """The README's evaluate-run block: what was measured, where, the table and the timings."""
+    m = d["machine"]
+    cpu = f"{m.get('cpu_model')} ({' '.join(m.get('simd', [])) or 'no AVX2'}), {m['cores']} cores"
+    h, o = d["heldout"], d["ood"]
+    times = "; ".join(f"{r['profile']} {r['server_eval_seconds']:.0f} s" for r in d["rows"] if "server_eval_seconds" in r)
+    return (f"`python -m bench.evaluate_run --run {d['run']}` ({d['model']}: {h['sequences']} held-out windows of "
+            f"{d['seq_len']} tokens from {h['documents']} roles no client held, {o['sequences']} from {o['documents']} "
+            f"Factbook countries; 95% intervals: {d['bootstrap']['resamples']} bootstrap resamples over sequences, "
+            f"seed {d['bootstrap']['seed']}; KL in nats per token, exact, with the cached top-{d['top_k']} lower bound "
+            f"in parentheses; ONNX Runtime integer model, {d['threads']} threads; {cpu}; {d['wall_s']:.0f} s). "
+            f"Float perplexity: {d['float_perplexity']['heldout']:.2f} on the held-out roles, "
+            f"{d['float_perplexity']['ood']:.2f} on the Factbook. One server evaluation of the final QParams "
+            f"(both texts, float in lockstep, patch included): {times}. "
+            f"Source: `bench/results/evaluate_run.json`.\n\n" + markdown_table(d) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -171,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
                   file=sys.stderr)
         ev.runtimes.pop(profile)                  # one profile's runtime in memory at a time
     result = {"format": "fedquant.evaluate_run/1", "machine": machine(onnxruntime=onnxruntime.__version__),
-              "run": shown_path(args.run.resolve()) if not args.run.resolve().is_relative_to(ROOT)
-              else str(args.run.resolve().relative_to(ROOT)),
+              "run": shown_run(args.run),
               "model": cfg.model, "seq_len": cfg.data.seq_len, "batch_size": args.batch_size, "threads": args.threads,
               "bootstrap": {"resamples": 1000, "seed": cfg.data.seed, "level": 0.95, "unit": "sequence"},
               "float_perplexity": {n: float(np.exp(r["nll"].sum() / (len(r["nll"]) * (cfg.data.seq_len - 1))))
