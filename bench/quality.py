@@ -26,7 +26,10 @@ symmetric weights, MatMul outputs float):
   federated perplexity, rounds and bytes per client from ``summary.json``, and the run's final
   QDQ model (``export/<profile>/model.onnx``) evaluated here for latency and kernels.
 
-Columns: perplexity on the held-out roles, increase over float, integer MatMul kernels / all
+Columns: perplexity on the held-out roles, increase over float with its bootstrap 95% interval,
+KL(float || quantized) per token and top-1 agreement with the float model (measured in lockstep
+with the float session), the same change and KL on the out-of-domain text (``data.ood_sequences``
+of the CIA World Factbook), integer MatMul kernels / all
 matmul-like nodes in the graph ORT runs (``SessionOptions.optimized_model_filepath``), median latency
 of one batch (8 x seq_len, 1 thread, interleaved with the float model so that machine load hits both
 alike), the mixed-precision budget a fedquant profile spends (numel-weighted average weight bits;
