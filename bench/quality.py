@@ -26,7 +26,10 @@ symmetric weights, MatMul outputs float):
   federated perplexity, rounds and bytes per client from ``summary.json``, and the run's final
   QDQ model (``export/<profile>/model.onnx``) evaluated here for latency and kernels.
 
-Columns: perplexity on the held-out roles, increase over float, integer MatMul kernels / all
+Columns: perplexity on the held-out roles, increase over float with its bootstrap 95% interval,
+KL(float || quantized) per token and top-1 agreement with the float model (measured in lockstep
+with the float session), the same change and KL on the out-of-domain text (``data.ood_sequences``
+of the CIA World Factbook), integer MatMul kernels / all
 matmul-like nodes in the graph ORT runs (``SessionOptions.optimized_model_filepath``), median latency
 of one batch (8 x seq_len, 1 thread, interleaved with the float model so that machine load hits both
 alike), the mixed-precision budget a fedquant profile spends (numel-weighted average weight bits;
@@ -91,13 +94,14 @@ class Data:
     evals: np.ndarray        # held-out roles, int64 [E, T]
     random: np.ndarray       # the random-token recipe's ids, int64 [R, T]
     about: dict
+    ood: np.ndarray | None = None   # the out-of-domain text's ids (simulation.fleet.ood_sequences)
 
 
 def load_data(config_path: Path, work: Path) -> Data:
     """Model, clients and held-out ids exactly as ``simulation.prepare.prepare`` builds them."""
     import torch
 
-    from simulation.fleet import build_fleet
+    from simulation.fleet import build_fleet, ood_sequences
     from simulation.models import load_model
     from simulation.sequences import random_token_sequences
     from simulation.prepare import float_onnx_graph, load_simulation_config
@@ -108,11 +112,14 @@ def load_data(config_path: Path, work: Path) -> Data:
     model.eval()
     profiles = {e.load().name: (e.load(), e) for e in cfg.fleet}
     clients, evals, about = build_fleet(cfg.data, tokenizer, [(n, e.share) for n, (_, e) in profiles.items()])
+    ood, ood_ids = ood_sequences(cfg.data, tokenizer)
+    about = {**about, "ood_sequences": int(len(ood)), "ood_ids": ood_ids}
     float_onnx = float_onnx_graph(model, cfg, work, _log)
     train = np.concatenate([c.train for c in clients]).astype(np.int64)
     rnd = random_token_sequences(model.config.vocab_size, cfg.data.random_sequences, cfg.data.seq_len,
                                  cfg.data.seed).numpy().astype(np.int64)
-    return Data(cfg, Path(config_path), model, float_onnx, train, np.asarray(evals, np.int64), rnd, about)
+    return Data(cfg, Path(config_path), model, float_onnx, train, np.asarray(evals, np.int64), rnd, about,
+                np.asarray(ood, np.int64))
 
 
 def peer_config_key(cfg) -> str:
@@ -161,12 +168,28 @@ def integer_share(counts: dict[str, int]) -> float:
     return round(integer_kernels(counts) / total, 4) if total else 0.0
 
 
-class Evaluator:
-    """Perplexity, kernels and latency of ONNX models on the held-out ids, against one float session
-    kept for the whole run (latency pairs interleave the two)."""
+FIDELITY_KEYS = ("vs_float_pct", "vs_float_pct_ci", "kl", "kl_ci", "top1", "top1_ci")
 
-    def __init__(self, float_onnx: Path, evals: np.ndarray, work: Path, runs: int, batch: int = 8):
-        self.evals, self.work, self.runs, self.batch = evals, work, runs, batch
+
+def fidelity_fields(res: dict | None) -> dict:
+    """A row's fidelity columns from an evaluation (``simulation.evaluation.fidelity_summary``,
+    the out-of-domain text's under ``ood``); none for an evaluation without them (older runs)."""
+    if not res or "kl" not in res:
+        return {}
+    out = {k: res[k] for k in FIDELITY_KEYS}
+    if res.get("ood"):
+        out["ood"] = {k: res["ood"][k] for k in ("perplexity", "float_perplexity", "sequences", *FIDELITY_KEYS)}
+    return out
+
+
+class Evaluator:
+    """Perplexity, fidelity to float, kernels and latency of ONNX models on the held-out ids (and
+    the out-of-domain ids), against one float session kept for the whole run (fidelity runs the
+    two in lockstep; latency pairs interleave them)."""
+
+    def __init__(self, float_onnx: Path, evals: np.ndarray, work: Path, runs: int, batch: int = 8,
+                 ood: np.ndarray | None = None):
+        self.evals, self.work, self.runs, self.batch, self.ood = evals, work, runs, batch, ood
         self.float_times: list[float] = []
         self.float_session = None
         self.float = self.evaluate(float_onnx, pair=False)
@@ -177,22 +200,43 @@ class Evaluator:
 
         return ort_session(path, threads=1, optimized_path=opt)
 
-    def perplexity(self, sess) -> float:
+    def perplexity(self, sess, evals: np.ndarray | None = None) -> float:
         from quant.metrics import nll_sum_and_count
 
+        evals = self.evals if evals is None else evals
         total, count = 0.0, 0
-        for i in range(0, len(self.evals), self.batch):
-            ids = self.evals[i:i + self.batch]
+        for i in range(0, len(evals), self.batch):
+            ids = evals[i:i + self.batch]
             s, c = nll_sum_and_count(sess.run(["logits"], {"input_ids": ids})[0], ids)
             total, count = total + s, count + c
         return float(np.exp(total / count))
+
+    def fidelity(self, sess) -> dict:
+        """``simulation.evaluation.fidelity_summary`` of ``sess`` against the float session on the
+        held-out ids, the out-of-domain ids under ``ood``."""
+        from simulation.evaluation import fidelity_columns, fidelity_summary
+
+        def run(model):
+            return lambda ids: model.run(["logits"], {"input_ids": ids})[0]
+        res = fidelity_summary(fidelity_columns(run(sess), self.evals, self.batch, float_logits=run(self.float_session)))
+        if self.ood is not None and len(self.ood):
+            res["ood"] = fidelity_summary(fidelity_columns(run(sess), self.ood, self.batch,
+                                                           float_logits=run(self.float_session)))
+        return res
 
     def evaluate(self, path: Path, pair: bool = True) -> dict:
         opt = self.work / "optimized.onnx"
         sess = self._session(path, opt)
         counts = count_kernels(opt)
         opt.unlink(missing_ok=True)
-        ppl = self.perplexity(sess)                     # also the warm-up
+        fid: dict = {}
+        if self.float_session is None:                 # the float model itself
+            ppl = self.perplexity(sess)                 # also the warm-up
+            if self.ood is not None and len(self.ood):
+                fid["ood_perplexity"] = self.perplexity(sess, self.ood)
+        else:
+            fid = self.fidelity(sess)
+            ppl = fid["perplexity"]
         feed = {"input_ids": self.evals[:self.batch]}
         mine, theirs = [], []
         for _ in range(self.runs):
@@ -208,7 +252,9 @@ class Evaluator:
             theirs = mine
         self.float_times += theirs
         lat = statistics.median(mine)
-        return {"perplexity": ppl, "kernels": counts, "integer_share": integer_share(counts),
+        return {"perplexity": ppl, **fidelity_fields(fid),
+                **({"ood_perplexity": fid["ood_perplexity"]} if "ood_perplexity" in fid else {}),
+                "kernels": counts, "integer_share": integer_share(counts),
                 "latency_ms": round(lat * 1e3, 1),
                 "latency_vs_float": round(lat / statistics.median(theirs), 3) if theirs else None}
 
@@ -410,6 +456,7 @@ def reference_rows(run_dir: Path, label: str) -> list[dict]:
             if ps.get(key):
                 rows.append({"label": f"{label}: {what} ({p})", "recipe": f"{run_dir.name}:{key}",
                              "source": "reference", "profile": p, "perplexity": ps[key],
+                             **fidelity_fields(ps.get(key.removesuffix("_ppl"))),
                              "float_ppl_run": ps.get("float_ppl"), "integer_share": None, "kernels": None,
                              "latency_ms": None, "latency_vs_float": None, "rounds": None,
                              "bytes_per_client": None, "seconds": None, "raw_data_leaves_clients": leaves})
@@ -473,6 +520,7 @@ def fedquant_rows(run_dir: Path, label: str, ev: Evaluator, d: Data) -> list[dic
             what = "+".join(f"{j}x{jobs.count(j)}" if jobs.count(j) > 1 else j for j in dict.fromkeys(jobs))
             row = {"label": f"{label}, {what} ({p})", "recipe": f"fedquant:{run_dir.name}@{r}", "source": "fedquant",
                    "profile": p, "perplexity": ppl, "float_ppl_run": ps.get("float_ppl"),
+                   **fidelity_fields(m["server_eval"][p] if isinstance(m["server_eval"][p], dict) else None),
                    "rounds": len(jobs), "bytes_per_client": int(up + down), "bytes_up_per_client": int(up),
                    "bytes_down_per_client": int(down), "clients": ps.get("clients"), "seconds": s.get("wall_s"),
                    "run_dir": str(run_dir), "raw_data_leaves_clients": False, **budget}
@@ -481,6 +529,8 @@ def fedquant_rows(run_dir: Path, label: str, ev: Evaluator, d: Data) -> list[dic
                            latency_ms=final["latency_ms"], latency_vs_float=final["latency_vs_float"])
                 if m is evals[-1]:
                     row["perplexity_rerun"] = final["perplexity"]
+                    if "kl" not in row and "kl" in final:      # a run from before fidelity: measured here
+                        row.update(fidelity_fields(final), fidelity_from="rerun of the final model")
                     if abs(final["perplexity"] / ppl - 1) > 0.005:
                         _log(f"warning: {model} gives perplexity {final['perplexity']:.3f} here, the run's "
                              f"last evaluation {ppl:.3f}")
@@ -508,9 +558,10 @@ def fmt_bytes(b) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| row | source | profile | perplexity | vs float | integer MatMuls | latency / batch "
-             "| avg weight bits, 16-bit activations | rounds | bytes per client |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | source | profile | perplexity | vs float [95%] | KL (nats/token) | top-1 | out of domain: "
+             "vs float, KL | integer MatMuls | latency / batch | avg weight bits, 16-bit activations | rounds "
+             "| bytes per client |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         k = r.get("kernels") or {}
         ints = integer_kernels(k)
@@ -519,10 +570,17 @@ def markdown_table(result: dict) -> str:
         if r.get("latency_vs_float") not in (None, 1.0) and r["source"] != "float":
             lat += f" ({r['latency_vs_float']:.2f}x)"
         inc = "-" if r.get("increase_pct") is None else f"{r['increase_pct']:+.1f}%"
+        if r.get("vs_float_pct_ci"):
+            inc += " [{:+.1f}, {:+.1f}]".format(*r["vs_float_pct_ci"])
+        kl = "-" if r.get("kl") is None else f"{r['kl']:.3f}"
+        top1 = "-" if r.get("top1") is None else f"{100 * r['top1']:.1f}%"
+        o = r.get("ood") or {}
+        ood = "-" if "kl" not in o else "{:+.1f}% [{:+.1f}, {:+.1f}], {:.3f}".format(
+            o["vs_float_pct"], *o["vs_float_pct_ci"], o["kl"])
         bits = "-" if r.get("avg_weight_bits") is None else \
             f"{r['avg_weight_bits']:.2f}, {r['act16_points']}/{r['act_points']}"
         lines.append(f"| {r['label']} | {r['source']} | {r['profile']} | {r['perplexity']:.2f} | {inc} | "
-                     f"{share} | {lat} | {bits} | {r.get('rounds') if r.get('rounds') is not None else '-'} | "
+                     f"{kl} | {top1} | {ood} | {share} | {lat} | {bits} | {r.get('rounds') if r.get('rounds') is not None else '-'} | "
                      f"{fmt_bytes(r.get('bytes_per_client'))} |")
     return "\n".join(lines) + "\n"
 
@@ -608,12 +666,13 @@ def main(argv: list[str] | None = None) -> dict:
     _log(f"{len(d.train)} pooled training sequences, {len(d.evals)} held-out, {len(d.random)} random; "
          f"cache {cache}")
     with tempfile.TemporaryDirectory(prefix="fedquant-quality-") as tmp:
-        ev = Evaluator(d.float_onnx, d.evals, Path(tmp), runs)
+        ev = Evaluator(d.float_onnx, d.evals, Path(tmp), runs, ood=d.ood)
         f = ev.float
         rows = [finish_row({"label": "float", "recipe": "float", "source": "float", "profile": "float",
                             "perplexity": f["perplexity"], "integer_share": f["integer_share"],
                             "kernels": f["kernels"], "latency_ms": f["latency_ms"], "latency_vs_float": 1.0,
-                            "rounds": None, "bytes_per_client": None, "seconds": None}, ev.float_ppl)]
+                            "rounds": None, "bytes_per_client": None, "seconds": None,
+                            "ood_perplexity": f.get("ood_perplexity")}, ev.float_ppl)]
         _log(f"float: perplexity {ev.float_ppl:.3f}, {f['latency_ms']} ms / batch")
         for recipe, label, data, method in PEERS:
             if args.only is not None and recipe not in args.only:
@@ -631,7 +690,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "seconds": None, "error": f"{type(e).__name__}: {str(e)[:400]}"})
                 continue
             row = {"label": label, "recipe": recipe, "source": "peer", "profile": PROFILE,
-                   "perplexity": r["perplexity"], "integer_share": r["integer_share"], "kernels": r["kernels"],
+                   "perplexity": r["perplexity"], **fidelity_fields(r), "integer_share": r["integer_share"],
+                   "kernels": r["kernels"],
                    "latency_ms": r["latency_ms"], "latency_vs_float": r["latency_vs_float"], "rounds": None,
                    "bytes_per_client": None, "seconds": meta["seconds"], "raw_data_leaves_clients": data == "train",
                    "calibration_data": "random token ids" if data == "random" else "pooled training data",

@@ -4,6 +4,8 @@
                                             [--simulate runs/default/summary.json]
                                             [--quality-bench bench/results/quality_bench.json]
 
+(and bench/results/evaluate_run.json, bench/results/latency.json, mixed_plan.json when present)
+
 Copies the quality run's JSON to bench/results/quality.json and the main job's summary to
 bench/results/simulate_default.json (so the README's numbers stay next to their source) and rewrites the blocks between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``.
 """
@@ -180,6 +182,10 @@ def main() -> None:
             print("README.md has no <!-- quality-bench:begin --> block: quality_bench.json not shown")
     if (RESULTS / "mixed_plan.json").is_file():
         readme = replace_block(readme, "mixed-plan", mixed_plan_block(json.loads((RESULTS / "mixed_plan.json").read_text())))
+    if (RESULTS / "evaluate_run.json").is_file() and "<!-- evaluate-run:begin -->" in readme:
+        from bench.evaluate_run import readme_block
+
+        readme = replace_block(readme, "evaluate-run", readme_block(json.loads((RESULTS / "evaluate_run.json").read_text())))
     if (RESULTS / "latency.json").is_file() and "<!-- latency:begin -->" in readme:
         readme = replace_block(readme, "latency", latency_block(json.loads((RESULTS / "latency.json").read_text())))
     if (RESULTS / "secure_rounds.json").is_file() and "<!-- secure-rounds:begin -->" in readme:

@@ -237,11 +237,53 @@ def _round_line(m: dict, width: int = 80) -> str:
         parts.append("SKIPPED: " + (reason if len(reason) <= 60 else reason[:59] + "…"))
     for p, e in sorted(ev.items()):
         v = e["perplexity"] if isinstance(e, dict) else e
-        parts.append(glue(f"{p} PPL {v:.2f}"))
+        fid = f" KL {e['kl']:.3f} top-1 {100 * e['top1']:.0f}%" if isinstance(e, dict) and "kl" in e else ""
+        parts.append(glue(f"{p} PPL {v:.2f}{fid}"))
     parts.append(glue(f"{m.get('wall_s', 0):.1f} s"))
     lines = textwrap.wrap("  ".join(parts), width=max(20, width), subsequent_indent="    ",
                           break_on_hyphens=False)
     return "\n".join(lines).replace("\N{NO-BREAK SPACE}", " ")
+
+
+def _pct(v, ci=None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.1f}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+
+
+def run_table(model: str, summary: dict) -> Table:
+    """The table ``fedquant simulate`` ends with: per text (held-out roles, out-of-domain) and
+    profile, the references and the last federated evaluation: perplexity, change vs float with
+    its 95% interval, KL(float || quantized) per token and top-1 agreement ("-" where an older
+    summary lacks them)."""
+    table = Table(title=f"{model}: ONNX Runtime integer model on held-out roles and out-of-domain text "
+                        f"({summary['clients']} clients, {summary['rounds']} rounds, {summary['wall_s']} s)")
+    for col in ("text", "profile", "QParams", "PPL", "vs float [95%]", "KL", "top-1"):
+        right = col not in ("text", "profile", "QParams")
+        table.add_column(col, justify="right" if right else "left", no_wrap=right, overflow="fold")
+
+    def f(v, fmt="{:.2f}"):
+        return "-" if v is None else fmt.format(v)
+    for text in ("roles", "OOD"):
+        for p, s in summary["profiles"].items():
+            last = (s.get("federated_eval") or [None])[-1]
+            evs = [("random ids", s.get("random_calib"), s.get("random_calib_ppl")),
+                   ("centralized", s.get("centralized"), s.get("centralized_ppl")),
+                   ("federated", last, s["federated_ppl"][-1] if s["federated_ppl"] else None)]
+            ood_float = next((e["ood"]["float_perplexity"] for _, e, _ in evs if e and e.get("ood")), None)
+            table.add_row(text, p, "float", f(s["float_ppl"] if text == "roles" else ood_float), "", "", "")
+            for what, ev, ppl in evs:
+                ev = (ev or {}) if text == "roles" else ((ev or {}).get("ood") or {})
+                if text == "OOD" and not ev:
+                    continue
+                ppl = ev.get("perplexity", ppl if text == "roles" else None)
+                if "vs_float_pct" in ev:
+                    inc = _pct(ev["vs_float_pct"], ev.get("vs_float_pct_ci"))
+                else:
+                    inc = "-" if ppl is None or not s["float_ppl"] else _pct(100 * (ppl / s["float_ppl"] - 1))
+                table.add_row(text, p, what, f(ppl), inc, f(ev.get("kl"), "{:.3f}"),
+                              f(None if "top1" not in ev else 100 * ev["top1"], "{:.1f}%"))
+    return table
 
 
 @app.command()
@@ -288,18 +330,7 @@ def simulate(
                           on_round=on_round)
         except (FileNotFoundError, ValueError) as e:
             _fail(str(e))
-    table = Table(title=f"{cfg.model}: perplexity on held-out roles, ONNX Runtime integer model "
-                        f"({summary['clients']} clients, {summary['rounds']} rounds, {summary['wall_s']} s)")
-    for col in ("profile", "float", "random-token calib", "centralized", "federated (last)", "vs float"):
-        table.add_column(col, justify="left" if col == "profile" else "right")
-
-    def f(v):
-        return "-" if v is None else f"{v:.2f}"
-    for p, s in summary["profiles"].items():
-        last = s["federated_ppl"][-1] if s["federated_ppl"] else None
-        inc = "-" if last is None or not s["float_ppl"] else f"{100 * (last / s['float_ppl'] - 1):+.1f}%"
-        table.add_row(p, f(s["float_ppl"]), f(s["random_calib_ppl"]), f(s["centralized_ppl"]), f(last), inc)
-    Console().print(table)
+    Console().print(run_table(cfg.model, summary))
     err.print(f"wrote {out}/summary.json, metrics.jsonl, {', '.join(Path(p).name for p in summary.get('plots', []))}, "
               f"qparams/ and export/", highlight=False)
     for a in summary.get("alerts", []):

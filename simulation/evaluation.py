@@ -17,28 +17,155 @@ from quant.qparams import QParams, atomic_write_bytes
 from simulation.prepare import Prepared, say, server_weights
 
 
-class ServerEval:
-    """Server-side evaluation on the held-out roles with each profile's ONNX Runtime integer
-    model (a ``client.runtime.DeviceRuntime`` of the device directory, patched to the QParams)."""
+# One batch's logits at most (256 MB of float32): with a 262k vocabulary a batch of 8 x 128 rows
+# would be 1 GB, and the float reference runs beside it (issue 19, goal 6).
+LOGITS_ELEMENTS = 1 << 26
+BOOTSTRAP_RESAMPLES = 1000
 
-    def __init__(self, device_dir: Path, evals: np.ndarray, threads: int, batch_size: int = 8):
+
+TOP_K = 256          # float tokens per position of the cached reference that was measured, not chosen
+
+
+def bounded_batches(logits, ids: np.ndarray, batch_size: int):
+    """(start row, ids batch, its logits) over ``ids``, at most ``batch_size`` rows and at most
+    ``LOGITS_ELEMENTS`` logits a batch (the first batch is one row: it tells the vocabulary)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 2 or len(ids) == 0:
+        raise ValueError(f"evaluation ids must be a non-empty [N, T] array, got shape {ids.shape}")
+    i, rows = 0, 1
+    while i < len(ids):
+        batch = ids[i:i + rows]
+        out = logits(batch)
+        yield i, batch, out
+        i += len(batch)
+        rows = max(1, min(batch_size, LOGITS_ELEMENTS // (ids.shape[1] * out.shape[-1])))
+
+
+def float_reference(float_logits, ids: np.ndarray, batch_size: int, k: int = TOP_K) -> dict:
+    """What the float model says of one evaluation set, computed once and kept compactly: per
+    sequence its NLL, per position its ``k`` most likely tokens and their log-probabilities
+    (``quant.metrics.float_top_k``): 64 sequences of 128 tokens take 17 MB whatever the vocabulary,
+    where the logits would take 1.6 GB (49k) to 8.6 GB (262k). Measured against the exact KL by
+    ``bench.evaluate_run`` and not chosen for ``ServerEval``: on SmolLM2 its top-256 KL came out
+    12% below the exact one (README, "Fidelity")."""
+    from quant.metrics import float_top_k, sequence_nll
+
+    n, t = np.asarray(ids).shape
+    ref = {"nll": np.zeros(n), "top_ids": np.zeros((n, t - 1, 0), np.int32), "top_logp": None}
+    tops, logps = [], []
+    for i, batch, f in bounded_batches(float_logits, ids, batch_size):
+        ref["nll"][i:i + len(batch)] = sequence_nll(f, batch)
+        a, b = float_top_k(f, k)
+        tops.append(a)
+        logps.append(b)
+    ref["top_ids"], ref["top_logp"] = np.concatenate(tops), np.concatenate(logps)
+    return ref
+
+
+def fidelity_columns(quant_logits, ids: np.ndarray, batch_size: int, float_logits=None,
+                     reference: dict | None = None) -> np.ndarray:
+    """float64 [N, 5] per sequence: quantized NLL, float NLL, KL(float || quantized), top-1
+    agreements, predicted tokens. Against the float model either exactly, running
+    ``float_logits`` in lockstep a batch at a time (``quant.metrics.next_token_fidelity``), or
+    against a cached ``float_reference`` (``quant.metrics.top_k_fidelity``: the quantized model
+    alone runs; the KL is the top-k coarsened one, a lower bound that README measures against the
+    exact). Only one batch of logits per model is ever held. ``quant_logits`` and ``float_logits``
+    map ids [b, T] to logits [b, T, V]. ``ServerEval`` uses the exact way."""
+    from quant.metrics import next_token_fidelity, sequence_nll, top_k_fidelity
+
+    if (float_logits is None) == (reference is None):
+        raise ValueError("fidelity_columns: give either float_logits (exact) or a float reference")
+    out = np.zeros((len(ids), 5))
+    for i, batch, q in bounded_batches(quant_logits, ids, batch_size):
+        rows = slice(i, i + len(batch))
+        if reference is not None:
+            fl = reference["nll"][rows]
+            kl, agree = top_k_fidelity(q, reference["top_ids"][rows], reference["top_logp"][rows])
+        else:
+            f = float_logits(batch)
+            fl = sequence_nll(f, batch)
+            kl, agree = next_token_fidelity(f, q)
+            del f
+        out[rows] = np.stack([sequence_nll(q, batch), fl, kl, agree, np.full(len(batch), batch.shape[1] - 1)], axis=1)
+    return out
+
+
+def fidelity_summary(cols: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+    """The figures of one evaluation set from ``fidelity_columns``: perplexity (the old fields:
+    perplexity, nll_sum, tokens), the float model's, the change vs float in percent, KL(float ||
+    quantized) in nats per token, top-1 agreement (a fraction), and a seeded bootstrap 95%
+    interval over sequences for the last three (``quant.metrics.bootstrap_interval``)."""
+    from quant.metrics import bootstrap_interval
+
+    nll, fl, kl, agree, tokens = cols.sum(axis=0)
+
+    def change(s):
+        return 100.0 * np.expm1((s[:, 0] - s[:, 1]) / s[:, 4])
+
+    def ci(stat):
+        return list(bootstrap_interval(cols, stat, resamples=resamples, seed=seed))
+    return {"perplexity": float(np.exp(nll / tokens)), "nll_sum": float(nll), "tokens": int(tokens),
+            "sequences": int(len(cols)), "float_perplexity": float(np.exp(fl / tokens)),
+            "vs_float_pct": float(100.0 * np.expm1((nll - fl) / tokens)),
+            "vs_float_pct_ci": ci(change),
+            "kl": float(kl / tokens), "kl_ci": ci(lambda s: s[:, 2] / s[:, 4]),
+            "top1": float(agree / tokens), "top1_ci": ci(lambda s: s[:, 3] / s[:, 4])}
+
+
+class ServerEval:
+    """Server-side evaluation with each profile's ONNX Runtime integer model (a
+    ``client.runtime.DeviceRuntime`` of the device directory, patched to the QParams), beside
+    the float graph the device directory names: perplexity, fidelity to float and intervals
+    (``fidelity_summary``) on the held-out roles, and on the out-of-domain text under ``"ood"``
+    when ``ood`` ids are given. The float graph runs in lockstep with the quantized model, a batch
+    at a time (exact KL; a cached top-k reference was 12% low on SmolLM2, README "Fidelity"); its
+    session lives for one call, so the server does not hold a second model between evaluations."""
+
+    def __init__(self, device_dir: Path, evals: np.ndarray, threads: int, batch_size: int = 8,
+                 ood: np.ndarray | None = None, seed: int = 0):
         self.device_dir, self.evals, self.threads, self.batch_size = device_dir, evals, threads, batch_size
+        self.ood, self.seed = ood, seed
         self.runtimes: dict = {}
+        self._float, self.float_onnx = None, None
 
     def runtime(self, profile: str):
         from client.runtime import DeviceRuntime
 
         if profile not in self.runtimes:
             self.runtimes[profile] = DeviceRuntime(self.device_dir / profile / "model.onnx", threads=self.threads)
+            self.float_onnx = self.float_onnx or self.runtimes[profile].float_onnx
         return self.runtimes[profile]
+
+    def float_logits(self, ids: np.ndarray) -> np.ndarray:
+        from client.runtime import ort_session
+
+        if self._float is None:
+            path = self.float_onnx or next((rt.float_onnx for rt in self.runtimes.values()), None)
+            if path is None:
+                raise RuntimeError("ServerEval.float_logits before any profile's runtime named the float graph")
+            self._float = ort_session(path, threads=self.threads)
+        return self._float.run(["logits"], {"input_ids": np.asarray(ids, dtype=np.int64)})[0]
+
+    def sets(self) -> dict[str, np.ndarray]:
+        return {"heldout": self.evals, **({"ood": self.ood} if self.ood is not None and len(self.ood) else {})}
 
     def __call__(self, profile: str, qparams: QParams) -> dict:
         rt = self.runtime(profile)
         if int(qparams.version) < int(rt.qparams.version):   # a reference evaluated after the run
             qparams = QParams(qparams.points, qparams.model, rt.qparams.version, qparams.smoothing, qparams.meta)
         rt.patch(qparams)
-        nll, tokens = rt.evaluate(self.evals, batch_size=self.batch_size)
-        return {"perplexity": float(np.exp(nll / tokens)), "nll_sum": float(nll), "tokens": int(tokens)}
+        out: dict = {}
+        try:
+            for name, ids in self.sets().items():
+                cols = fidelity_columns(rt.logits, ids, self.batch_size, float_logits=self.float_logits)
+                res = fidelity_summary(cols, self.seed)
+                if name == "heldout":
+                    out.update(res)
+                else:
+                    out[name] = res
+        finally:
+            self._float = None                     # the float session lives for one evaluation
+        return out
 
 
 def float_perplexity(float_onnx: Path, evals: np.ndarray, threads: int, batch_size: int = 8) -> float:
@@ -119,12 +246,15 @@ def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams
 
 
 def references(prep: Prepared, ev: ServerEval, progress) -> dict[str, dict]:
-    """Float and random-token-calibration perplexity per profile, cached in the run directory."""
+    """Float and random-token-calibration perplexity per profile (with the random calibration's
+    fidelity to float under ``random_calib``), cached in the run directory."""
     f = prep.out / "references.json"
     if f.is_file():
         return json.loads(f.read_text())
     say(progress, "references: float and random-token calibration perplexity")
-    fl = float_perplexity(prep.float_onnx, prep.evals, prep.cfg.threads, prep.cfg.server.batch_size)
-    refs = {p: {"float_ppl": fl, "random_calib_ppl": ev(p, qp)["perplexity"]} for p, qp in prep.initial.items()}
+    refs = {}
+    for p, qp in prep.initial.items():
+        r = ev(p, qp)
+        refs[p] = {"float_ppl": r["float_perplexity"], "random_calib_ppl": r["perplexity"], "random_calib": r}
     atomic_write_bytes(f, json.dumps(refs, indent=1).encode())
     return refs

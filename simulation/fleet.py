@@ -71,6 +71,40 @@ def _ids(texts: list[str], tokenizer, seq_len: int, n: int) -> np.ndarray:
     return to_sequences(texts, tokenizer, seq_len, n).numpy().astype(np.int64)
 
 
+def round_robin_sequences(docs: dict[str, list[str]], tokenizer, seq_len: int, n: int, seed: int,
+                          key: str) -> tuple[np.ndarray, list[dict]]:
+    """Up to ``n`` evaluation windows spread over every document (a held-out role, file or
+    article): the documents in an order shuffled by ``seed`` (and ``key``), one window of each in
+    turn, then the second window of each, and so on. So 64 sequences span up to 64 speakers, not
+    the first few of an alphabetical list. Returns the ids [n, seq_len] and, per row, where it
+    came from: ``{"id": document, "window": k}`` (tokens k * width on of the document's stream)."""
+    order = _rng(seed, key).permutation(sorted(docs)).tolist() if docs else []
+    windows = {d: _ids(docs[d], tokenizer, seq_len, n) for d in order}
+    rows, where = [], []
+    for k in range(n):
+        for d in order:
+            if len(rows) == n:
+                break
+            if k < len(windows[d]):
+                rows.append(windows[d][k])
+                where.append({"id": d, "window": k})
+        if len(rows) == n or all(k + 1 >= len(w) for w in windows.values()):
+            break
+    ids = np.stack(rows).astype(np.int64) if rows else np.zeros((0, seq_len), dtype=np.int64)
+    return ids, where
+
+
+def ood_sequences(cfg: DataConfig, tokenizer) -> tuple[np.ndarray, list[dict]]:
+    """The out-of-domain evaluation set: ``cfg.ood_sequences`` windows drawn in turn across the
+    Factbook's countries (``simulation.factbook``), seeded like the held-out roles, and where each
+    came from; none when ``ood_sequences`` is 0."""
+    if cfg.ood_sequences == 0:
+        return np.zeros((0, cfg.seq_len), dtype=np.int64), []
+    from simulation.factbook import load_backgrounds
+
+    return round_robin_sequences(load_backgrounds(), tokenizer, cfg.seq_len, cfg.ood_sequences, cfg.seed, "ood")
+
+
 def build_fleet(cfg: DataConfig, tokenizer, profiles: list[tuple[str, float]]
                 ) -> tuple[list[ClientData], np.ndarray, dict]:
     """(clients, server evaluation ids from held-out clients, a description). Profiles are dealt
@@ -81,7 +115,7 @@ def build_fleet(cfg: DataConfig, tokenizer, profiles: list[tuple[str, float]]
         roles = load_roles()
         train_roles, held = split_roles(roles, cfg.heldout_fraction, cfg.seed)
         pool = {r.client_id: r for r in train_roles}
-        held_texts = [s for r in held for s in r.speeches]
+        held_docs = {r.client_id: r.speeches for r in held}
         split = {cid: client_split(r, 0.2 if cfg.test_sequences else 0.0, cfg.seed)
                  for cid, r in pool.items()}
         source = "shakespeare (play, role)"
@@ -92,7 +126,7 @@ def build_fleet(cfg: DataConfig, tokenizer, profiles: list[tuple[str, float]]
         held_ids = set(_rng(cfg.seed, "heldout").permutation(ids)[:n_held].tolist())
         if len(held_ids) >= len(ids):
             raise ValueError(f"{cfg.source}: {len(ids)} clients leave none after holding out {n_held}")
-        held_texts = [t for c in sorted(held_ids) for t in texts[c]]
+        held_docs = {c: texts[c] for c in sorted(held_ids)}
         split = {}
         for c in ids:
             if c in held_ids:
@@ -135,11 +169,13 @@ def build_fleet(cfg: DataConfig, tokenizer, profiles: list[tuple[str, float]]
     if len(clients) < cfg.clients:
         raise ValueError(f"data: only {len(clients)} clients have at least {cfg.seq_len} tokens of "
                          f"training text, {cfg.clients} asked for (lower data.clients or data.seq_len)")
-    evals = _ids(held_texts, tokenizer, cfg.seq_len, cfg.eval_sequences)
+    evals, eval_ids = round_robin_sequences(held_docs, tokenizer, cfg.seq_len, cfg.eval_sequences, cfg.seed,
+                                            "evaluation")
     if len(evals) == 0:
         raise ValueError("data: the held-out clients have no full evaluation sequence")
     about = {"source": source, "clients": len(clients), "profiles": counts,
              "train_sequences": int(sum(len(c.train) for c in clients)),
              "test_sequences": int(sum(len(c.test) for c in clients)),
-             "eval_sequences": int(len(evals)), "seq_len": cfg.seq_len}
+             "eval_sequences": int(len(evals)), "seq_len": cfg.seq_len,
+             "eval_documents": len({w["id"] for w in eval_ids}), "eval_ids": eval_ids}
     return clients, evals, about

@@ -34,7 +34,7 @@ def setup(run_config: dict):
     out = Path(str(run_config.get("out") or f"runs/{cfg.name}"))
     out = out if out.is_absolute() else ROOT / out
     prep = prepare(cfg, out, progress=print)
-    ev = ServerEval(prep.device_dir, prep.evals, cfg.threads, cfg.server.batch_size)
+    ev = ServerEval(prep.device_dir, prep.evals, cfg.threads, cfg.server.batch_size, ood=prep.ood)
     refs: dict = {}
 
     def finish(final) -> None:

@@ -43,6 +43,7 @@ class Prepared:
     clients: list = field(default_factory=list)
     about: dict = field(default_factory=dict)
     prepare_s: float = 0.0
+    ood: np.ndarray | None = None       # out-of-domain evaluation ids (simulation.fleet.ood_sequences)
 
 
 def say(progress, msg: str) -> None:
@@ -178,7 +179,7 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
     import torch
 
     from client.device import write_device_dir
-    from simulation.fleet import build_fleet
+    from simulation.fleet import build_fleet, ood_sequences
     from simulation.models import load_model
 
     t0 = time.perf_counter()
@@ -190,6 +191,9 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
     model.eval()
     profiles = {e.load().name: (e.load(), e) for e in cfg.fleet}
     clients, evals, about = build_fleet(cfg.data, tokenizer, [(n, e.share) for n, (_, e) in profiles.items()])
+    ood, ood_ids = ood_sequences(cfg.data, tokenizer)
+    about = {**about, "ood_sequences": int(len(ood)), "ood_documents": len({w["id"] for w in ood_ids}),
+             "ood_ids": ood_ids}
     float_onnx = float_onnx_graph(model, cfg, out, progress)
     device_dir = out / "device"
     init_dir = out / "initial"
@@ -212,7 +216,7 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
         write_device_dir(device_dir, model=model, profiles={n: p for n, (p, _) in profiles.items()},
                          quant_configs=qcfgs, qparams=initial, float_onnx=float_onnx, nodes=nodes)
     return Prepared(cfg, out, device_dir, float_onnx, initial, evals, clients, about,
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, ood=ood)
 
 
 def check_run_dir(cfg: SimulationConfig, out: Path) -> None:

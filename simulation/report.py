@@ -47,7 +47,8 @@ def report(prep: Prepared, ev: "ServerEval", refs: dict, final: dict[str, QParam
         central = centralized_qparams(prep)
         for p, qp in central.items():
             save_qparams(qp, prep.out / "qparams" / f"{p}.centralized.safetensors")
-            refs[p]["centralized_ppl"] = ev(p, qp)["perplexity"]
+            r = ev(p, qp)
+            refs[p]["centralized_ppl"], refs[p]["centralized"] = r["perplexity"], r
     summary = summarise(prep, refs, artifacts, wall_s if wall_s is not None else prep.prepare_s)
     summary["plots"] = plot_run(prep.out, summary)
     atomic_write_bytes(prep.out / "summary.json", json.dumps(summary, indent=1).encode())
@@ -89,17 +90,22 @@ def read_metrics(out: Path) -> list[dict]:
 
 def summarise(prep: Prepared, refs: dict, artifacts: dict, wall_s: float) -> dict:
     """summary.json (issue: per profile float/random/centralized/federated perplexity, bytes per
-    client per round, clients, rounds, wall time)."""
+    client per round, clients, rounds, wall time). Beside each perplexity, what the evaluation
+    measured of it (``simulation.evaluation.fidelity_summary``: KL and top-1 agreement with float,
+    intervals, the out-of-domain text under ``ood``): ``federated_eval`` per evaluation round,
+    ``random_calib`` and ``centralized``; older runs without them load with these missing."""
     from simulation.quality import machine_info
 
     lines = read_metrics(prep.out)
     profiles = {}
     for p in prep.initial:
-        fed, up, down = [], [], []
+        fed, fed_eval, up, down = [], [], [], []
         for m in lines:
             ev = (m.get("server_eval") or {}).get(p)
             if ev is not None:
                 fed.append(ev["perplexity"] if isinstance(ev, dict) else ev)
+                if isinstance(ev, dict) and "kl" in ev:
+                    fed_eval.append({"round": m["round"], **ev})
             b = (m.get("bytes") or {}).get(p) or {}
             if b.get("up_per_client"):
                 up.append({"round": m["round"], "job": m["job"], "bytes": b["up_per_client"]})
@@ -108,6 +114,8 @@ def summarise(prep: Prepared, refs: dict, artifacts: dict, wall_s: float) -> dic
         r = refs.get(p, {})
         profiles[p] = {"float_ppl": r.get("float_ppl"), "random_calib_ppl": r.get("random_calib_ppl"),
                        "centralized_ppl": r.get("centralized_ppl"), "federated_ppl": fed,
+                       "federated_eval": fed_eval, "random_calib": r.get("random_calib"),
+                       "centralized": r.get("centralized"),
                        "bytes_up_per_client_round": up, "bytes_down_per_client_round": down,
                        "clients": sum(1 for c in prep.clients if c.profile == p),
                        "artifacts": artifacts.get(p, {})}

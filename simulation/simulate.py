@@ -77,7 +77,7 @@ def simulate(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] |
     ``out/summary.json``."""
     t0 = time.perf_counter()
     prep = prepare(cfg, out, progress)
-    ev = ServerEval(prep.device_dir, prep.evals, cfg.threads, cfg.server.batch_size)
+    ev = ServerEval(prep.device_dir, prep.evals, cfg.threads, cfg.server.batch_size, ood=prep.ood)
     refs = references(prep, ev, progress)
     say(progress, f"federating: {len(prep.clients)} clients, {len(cfg.server.schedule)} schedule entries")
     final = run_federation(prep, ev, on_round)

@@ -65,8 +65,13 @@ def test_rows_columns_and_plot(quick):
     fl = doc["rows"][0]
     assert fl["source"] == "float" and fl["increase_pct"] == 0 and fl["integer_share"] == 0
     assert fl["perplexity"] == doc["float_perplexity"]
+    assert fl["ood_perplexity"] > 1 and doc["data"]["ood_sequences"] == 8
     for r in doc["rows"][1:]:
         assert r["source"] == "peer" and r["profile"] == "int8"
+        # fidelity to float beside perplexity, on the held-out roles and the out-of-domain text
+        assert r["kl"] > 0 and 0 < r["top1"] <= 1 and r["vs_float_pct"] == pytest.approx(r["increase_pct"], abs=1e-3)
+        assert r["kl_ci"][0] <= r["kl"] <= r["kl_ci"][1]
+        assert r["ood"]["kl"] > 0 and r["ood"]["sequences"] == 8
         assert r["integer_share"] > 0, r["recipe"]           # ORT fused the QDQ MatMuls
         assert r["increase_pct"] == pytest.approx(100 * (r["perplexity"] / fl["perplexity"] - 1), abs=1e-3)
         assert r["raw_data_leaves_clients"] is True
@@ -101,6 +106,8 @@ def test_fedquant_row_from_summary(quick):
     assert r["bytes_per_client"] == 100 + 1000 + 50 + 25 + 60
     assert r["bytes_up_per_client"] == 1120 and r["bytes_down_per_client"] == 115
     assert r["perplexity_rerun"] == pytest.approx(r["perplexity"], rel=1e-5)
+    # a run from before fidelity: the last row's KL and top-1 are measured on its final model here
+    assert "kl" not in stats and r["fidelity_from"] == "rerun of the final model" and r["kl"] > 0
     assert 0 < r["integer_share"] <= 1 and r["latency_ms"] > 0
     assert r["increase_pct"] == pytest.approx(100 * (r["perplexity"] / r["float_ppl_run"] - 1), abs=1e-3)
 

@@ -8,6 +8,7 @@ import torch
 
 from simulation.models import ByteTokenizer, tiny_llama, tiny_qwen2
 from simulation.sequences import (
+    bos_to_prepend,
     nll_sum_and_count,
     perplexity,
     perplexity_from_logits,
@@ -88,3 +89,42 @@ def test_perplexity_restores_training_mode():
     model = tiny_llama().train()
     perplexity(model, random_token_sequences(257, 2, 8, seed=0))
     assert model.training
+
+
+def _bos_tokenizer(adds_bos: bool):
+    """A real (tiny) Hugging Face fast tokenizer, character-level, that puts <bos> before a text
+    when asked to add special tokens -- as Llama-style and Gemma tokenizers do -- or not."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2}
+    for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ,.:'"):
+        vocab[c] = 3 + i
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    if adds_bos:
+        t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def test_bos_is_prepended_to_every_window_when_the_tokenizer_adds_one():
+    tok = _bos_tokenizer(adds_bos=True)
+    assert bos_to_prepend(tok) == 0
+    texts = [t.lower() for t in TEXTS]
+    seqs = to_sequences(texts, tok, seq_len=12)
+    stream = []
+    for t in texts:
+        stream += tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]
+    n = len(stream) // 11                       # 11 text tokens after each BOS
+    assert seqs.shape == (n, 12)
+    assert (seqs[:, 0] == 0).all()
+    assert seqs[:, 1:].flatten().tolist() == stream[: n * 11]
+    assert to_sequences(texts, tok, seq_len=12, max_sequences=2).shape == (2, 12)
+
+
+def test_no_bos_when_the_tokenizer_adds_none():
+    plain = _bos_tokenizer(adds_bos=False)      # has a BOS token, but does not put it before texts
+    assert plain.bos_token_id == 0 and bos_to_prepend(plain) is None
+    assert bos_to_prepend(ByteTokenizer()) is None
+    seqs = to_sequences([t.lower() for t in TEXTS], plain, seq_len=12)
+    assert 0 not in seqs.flatten().tolist()

@@ -66,6 +66,15 @@ def test_smoke_run_writes_what_design_says(full_run):
         for key in ("float_ppl", "random_calib_ppl", "centralized_ppl"):
             assert isinstance(s[key], float) and np.isfinite(s[key]) and s[key] > 1, (p, key)
         assert len(s["federated_ppl"]) == 2 and all(np.isfinite(s["federated_ppl"]))
+        # fidelity to float beside each perplexity, with bootstrap intervals over sequences
+        for ev in (*s["federated_eval"], s["random_calib"], s["centralized"]):
+            assert ev["float_perplexity"] == pytest.approx(s["float_ppl"])
+            assert ev["kl"] > 0 and 0 < ev["top1"] <= 1 and ev["sequences"] == 8
+            ood = ev["ood"]                 # the out-of-domain text, beside the held-out roles
+            assert ood["sequences"] == 8 and ood["kl"] > 0 and ood["float_perplexity"] > 1
+            for key in ("vs_float_pct", "kl", "top1"):
+                assert ev[f"{key}_ci"][0] <= ev[f"{key}_ci"][1], key
+        assert [e["perplexity"] for e in s["federated_eval"]] == s["federated_ppl"]
         assert s["bytes_up_per_client_round"] and s["bytes_down_per_client_round"]
         assert s["clients"] >= 1
         assert load_qparams(out / "qparams" / f"{p}.safetensors").version >= 1
@@ -74,6 +83,10 @@ def test_smoke_run_writes_what_design_says(full_run):
         enc = json.loads((out / "export" / p / "encodings.json").read_text())
         assert enc["activation_encodings"] and enc["param_encodings"]
     assert summary["clients"] == 6 and summary["rounds"] == 6
+    # the evaluation set: 8 windows, each of another held-out role, named in summary.json
+    ids = summary["data"]["eval_ids"]
+    assert len(ids) == 8 and len({w["id"] for w in ids}) == 8 and all(w["window"] == 0 for w in ids)
+    assert summary["data"]["ood_sequences"] == 8 and len({w["id"] for w in summary["data"]["ood_ids"]}) == 8
     for png in ("perplexity.png", "scale_drift.png"):
         assert (out / png).stat().st_size > 10_000
     # statistics rounds sample without replacement: every client contributed once
