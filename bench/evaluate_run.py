@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
               "ood": {"source": "CIA World Factbook, Introduction/Background (simulation.factbook)",
                       "sequences": int(len(ood)), "documents": len({w["id"] for w in ood_ids}), "ids": ood_ids},
               "rows": rows, "wall_s": round(time.perf_counter() - t_start, 1),
-              "command": "python -m bench.evaluate_run " + " ".join(argv if argv is not None else sys.argv[1:])}
+              "command": "python -m bench.evaluate_run " + " ".join(
+                  shown_run(Path(a)) if Path(a).is_absolute() else a for a in (argv if argv is not None else sys.argv[1:]))}
     write_json(args.out, result)
     print(markdown_table(result))
     print(f"wrote {args.out} in {result['wall_s']} s", file=sys.stderr)
