@@ -1,0 +1,360 @@
+"""The LiteRT (TensorFlow Lite) form of the model a phone runs (design.md section 5, "A second
+runtime"): the same quantization points, scales and zero points as the ONNX QDQ model of
+``quant.qdq``, as fields of a ``.tflite`` flatbuffer.
+
+Made in two steps, one function each:
+
+- ``convert_float``: the torch model, with what the QParams fix outside the points folded in
+  (SmoothQuant: ``x / m`` before each Linear and ``W * m`` as its weight; the int8 token
+  embedding's values; the int32 bias's values), converted by ``litert_torch`` to a float
+  ``.tflite`` with a fixed input shape;
+- ``quantize_points``: flatbuffer surgery on that float model. Each Linear's FULLY_CONNECTED
+  (found by its float weight's bytes, which the converter stores as it got them) gets
+  QUANTIZE -> DEQUANTIZE on its input with the point's scale and zero point, and an int8
+  per-channel weight behind a DEQUANTIZE, so the graph computes ``(q_x - z_x) s_x (q_w s_w)``,
+  what ONNX Runtime's integer kernel computes, in the interpreter's float arithmetic.
+  ``integer=True`` instead feeds the int8 input and the int8 weight to the FULLY_CONNECTED
+  itself (TFLite's integer kernel), which then needs an int8 output with a scale of its own:
+  a point the fleet's QParams do not have (``output_ranges`` gives its range).
+
+The tensors of a point are named ``<qparams key>`` (``model.layers.0.mlp.up_proj:input``), so a
+device can patch a release's QParams into these fields by name without converting again
+(``patch_points``).
+
+The activation points of the ``int8`` profile are uint8 (ONNX Runtime's x86 preference):
+``integer=True`` stores them as int8 ``q - 128`` with ``z - 128``, the same real values, because
+TFLite's integer FULLY_CONNECTED takes int8. The QDQ form keeps the fleet's dtype.
+
+torch and litert_torch only in ``convert_float``; the surgery and the patching need numpy and
+the flatbuffer schema of ``ai_edge_litert`` (the ``fedquant[litert]`` extra), not the interpreter.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from quant.affine import quantize
+from quant.qdq import bias_quant, embedding_table
+from quant.qparams import QParams, atomic_write_bytes
+
+EXTRA_HINT = "the LiteRT packages are missing: pip install -e '.[litert]' (see README, LiteRT)"
+
+
+def _schema():
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.tools import flatbuffer_utils
+    except ImportError as e:  # pragma: no cover - depends on the extra
+        raise ImportError(EXTRA_HINT) from e
+    return schema, flatbuffer_utils
+
+
+# ------------------------------------------------------------------------- float model
+
+
+def device_module(model, qparams: QParams):
+    """A copy of ``model`` that computes in float what the QDQ graph computes outside its points:
+    each smoothed Linear divides its input by ``m`` and holds ``W * m`` (as ``quant.qdq``); a
+    Linear with an int32 bias holds that bias's real values; the token embedding holds the int8
+    table's real values (``embedding_table``; a tied lm_head is untied, since its weight is now
+    ``W * m`` and quantized separately)."""
+    import torch
+
+    from quant.export import float_linears
+
+    linears = float_linears(model)
+    dev = copy.deepcopy(model).eval()
+
+    class SmoothedInput(torch.nn.Module):
+        """``linear(x / m)``: the Div that ``quant.qdq`` puts before the input's QuantizeLinear."""
+
+        def __init__(self, linear, m):
+            super().__init__()
+            self.linear = linear
+            self.register_buffer("m", torch.from_numpy(np.asarray(m, np.float32)))
+
+        def forward(self, x):
+            return self.linear(x / self.m)
+
+    emb = dev.get_input_embeddings()
+    table = emb.weight.detach().float().numpy()
+    emb.weight = torch.nn.Parameter(torch.from_numpy(embedding_table(table, linears, qparams).copy()),
+                                    requires_grad=False)
+    if hasattr(dev.config, "tie_word_embeddings"):
+        dev.config.tie_word_embeddings = False
+    for path, (w, b) in linears.items():
+        lin = dev.get_submodule(path)
+        m = qparams.smoothing.get(path)
+        if m is not None:
+            w = w * np.asarray(m, np.float32)
+        lin.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(w, np.float32)),
+                                        requires_grad=False)
+        pi, pw = qparams.points.get(f"{path}:input"), qparams.points.get(f"{path}:weight")
+        if b is not None and pi is not None and pw is not None and _per_out(pw.spec):
+            bq, bs = bias_quant(b, pi.scale, pw.scale)
+            lin.bias = torch.nn.Parameter(torch.from_numpy((bq.astype(np.float32) * bs).astype(np.float32)),
+                                          requires_grad=False)
+        if m is not None:
+            parent, _, leaf = path.rpartition(".")
+            owner = dev.get_submodule(parent) if parent else dev
+            setattr(owner, leaf, SmoothedInput(lin, m))
+    return dev
+
+
+def _per_out(spec) -> bool:
+    return spec.granularity == "per_tensor" or (
+        spec.granularity == "per_channel" and spec.resolved_axis(2) == 0)
+
+
+def convert_float(model, qparams: QParams, path, *, batch: int = 1, seq_len: int = 64) -> dict:
+    """Write the float ``.tflite`` of ``device_module(model, qparams)`` (input ``input_ids``
+    int32 ``[batch, seq_len]``, output logits) to ``path``; return ``{linear path: float32
+    weight as stored}`` for ``quantize_points`` to find each Linear by."""
+    import torch
+
+    try:
+        import litert_torch
+    except ImportError as e:  # pragma: no cover - depends on the extra
+        raise ImportError(EXTRA_HINT) from e
+    from quant.export import _logits_only, float_linears
+
+    dev = device_module(model, qparams)
+    ids = torch.zeros((batch, seq_len), dtype=torch.int32)
+    edge = litert_torch.convert(_logits_only(dev).eval(), (ids,))
+    edge.export(str(path))
+    smoothing = qparams.smoothing
+    return {p: (w * np.asarray(smoothing[p], np.float32) if p in smoothing else w).astype(np.float32)
+            for p, (w, _) in float_linears(model).items()}
+
+
+# ------------------------------------------------------------------------ flatbuffer surgery
+
+
+def _digest(a) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _opcode(model, schema, code: int, version: int = 1) -> int:
+    for i, oc in enumerate(model.operatorCodes):
+        if max(oc.builtinCode, oc.deprecatedBuiltinCode) == code:
+            return i
+    oc = schema.OperatorCodeT()
+    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
+    model.operatorCodes.append(oc)
+    return len(model.operatorCodes) - 1
+
+
+def _new_buffer(model, schema, data: np.ndarray | None) -> int:
+    buf = schema.BufferT()
+    if data is not None:
+        buf.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+    model.buffers.append(buf)
+    return len(model.buffers) - 1
+
+
+def _new_tensor(model, graph, schema, name: str, shape, ttype: int, data=None, scale=None,
+                zero_point=None, axis: int = 0) -> int:
+    t = schema.TensorT()
+    t.name, t.shape, t.type = name, list(int(d) for d in shape), ttype
+    t.buffer = _new_buffer(model, schema, data) if data is not None else 0
+    if scale is not None:
+        q = schema.QuantizationParametersT()
+        q.scale = [float(s) for s in np.atleast_1d(np.asarray(scale, np.float32))]
+        q.zeroPoint = [int(z) for z in np.atleast_1d(np.asarray(zero_point, np.int64))]
+        q.quantizedDimension = axis
+        t.quantization = q
+    graph.tensors.append(t)
+    return len(graph.tensors) - 1
+
+
+def _op(model, graph, schema, code: int, inputs, outputs, version: int = 1):
+    op = schema.OperatorT()
+    op.opcodeIndex = _opcode(model, schema, code, version)
+    op.inputs, op.outputs = list(inputs), list(outputs)
+    return op
+
+
+def _tensor_type(schema, dtype) -> int:
+    return {np.dtype(np.int8): schema.TensorType.INT8, np.dtype(np.uint8): schema.TensorType.UINT8,
+            np.dtype(np.int16): schema.TensorType.INT16}[np.dtype(dtype)]
+
+
+def _activation_storage(p, integer: bool) -> tuple[np.dtype, int]:
+    """dtype and zero point a point's tensor holds: the fleet's, or int8 for TFLite's integer
+    kernels (a uint8 point moves by -128: the same real values)."""
+    z = int(np.asarray(p.zero_point).reshape(()))
+    dtype = p.spec.numpy_dtype
+    if integer and p.spec.bits == 8 and not p.spec.signed:
+        return np.dtype(np.int8), z - 128
+    return np.dtype(dtype), z
+
+
+def quantize_points(float_path, weights: dict[str, np.ndarray], qparams: QParams, out_path, *,
+                    integer: bool = False, output_ranges: dict[str, tuple[float, float]] | None = None
+                    ) -> dict[str, list[str]]:
+    """Write to ``out_path`` the model of ``float_path`` (from ``convert_float``) with the points of
+    ``qparams`` at each Linear's FULLY_CONNECTED; ``weights`` is ``convert_float``'s return value.
+    Returns ``{qparams key: [tensor names]}`` of the tensors that carry each point.
+
+    Linears whose input point is missing keep a float input, those whose weight point is missing a
+    float weight. ``integer``: the FULLY_CONNECTED runs TFLite's int8 kernel (int8 input, int8
+    per-channel weight, int32 bias with scale ``s_x * s_w``) with an int8 output dequantized
+    right after; ``output_ranges[path]`` is that output's (min, max), a point the fleet does not
+    calibrate (required for every such Linear)."""
+    schema, fu = _schema()
+    model = fu.read_model(str(float_path))
+    if len(model.subgraphs) != 1:
+        raise ValueError(f"{float_path}: expected one subgraph, found {len(model.subgraphs)}")
+    graph = model.subgraphs[0]
+    fc_code = schema.BuiltinOperator.FULLY_CONNECTED
+    by_digest: dict[str, list[int]] = {}
+    for i, op in enumerate(graph.operators):
+        if max(model.operatorCodes[op.opcodeIndex].builtinCode,
+               model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) != fc_code:
+            continue
+        t = graph.tensors[op.inputs[1]]
+        data = model.buffers[t.buffer].data
+        if data is None or t.type != schema.TensorType.FLOAT32:
+            continue
+        by_digest.setdefault(_digest(np.frombuffer(np.asarray(data, np.uint8).tobytes(), np.float32)),
+                             []).append(i)
+    fc_of = {}
+    for path, w in weights.items():
+        hits = by_digest.get(_digest(w.astype(np.float32)), [])
+        if len(hits) != 1:
+            raise ValueError(f"{float_path}: Linear {path} matches {len(hits)} FULLY_CONNECTED weights "
+                             "(expected exactly one: was the model converted by convert_float with these QParams?)")
+        fc_of[hits[0]] = path
+    unknown = sorted({k.rsplit(":", 1)[0] for k in qparams.points} - set(weights))
+    if unknown:
+        raise ValueError(f"QParams keys name no Linear of this model: {unknown[:5]}")
+    T = schema.TensorType
+    Q, DQ = schema.BuiltinOperator.QUANTIZE, schema.BuiltinOperator.DEQUANTIZE
+    carried: dict[str, list[str]] = {}
+    new_ops, dropped_buffers = [], set()
+    for i, op in enumerate(graph.operators):
+        path = fc_of.get(i)
+        if path is None:
+            new_ops.append(op)
+            continue
+        pi, pw = qparams.points.get(f"{path}:input"), qparams.points.get(f"{path}:weight")
+        x = op.inputs[0]
+        xshape = graph.tensors[x].shape
+        if pi is not None:
+            if pi.spec.granularity != "per_tensor":
+                raise ValueError(f"{path}:input: activations are quantized per tensor, got {pi.spec.short()}")
+            dtype, z = _activation_storage(pi, integer)
+            xq = _new_tensor(model, graph, schema, f"{path}:input", xshape, _tensor_type(schema, dtype),
+                             scale=pi.scale, zero_point=z)
+            new_ops.append(_op(model, graph, schema, Q, [x], [xq], version=2))
+            carried[f"{path}:input"] = [f"{path}:input"]
+            if not integer:
+                xdq = _new_tensor(model, graph, schema, f"{path}:input.dq", xshape, T.FLOAT32)
+                new_ops.append(_op(model, graph, schema, DQ, [xq], [xdq], version=2))
+                op.inputs[0] = xdq
+            else:
+                op.inputs[0] = xq
+        if pw is not None:
+            w = weights[path]
+            if pw.spec.bits != 8 or pw.spec.granularity not in ("per_channel", "per_tensor") or \
+                    not _per_out(pw.spec) or not pw.spec.signed:
+                raise ValueError(f"{path}:weight: LiteRT export takes int8 weights per output channel "
+                                 f"or per tensor, got {pw.spec.short()}")
+            q = quantize(w, pw.scale, pw.zero_point, pw.spec).astype(np.int8)
+            s = np.broadcast_to(np.asarray(pw.scale, np.float32).reshape(-1), (w.shape[0],)) \
+                if pw.spec.granularity == "per_channel" else np.asarray(pw.scale, np.float32).reshape(-1)
+            zw = np.zeros(s.shape, np.int64) + np.asarray(pw.zero_point, np.int64).reshape(-1)
+            old = graph.tensors[op.inputs[1]]
+            dropped_buffers.add(old.buffer)
+            wq = _new_tensor(model, graph, schema, f"{path}:weight", w.shape, T.INT8, data=q,
+                             scale=s, zero_point=zw, axis=0)
+            carried[f"{path}:weight"] = [f"{path}:weight"]
+            if not integer:
+                wdq = _new_tensor(model, graph, schema, f"{path}:weight.dq", w.shape, T.FLOAT32)
+                new_ops.append(_op(model, graph, schema, DQ, [wq], [wdq], version=2))
+                op.inputs[1] = wdq
+            else:
+                op.inputs[1] = wq
+        if integer:
+            _integer_fc(model, graph, schema, op, path, pi, pw, output_ranges, new_ops, carried,
+                        dropped_buffers)
+        else:
+            new_ops.append(op)
+    graph.operators = new_ops
+    live = {t.buffer for sg in model.subgraphs for t in sg.tensors}
+    for b in dropped_buffers - live:  # the float weights no tensor reads any more
+        model.buffers[b].data = None
+    atomic_write_bytes(out_path, bytes(fu.convert_object_to_bytearray(model)))
+    return carried
+
+
+def _integer_fc(model, graph, schema, op, path, pi, pw, output_ranges, new_ops, carried,
+                dropped_buffers) -> None:
+    """Make ``op`` TFLite's int8 FULLY_CONNECTED: int32 bias with scale ``s_x * s_w``, int8 output
+    with the range ``output_ranges[path]`` (min-max to an asymmetric int8 scale), dequantized to
+    float for the ops after it."""
+    from quant.affine import range_to_qparams
+    from quant.spec import QuantSpec
+
+    if pi is None or pw is None:
+        raise ValueError(f"{path}: the integer FULLY_CONNECTED needs both the input and the weight point")
+    if not output_ranges or path not in output_ranges:
+        raise ValueError(f"{path}: integer=True needs output_ranges[{path!r}]: TFLite's int8 "
+                         "FULLY_CONNECTED writes int8 with a scale of its own")
+    T = schema.TensorType
+    if len(op.inputs) > 2 and op.inputs[2] >= 0:
+        bt = graph.tensors[op.inputs[2]]
+        b = np.frombuffer(np.asarray(model.buffers[bt.buffer].data, np.uint8).tobytes(), np.float32)
+        dropped_buffers.add(bt.buffer)
+        bq, bs = bias_quant(b, pi.scale, pw.scale)
+        bs = np.broadcast_to(np.asarray(bs, np.float32).reshape(-1), b.shape)
+        op.inputs[2] = _new_tensor(model, graph, schema, f"{path}:bias", b.shape, T.INT32, data=bq,
+                                   scale=bs, zero_point=np.zeros(b.shape, np.int64), axis=0)
+        carried.setdefault(f"{path}:weight", []).append(f"{path}:bias")
+    y = op.outputs[0]
+    yshape = graph.tensors[y].shape
+    spec = QuantSpec(bits=8, signed=True, symmetric=False, granularity="per_tensor")
+    s, z = range_to_qparams(*output_ranges[path], spec)
+    yq = _new_tensor(model, graph, schema, f"{path}:output", yshape, T.INT8, scale=s, zero_point=z)
+    op.outputs[0] = yq
+    new_ops.append(op)
+    new_ops.append(_op(model, graph, schema, schema.BuiltinOperator.DEQUANTIZE, [yq], [y], version=2))
+
+
+# ------------------------------------------------------------------------------ patching
+
+
+def patch_points(tflite_bytes: bytes, qparams: QParams, weights: dict[str, np.ndarray]) -> bytes:
+    """The same ``.tflite`` with the scales and zero points of ``qparams`` written into the
+    quantization fields of the tensors named by its keys (weights re-quantized from the device's
+    float ``weights``, ``W * m``), without converting again. Only what a release may change
+    without a new graph: a point's tensor dtype and shape stay; new smoothing factors need a new
+    conversion (they are constants of the float graph) and are refused."""
+    schema, fu = _schema()
+    model = fu.read_model_from_bytearray(bytearray(tflite_bytes))
+    graph = model.subgraphs[0]
+    index = {t.name.decode() if isinstance(t.name, bytes) else t.name: i for i, t in enumerate(graph.tensors)}
+    if qparams.smoothing:
+        raise ValueError("patch_points: smoothing factors are constants of the converted graph; "
+                         "convert again for new factors (quant.tflite.convert_float)")
+    for key, p in qparams.points.items():
+        if key not in index:
+            raise KeyError(f"no tensor named {key!r} in this .tflite")
+        t = graph.tensors[index[key]]
+        if key.endswith(":weight"):
+            w = weights[key.rsplit(":", 1)[0]]
+            q = quantize(w, p.scale, p.zero_point, p.spec).astype(np.int8)
+            model.buffers[t.buffer].data = np.frombuffer(q.tobytes(), np.uint8)
+            s = np.broadcast_to(np.asarray(p.scale, np.float32).reshape(-1), (len(t.quantization.scale),))
+            t.quantization.scale = [float(v) for v in s]
+        else:
+            z = int(np.asarray(p.zero_point).reshape(()))
+            if t.type == schema.TensorType.INT8 and not p.spec.signed:
+                z -= 128
+            t.quantization.scale = [float(np.asarray(p.scale, np.float32).reshape(()))]
+            t.quantization.zeroPoint = [z]
+    return bytes(fu.convert_object_to_bytearray(model))
