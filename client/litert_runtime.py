@@ -52,13 +52,21 @@ class LiteRTRuntime:
         self.batch, self.seq_len = (int(d) for d in self._in["shape"])
 
     def logits(self, ids) -> np.ndarray:
-        """Logits [batch, seq_len, vocab] for ids of exactly the model's input shape."""
+        """Float logits [batch, seq_len, vocab] for ids of exactly the model's input shape (an
+        integer output, as a full-integer model has, is dequantized with its scale and zero
+        point)."""
         ids = np.asarray(ids)
         if ids.shape != (self.batch, self.seq_len):
             raise ValueError(f"ids of shape {ids.shape}: this .tflite takes {(self.batch, self.seq_len)}")
         self.interpreter.set_tensor(self._in["index"], ids.astype(self._in["dtype"]))
         self.interpreter.invoke()
-        return self.interpreter.get_tensor(self._out["index"])
+        out = self.interpreter.get_tensor(self._out["index"])
+        if np.issubdtype(out.dtype, np.integer):
+            scale, zero = self._out["quantization"]
+            if not scale:
+                raise ValueError(f"{self.path or 'model'}: integer logits without a scale")
+            out = (out.astype(np.float32) - np.float32(zero)) * np.float32(scale)
+        return out
 
     def evaluate(self, sequences) -> tuple[float, int]:
         """(summed next-token NLL, predicted tokens) over ``sequences`` [N, seq_len]."""

@@ -110,23 +110,32 @@ def _per_out(spec) -> bool:
         spec.granularity == "per_channel" and spec.resolved_axis(2) == 0)
 
 
-def convert_float(model, qparams: QParams, path, *, batch: int = 1, seq_len: int = 64) -> dict:
-    """Write the float ``.tflite`` of ``device_module(model, qparams)`` (input ``input_ids``
-    int32 ``[batch, seq_len]``, output logits) to ``path``; return ``{linear path: float32
-    weight as stored}`` for ``quantize_points`` to find each Linear by."""
+def convert_float(model, qparams: QParams | None, path, *, batch: int = 1, seq_len: int = 64) -> dict:
+    """Write the float ``.tflite`` of ``device_module(model, qparams)`` (input token ids int32
+    ``[batch, seq_len]``, output logits) to ``path``; return ``{linear path: float32 weight as
+    stored}`` for ``quantize_points`` to find each Linear by. ``qparams=None``: the model as it
+    is (the float reference, and what LiteRT's own quantizer starts from)."""
     import torch
 
     try:
         import litert_torch
     except ImportError as e:  # pragma: no cover - depends on the extra
         raise ImportError(EXTRA_HINT) from e
-    from quant.export import _logits_only, float_linears
+    from quant.export import _logits_only
 
-    dev = device_module(model, qparams)
+    dev = model.eval() if qparams is None else device_module(model, qparams)
     ids = torch.zeros((batch, seq_len), dtype=torch.int32)
     edge = litert_torch.convert(_logits_only(dev).eval(), (ids,))
     edge.export(str(path))
-    smoothing = qparams.smoothing
+    return stored_weights(model, qparams)
+
+
+def stored_weights(model, qparams: QParams | None) -> dict[str, np.ndarray]:
+    """``{linear path: W * m}`` (float32; ``W`` without smoothing): each Linear's weight as
+    ``convert_float`` stores it, what ``quantize_points`` finds it by and quantizes."""
+    from quant.export import float_linears
+
+    smoothing = {} if qparams is None else qparams.smoothing
     return {p: (w * np.asarray(smoothing[p], np.float32) if p in smoothing else w).astype(np.float32)
             for p, (w, _) in float_linears(model).items()}
 

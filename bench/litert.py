@@ -1,0 +1,293 @@
+"""The LiteRT (TensorFlow Lite) rows of the quality table (issue 18): the fleet's QParams exported
+to a ``.tflite`` (``quant.tflite``) beside LiteRT's own calibration, all run in the LiteRT
+interpreter on the held-out roles of ``configs/default.toml``.
+
+    flock /tmp/fedquant-heavy.lock .venv-litert/bin/python -m bench.litert        # SmolLM2
+    .venv-litert/bin/python -m bench.litert --quick --out /tmp/litert.json           # tiny model
+
+Needs the ``fedquant[litert]`` extra (README, "LiteRT"). Rows, profile int8 (uint8 per-tensor
+activations at every Linear input, int8 per-channel weights, MatMul outputs float):
+
+- ``ORT integer``: the fleet's QParams in ONNX Runtime (``client.runtime.DeviceRuntime``, the
+  server's evaluation), the reference the LiteRT export must match within 0.5%;
+- ``LiteRT float``: the float model converted by ``litert_torch``;
+- ``LiteRT fedquant``: the same QParams exported by ``quant.tflite`` (QUANTIZE -> DEQUANTIZE at
+  each Linear input with the fleet's scale and zero point, int8 per-channel weights behind a
+  DEQUANTIZE, SmoothQuant's Div, the int8 embedding's and int32 bias's values);
+- ``LiteRT fedquant, int8 FC kernels`` (``integer=True``): the same points fed to TFLite's int8
+  FULLY_CONNECTED, which writes int8: each Linear's output gets a scale of its own, from min-max
+  of the float outputs on the pooled training text (a point the fleet does not calibrate);
+- ``LiteRT own calibration``: ``ai-edge-quantizer``'s ``static_wi8_ai8`` recipe (every op it
+  supports in int8, min-max) calibrated on the float ``.tflite`` with a representative dataset of
+  random token ids (the LLM form of ``np.random.rand``, the motivating recipe) and with the pooled
+  real training text of every client.
+
+Columns: perplexity, increase over float, file size, median latency of one batch (batch x seq_len
+tokens, interleaved with the float ``.tflite`` so machine load hits both alike) and its ratio to
+float, on the machine recorded (CPU model + SIMD flags). The QParams come from a finished
+``fedquant simulate`` run (``--run``, default ``runs/default``; ``--qparams`` for another file).
+Converted models are cached under ``~/.cache/fedquant/bench/litert/<key>/``; ``--fresh`` rebuilds.
+Writes ``bench/results/litert.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import cache_dir, machine, quiet_env, shown_path, versions, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("ai-edge-litert", "ai-edge-quantizer", "litert-torch", "litert-converter", "torch",
+            "onnxruntime")
+
+
+def _log(msg: str) -> None:
+    print(f"[litert {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _batches(ids: np.ndarray, batch: int) -> list[np.ndarray]:
+    """``ids`` cut into full batches of the ``.tflite``'s fixed shape (the last one padded with
+    its own first rows, as ``LiteRTRuntime.evaluate`` does)."""
+    out = []
+    for i in range(0, len(ids), batch):
+        b = ids[i:i + batch]
+        if len(b) < batch:
+            b = np.concatenate([b, np.repeat(b[:1], batch - len(b), axis=0)])
+        out.append(b.astype(np.int32))
+    return out
+
+
+def own_calibration(float_tflite: Path, ids: np.ndarray, batch: int, out: Path) -> dict:
+    """LiteRT's own full-integer recipe: ``ai_edge_quantizer`` ``static_wi8_ai8`` (min-max,
+    int8 per-channel weights, int8 activations of every op it supports) calibrated on ``ids``."""
+    from ai_edge_quantizer import quantizer, recipe
+    from client.litert_runtime import litert_interpreter
+
+    it = litert_interpreter(float_tflite)
+    sig = it.get_signature_list()
+    key = next(iter(sig))
+    name = sig[key]["inputs"][0]
+    q = quantizer.Quantizer(str(float_tflite), recipe.static_wi8_ai8())
+    t0 = time.perf_counter()
+    calib = q.calibrate({key: [{name: b} for b in _batches(ids, batch)]}, num_threads=2)
+    q.quantize(calib, enable_progress_report=False).export_model(str(out), overwrite=True)
+    return {"calibration_s": round(time.perf_counter() - t0, 1), "calibration_sequences": int(len(ids))}
+
+
+def fc_output_ranges(model, qparams, ids: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Min-max of every Linear's float output in ``device_module(model, qparams)`` over ``ids``:
+    the output scale TFLite's int8 FULLY_CONNECTED needs and the fleet's QParams lack."""
+    import torch
+
+    from quant.export import float_linears
+    from quant.tflite import device_module
+
+    dev = device_module(model, qparams)
+    ranges, hooks = {}, []
+    for path in float_linears(model):
+        mod = dev.get_submodule(path)
+        mod = getattr(mod, "linear", mod)
+
+        def hook(m, args, out, path=path):
+            lo, hi = float(out.min()), float(out.max())
+            old = ranges.get(path, (lo, hi))
+            ranges[path] = (min(old[0], lo), max(old[1], hi))
+        hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        for i in range(0, len(ids), 8):
+            dev(input_ids=torch.from_numpy(ids[i:i + 8]), use_cache=False)
+    for h in hooks:
+        h.remove()
+    return ranges
+
+
+class Timer:
+    """Perplexity and interleaved latency of ``.tflite`` models against one float interpreter."""
+
+    def __init__(self, float_tflite: Path, evals: np.ndarray, runs: int, threads: int):
+        from client.litert_runtime import LiteRTRuntime
+
+        self.evals, self.runs, self.threads = evals, runs, threads
+        self.float = LiteRTRuntime(float_tflite, threads=threads)
+        self.feed = _batches(evals, self.float.batch)[0]
+
+    def evaluate(self, path: Path, pair: bool = True) -> dict:
+        from client.litert_runtime import LiteRTRuntime
+
+        rt = self.float if not pair else LiteRTRuntime(path, threads=self.threads)
+        nll, tokens = rt.evaluate(self.evals)          # also the warm-up
+        mine, theirs = [], []
+        for _ in range(self.runs):
+            if pair:
+                t0 = time.perf_counter()
+                self.float.logits(self.feed)
+                theirs.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            rt.logits(self.feed)
+            mine.append(time.perf_counter() - t0)
+        theirs = theirs or mine
+        lat = statistics.median(mine)
+        return {"perplexity": float(np.exp(nll / tokens)), "tokens": int(tokens),
+                "latency_ms": round(lat * 1e3, 1),
+                "latency_vs_float": round(lat / statistics.median(theirs), 3),
+                "file_bytes": Path(path).stat().st_size}
+
+
+def ort_integer(model, qparams, float_onnx: Path, evals: np.ndarray, work: Path) -> dict:
+    """The fleet's QParams in ONNX Runtime, as the server evaluates them (a device bundle and
+    ``DeviceRuntime``, which picks the weight storage exact on this CPU)."""
+    from client.runtime import DeviceRuntime, save_device_bundle
+
+    path = work / "ort" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_device_bundle(model, qparams, path, float_onnx=float_onnx)
+    rt = DeviceRuntime(path, threads=1)
+    nll, tokens = rt.evaluate(evals, batch_size=8)
+    return {"perplexity": float(np.exp(nll / tokens)), "tokens": int(tokens),
+            "weight_storage": rt.weight_storage, "file_bytes": path.stat().st_size}
+
+
+def quick_qparams(model, ids: np.ndarray):
+    """Min-max QParams of the int8 profile from ``ids`` (``--quick`` has no run to read)."""
+    import copy
+
+    import torch
+
+    from quant.instrument import get_qparams, quantize_
+    from quant.ptq import activation_specs, scout_ranges
+    from bench.common import minmax_points
+
+    q = copy.deepcopy(model)
+    quantize_(q)
+    ranges = scout_ranges(q, [torch.from_numpy(ids[i:i + 8]) for i in range(0, len(ids), 8)])
+    weights = get_qparams(q)
+    return weights.with_points(minmax_points(ranges, activation_specs(q)))
+
+
+def run_relative(path) -> str:
+    """A run's file as ``runs/<name>/...`` (where ``fedquant simulate`` writes it in any checkout),
+    so that a result names no machine's directory; other paths as ``shown_path`` shows them."""
+    parts = Path(path).resolve().parts
+    if "runs" in parts:
+        return "/".join(parts[len(parts) - 1 - parts[::-1].index("runs"):])
+    return shown_path(path)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    quiet_env()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=None, help="simulation config (default configs/default.toml)")
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "default", help="fedquant run whose QParams to export")
+    ap.add_argument("--qparams", type=Path, default=None, help="QParams file (default <run>/qparams/<profile>.safetensors)")
+    ap.add_argument("--profile", default="int8")
+    ap.add_argument("--quick", action="store_true", help="configs/smoke.toml's tiny model with min-max QParams from the pooled text")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "litert.json")
+    ap.add_argument("--batch", type=int, default=8, help="the .tflite's fixed batch")
+    ap.add_argument("--latency-runs", type=int, default=None, help="timed runs per model (default 5, quick 2)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true", help="convert and calibrate again")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from bench.quality import load_data
+    from quant.instrument import fingerprint
+    from quant.qparams import QParams, load_qparams
+    from quant.tflite import convert_float, quantize_points, stored_weights
+
+    t_start = time.perf_counter()
+    config = args.config or ROOT / "configs" / ("smoke.toml" if args.quick else "default.toml")
+    runs = args.latency_runs or (2 if args.quick else 5)
+    work = cache_dir() / "litert"
+    d = load_data(config, work / "data")
+    torch.set_num_threads(2)
+    model = d.model
+    if args.quick and args.qparams is None:
+        qp, qsource = quick_qparams(model, d.train), "min-max on the pooled text (quick)"
+    else:
+        qpath = args.qparams or args.run / "qparams" / f"{args.profile}.safetensors"
+        qp = load_qparams(qpath, expect_model=fingerprint(model))
+        qsource = run_relative(qpath)
+    qbytes = Path(args.qparams or "").read_bytes() if args.qparams else b""
+    key = _key(d.cfg.model, fingerprint(model), sorted(qp.points), qsource, qbytes.hex()[:64], qp.version,
+               args.batch, d.cfg.data.seq_len, versions(PACKAGES))
+    cache = work / key
+    cache.mkdir(parents=True, exist_ok=True)
+    seq = d.cfg.data.seq_len
+    _log(f"{d.cfg.model}: {len(d.evals)} held-out sequences of {seq}, {len(d.train)} pooled training, "
+         f"{len(d.random)} random; cache {shown_path(cache)}")
+
+    def build(name: str, make) -> Path:
+        path = cache / name
+        if args.fresh or not path.is_file():
+            _log(f"building {name}")
+            t0 = time.perf_counter()
+            make(path)
+            _log(f"built {name} in {time.perf_counter() - t0:.0f} s, {path.stat().st_size / 2**20:.1f} MB")
+        return path
+
+    float_tfl = build("float.tflite", lambda p: convert_float(model, None, p, batch=args.batch, seq_len=seq))
+    dev_float = build("fedquant.float.tflite", lambda p: convert_float(model, qp, p, batch=args.batch, seq_len=seq))
+    weights = stored_weights(model, qp)
+    fed = build("fedquant.tflite", lambda p: quantize_points(dev_float, weights, qp, p))
+    fed_int = build("fedquant.int8fc.tflite", lambda p: quantize_points(
+        dev_float, weights, qp, p, integer=True, output_ranges=fc_output_ranges(model, qp, d.train)))
+    calib_info = {}
+    for name, ids in (("own.random.tflite", d.random), ("own.pooled.tflite", d.train)):
+        def make(p, ids=ids, name=name):
+            calib_info[name] = own_calibration(float_tfl, ids, args.batch, p)
+        build(name, make)
+
+    _log("ONNX Runtime integer model (reference)")
+    ort = ort_integer(model, qp, d.float_onnx, d.evals, cache)
+    timer = Timer(float_tfl, d.evals, runs, args.threads)
+    rows = [dict(recipe="ONNX Runtime integer (fedquant QParams)", runtime="onnxruntime", **ort)]
+    specs = [("LiteRT float", "none", float_tfl, False),
+             ("LiteRT fedquant QParams (QDQ form)", qsource, fed, True),
+             ("LiteRT fedquant QParams, int8 FC kernels", qsource + " + FC output min-max on pooled text", fed_int, True),
+             ("LiteRT own calibration (ai-edge-quantizer static_wi8_ai8)", "random token ids", cache / "own.random.tflite", True),
+             ("LiteRT own calibration (ai-edge-quantizer static_wi8_ai8)", "pooled real text", cache / "own.pooled.tflite", True)]
+    for recipe, data, path, pair in specs:
+        _log(f"evaluating {recipe} / {data}")
+        r = dict(recipe=recipe, calibration_data=data, runtime="litert", file=path.name, **timer.evaluate(path, pair))
+        if path.name in calib_info:
+            r.update(calib_info[path.name])
+        rows.append(r)
+        _log(f"  PPL {r['perplexity']:.3f}, {r['latency_ms']} ms ({r['latency_vs_float']}x float), "
+             f"{r['file_bytes'] / 2**20:.1f} MB")
+    float_ppl = rows[1]["perplexity"]
+    for r in rows:
+        r["increase_pct"] = round(100 * (r["perplexity"] / float_ppl - 1), 2)
+    ort_ppl = ort["perplexity"]
+    result = {
+        "format": "fedquant.bench.litert/1",
+        "command": " ".join([".venv-litert/bin/python -m bench.litert",
+                             *(run_relative(a) if Path(a).exists() else a
+                               for a in (sys.argv[1:] if argv is None else argv))]),
+        "model": d.cfg.model, "config": shown_path(config), "qparams": qsource, "profile": args.profile,
+        "eval_sequences": int(len(d.evals)), "seq_len": int(seq), "batch": args.batch,
+        "latency_runs": runs, "threads": args.threads,
+        "litert_vs_ort_pct": round(100 * (rows[2]["perplexity"] / ort_ppl - 1), 3),
+        "litert_int8fc_vs_ort_pct": round(100 * (rows[3]["perplexity"] / ort_ppl - 1), 3),
+        "rows": rows, "versions": versions(PACKAGES), "machine": machine(),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    write_json(args.out, result)
+    _log(f"wrote {args.out}: LiteRT fedquant vs ORT integer {result['litert_vs_ort_pct']:+.3f}%")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The LiteRT (TFLite) export: the .tflite that quant.tflite writes computes in the LiteRT
+interpreter what the ONNX Runtime integer model computes for the same QParams, carries the fleet's
+scales and zero points in its tensors' quantization fields, and can be patched by name.
+
+Needs the fedquant[litert] extra (ai-edge-litert, litert-torch): skipped without it. Tiny
+random-init models (tests/test_export.py's, with biases and non-trivial norms) and random
+SmoothQuant factors; each model is converted once per module (litert-torch: a few seconds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ai_edge_litert", reason="the LiteRT interpreter is in the optional fedquant[litert] extra "
+                                           "(pip install -e '.[litert]', README 'LiteRT')")
+pytest.importorskip("litert_torch", reason="the LiteRT converter is in the optional fedquant[litert] extra "
+                                         "(pip install -e '.[litert]', README 'LiteRT')")
+
+from client.litert_runtime import LiteRTRuntime  # noqa: E402
+from client.runtime import ort_session  # noqa: E402
+from quant.export import export_float_onnx, float_linears  # noqa: E402
+from quant.metrics import nll_sum_and_count  # noqa: E402
+from quant.qdq import export_qdq  # noqa: E402
+from quant.qparams import PointParams, QParams  # noqa: E402
+from quant.tflite import convert_float, patch_points, quantize_points, stored_weights  # noqa: E402
+from tests.test_export import batch, minmax_qparams, tiny  # noqa: E402
+
+SEQ = 16
+
+
+def _tensors(path) -> dict:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    m = flatbuffer_utils.read_model(str(path))
+    g = m.subgraphs[0]
+    return {(t.name.decode() if isinstance(t.name, bytes) else t.name): (t, m.buffers[t.buffer]) for t in g.tensors}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def converted(request, tmp_path_factory):
+    """(model, smoothed QParams, the ORT QDQ model's path, the float device .tflite, weights)."""
+    d = tmp_path_factory.mktemp(f"litert-{request.param}")
+    model = tiny(request.param)
+    rng = np.random.default_rng(0)
+    smoothing = {p: rng.uniform(0.5, 2.0, w.shape[1]).astype(np.float32)
+                 for p, (w, _) in float_linears(model).items()}
+    qp = minmax_qparams(model, batch(seed=2, shape=(4, SEQ)))
+    qp = QParams(qp.points, smoothing=smoothing)
+    export_float_onnx(model, d / "float.onnx")
+    export_qdq(model, qp, d / "qdq.onnx", float_onnx=d / "float.onnx")
+    weights = convert_float(model, qp, d / "device.float.tflite", batch=1, seq_len=SEQ)
+    return model, qp, d / "qdq.onnx", d / "device.float.tflite", weights, d
+
+
+def _ort(path, ids):
+    return ort_session(path).run(["logits"], {"input_ids": ids.astype(np.int64)})[0]
+
+
+def test_qdq_tflite_computes_what_ort_integer_model_computes(converted):
+    model, qp, qdq, dev, weights, d = converted
+    carried = quantize_points(dev, weights, qp, d / "fedquant.tflite")
+    assert set(carried) == set(qp.points)
+    ids = batch(seed=3, shape=(1, SEQ)).numpy()
+    ref = _ort(qdq, ids)
+    for xnnpack in (True, False):       # the XNNPACK delegate and TFLite's builtin kernels
+        got = LiteRTRuntime(d / "fedquant.tflite", xnnpack=xnnpack).logits(ids)
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+        assert nll_sum_and_count(got, ids)[0] == pytest.approx(nll_sum_and_count(ref, ids)[0], rel=1e-5)
+    # the float device model differs from the QDQ one: the points do something
+    assert np.abs(LiteRTRuntime(dev).logits(ids) - ref).max() > 1e-3
+
+
+def test_points_carry_the_fleets_scales_and_zero_points(converted):
+    model, qp, qdq, dev, weights, d = converted
+    quantize_points(dev, weights, qp, d / "fields.tflite")
+    tensors = _tensors(d / "fields.tflite")
+    from ai_edge_litert import schema_py_generated as schema
+
+    for key, p in qp.points.items():
+        t, buf = tensors[key]
+        np.testing.assert_array_equal(np.asarray(t.quantization.scale, np.float32),
+                                      np.asarray(p.scale, np.float32).reshape(-1))
+        np.testing.assert_array_equal(np.asarray(t.quantization.zeroPoint), np.asarray(p.zero_point).reshape(-1))
+        if key.endswith(":input"):      # the int8 profile's uint8 activations stay uint8
+            assert t.type == schema.TensorType.UINT8
+        else:
+            assert t.type == schema.TensorType.INT8 and t.quantization.quantizedDimension == 0
+            assert np.asarray(buf.data).size == weights[key.rsplit(":", 1)[0]].size
+
+
+def test_integer_fc_kernels_need_an_output_scale_and_then_stay_close(converted):
+    model, qp, qdq, dev, weights, d = converted
+    with pytest.raises(ValueError, match="output_ranges"):
+        quantize_points(dev, weights, qp, d / "int.tflite", integer=True)
+    from bench.litert import fc_output_ranges
+
+    ranges = fc_output_ranges(model, qp, batch(seed=2, shape=(4, SEQ)).numpy())
+    quantize_points(dev, weights, qp, d / "int.tflite", integer=True, output_ranges=ranges)
+    ids = batch(seed=3, shape=(1, SEQ)).numpy()
+    ref = nll_sum_and_count(_ort(qdq, ids), ids)[0]
+    got = nll_sum_and_count(LiteRTRuntime(d / "int.tflite").logits(ids), ids)[0]
+    assert got == pytest.approx(ref, rel=0.02)
+    t, _ = _tensors(d / "int.tflite")["model.layers.0.mlp.up_proj:input"]
+    from ai_edge_litert import schema_py_generated as schema
+
+    p = qp.points["model.layers.0.mlp.up_proj:input"]
+    assert t.type == schema.TensorType.INT8 and t.quantization.zeroPoint == [int(p.zero_point) - 128]
+
+
+def test_patching_a_release_equals_exporting_it(converted):
+    model, qp, qdq, dev, weights, d = converted
+    quantize_points(dev, weights, qp, d / "held.tflite")
+    key_in, key_w = "model.layers.1.mlp.down_proj:input", "model.layers.1.mlp.down_proj:weight"
+    pin, pw = qp.points[key_in], qp.points[key_w]
+    release = QParams({key_in: PointParams(pin.spec, np.float32(pin.scale) * 1.5, np.asarray(pin.zero_point) - 3),
+                       key_w: PointParams(pw.spec, np.asarray(pw.scale, np.float32) * 1.1, pw.zero_point)})
+    patched = patch_points((d / "held.tflite").read_bytes(), release, weights)
+    quantize_points(dev, weights, qp.with_points(release.points), d / "fresh.tflite")
+    ids = batch(seed=4, shape=(1, SEQ)).numpy()
+    a, b = LiteRTRuntime(patched).logits(ids), LiteRTRuntime(d / "fresh.tflite").logits(ids)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, LiteRTRuntime(d / "held.tflite").logits(ids))
+    with pytest.raises(KeyError, match="no tensor named"):
+        patch_points(patched, QParams({"model.nope:input": pin}), weights)
+    with pytest.raises(ValueError, match="smoothing"):
+        patch_points(patched, QParams({}, smoothing={"lm_head": np.ones(64, np.float32)}), weights)
+
+
+def test_bad_input_is_refused_with_the_reason(converted, tmp_path):
+    model, qp, qdq, dev, weights, d = converted
+    with pytest.raises(ValueError, match="name no Linear"):
+        quantize_points(dev, weights, qp.with_points({"model.nope:input": qp.points["lm_head:input"]}),
+                        tmp_path / "x.tflite")
+    other = stored_weights(model, None)     # unsmoothed weights are not what this model stores
+    with pytest.raises(ValueError, match="matches 0 FULLY_CONNECTED"):
+        quantize_points(dev, other, qp, tmp_path / "x.tflite")
+    rt = LiteRTRuntime(dev)
+    with pytest.raises(ValueError, match="takes"):
+        rt.logits(np.zeros((2, SEQ), np.int32))
+
+
+def test_evaluate_pads_the_last_batch_and_scores_real_rows_only(converted, tmp_path):
+    model, qp, qdq, dev, weights, d = converted
+    two = tmp_path / "two.tflite"
+    convert_float(model, None, two, batch=2, seq_len=SEQ)
+    ids = batch(seed=5, shape=(3, SEQ)).numpy()
+    nll, count = LiteRTRuntime(two).evaluate(ids)
+    with torch.no_grad():
+        ref = nll_sum_and_count(model(input_ids=torch.from_numpy(ids), use_cache=False).logits, ids)
+    assert count == ref[1] == 3 * (SEQ - 1)
+    assert nll == pytest.approx(ref[0], rel=1e-5)
