@@ -337,33 +337,73 @@ def _integer_fc(model, graph, schema, op, path, pi, pw, output_ranges, new_ops, 
 # ------------------------------------------------------------------------------ patching
 
 
-def patch_points(tflite_bytes: bytes, qparams: QParams, weights: dict[str, np.ndarray]) -> bytes:
+def patch_points(tflite_bytes: bytes, qparams: QParams, weights: dict[str, np.ndarray],
+                 biases: dict[str, np.ndarray] | None = None) -> bytes:
     """The same ``.tflite`` with the scales and zero points of ``qparams`` written into the
-    quantization fields of the tensors named by its keys (weights re-quantized from the device's
-    float ``weights``, ``W * m``), without converting again. Only what a release may change
-    without a new graph: a point's tensor dtype and shape stay; new smoothing factors need a new
-    conversion (they are constants of the float graph) and are refused."""
+    quantization fields of the tensors named by its keys, without converting again: a weight is
+    re-quantized from the device's float ``weights`` (``stored_weights``: ``W * m``), and the
+    bias of a Linear whose ``s_x`` or ``s_w`` moved is re-derived from its float ``biases[path]``
+    (a stale bias drifts, design.md section 3): the float values of the int32 bias in the QDQ
+    form, the int32 tensor and its scale ``s_x * s_w`` in the integer form. Only what a release
+    may change without a new graph: a point's dtype and shape stay; new smoothing factors are
+    constants of the float graph (convert again) and are refused."""
     schema, fu = _schema()
     model = fu.read_model_from_bytearray(bytearray(tflite_bytes))
     graph = model.subgraphs[0]
-    index = {t.name.decode() if isinstance(t.name, bytes) else t.name: i for i, t in enumerate(graph.tensors)}
+    index = {_name(t): i for i, t in enumerate(graph.tensors)}
     if qparams.smoothing:
         raise ValueError("patch_points: smoothing factors are constants of the converted graph; "
                          "convert again for new factors (quant.tflite.convert_float)")
+    touched = set()
     for key, p in qparams.points.items():
         if key not in index:
             raise KeyError(f"no tensor named {key!r} in this .tflite")
         t = graph.tensors[index[key]]
+        path = key.rsplit(":", 1)[0]
+        touched.add(path)
         if key.endswith(":weight"):
-            w = weights[key.rsplit(":", 1)[0]]
-            q = quantize(w, p.scale, p.zero_point, p.spec).astype(np.int8)
+            if path not in weights:
+                raise KeyError(f"{key}: no float weight of {path} to re-quantize from")
+            q = quantize(weights[path], p.scale, p.zero_point, p.spec).astype(np.int8)
+            if q.size != len(model.buffers[t.buffer].data):
+                raise ValueError(f"{key}: {q.size} weights for a tensor of {len(model.buffers[t.buffer].data)}")
             model.buffers[t.buffer].data = np.frombuffer(q.tobytes(), np.uint8)
-            s = np.broadcast_to(np.asarray(p.scale, np.float32).reshape(-1), (len(t.quantization.scale),))
-            t.quantization.scale = [float(v) for v in s]
+            n = len(t.quantization.scale)
+            t.quantization.scale = [float(v) for v in np.broadcast_to(np.asarray(p.scale, np.float32).reshape(-1), (n,))]
         else:
             z = int(np.asarray(p.zero_point).reshape(()))
             if t.type == schema.TensorType.INT8 and not p.spec.signed:
                 z -= 128
             t.quantization.scale = [float(np.asarray(p.scale, np.float32).reshape(()))]
             t.quantization.zeroPoint = [z]
+    _patch_biases(model, graph, schema, index, touched, biases or {})
     return bytes(fu.convert_object_to_bytearray(model))
+
+
+def _name(t) -> str:
+    return t.name.decode() if isinstance(t.name, bytes) else t.name
+
+
+def _patch_biases(model, graph, schema, index, paths, biases) -> None:
+    """Re-derive the bias of every FULLY_CONNECTED of ``paths`` that has both points and a bias,
+    from the scales now in the file."""
+    for op in graph.operators:
+        if len(op.inputs) < 3 or op.inputs[2] < 0:
+            continue
+        wname = _name(graph.tensors[op.inputs[1]])
+        path = wname.split(":", 1)[0]
+        if path not in paths or f"{path}:input" not in index or f"{path}:weight" not in index:
+            continue
+        if path not in biases:
+            raise KeyError(f"{path}: its scales changed and it has a bias: give its float bias "
+                           "(a stale bias drifts, design.md section 3)")
+        s_x = graph.tensors[index[f"{path}:input"]].quantization.scale[0]
+        s_w = np.asarray(graph.tensors[index[f"{path}:weight"]].quantization.scale, np.float32)
+        bq, bs = bias_quant(np.asarray(biases[path], np.float32), s_x, s_w)
+        bs = np.broadcast_to(np.asarray(bs, np.float32).reshape(-1), bq.shape)
+        bt = graph.tensors[op.inputs[2]]
+        if bt.type == schema.TensorType.INT32:          # the integer form
+            model.buffers[bt.buffer].data = np.frombuffer(bq.tobytes(), np.uint8)
+            bt.quantization.scale = [float(v) for v in bs]
+        else:                                           # the QDQ form: the int32 bias's values
+            model.buffers[bt.buffer].data = np.frombuffer((bq.astype(np.float32) * bs).astype(np.float32).tobytes(), np.uint8)

@@ -109,19 +109,37 @@ def test_integer_fc_kernels_need_an_output_scale_and_then_stay_close(converted):
     assert t.type == schema.TensorType.INT8 and t.quantization.zeroPoint == [int(p.zero_point) - 128]
 
 
-def test_patching_a_release_equals_exporting_it(converted):
+def _release(qp: QParams) -> QParams:
+    """New scales and zero points for two Linears (q_proj has a bias in Qwen2)."""
+    points = {}
+    for path in ("model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"):
+        pin, pw = qp.points[f"{path}:input"], qp.points[f"{path}:weight"]
+        points[f"{path}:input"] = PointParams(pin.spec, np.float32(pin.scale) * 1.5, np.asarray(pin.zero_point) - 3)
+        points[f"{path}:weight"] = PointParams(pw.spec, np.asarray(pw.scale, np.float32) * 1.1, pw.zero_point)
+    return QParams(points)
+
+
+@pytest.mark.parametrize("integer", [False, True], ids=["qdq", "int8-fc"])
+def test_patching_a_release_equals_exporting_it(converted, integer):
     model, qp, qdq, dev, weights, d = converted
-    quantize_points(dev, weights, qp, d / "held.tflite")
-    key_in, key_w = "model.layers.1.mlp.down_proj:input", "model.layers.1.mlp.down_proj:weight"
-    pin, pw = qp.points[key_in], qp.points[key_w]
-    release = QParams({key_in: PointParams(pin.spec, np.float32(pin.scale) * 1.5, np.asarray(pin.zero_point) - 3),
-                       key_w: PointParams(pw.spec, np.asarray(pw.scale, np.float32) * 1.1, pw.zero_point)})
-    patched = patch_points((d / "held.tflite").read_bytes(), release, weights)
-    quantize_points(dev, weights, qp.with_points(release.points), d / "fresh.tflite")
+    kw = {}
+    if integer:
+        from bench.litert import fc_output_ranges
+
+        kw = dict(integer=True, output_ranges=fc_output_ranges(model, qp, batch(seed=2, shape=(4, SEQ)).numpy()))
+    quantize_points(dev, weights, qp, d / "held.tflite", **kw)
+    release = _release(qp)
+    biases = {p: b for p, (_, b) in float_linears(model).items() if b is not None}
+    patched = patch_points((d / "held.tflite").read_bytes(), release, weights, biases)
+    quantize_points(dev, weights, qp.with_points(release.points), d / "fresh.tflite", **kw)
     ids = batch(seed=4, shape=(1, SEQ)).numpy()
     a, b = LiteRTRuntime(patched).logits(ids), LiteRTRuntime(d / "fresh.tflite").logits(ids)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, LiteRTRuntime(d / "held.tflite").logits(ids))
+    if biases:      # Qwen2: a bias left stale is refused, not silently kept
+        with pytest.raises(KeyError, match="stale bias"):
+            patch_points((d / "held.tflite").read_bytes(), release, weights)
+    pin = qp.points["lm_head:input"]
     with pytest.raises(KeyError, match="no tensor named"):
         patch_points(patched, QParams({"model.nope:input": pin}), weights)
     with pytest.raises(ValueError, match="smoothing"):
