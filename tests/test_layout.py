@@ -106,7 +106,7 @@ NOT_SCANNED = ("tests/test_layout.py",)
 # Scratch directories in commands shown to the reader: /tmp exists on every machine.
 SCRATCH = {("Makefile", "/tmp/fedquant-lock"), ("README.md", "/tmp/s"), ("README.md", "/tmp/q"),
            ("bench/quality.py", "/tmp/q"), ("bench/litert.py", "/tmp/fedquant-heavy.lock"),
-           ("README.md", "/tmp/fedquant-heavy.lock"), ("bench/litert.py", "/tmp/litert")}
+           ("README.md", "/tmp/fedquant-heavy.lock"), ("bench/litert.py", "/tmp/litert.json")}
 
 
 def machine_paths(rel: str, text: str) -> list[str]:

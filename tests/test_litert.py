@@ -169,3 +169,22 @@ def test_evaluate_pads_the_last_batch_and_scores_real_rows_only(converted, tmp_p
         ref = nll_sum_and_count(model(input_ids=torch.from_numpy(ids), use_cache=False).logits, ids)
     assert count == ref[1] == 3 * (SEQ - 1)
     assert nll == pytest.approx(ref[0], rel=1e-5)
+
+
+def test_cli_exports_a_tflite_that_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from quant.instrument import get_qparams, quantize_
+    from quant.qparams import save_qparams
+    from simulation.cli import app
+    from simulation.models import tiny_llama
+
+    m = tiny_llama()
+    quantize_(m)    # min-max weights; activations not calibrated: weight points only
+    save_qparams(get_qparams(m), tmp_path / "q.safetensors")
+    result = CliRunner().invoke(app, ["export", "--format", "tflite", "--model", "tiny-llama", "--seq-len", "8",
+                                      "--qparams", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert {"model.tflite", "model.float.tflite", "model.weights.npz"} <= {p.name for p in (tmp_path / "b").iterdir()}
+    logits = LiteRTRuntime(tmp_path / "b" / "model.tflite").logits(np.zeros((1, 8), np.int32))
+    assert logits.shape == (1, 8, 257) and np.all(np.isfinite(logits))
