@@ -202,6 +202,65 @@ def _activation_storage(p, integer: bool) -> tuple[np.dtype, int]:
     return np.dtype(dtype), z
 
 
+def _linear_fcs(model, graph, schema, weights: dict[str, np.ndarray], where) -> dict[int, str]:
+    """``{operator index: Linear path}``: each Linear's FULLY_CONNECTED, found by its float weight's
+    bytes (``weights``: what ``convert_float`` stored); ValueError unless each is found once."""
+    fc_code = schema.BuiltinOperator.FULLY_CONNECTED
+    by_digest: dict[str, list[int]] = {}
+    for i, op in enumerate(graph.operators):
+        oc = model.operatorCodes[op.opcodeIndex]
+        if max(oc.builtinCode, oc.deprecatedBuiltinCode) != fc_code:
+            continue
+        t = graph.tensors[op.inputs[1]]
+        data = model.buffers[t.buffer].data
+        if data is None or t.type != schema.TensorType.FLOAT32:
+            continue
+        by_digest.setdefault(_digest(np.frombuffer(np.asarray(data, np.uint8).tobytes(), np.float32)),
+                             []).append(i)
+    fc_of = {}
+    for path, w in weights.items():
+        hits = by_digest.get(_digest(np.asarray(w, np.float32)), [])
+        if len(hits) != 1:
+            raise ValueError(f"{where}: Linear {path} matches {len(hits)} FULLY_CONNECTED weights "
+                             "(expected exactly one: was the model converted by convert_float with these QParams?)")
+        fc_of[hits[0]] = path
+    return fc_of
+
+
+def expose_inputs(tflite_bytes: bytes, weights: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """The float ``.tflite`` with each Linear's float input as a graph output and nothing else
+    (ops that feed no such input are dropped, lm_head's logits included): what a LiteRT device
+    collects statistics with, as ``client.runtime.FloatCapture`` does on the float ONNX graph.
+    Returns the bytes and ``{'<path>:input': output tensor name}`` (Linears that share an input,
+    q/k/v, share one output)."""
+    schema, fu = _schema()
+    model = fu.read_model_from_bytearray(bytearray(tflite_bytes))
+    graph = model.subgraphs[0]
+    fc_of = _linear_fcs(model, graph, schema, weights, "float model")
+    tensors, outputs = {}, []
+    for i in sorted(fc_of):
+        x = graph.operators[i].inputs[0]
+        if x not in outputs:
+            outputs.append(x)
+            graph.tensors[x].name = f"{fc_of[i]}:input"
+        tensors[f"{fc_of[i]}:input"] = _name(graph.tensors[x])
+    needed, kept = set(outputs), []
+    for op in reversed(graph.operators):     # operators are in execution order
+        if any(o in needed for o in op.outputs):
+            kept.append(op)
+            needed.update(i for i in op.inputs if i >= 0)
+    graph.operators = kept[::-1]
+    graph.outputs = outputs
+    for sig in model.signatureDefs or []:
+        out = []
+        for x in outputs:
+            m = schema.TensorMapT()
+            m.name, m.tensorIndex = _name(graph.tensors[x]), x
+            out.append(m)
+        sig.outputs = out
+    return bytes(fu.convert_object_to_bytearray(model)), tensors
+
+
 def quantize_points(float_path, weights: dict[str, np.ndarray], qparams: QParams, out_path, *,
                     integer: bool = False, output_ranges: dict[str, tuple[float, float]] | None = None
                     ) -> dict[str, list[str]]:
@@ -219,25 +278,7 @@ def quantize_points(float_path, weights: dict[str, np.ndarray], qparams: QParams
     if len(model.subgraphs) != 1:
         raise ValueError(f"{float_path}: expected one subgraph, found {len(model.subgraphs)}")
     graph = model.subgraphs[0]
-    fc_code = schema.BuiltinOperator.FULLY_CONNECTED
-    by_digest: dict[str, list[int]] = {}
-    for i, op in enumerate(graph.operators):
-        if max(model.operatorCodes[op.opcodeIndex].builtinCode,
-               model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) != fc_code:
-            continue
-        t = graph.tensors[op.inputs[1]]
-        data = model.buffers[t.buffer].data
-        if data is None or t.type != schema.TensorType.FLOAT32:
-            continue
-        by_digest.setdefault(_digest(np.frombuffer(np.asarray(data, np.uint8).tobytes(), np.float32)),
-                             []).append(i)
-    fc_of = {}
-    for path, w in weights.items():
-        hits = by_digest.get(_digest(w.astype(np.float32)), [])
-        if len(hits) != 1:
-            raise ValueError(f"{float_path}: Linear {path} matches {len(hits)} FULLY_CONNECTED weights "
-                             "(expected exactly one: was the model converted by convert_float with these QParams?)")
-        fc_of[hits[0]] = path
+    fc_of = _linear_fcs(model, graph, schema, weights, float_path)
     unknown = sorted({k.rsplit(":", 1)[0] for k in qparams.points} - set(weights))
     if unknown:
         raise ValueError(f"QParams keys name no Linear of this model: {unknown[:5]}")

@@ -188,3 +188,47 @@ def test_cli_exports_a_tflite_that_runs(tmp_path):
     assert {"model.tflite", "model.float.tflite", "model.weights.npz"} <= {p.name for p in (tmp_path / "b").iterdir()}
     logits = LiteRTRuntime(tmp_path / "b" / "model.tflite").logits(np.zeros((1, 8), np.int32))
     assert logits.shape == (1, 8, 257) and np.all(np.isfinite(logits))
+
+
+def test_litert_device_statistics_merge_with_ort_devices_and_evaluation_patches(converted, tmp_path):
+    """One fleet, two runtimes: a LiteRT phone's statistics job (float .tflite, Linear inputs
+    exposed, divided by the held smoothing) gives the ORT phone's statistics at the same keys, up
+    to the two float runtimes' rounding, and merges with them; its evaluation patches a release
+    into the .tflite and scores what the ORT phone scores."""
+    from client.jobs import evaluate, statistics
+    from client.litert_runtime import LiteRTDevice
+    from client.runtime import DeviceRuntime, save_device_bundle
+    from quant.ptq import grids_for
+    from quant.stats import merge
+    from quant.wire import Instruction
+
+    model, qp, qdq, dev, weights, d = converted
+    plain = tmp_path / "float.tflite"
+    convert_float(model, None, plain, batch=2, seq_len=SEQ)
+    quantize_points(dev, weights, qp, tmp_path / "model.tflite")
+    linears = float_linears(model)
+    phone = LiteRTDevice(tmp_path / "model.tflite", plain, qp, linears)
+    save_device_bundle(model, qp, tmp_path / "ort" / "model.onnx", float_onnx=d / "float.onnx")
+    ort_phone = DeviceRuntime(tmp_path / "ort" / "model.onnx")
+    data = batch(seed=6, shape=(5, SEQ)).numpy()
+    keys = phone.activation_keys()
+    acts = ort_phone.float_activations(data, keys)
+    grids = grids_for({k: (float(x.min()) * 1.1, float(x.max()) * 1.1) for k, x in acts.items()}, bins=256)
+    absmax = {k: int(linears[k.rsplit(":", 1)[0]][0].shape[1]) for k in keys[:3]}
+    ins = Instruction(round=1, job="stats", qparams=qp, grids=grids, absmax=absmax)
+    mine, met = statistics(phone, ins, data, batch_size=3)
+    theirs, _ = statistics(ort_phone, ins, data, batch_size=3)
+    assert set(mine.stats) == set(theirs.stats) == set(keys) and met["num-examples"] == 5
+    for k in keys:
+        a, b = mine.stats[k], theirs.stats[k]
+        assert a.n == b.n and a.grid == b.grid
+        assert np.abs(np.cumsum(a.counts - b.counts)).max() <= 3, k   # a few values one bin over
+        assert a.min == pytest.approx(b.min, rel=1e-5, abs=1e-6) and a.max == pytest.approx(b.max, rel=1e-5, abs=1e-6)
+        assert merge(a, b).n == a.n + b.n
+    for k in absmax:
+        np.testing.assert_allclose(mine.absmax[k], theirs.absmax[k], rtol=1e-5, atol=1e-6)
+    release = _release(qp).with_points({}, version=int(qp.version) + 1)
+    got = evaluate(phone, Instruction(round=2, job="eval", qparams=release), data[:2])
+    want = evaluate(ort_phone, Instruction(round=2, job="eval", qparams=release), data[:2])
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
+    assert got["version"] == want["version"] == int(qp.version) + 1
