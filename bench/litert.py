@@ -109,6 +109,32 @@ def fc_output_ranges(model, qparams, ids: np.ndarray) -> dict[str, tuple[float, 
     return ranges
 
 
+def op_summary(path: Path) -> dict:
+    """What the interpreter runs: operators by type, how many write an integer tensor, and the
+    output scale/zero point of the ops whose int8 kernels fix them (SOFTMAX, LOGISTIC, TANH: TFLite
+    requires 1/256 and -128 for int8 softmax and logistic, 1/128 and 0 for tanh)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    ints = {schema.TensorType.INT8, schema.TensorType.UINT8, schema.TensorType.INT16}
+    m = flatbuffer_utils.read_model(str(path))
+    g = m.subgraphs[0]
+    ops, integer, fixed = {}, 0, {}
+    for op in g.operators:
+        oc = m.operatorCodes[op.opcodeIndex]
+        name = names.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "?")
+        ops[name] = ops.get(name, 0) + 1
+        out = g.tensors[op.outputs[0]]
+        if out.type in ints and name not in ("QUANTIZE",):
+            integer += 1
+            if name in ("SOFTMAX", "LOGISTIC", "TANH") and out.quantization is not None:
+                key = f"{name} {float(out.quantization.scale[0]):.6g}/{int(out.quantization.zeroPoint[0])}"
+                fixed[key] = fixed.get(key, 0) + 1
+    return {"ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])), "ops_total": len(g.operators),
+            "integer_output_ops": integer, "fixed_output_scales": fixed}
+
+
 class Timer:
     """Perplexity and interleaved latency of ``.tflite`` models against one float interpreter."""
 
@@ -264,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         r = dict(recipe=recipe, calibration_data=data, runtime="litert", file=path.name, **timer.evaluate(path, pair))
         if path.name in calib_info:
             r.update(calib_info[path.name])
+        r.update(op_summary(path))
         rows.append(r)
         _log(f"  PPL {r['perplexity']:.3f}, {r['latency_ms']} ms ({r['latency_vs_float']}x float), "
              f"{r['file_bytes'] / 2**20:.1f} MB")
