@@ -207,6 +207,28 @@ def run_relative(path) -> str:
     return shown_path(path)
 
 
+def markdown_table(result: dict) -> str:
+    """The README table of a result (``--table`` prints it from the JSON)."""
+    m = result["machine"]
+    lines = ["| runtime | recipe | calibration data | perplexity | vs float | vs ORT integer | file | latency / float (interleaved) | ops writing integers / all |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    ort = result["rows"][0]["perplexity"]
+    for r in result["rows"]:
+        lat = "-" if r.get("latency_ms") is None else (
+            f"{r['latency_vs_float']:.2f} ({r['latency_ms']:.0f} ms)")
+        ops = f"{r['integer_output_ops']}/{r['ops_total']}" if "ops_total" in r else "-"
+        lines.append(f"| {r['runtime']} | {r['recipe']} | {r.get('calibration_data', result['qparams'])} | "
+                     f"{r['perplexity']:.3f} | {r['increase_pct']:+.2f}% | {100 * (r['perplexity'] / ort - 1):+.3f}% | "
+                     f"{r['file_bytes'] / 2**20:.0f} MB | {lat} | {ops} |")
+    flags = " ".join(m.get("simd") or [])
+    lines.append("")
+    lines.append(f"`{result['command']}` ({result['wall_s']:.0f} s; {result['eval_sequences']} held-out sequences of "
+                 f"{result['seq_len']} tokens, batch {result['batch']}, {result['threads']} thread(s), latency the median "
+                 f"of {result['latency_runs']} runs each back to back with the float .tflite). CPU: {m.get('cpu_model') or m.get('cpu')} "
+                 f"({flags}); " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + ".")
+    return "\n".join(lines)
+
+
 def _key(*parts) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
 
@@ -224,7 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--latency-runs", type=int, default=None, help="timed runs per model (default 5, quick 2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="convert and calibrate again")
+    ap.add_argument("--table", action="store_true", help="print the README table of --out and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return {}
 
     import torch
 
