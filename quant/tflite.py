@@ -262,8 +262,8 @@ def expose_inputs(tflite_bytes: bytes, weights: dict[str, np.ndarray]) -> tuple[
 
 
 def quantize_points(float_path, weights: dict[str, np.ndarray], qparams: QParams, out_path, *,
-                    integer: bool = False, output_ranges: dict[str, tuple[float, float]] | None = None
-                    ) -> dict[str, list[str]]:
+                    integer: bool = False, output_ranges: dict[str, tuple[float, float]] | None = None,
+                    embedding: str = "int8") -> dict[str, list[str]]:
     """Write to ``out_path`` the model of ``float_path`` (from ``convert_float``) with the points of
     ``qparams`` at each Linear's FULLY_CONNECTED; ``weights`` is ``convert_float``'s return value.
     Returns ``{qparams key: [tensor names]}`` of the tensors that carry each point.
@@ -272,7 +272,9 @@ def quantize_points(float_path, weights: dict[str, np.ndarray], qparams: QParams
     float weight. ``integer``: the FULLY_CONNECTED runs TFLite's int8 kernel (int8 input, int8
     per-channel weight, int32 bias with scale ``s_x * s_w``) with an int8 output dequantized
     right after; ``output_ranges[path]`` is that output's (min, max), a point the fleet does not
-    calibrate (required for every such Linear)."""
+    calibrate (required for every such Linear). ``embedding="int8"``: the token embedding table
+    becomes int8 rows (``_int8_embedding``), as in the ONNX model; ``"float"`` keeps its values
+    in float32."""
     schema, fu = _schema()
     model = fu.read_model(str(float_path))
     if len(model.subgraphs) != 1:
@@ -335,11 +337,87 @@ def quantize_points(float_path, weights: dict[str, np.ndarray], qparams: QParams
         else:
             new_ops.append(op)
     graph.operators = new_ops
-    live = {t.buffer for sg in model.subgraphs for t in sg.tensors}
-    for b in dropped_buffers - live:  # the float weights no tensor reads any more
-        model.buffers[b].data = None
+    if embedding == "int8":
+        _int8_embedding(model, graph, schema, qparams, carried, dropped_buffers)
+    elif embedding != "float":
+        raise ValueError(f"embedding must be 'int8' or 'float', got {embedding!r}")
+    _drop_dead_buffers(model, dropped_buffers)
     atomic_write_bytes(out_path, bytes(fu.convert_object_to_bytearray(model)))
     return carried
+
+
+def _int8_embedding(model, graph, schema, qparams: QParams, carried: dict, dropped_buffers: set) -> None:
+    """The token embedding as int8 rows, as ``quant.qdq`` stores it: a tied lm_head's table
+    (``device_module`` put ``dequantize(q_head) / m`` in it) becomes an int8 view of lm_head's own
+    weight buffer with its per-row scales (one copy in the file, patched with lm_head), then a
+    DIV by lm_head's smoothing factors; an untied table gets its own per-row min-max int8 rows.
+    EMBEDDING_LOOKUP's hybrid kernel (int8 table, float output) scales each row."""
+    from quant.affine import range_to_qparams, tensor_range
+    from quant.qdq import EMBEDDING_SPEC
+
+    code = schema.BuiltinOperator.EMBEDDING_LOOKUP
+    T = schema.TensorType
+    lookups = [op for op in graph.operators
+               if max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                      model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) == code]
+    by_name = {_name(t): i for i, t in enumerate(graph.tensors)}
+    for op in lookups:
+        tt = graph.tensors[op.inputs[1]]
+        if tt.type != T.FLOAT32 or model.buffers[tt.buffer].data is None:
+            continue
+        table = np.frombuffer(np.asarray(model.buffers[tt.buffer].data, np.uint8).tobytes(),
+                              np.float32).reshape(tt.shape)
+        head = None
+        for path in (k.rsplit(":", 1)[0] for k in carried if k.endswith(":weight")):
+            wt = graph.tensors[by_name[f"{path}:weight"]]
+            p = qparams.points[f"{path}:weight"]
+            if list(wt.shape) != list(table.shape) or p.spec.granularity != "per_channel":
+                continue
+            q = np.frombuffer(np.asarray(model.buffers[wt.buffer].data, np.uint8).tobytes(), np.int8)
+            s = np.asarray(wt.quantization.scale, np.float32)
+            rows = q.reshape(table.shape).astype(np.float32) * s[:, None]
+            m = qparams.smoothing.get(path)
+            if m is not None:
+                rows = rows / np.asarray(m, np.float32)
+            if np.array_equal(rows, table):
+                head = path
+                break
+        dropped_buffers.add(tt.buffer)
+        if head is None:
+            s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
+            q = quantize(table, s, z, EMBEDDING_SPEC).astype(np.int8)
+            op.inputs[1] = _new_tensor(model, graph, schema, "embedding.weight", table.shape, T.INT8, data=q,
+                                       scale=np.asarray(s, np.float32).reshape(-1),
+                                       zero_point=np.zeros(table.shape[0], np.int64), axis=0)
+            continue
+        wt = graph.tensors[by_name[f"{head}:weight"]]
+        shared = _new_tensor(model, graph, schema, f"{head}:weight.embedding", table.shape, T.INT8,
+                             scale=wt.quantization.scale, zero_point=wt.quantization.zeroPoint, axis=0)
+        graph.tensors[shared].buffer = wt.buffer
+        carried[f"{head}:weight"].append(f"{head}:weight.embedding")
+        op.inputs[1] = shared
+        m = qparams.smoothing.get(head)
+        if m is not None:
+            out = op.outputs[0]
+            rows = _new_tensor(model, graph, schema, f"{head}:weight.embedding.rows", graph.tensors[out].shape,
+                               T.FLOAT32)
+            op.outputs[0] = rows
+            mt = _new_tensor(model, graph, schema, f"{head}.smooth", [len(m)], T.FLOAT32,
+                             data=np.asarray(m, np.float32))
+            div = _op(model, graph, schema, schema.BuiltinOperator.DIV, [rows, mt], [out])
+            graph.operators.insert(graph.operators.index(op) + 1, div)
+
+
+def _drop_dead_buffers(model, candidates) -> None:
+    """Empty the buffers of ``candidates`` (the replaced float weights) that no operator, graph
+    input or output reads any more: their tensors stay in the table, their bytes leave the file."""
+    live = set()
+    for g in model.subgraphs:
+        used = {i for op in g.operators for i in list(op.inputs) + list(op.outputs) if i >= 0}
+        used |= set(g.inputs) | set(g.outputs)
+        live |= {g.tensors[i].buffer for i in used}
+    for b in set(candidates) - live:
+        model.buffers[b].data = None
 
 
 def _integer_fc(model, graph, schema, op, path, pi, pw, output_ranges, new_ops, carried,
@@ -411,6 +489,9 @@ def patch_points(tflite_bytes: bytes, qparams: QParams, weights: dict[str, np.nd
             model.buffers[t.buffer].data = np.frombuffer(q.tobytes(), np.uint8)
             n = len(t.quantization.scale)
             t.quantization.scale = [float(v) for v in np.broadcast_to(np.asarray(p.scale, np.float32).reshape(-1), (n,))]
+            for other in graph.tensors:     # a tied embedding reads the same int8 rows
+                if other is not t and other.buffer == t.buffer and other.quantization is not None:
+                    other.quantization.scale = list(t.quantization.scale)
         else:
             z = int(np.asarray(p.zero_point).reshape(()))
             if t.type == schema.TensorType.INT8 and not p.spec.signed:

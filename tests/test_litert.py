@@ -70,6 +70,13 @@ def test_qdq_tflite_computes_what_ort_integer_model_computes(converted):
         assert nll_sum_and_count(got, ids)[0] == pytest.approx(nll_sum_and_count(ref, ids)[0], rel=1e-5)
     # the float device model differs from the QDQ one: the points do something
     assert np.abs(LiteRTRuntime(dev).logits(ids) - ref).max() > 1e-3
+    # int8 weights and embedding rows replace the float ones in the file (the tied embedding
+    # reads lm_head's int8 rows: one copy)
+    assert (d / "fedquant.tflite").stat().st_size < 0.5 * dev.stat().st_size
+    assert "lm_head:weight.embedding" in carried["lm_head:weight"]
+    float_emb = d / "float-embedding.tflite"
+    quantize_points(dev, weights, qp, float_emb, embedding="float")
+    np.testing.assert_allclose(LiteRTRuntime(float_emb).logits(ids), ref, atol=1e-4 * np.abs(ref).max())
 
 
 def test_points_carry_the_fleets_scales_and_zero_points(converted):
@@ -139,6 +146,14 @@ def test_patching_a_release_equals_exporting_it(converted, integer):
     if biases:      # Qwen2: a bias left stale is refused, not silently kept
         with pytest.raises(KeyError, match="stale bias"):
             patch_points((d / "held.tflite").read_bytes(), release, weights)
+    if not integer:     # the tied embedding's int8 rows move with lm_head's weight, as in ORT
+        lm = qp.points["lm_head:weight"]
+        head = release.with_points({"lm_head:weight": PointParams(lm.spec, np.asarray(lm.scale, np.float32) * 0.9,
+                                                                  lm.zero_point)})
+        got = LiteRTRuntime(patch_points((d / "held.tflite").read_bytes(), head, weights, biases)).logits(ids)
+        export_qdq(model, qp.with_points(head.points), d / "head.onnx", float_onnx=d / "float.onnx")
+        ref = _ort(d / "head.onnx", ids)
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
     pin = qp.points["lm_head:input"]
     with pytest.raises(KeyError, match="no tensor named"):
         patch_points(patched, QParams({"model.nope:input": pin}), weights)
