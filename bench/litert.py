@@ -294,8 +294,14 @@ def main(argv: list[str] | None = None) -> dict:
     dev_float = build("fedquant.float.tflite", lambda p: convert_float(model, qp, p, batch=args.batch, seq_len=seq))
     weights = stored_weights(model, qp)
     fed = build("fedquant.tflite", lambda p: quantize_points(dev_float, weights, qp, p))
-    fed_int = build("fedquant.int8fc.tflite", lambda p: quantize_points(
-        dev_float, weights, qp, p, integer=True, output_ranges=fc_output_ranges(model, qp, d.train)))
+    def int8fc(p):
+        ranges_file = cache / "fc_output_ranges.json"    # a SmolLM2 forward over the pooled text
+        if args.fresh or not ranges_file.is_file():
+            write_json(ranges_file, fc_output_ranges(model, qp, d.train))
+        ranges = {k: tuple(v) for k, v in json.loads(ranges_file.read_text()).items()}
+        quantize_points(dev_float, weights, qp, p, integer=True, output_ranges=ranges)
+
+    fed_int = build("fedquant.int8fc.tflite", int8fc)
     calib_info = {}
     for name, ids in (("own.random.tflite", d.random), ("own.pooled.tflite", d.train)):
         def make(p, ids=ids, name=name):
