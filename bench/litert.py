@@ -65,17 +65,24 @@ def _batches(ids: np.ndarray, batch: int) -> list[np.ndarray]:
     return out
 
 
-def own_calibration(float_tflite: Path, ids: np.ndarray, batch: int, out: Path) -> dict:
-    """LiteRT's own full-integer recipe: ``ai_edge_quantizer`` ``static_wi8_ai8`` (min-max,
-    int8 per-channel weights, int8 activations of every op it supports) calibrated on ``ids``."""
-    from ai_edge_quantizer import quantizer, recipe
+def own_calibration(float_tflite: Path, ids: np.ndarray, batch: int, out: Path, fc_only: bool = False) -> dict:
+    """LiteRT's own static recipe: ``ai_edge_quantizer`` ``static_wi8_ai8`` (min-max, int8
+    per-channel weights, int8 activations of every op it supports) calibrated on ``ids``;
+    ``fc_only``: the same on FULLY_CONNECTED only (our points, plus the int8 outputs TFLite's
+    kernel needs), everything else float."""
+    from ai_edge_quantizer import qtyping, quantizer, recipe
     from client.litert_runtime import litert_interpreter
 
     it = litert_interpreter(float_tflite)
     sig = it.get_signature_list()
     key = next(iter(sig))
     name = sig[key]["inputs"][0]
-    q = quantizer.Quantizer(str(float_tflite), recipe.static_wi8_ai8())
+    if fc_only:
+        q = quantizer.Quantizer(str(float_tflite))
+        q.add_static_config(regex=".*", operation_name=qtyping.TFLOperationName.FULLY_CONNECTED,
+                            activation_num_bits=8, weight_num_bits=8)
+    else:
+        q = quantizer.Quantizer(str(float_tflite), recipe.static_wi8_ai8())
     t0 = time.perf_counter()
     calib = q.calibrate({key: [{name: b} for b in _batches(ids, batch)]}, num_threads=2)
     q.quantize(calib, enable_progress_report=False).export_model(str(out), overwrite=True)
@@ -145,10 +152,10 @@ class Timer:
         self.float = LiteRTRuntime(float_tflite, threads=threads)
         self.feed = _batches(evals, self.float.batch)[0]
 
-    def evaluate(self, path: Path, pair: bool = True) -> dict:
+    def evaluate(self, path: Path, pair: bool = True, xnnpack: bool = True) -> dict:
         from client.litert_runtime import LiteRTRuntime
 
-        rt = self.float if not pair else LiteRTRuntime(path, threads=self.threads)
+        rt = self.float if not pair else LiteRTRuntime(path, threads=self.threads, xnnpack=xnnpack)
         nll, tokens = rt.evaluate(self.evals)          # also the warm-up
         mine, theirs = [], []
         for _ in range(self.runs):
@@ -217,9 +224,10 @@ def markdown_table(result: dict) -> str:
         lat = "-" if r.get("latency_ms") is None else (
             f"{r['latency_vs_float']:.2f} ({r['latency_ms']:.0f} ms)")
         ops = f"{r['integer_output_ops']}/{r['ops_total']}" if "ops_total" in r else "-"
-        lines.append(f"| {r['runtime']} | {r['recipe']} | {r.get('calibration_data', result['qparams'])} | "
+        runtime = r["runtime"] + (" (builtin kernels)" if r.get("kernels") == "builtin" else "")
+        lines.append(f"| {runtime} | {r['recipe']} | {r.get('calibration_data', result['qparams'])} | "
                      f"{r['perplexity']:.3f} | {r['increase_pct']:+.2f}% | {100 * (r['perplexity'] / ort - 1):+.3f}% | "
-                     f"{r['file_bytes'] / 2**20:.0f} MB | {lat} | {ops} |")
+                     f"{'-' if 'file_bytes' not in r else format(r['file_bytes'] / 2**20, '.0f') + ' MB'} | {lat} | {ops} |")
     flags = " ".join(m.get("simd") or [])
     lines.append("")
     lines.append(f"`{result['command']}` ({result['wall_s']:.0f} s; {result['eval_sequences']} held-out sequences of "
@@ -227,6 +235,29 @@ def markdown_table(result: dict) -> str:
                  f"of {result['latency_runs']} runs each back to back with the float .tflite). CPU: {m.get('cpu_model') or m.get('cpu')} "
                  f"({flags}); " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + ".")
     return "\n".join(lines)
+
+
+def torch_fake_quant(model, qparams, evals: np.ndarray) -> dict:
+    """The same QParams as torch fake quantization (``quant.instrument``, int8 embedding): a third
+    implementation of the same arithmetic, in torch's float ops."""
+    import copy
+
+    import torch
+
+    from quant.instrument import QuantConfig, quantize_, set_mode, set_qparams
+    from quant.metrics import nll_sum_and_count
+
+    m = copy.deepcopy(model)
+    quantize_(m, QuantConfig())
+    set_qparams(m, qparams)
+    set_mode(m, "quant")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(evals), 4):
+            ids = torch.from_numpy(evals[i:i + 4])
+            s, c = nll_sum_and_count(m(input_ids=ids, use_cache=False).logits, ids)
+            total, count = total + s, count + c
+    return {"perplexity": float(np.exp(total / count)), "tokens": int(count)}
 
 
 def _key(*parts) -> str:
@@ -303,30 +334,39 @@ def main(argv: list[str] | None = None) -> dict:
 
     fed_int = build("fedquant.int8fc.tflite", int8fc)
     calib_info = {}
-    for name, ids in (("own.random.tflite", d.random), ("own.pooled.tflite", d.train)):
-        def make(p, ids=ids, name=name):
-            calib_info[name] = own_calibration(float_tfl, ids, args.batch, p)
+    for name, ids, fc_only in (("own.random.tflite", d.random, False), ("own.pooled.tflite", d.train, False),
+                               ("own-fc.random.tflite", d.random, True), ("own-fc.pooled.tflite", d.train, True)):
+        def make(p, ids=ids, name=name, fc_only=fc_only):
+            calib_info[name] = own_calibration(float_tfl, ids, args.batch, p, fc_only)
         build(name, make)
 
     _log("ONNX Runtime integer model (reference)")
     ort = ort_integer(model, qp, d.float_onnx, d.evals, cache)
+    _log("torch fake-quant of the same QParams (quant.instrument)")
+    fq = torch_fake_quant(model, qp, d.evals)
     timer = Timer(float_tfl, d.evals, runs, args.threads)
-    rows = [dict(recipe="ONNX Runtime integer (fedquant QParams)", runtime="onnxruntime", **ort)]
+    rows = [dict(recipe="ONNX Runtime integer (fedquant QParams)", runtime="onnxruntime", **ort),
+            dict(recipe="torch fake-quant (fedquant QParams)", runtime="torch", **fq)]
     specs = [("LiteRT float", "none", float_tfl, False),
              ("LiteRT fedquant QParams (QDQ form)", qsource, fed, True),
              ("LiteRT fedquant QParams, int8 FC kernels", qsource + " + FC output min-max on pooled text", fed_int, True),
              ("LiteRT own calibration (ai-edge-quantizer static_wi8_ai8)", "random token ids", cache / "own.random.tflite", True),
-             ("LiteRT own calibration (ai-edge-quantizer static_wi8_ai8)", "pooled real text", cache / "own.pooled.tflite", True)]
+             ("LiteRT own calibration (ai-edge-quantizer static_wi8_ai8)", "pooled real text", cache / "own.pooled.tflite", True),
+             ("LiteRT own calibration, FULLY_CONNECTED only (ai-edge-quantizer)", "random token ids", cache / "own-fc.random.tflite", True),
+             ("LiteRT own calibration, FULLY_CONNECTED only (ai-edge-quantizer)", "pooled real text", cache / "own-fc.pooled.tflite", True),
+             ("LiteRT fedquant QParams (QDQ form), TFLite builtin kernels (no XNNPACK)", qsource, fed, "builtin")]
     for recipe, data, path, pair in specs:
         _log(f"evaluating {recipe} / {data}")
-        r = dict(recipe=recipe, calibration_data=data, runtime="litert", file=path.name, **timer.evaluate(path, pair))
+        kernels = "builtin" if pair == "builtin" else "xnnpack"
+        r = dict(recipe=recipe, calibration_data=data, runtime="litert", kernels=kernels, file=path.name,
+                 **timer.evaluate(path, bool(pair), xnnpack=kernels == "xnnpack"))
         if path.name in calib_info:
             r.update(calib_info[path.name])
         r.update(op_summary(path))
         rows.append(r)
         _log(f"  PPL {r['perplexity']:.3f}, {r['latency_ms']} ms ({r['latency_vs_float']}x float), "
              f"{r['file_bytes'] / 2**20:.1f} MB")
-    float_ppl = rows[1]["perplexity"]
+    float_ppl = next(r["perplexity"] for r in rows if r["recipe"] == "LiteRT float")
     for r in rows:
         r["increase_pct"] = round(100 * (r["perplexity"] / float_ppl - 1), 2)
     ort_ppl = ort["perplexity"]
@@ -338,8 +378,10 @@ def main(argv: list[str] | None = None) -> dict:
         "model": d.cfg.model, "config": shown_path(config), "qparams": qsource, "profile": args.profile,
         "eval_sequences": int(len(d.evals)), "seq_len": int(seq), "batch": args.batch,
         "latency_runs": runs, "threads": args.threads,
-        "litert_vs_ort_pct": round(100 * (rows[2]["perplexity"] / ort_ppl - 1), 3),
-        "litert_int8fc_vs_ort_pct": round(100 * (rows[3]["perplexity"] / ort_ppl - 1), 3),
+        "litert_vs_ort_pct": round(100 * (rows[3]["perplexity"] / ort_ppl - 1), 3),
+        "litert_builtin_vs_ort_pct": round(100 * (rows[-1]["perplexity"] / ort_ppl - 1), 3),
+        "torch_fake_quant_vs_ort_pct": round(100 * (rows[1]["perplexity"] / ort_ppl - 1), 3),
+        "litert_int8fc_vs_ort_pct": round(100 * (rows[4]["perplexity"] / ort_ppl - 1), 3),
         "rows": rows, "versions": versions(PACKAGES), "machine": machine(),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
