@@ -9,6 +9,8 @@ SmoothQuant factors; each model is converted once per module (litert-torch: a fe
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -247,3 +249,23 @@ def test_litert_device_statistics_merge_with_ort_devices_and_evaluation_patches(
     want = evaluate(ort_phone, Instruction(round=2, job="eval", qparams=release), data[:2])
     assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
     assert got["version"] == want["version"] == int(qp.version) + 1
+
+
+@pytest.mark.bench
+def test_bench_quick_rows_and_table(tmp_path, monkeypatch):
+    """bench/litert.py in quick mode (the smoke config's tiny model, min-max QParams): every row,
+    the LiteRT export of the QParams at the ORT integer model's perplexity, and the README table."""
+    from bench import litert
+
+    monkeypatch.setenv("FEDQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "litert.json"
+    r = litert.main(["--quick", "--out", str(out), "--latency-runs", "1"])
+    recipes = [row["recipe"] for row in r["rows"]]
+    assert recipes[:4] == ["ONNX Runtime integer (fedquant QParams)", "torch fake-quant (fedquant QParams)",
+                           "LiteRT float", "LiteRT fedquant QParams (QDQ form)"] and len(recipes) == 10
+    assert abs(r["litert_vs_ort_pct"]) < 0.01 and abs(r["litert_builtin_vs_ort_pct"]) < 0.01
+    assert all(np.isfinite(row["perplexity"]) and row["perplexity"] > 1 for row in r["rows"])
+    own = [row for row in r["rows"] if row["recipe"].startswith("LiteRT own calibration (")]
+    assert all(row["fixed_output_scales"] for row in own)      # int8 SOFTMAX/LOGISTIC: 1/256, -128
+    table = litert.markdown_table(json.loads(out.read_text()))
+    assert table.startswith("| runtime |") and table.count("\n| ") == len(recipes)
