@@ -205,6 +205,11 @@ def quick_qparams(model, ids: np.ndarray):
     return weights.with_points(minmax_points(ranges, activation_specs(q)))
 
 
+def _repo_relative(path) -> str:
+    p = Path(path).resolve()
+    return p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else shown_path(p)
+
+
 def run_relative(path) -> str:
     """A run's file as ``runs/<name>/...`` (where ``fedquant simulate`` writes it in any checkout),
     so that a result names no machine's directory; other paths as ``shown_path`` shows them."""
@@ -375,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([".venv-litert/bin/python -m bench.litert",
                              *(run_relative(a) if Path(a).exists() else a
                                for a in (sys.argv[1:] if argv is None else argv))]),
-        "model": d.cfg.model, "config": shown_path(config), "qparams": qsource, "profile": args.profile,
+        "model": d.cfg.model, "config": _repo_relative(config), "qparams": qsource, "profile": args.profile,
         "eval_sequences": int(len(d.evals)), "seq_len": int(seq), "batch": args.batch,
         "latency_runs": runs, "threads": args.threads,
         "litert_vs_ort_pct": round(100 * (rows[3]["perplexity"] / ort_ppl - 1), 3),
