@@ -219,6 +219,11 @@ def run_relative(path) -> str:
     return shown_path(path)
 
 
+def _num(x: float, fmt: str) -> str:
+    """``x`` in ``fmt``, or in 2-digit scientific notation when it is too large to read so."""
+    return format(x, fmt) if abs(x) < 1e5 else format(x, "+.1e" if fmt.startswith("+") else ".1e")
+
+
 def markdown_table(result: dict) -> str:
     """The README table of a result (``--table`` prints it from the JSON)."""
     m = result["machine"]
@@ -231,8 +236,9 @@ def markdown_table(result: dict) -> str:
         ops = f"{r['integer_output_ops']}/{r['ops_total']}" if "ops_total" in r else "-"
         runtime = r["runtime"] + (" (builtin kernels)" if r.get("kernels") == "builtin" else "")
         lines.append(f"| {runtime} | {r['recipe']} | {r.get('calibration_data', result['qparams'])} | "
-                     f"{r['perplexity']:.3f} | {r['increase_pct']:+.2f}% | {100 * (r['perplexity'] / ort - 1):+.3f}% | "
-                     f"{'-' if 'file_bytes' not in r else format(r['file_bytes'] / 2**20, '.0f') + ' MB'} | {lat} | {ops} |")
+                     f"{_num(r['perplexity'], '.3f')} | {_num(r['increase_pct'], '+.2f')}% | "
+                     f"{_num(100 * (r['perplexity'] / ort - 1), '+.3f')}% | "
+                     f"{'-' if 'file_bytes' not in r else format(r['file_bytes'] / 2**20, '.0f') + ' MiB'} | {lat} | {ops} |")
     flags = " ".join(m.get("simd") or [])
     lines.append("")
     lines.append(f"`{result['command']}` ({result['wall_s']:.0f} s; {result['eval_sequences']} held-out sequences of "
