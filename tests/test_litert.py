@@ -269,3 +269,26 @@ def test_bench_quick_rows_and_table(tmp_path, monkeypatch):
     assert all(row["fixed_output_scales"] for row in own)      # int8 SOFTMAX/LOGISTIC: 1/256, -128
     table = litert.markdown_table(json.loads(out.read_text()))
     assert table.startswith("| runtime |") and table.count("\n| ") == len(recipes)
+
+
+def test_untied_embedding_gets_its_own_int8_rows(tmp_path):
+    """An untied embedding (not lm_head's weight) becomes its own per-row int8 table, as in the
+    ONNX model, and the LiteRT logits still equal ORT's integer model's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=False)).eval()
+    qp = minmax_qparams(model, batch(seed=2, shape=(4, SEQ)))
+    export_float_onnx(model, tmp_path / "float.onnx")
+    export_qdq(model, qp, tmp_path / "qdq.onnx", float_onnx=tmp_path / "float.onnx")
+    weights = convert_float(model, qp, tmp_path / "dev.tflite", batch=1, seq_len=SEQ)
+    carried = quantize_points(tmp_path / "dev.tflite", weights, qp, tmp_path / "q.tflite")
+    assert "lm_head:weight.embedding" not in carried["lm_head:weight"]
+    t, buf = _tensors(tmp_path / "q.tflite")["embedding.weight"]
+    assert np.asarray(buf.data).size == 256 * 64 and len(t.quantization.scale) == 256
+    ids = batch(seed=3, shape=(1, SEQ)).numpy()
+    ref = _ort(tmp_path / "qdq.onnx", ids)
+    got = LiteRTRuntime(tmp_path / "q.tflite").logits(ids)
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
