@@ -27,6 +27,8 @@ tokens, interleaved with the float ``.tflite`` so machine load hits both alike) 
 float, on the machine recorded (CPU model + SIMD flags). The QParams come from a finished
 ``fedquant simulate`` run (``--run``, default ``runs/default``; ``--qparams`` for another file).
 Converted models are cached under ``~/.cache/fedquant/bench/litert/<key>/``; ``--fresh`` rebuilds.
+Memory: the conversions take about 3.4 GB, but ai-edge-quantizer's calibration keeps every tensor
+of every batch and peaked at 18.8 GB on the pooled text (SmolLM2): run it alone on the machine.
 Writes ``bench/results/litert.json``.
 """
 
