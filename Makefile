@@ -12,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export RAY_USAGE_STATS_ENABLED=0
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo test test-fast lock bench bench-quality clean
+.PHONY: venv demo test test-fast lock bench bench-quality clean venv-litert test-litert bench-litert
 
 venv: $(VENV)/.installed
 
@@ -55,6 +55,29 @@ bench-quality: venv
 	$(PY) -m bench.quality --runs $(QUALITY_RUNS)
 	$(PY) -m bench.readme_tables
 
+# The optional LiteRT extra (issue 18) in its own venv: the base lock, then requirements-litert.txt with
+# --no-deps (its one conflicting pin is explained there), torch held at 2.13.0 throughout.
+VENV_LITERT := .venv-litert
+PY_LITERT := $(VENV_LITERT)/bin/python
+PIP_LITERT := $(PY_LITERT) -m pip install --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
+venv-litert: $(VENV_LITERT)/.installed
+
+$(VENV_LITERT)/.installed: requirements.lock requirements-data.txt requirements-litert.txt pyproject.toml
+	test -x $(PY_LITERT) || $(PYTHON) -m venv $(VENV_LITERT)
+	$(PIP_LITERT) -r requirements.lock
+	$(PIP_LITERT) --no-deps -r requirements-data.txt
+	$(PIP_LITERT) --no-deps -r requirements-litert.txt
+	$(PIP_LITERT) --no-deps --no-build-isolation -e .
+	$(PY_LITERT) -c "import torch, ai_edge_litert.interpreter, litert_torch, ai_edge_quantizer, pydantic; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+test-litert: venv-litert
+	$(PY_LITERT) -m pytest -q tests/test_litert.py
+
+# The LiteRT rows (bench/results/litert.json) from the main run's QParams; SmolLM2, heavy.
+bench-litert: venv-litert
+	$(PY_LITERT) -m bench.litert --run runs/default
+
 # Regenerate the lock from requirements.txt in a scratch venv (needs the package registry).
 lock:
 	rm -rf /tmp/fedquant-lock && $(PYTHON) -m venv /tmp/fedquant-lock
@@ -62,4 +85,4 @@ lock:
 	/tmp/fedquant-lock/bin/pip freeze --exclude-editable | grep -v '^fedquant' > requirements.lock
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_LITERT)

@@ -193,30 +193,61 @@ def export(
     qparams: Path = typer.Option(..., "--qparams", "-q", help="QParams file (.safetensors) made for this model"),
     model: str = typer.Option("smollm2", help="smollm2, tiny-llama, tiny-qwen2, an HF directory or a .gguf"),
     out: Path = typer.Option(..., "--out", help="directory for the device bundle"),
+    format: str = typer.Option("onnx", "--format", help="onnx (ONNX Runtime) or tflite (LiteRT; needs the fedquant[litert] extra)"),
+    seq_len: int = typer.Option(128, help="tflite: the fixed number of tokens per sequence"),
+    batch: int = typer.Option(1, help="tflite: the fixed batch"),
 ) -> None:
     """Export a model + QParams to what a phone runs: the ONNX QDQ model with its name map, the
-    float graph for statistics, the float weights for re-quantizing, and AIMET/QNN encodings."""
+    float graph for statistics, the float weights for re-quantizing, and AIMET/QNN encodings; or,
+    with --format tflite, the LiteRT model with the same points (quant.tflite)."""
     _quiet_env()
-    from client.runtime import save_device_bundle
-    from quant.encodings import write_encodings_json
-    from quant.export import export_float_onnx
     from quant.instrument import fingerprint
     from quant.qparams import load_qparams
     from simulation.models import load_model
 
+    if format not in ("onnx", "tflite"):
+        _fail(f"--format must be onnx or tflite, got {format!r}")
     try:
         m, _ = load_model(model)
         qp = load_qparams(qparams, expect_model=fingerprint(m))
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
-    with err.status("exporting the float graph (SmolLM2: a few minutes)"):
-        export_float_onnx(m, out / "float.onnx")
-    with err.status("writing the QDQ model and the device bundle"):
-        save_device_bundle(m, qp, out / "model.qdq.onnx", float_onnx=out / "float.onnx")
-        write_encodings_json(qp, out / "encodings.json")
+    if format == "tflite":
+        _export_tflite(m, qp, out, batch, seq_len)
+    else:
+        from client.runtime import save_device_bundle
+        from quant.encodings import write_encodings_json
+        from quant.export import export_float_onnx
+
+        with err.status("exporting the float graph (SmolLM2: a few minutes)"):
+            export_float_onnx(m, out / "float.onnx")
+        with err.status("writing the QDQ model and the device bundle"):
+            save_device_bundle(m, qp, out / "model.qdq.onnx", float_onnx=out / "float.onnx")
+            write_encodings_json(qp, out / "encodings.json")
     for f in sorted(out.iterdir()):
         err.print(f"{f}  {f.stat().st_size / 2**20:.1f} MB", highlight=False)
+
+
+def _export_tflite(m, qp, out: Path, batch: int, seq_len: int) -> None:
+    """``model.tflite`` (the fleet's points, quant.tflite's QDQ form), the float graph it was made
+    from (``model.float.tflite``: the same folded constants, no points) and the float weights a
+    device re-quantizes from when it patches a release (``model.weights.npz``)."""
+    from client.runtime import save_float_linears
+    from quant.export import float_linears
+
+    try:
+        from quant.tflite import convert_float, quantize_points
+    except ImportError as e:
+        _fail(str(e))
+    try:
+        with err.status("converting the float model with litert-torch (SmolLM2: minutes)"):
+            weights = convert_float(m, qp, out / "model.float.tflite", batch=batch, seq_len=seq_len)
+        with err.status("writing the fleet's points into the .tflite"):
+            quantize_points(out / "model.float.tflite", weights, qp, out / "model.tflite")
+            save_float_linears(float_linears(m), out / "model.tflite")
+    except ImportError as e:
+        _fail(str(e))
 
 
 def _round_line(m: dict, width: int = 80) -> str:

@@ -80,6 +80,29 @@ def test_export_refuses_qparams_of_another_model(tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
+
+def test_export_tflite_names_the_missing_extra_and_a_bad_format(tmp_path):
+    """Without the fedquant[litert] extra (the default install) --format tflite says how to get
+    it; tests/test_litert.py covers the export where the extra is installed."""
+    import importlib.util
+
+    import pytest
+
+    from quant.instrument import QuantConfig, get_qparams, quantize_
+    from quant.qparams import save_qparams
+    from simulation.models import tiny_llama
+
+    m = tiny_llama()
+    quantize_(m, QuantConfig())
+    save_qparams(get_qparams(m), tmp_path / "q.safetensors")
+    args = ["export", "--model", "tiny-llama", "--qparams", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "b")]
+    result = runner.invoke(app, args + ["--format", "tflit"])
+    assert result.exit_code == 2 and "--format must be onnx or tflite" in result.output
+    if importlib.util.find_spec("litert_torch") is not None:
+        pytest.skip("the fedquant[litert] extra is installed here: tests/test_litert.py exports for real")
+    result = runner.invoke(app, args + ["--format", "tflite"])
+    assert result.exit_code == 2 and "pip install -e '.[litert]'" in result.output
+
 # ------------------------------------------------------------------------------ failures a person can read
 
 def _crash_quality(monkeypatch):

@@ -32,7 +32,11 @@ FORBIDDEN = {
 # Known departures from the table, one file each, with the reason. quant/release.py signs and
 # verifies release bundles with Ed25519: the server signs, the device verifies, and what both sides
 # use lives in quant/ (design.md section 2); its cryptography imports are inside the functions.
-ALLOWED = {("quant/release.py", "cryptography")}
+# quant/tflite.py writes the LiteRT form of the QDQ model as quant/qdq.py writes the ONNX one: the
+# .tflite flatbuffer schema (ai_edge_litert) and the converter (litert_torch), imported inside its
+# functions from the optional fedquant[litert] extra; the LiteRT interpreter lives in client/.
+ALLOWED = {("quant/release.py", "cryptography"), ("quant/tflite.py", "ai_edge_litert"),
+           ("quant/tflite.py", "litert_torch")}
 
 
 def imports(source: str) -> list[tuple[int, str]]:
@@ -101,7 +105,7 @@ SCANNED_SUFFIXES = frozenset({".py", ".md", ".toml", ".txt", ".json", ".cfg", ".
 NOT_SCANNED = ("tests/test_layout.py",)
 # Scratch directories in commands shown to the reader: /tmp exists on every machine.
 SCRATCH = {("Makefile", "/tmp/fedquant-lock"), ("README.md", "/tmp/s"), ("README.md", "/tmp/q"),
-           ("bench/quality.py", "/tmp/q")}
+           ("bench/quality.py", "/tmp/q"), ("bench/litert.py", "/tmp/litert.json")}
 
 
 def machine_paths(rel: str, text: str) -> list[str]:
