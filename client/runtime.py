@@ -8,9 +8,14 @@ import onnx
 
 
 def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all",
-                nbits_accuracy: int = 1, weight_storage: str | None = "auto"):
+                nbits_accuracy: int = 1, weight_storage: str | None = "auto", external_dir=None):
     """An ONNX Runtime CPU session with ``threads`` intra-op threads; ``optimized_path`` writes the
     graph ORT actually runs (after QDQ fusion) for inspection.
+
+    ``model`` is a path (one file, or a graph with its external data beside it) or a ModelProto.
+    A ModelProto loaded without its external data (``quant.onnxfile.load_onnx``) needs
+    ``external_dir``, the directory its data files are in; one too large to serialize in one
+    piece goes through a temporary file with external data (protobuf's 2 GB limit).
 
     ``weight_storage`` (``choose_weight_storage``): the grid the 8-bit weights of uint8-input
     MatMuls run on. ``"auto"`` moves int8 weights to uint8 (a converted copy, same real values)
@@ -21,7 +26,11 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
     default (4) quantizes the float activations to int8 inside the kernel, silently turning a
     16-bit activation profile into 8 bits (measured 600 LSB of int16); 1 keeps them fp32.
     """
+    import tempfile
+
     import onnxruntime as ort
+
+    from quant.onnxfile import EXTERNAL_THRESHOLD, has_external_data, load_onnx, save_onnx, tensor_bytes
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -37,16 +46,33 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
     if weight_storage is not None and (weight_storage != "auto" or u8s8_saturates()):
         from quant.qdq import set_weight_storage
 
-        mp = onnx.ModelProto()
         if isinstance(model, onnx.ModelProto):
+            mp = onnx.ModelProto()
             mp.CopyFrom(model)
+            if has_external_data(mp):
+                from quant.onnxfile import load_external
+
+                load_external(mp, external_dir)
         else:
-            mp = onnx.load(os.fspath(model))
+            mp = load_onnx(model)
         if set_weight_storage(mp, choose_weight_storage(weight_storage) == "uint8"):
-            model = mp
+            model, external_dir = mp, None
         del mp
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if not isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(os.fspath(model), so, providers=providers)
+    if has_external_data(model):
+        if external_dir is None:
+            raise ValueError("ort_session: the model's tensors are in external data files; "
+                             "pass external_dir, the directory that holds them")
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    os.fspath(external_dir))
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    if tensor_bytes(model) <= EXTERNAL_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="fedquant-ort-") as tmp:
+        path = save_onnx(model, Path(tmp) / "model.onnx")
+        return ort.InferenceSession(str(path), so, providers=providers)
 
 
 # ------------------------------------------------------------------------------ device runtime
@@ -64,6 +90,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from quant.metrics import nll_sum_and_count  # noqa: E402
+from quant.onnxfile import link_file, load_onnx  # noqa: E402
 from quant.qparams import QParams, atomic_write_bytes, load_qparams, qparams_problems, save_qparams  # noqa: E402
 from quant.smoothing import smoothed_weight_point  # noqa: E402
 
@@ -164,16 +191,21 @@ def load_float_linears(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     return out
 
 
-def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_weights: bool = False
-                       ) -> Path:
+def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_weights: bool = False,
+                       weights_from=None) -> Path:
     """Export side (needs torch): write everything ``DeviceRuntime`` loads, beside ``model_path``:
     the QDQ model + name map (``quant.qdq.export_qdq``), the float weights (npz), the QParams
-    (safetensors) and ``model.device.json`` naming the float graph used for statistics."""
+    (safetensors) and ``model.device.json`` naming the float graph used for statistics.
+    ``weights_from``: another bundle's model path of the same model, whose float weights are
+    hard-linked instead of written again (one copy per device directory, not one per profile)."""
     from quant.export import float_linears
     from quant.qdq import export_qdq
 
     export_qdq(model, qparams, model_path, float_onnx=float_onnx, u8_weights=u8_weights)
-    save_float_linears(float_linears(model), model_path)
+    if weights_from is not None:
+        link_file(weights_path(weights_from), weights_path(model_path))
+    else:
+        save_float_linears(float_linears(model), model_path)
     save_qparams(qparams, qparams_path(model_path))
     doc = {"format": BUNDLE_FORMAT, "float_onnx": str(Path(float_onnx).resolve()),
            "u8_weights": bool(u8_weights)}
@@ -205,7 +237,7 @@ class DeviceRuntime:
         self.name_map = load_name_map(names_path(self.path))
         self.linears = load_float_linears(weights_path(self.path))
         self.qparams = load_qparams(qparams_path(self.path))
-        self.model = onnx.load(str(self.path))
+        self.model = load_onnx(self.path)
         from onnx import numpy_helper
 
         from quant.qdq import set_weight_storage
@@ -376,11 +408,12 @@ class FloatCapture:
     session per set of exposed tensors, built on first use; run one batch at a time."""
 
     def __init__(self, float_onnx, threads: int = 1):
-        import onnx
-
         from quant.encodings import onnx_encoding_names
 
-        self.model = onnx.load(str(float_onnx))
+        # the graph without its external tensors (all of it for a one-file model): sessions
+        # read the weights from disk, Python never holds a second copy of them
+        self.model = load_onnx(float_onnx, load_external_data=False)
+        self.external_dir = Path(float_onnx).parent
         self.threads = threads
         self.tensors = {k: v for k, v in onnx_encoding_names(self.model).items()
                         if not k.endswith(":weight")}
@@ -398,7 +431,8 @@ class FloatCapture:
             del mp.graph.output[:]  # only the exposed tensors: the lm_head and softmax are pruned
             add_outputs(mp, names)
             prune_unused(mp.graph)
-            self._sessions = {names: ort_session(mp, threads=self.threads, weight_storage=None)}  # keep one
+            self._sessions = {names: ort_session(mp, threads=self.threads, weight_storage=None,  # keep one
+                                                 external_dir=self.external_dir)}
         return self._sessions[names]
 
     def run(self, ids, keys, smoothing=None) -> dict[str, np.ndarray]:

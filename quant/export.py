@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quant.qparams import atomic_write_bytes
+from quant.onnxfile import EXTERNAL_THRESHOLD, load_external, load_onnx, save_onnx
 
 OPSET = 21  # int16/int4 QuantizeLinear and blocked DequantizeLinear need opset 21
 LINEAR_TAG = "fedquant.linear"  # metadata_props key we put on each Linear's MatMul and bias Add
@@ -198,35 +198,36 @@ def float_graph(model, *, seq_len: int = 16, batch: int = 2, dynamic: bool = Tru
     if dynamic:
         kw["dynamic_shapes"] = {"input_ids": {0: torch.export.Dim("batch"),
                                               1: torch.export.Dim("seq")}}
+    # Through a file with external data whatever the size (protobuf cannot hold a graph past 2 GB),
+    # loaded without it: the exporter's copies of the Linear weights are pruned by the tidy step
+    # before they are ever read, so the tidy graph costs the model's size once, not twice.
     try:
         with tempfile.TemporaryDirectory() as tmp:
             f = Path(tmp) / "float.onnx"
             with torch.no_grad():
                 torch.onnx.export(_logits_only(model).eval(), (ids,), str(f), dynamo=True,
                                   opset_version=opset, input_names=["input_ids"],
-                                  output_names=["logits"], verbose=False, external_data=False, **kw)
-            mp = onnx.load(str(f))
+                                  output_names=["logits"], verbose=False, external_data=True, **kw)
+            mp = load_onnx(f, load_external_data=False)
+            _tidy_linears(mp, float_linears(model), _attention_paths(model))
+            load_external(mp, tmp)
     finally:
         if attn_impl is not None and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(attn_impl)
-    _tidy_linears(mp, float_linears(model), _attention_paths(model))
     return mp
 
 
-def save_onnx(mp: onnx.ModelProto, path) -> Path:
-    """Write a model atomically (a crash leaves the old file or the new one, never half)."""
-    return atomic_write_bytes(path, mp.SerializeToString())
-
-
 def export_float_onnx(model, path, *, seq_len: int = 16, batch: int = 2, dynamic: bool = True,
-                      opset: int = OPSET) -> Path:
+                      opset: int = OPSET, external_threshold: int = EXTERNAL_THRESHOLD) -> Path:
     """Write the float ONNX graph ``input_ids (batch, seq) int64 -> logits (batch, seq, vocab)``.
 
     ``dynamic`` makes batch and sequence symbolic (``seq_len``/``batch`` only shape the example);
     otherwise the graph is fixed to ``(batch, seq_len)``. SmolLM2 takes 40 s on an idle machine,
-    3-4 minutes on a busy one (measured).
+    3-4 minutes on a busy one (measured). Past ``external_threshold`` bytes of weights the graph
+    is written with external data (``quant.onnxfile``).
     """
-    return save_onnx(float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset), path)
+    mp = float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset)
+    return save_onnx(mp, path, external_threshold=external_threshold)
 
 
 def embedding_gathers(mp: onnx.ModelProto) -> list[tuple[object, str]]:
