@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from client.device import FLOAT_ONNX
 from quant.qparams import QParams, atomic_write_bytes, load_qparams, save_qparams
 from server.config import OPERATIONAL
 from simulation.config import SimulationConfig, quant_config_for
@@ -76,17 +77,20 @@ def seed_run_dir(cfg: SimulationConfig, out: Path, source: Path) -> None:
     that already has a run is left alone (it resumes)."""
     if (out / "run.json").is_file():
         return
+    if not source.is_dir():
+        raise ValueError(f"--prepared-from {source}: no such run directory (removed or moved?)")
     held = json.loads((source / "run.json").read_text()) if (source / "run.json").is_file() else {}
     if held.get("config_digest") != config_digest(cfg):
         raise ValueError(f"--prepared-from {source}: it was prepared for another config (digest "
                          f"{held.get('config_digest')}, this one {config_digest(cfg)})")
     if not (source / "device" / "fleet.json").is_file():
         raise ValueError(f"--prepared-from {source}: no prepared device directory in it")
+    check_float_graph(source / "device", f"--prepared-from {source}")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    def link(src, dst):
+    def link(src, dst):  # the float graph and weights (2-7 GB) stay stored once
         try:
             os.link(src, dst)
         except OSError:
@@ -107,7 +111,9 @@ def seed_run_dir(cfg: SimulationConfig, out: Path, source: Path) -> None:
 
 def float_onnx_graph(model, cfg: SimulationConfig, out: Path, progress) -> Path:
     """The float graph: cached across runs under ~/.cache/fedquant/onnx for the shipped SmolLM2
-    (exporting it takes minutes), exported into the run for anything else."""
+    (exporting it takes minutes), exported into ``out/float`` for anything else; past 1 GB of
+    weights with external data (``quant.onnxfile``). ``prepare`` links it into the device
+    directory, its one place in the run."""
     from quant.export import export_float_onnx
     from quant.instrument import fingerprint
 
@@ -190,8 +196,9 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
     model.eval()
     profiles = {e.load().name: (e.load(), e) for e in cfg.fleet}
     clients, evals, about = build_fleet(cfg.data, tokenizer, [(n, e.share) for n, (_, e) in profiles.items()])
-    float_onnx = float_onnx_graph(model, cfg, out, progress)
     device_dir = out / "device"
+    prepared = (device_dir / "fleet.json").is_file()
+    float_onnx = device_dir / FLOAT_ONNX if prepared else float_onnx_graph(model, cfg, out, progress)
     init_dir = out / "initial"
     initial: dict[str, QParams] = {}
     qcfgs = {n: quant_config_for(p, e) for n, (p, e) in profiles.items()}
@@ -211,8 +218,24 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
                  for c in clients}
         write_device_dir(device_dir, model=model, profiles={n: p for n, (p, _) in profiles.items()},
                          quant_configs=qcfgs, qparams=initial, float_onnx=float_onnx, nodes=nodes)
+        shutil.rmtree(out / "float", ignore_errors=True)  # linked into the device directory
+        float_onnx = device_dir / FLOAT_ONNX
+    check_float_graph(device_dir, str(out))
     return Prepared(cfg, out, device_dir, float_onnx, initial, evals, clients, about,
                     time.perf_counter() - t0)
+
+
+def check_float_graph(device_dir: Path, where: str) -> None:
+    """The device directory's float graph and every data file it names are there (a run reuses a
+    preparation by hard links: a half-copied or pruned directory must fail here, with the file)."""
+    from quant.onnxfile import onnx_files
+
+    path = device_dir / FLOAT_ONNX
+    if not path.is_file():
+        raise ValueError(f"{where}: the float graph {path} is missing")
+    missing = [str(f) for f in onnx_files(path) if not f.is_file()]
+    if missing:
+        raise ValueError(f"{where}: the float graph's external data {missing[0]} is missing")
 
 
 def check_run_dir(cfg: SimulationConfig, out: Path) -> None:
