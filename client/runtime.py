@@ -85,13 +85,15 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
 
 import json  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from quant.metrics import nll_sum_and_count  # noqa: E402
 from quant.onnxfile import link_file, load_onnx  # noqa: E402
-from quant.qparams import QParams, atomic_write_bytes, load_qparams, qparams_problems, save_qparams  # noqa: E402
+from quant.qparams import (QParams, atomic_write_bytes, atomic_write_with, load_qparams,  # noqa: E402
+                           qparams_problems, save_qparams)
 from quant.smoothing import smoothed_weight_point  # noqa: E402
 
 BUNDLE_FORMAT = "fedquant.device/1"
@@ -168,27 +170,71 @@ def bundle_path(model_path) -> Path:
 
 def save_float_linears(linears: dict, model_path) -> Path:
     """Write ``{path: (weight (out, in), bias or None)}`` (``quant.export.float_linears(model)``)
-    beside the QDQ model as an npz (no pickle: plain float32 arrays, ``w:<path>`` / ``b:<path>``)."""
-    import io
-
+    beside the QDQ model as an npz (no pickle: plain float32 arrays, ``w:<path>`` / ``b:<path>``),
+    streamed to the file: a 1.5B model's float weights are 6 GB, never one bytes object."""
     arrays = {}
     for path, (w, b) in linears.items():
         arrays[f"w:{path}"] = np.ascontiguousarray(w, np.float32)
         if b is not None:
             arrays[f"b:{path}"] = np.ascontiguousarray(b, np.float32)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return atomic_write_bytes(weights_path(model_path), buf.getvalue())
+    return atomic_write_with(weights_path(model_path), lambda f: np.savez(f, **arrays))
 
 
-def load_float_linears(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    out = {}
-    for k, w in arrays.items():
-        if k.startswith("w:"):
-            out[k[2:]] = (w, arrays.get(f"b:{k[2:]}"))
-    return out
+class FloatLinears(Mapping):
+    """``{Linear path: (weight (out, in), bias or None)}`` of a bundle's ``model.weights.npz``,
+    read from the file on each access, never all held: a patch re-quantizes one Linear at a
+    time, and the float weights of a 1.5B model are 6 GB per runtime. ``shape(path)`` reads only
+    the array header."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._npz = np.load(self.path, allow_pickle=False)   # reads members on demand
+        self._shapes = {}
+        for k in self._npz.files:
+            if k.startswith("w:"):
+                with self._npz.zip.open(k + ".npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    shape = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                             else np.lib.format.read_array_header_2_0(f))[0]
+                self._shapes[k[2:]] = tuple(int(d) for d in shape)
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return self._shapes[path]
+
+    def __getitem__(self, path: str):
+        if path not in self._shapes:
+            raise KeyError(path)
+        b = f"b:{path}"
+        return self._npz[f"w:{path}"], (self._npz[b] if b in self._npz.files else None)
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def weights(self) -> "Mapping[str, np.ndarray]":
+        """``{path: weight}`` read on access as well (what the server's smoothing needs)."""
+        return _WeightsOnly(self)
+
+
+class _WeightsOnly(Mapping):
+    def __init__(self, linears: FloatLinears):
+        self.linears = linears
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        return self.linears[path][0]
+
+    def __iter__(self):
+        return iter(self.linears)
+
+    def __len__(self) -> int:
+        return len(self.linears)
+
+
+def load_float_linears(path) -> FloatLinears:
+    """The float weights of a bundle (``weights_path``), read on access (``FloatLinears``)."""
+    return FloatLinears(path)
 
 
 def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_weights: bool = False,
@@ -224,7 +270,6 @@ class DeviceRuntime:
 
     def __init__(self, model_path, threads: int = 1, float_onnx=None, capture: "FloatCapture | None" = None,
                  weight_storage: str = "auto"):
-        import onnx
 
         from quant.qdq import load_name_map, names_path
 
@@ -261,7 +306,7 @@ class DeviceRuntime:
         checks of ``quant.qparams.qparams_problems`` (which the server applies too before it
         commits), and smoothing only for the Linears this model has a smoothing Div for."""
         errors = qparams_problems(qp, self.qparams,
-                                  {path: int(w[0].shape[1]) for path, w in self.linears.items()})
+                                  {path: self._weight_shape(path)[1] for path in self.linears})
         unknown_s = sorted(set(qp.smoothing) - set(self.qparams.smoothing))
         if unknown_s:
             errors.append(f"smoothing for Linears the model has no smoothing Div for: {unknown_s[:5]}")
@@ -388,12 +433,26 @@ class DeviceRuntime:
             self._capture = FloatCapture(self.float_onnx, threads=self.threads)
         return self._capture
 
+    def logits_width(self) -> int:
+        """The vocabulary the logits span (lm_head's rows, else the widest Linear), from the
+        weights' headers alone."""
+        if "lm_head" in self.linears:
+            return self._weight_shape("lm_head")[0]
+        return max(self._weight_shape(p)[0] for p in self.linears)
+
+    def _weight_shape(self, path: str) -> tuple[int, ...]:
+        """A Linear's weight shape without reading the weight (``FloatLinears``; a plain dict of
+        arrays works too)."""
+        if isinstance(self.linears, FloatLinears):
+            return self.linears.shape(path)
+        return tuple(np.shape(self.linears[path][0]))
+
     def activation_keys(self) -> list[str]:
         return sorted(k for k in self.qparams.points if not k.endswith(":weight"))
 
     def activation_widths(self) -> dict[str, int]:
         """Last-axis width of each activation point the weights tell (Linear inputs)."""
-        return {k: int(self.linears[k.rsplit(":", 1)[0]][0].shape[1]) for k in self.activation_keys()
+        return {k: self._weight_shape(k.rsplit(":", 1)[0])[1] for k in self.activation_keys()
                 if k.endswith(":input") and k.rsplit(":", 1)[0] in self.linears}
 
     def float_activations(self, ids, keys):

@@ -19,11 +19,12 @@ onnx and numpy only: a phone uses it too.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
+
+from quant.qparams import atomic_write_bytes, atomic_write_with
 
 PROTOBUF_LIMIT = 2**31 - 1              # bytes: protobuf cannot serialize a larger message
 EXTERNAL_THRESHOLD = 1 << 30            # tensor bytes past which a model goes to external data
@@ -60,27 +61,6 @@ def has_external_data(mp: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in _tensors(mp))
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_onnx(mp: onnx.ModelProto, path, *, external_threshold: int = EXTERNAL_THRESHOLD) -> Path:
     """Write ``mp`` to ``path`` atomically: one file when its tensors take at most
     ``external_threshold`` bytes, else the graph plus ``data_file(path)`` (module docstring).
@@ -96,10 +76,8 @@ def save_onnx(mp: onnx.ModelProto, path, *, external_threshold: int = EXTERNAL_T
         raise ValueError(f"{path}: the model holds tensors whose data was not loaded "
                          "(load it with load_onnx before saving it elsewhere)")
     if tensor_bytes(mp) <= external_threshold:
-        blob = mp.SerializeToString()
-        _write_atomically(path, lambda f: f.write(blob))
+        atomic_write_bytes(path, mp.SerializeToString())
         data.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
         return path
 
     moved: list[tuple[TensorProto, int, int]] = []
@@ -123,13 +101,11 @@ def save_onnx(mp: onnx.ModelProto, path, *, external_threshold: int = EXTERNAL_T
             del raw
 
     try:
-        _write_atomically(data, write_data)
+        atomic_write_with(data, write_data)
         blob = mp.SerializeToString()
         if len(blob) > PROTOBUF_LIMIT:
             raise ValueError(f"{path}: the graph alone is {len(blob)} bytes, past protobuf's limit")
-        _write_atomically(path, lambda f: f.write(blob))
-        del blob
-        _fsync_dir(path.parent)
+        atomic_write_bytes(path, blob)
     finally:
         _restore(moved, data)
     return path
@@ -164,16 +140,16 @@ def load_onnx(path, *, load_external_data: bool = True) -> onnx.ModelProto:
     return mp
 
 
-def load_external(mp: onnx.ModelProto, base) -> None:
+def load_external(mp: onnx.ModelProto, base, only=None) -> None:
     """Read the tensors of ``mp`` still on disk (their locations relative to ``base``) into it,
-    exactly as a one-file load holds them. Our own reader, not onnx's: onnx refuses a data file
-    with several hard links, and a run directory shares its float graph by hard links (a data
-    file must still lie in ``base`` itself: no path in its location)."""
+    exactly as a one-file load holds them; ``only(name)`` chooses which (default all). Our own
+    reader, not onnx's: onnx refuses a data file with several hard links, and a run directory
+    shares its float graph by hard links (a data file must lie in ``base`` itself)."""
     base = Path(base)
     handles: dict[str, object] = {}
     try:
         for t in _tensors(mp):
-            if not is_external(t):
+            if not is_external(t) or (only is not None and not only(t.name)):
                 continue
             info = {e.key: e.value for e in t.external_data}
             loc = info.get("location", "")

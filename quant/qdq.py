@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
 from quant.export import (MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
                           linear_paths, matmul_paths, node_tag, prune_unused)
-from quant.onnxfile import EXTERNAL_THRESHOLD, load_onnx, save_onnx
+from quant.onnxfile import EXTERNAL_THRESHOLD, load_external, load_onnx, save_onnx
 from quant.qparams import QParams, atomic_write_bytes
 from quant.spec import QuantSpec, weight_spec
 
@@ -378,8 +378,9 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     elif isinstance(float_onnx, onnx.ModelProto):
         mp = onnx.ModelProto()
         mp.CopyFrom(float_onnx)
-    else:
-        mp = load_onnx(float_onnx)
+    else:  # the Linears' float weights come from ``model``: the graph's copies stay on disk
+        mp = load_onnx(float_onnx, load_external_data=False)
+        load_external(mp, Path(float_onnx).parent, only=lambda name: not name.endswith(".weight_t"))
     _check_opset(mp, qparams)
     linears = float_linears(model)
     unknown = sorted(({k.rsplit(":", 1)[0] for k in qparams.points} | set(qparams.smoothing))
@@ -387,6 +388,8 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     if unknown:
         raise ValueError(f"QParams keys name no Linear of this graph: {unknown[:5]}")
     name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding, nbits_barrier)
+    if float_onnx is not None and not isinstance(float_onnx, onnx.ModelProto):
+        load_external(mp, Path(float_onnx).parent)  # the weights of Linears left float, if any
     save_onnx(mp, path, external_threshold=external_threshold)
     atomic_write_bytes(names_path(path), json.dumps(
         {k: list(v) for k, v in sorted(name_map.items())}, indent=1).encode())

@@ -144,12 +144,18 @@ def random_calibration(model, qcfg, cfg: SimulationConfig, vocab: int, name: str
     """The starting QParams of profile ``name``: weights min-max per channel/group, activations
     calibrated (the server's calibrator for the profile, and bins) on random token ids -- the
     common ``representative_dataset`` recipe, and the reference row ``random_calib_ppl``."""
-    from quant.instrument import fingerprint, get_qparams, quantize_, set_mode, set_qparams
+    from quant.instrument import QuantLinear, fingerprint, get_qparams, quantize_, set_mode, set_qparams
     from quant.ptq import calibrate_activations
     from simulation.sequences import random_token_sequences
 
-    m = copy.deepcopy(model)
+    # The instrumented copy shares the float model's weights (nothing here changes them) and
+    # fake-quantizes them per forward instead of caching them: one model in memory, not three.
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    m = copy.deepcopy(model, memo=shared)
     quantize_(m, qcfg)
+    for q in m.modules():
+        if isinstance(q, QuantLinear):
+            q.cache_weight = False
     set_mode(m, "float", "activations")
     ids = random_token_sequences(vocab, cfg.data.random_sequences, cfg.data.seq_len, cfg.data.seed)
     batches = [ids[i:i + 4] for i in range(0, len(ids), 4)]
@@ -170,13 +176,15 @@ def with_unit_smoothing(qp: QParams, model) -> QParams:
     return QParams(qp.points, qp.model, qp.version, {**ones, **qp.smoothing}, qp.meta)
 
 
-def server_weights(prep: "Prepared") -> dict[str, np.ndarray]:
+def server_weights(prep: "Prepared"):
     """Linear path -> float weight (out, in), as the devices hold them (the device directory's
-    ``model.weights.npz``): the server computes smoothing factors and weight points from these."""
+    ``model.weights.npz``): the server computes smoothing factors and weight points from these.
+    A mapping that reads each weight from the file when asked: the server never holds them all
+    (6 GB for a 1.5B model)."""
     from client.runtime import load_float_linears, weights_path
 
     name = next(iter(prep.initial))
-    return {p: w for p, (w, _) in load_float_linears(weights_path(prep.device_dir / name / "model.onnx")).items()}
+    return load_float_linears(weights_path(prep.device_dir / name / "model.onnx")).weights()
 
 
 def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | None = None) -> Prepared:
@@ -191,6 +199,9 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     check_run_dir(cfg, out)
+    if os.environ.get("FEDQUANT_MEMORY_CHECK", "on") != "off":   # off: to measure past the estimate
+        est = check_run_fits(cfg)
+        say(progress, f"memory estimate {est['peak'] / 1e9:.1f} GB at the peak")
     say(progress, f"loading {cfg.model}")
     model, tokenizer = load_model(cfg.model)
     model.eval()
@@ -223,6 +234,16 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
     check_float_graph(device_dir, str(out))
     return Prepared(cfg, out, device_dir, float_onnx, initial, evals, clients, about,
                     time.perf_counter() - t0)
+
+
+def check_run_fits(cfg: SimulationConfig) -> dict:
+    """``simulation.memory.check_fits`` for this config, before anything is loaded: a model that
+    cannot fit is refused in a second, with the estimate and the reason, not killed after minutes."""
+    from simulation.memory import check_fits, model_size
+
+    actors = max(1, int(cfg.engine.num_cpus // cfg.engine.client_cpus))
+    return check_fits(model_size(cfg.model), batch=cfg.server.batch_size, seq_len=cfg.data.seq_len,
+                      client_actors=min(actors, cfg.data.clients))
 
 
 def check_float_graph(device_dir: Path, where: str) -> None:

@@ -54,3 +54,130 @@ def test_prepared_from_links_the_float_graph_and_names_what_is_missing(prepared,
     with pytest.raises(ValueError, match="the float graph .*float.onnx is missing"):
         seed_run_dir(cfg, tmp_path / "from-broken", broken)
     assert prep.float_onnx.is_file()
+
+
+def test_random_calibration_shares_the_weights_and_gives_the_same_bits():
+    """The instrumented copy shares the float model's weights and does not cache fake-quantized
+    ones (two models' memory saved): the starting QParams are those of a full deep copy."""
+    import copy
+
+    import numpy as np
+
+    from quant.instrument import fingerprint, get_qparams, quantize_, set_mode, set_qparams
+    from quant.ptq import calibrate_activations
+    from quant.qparams import QParams
+    from simulation.config import quant_config_for
+    from simulation.models import tiny_qwen2
+    from simulation.prepare import random_calibration
+    from simulation.sequences import random_token_sequences
+
+    cfg = load_simulation_config(SMOKE)
+    model = tiny_qwen2(seed=1)
+    entry = cfg.fleet[0]
+    qcfg = quant_config_for(entry.load(), entry)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = random_calibration(model, qcfg, cfg, model.config.vocab_size, entry.load().name)
+    assert all(torch_equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+
+    m = copy.deepcopy(model)                                   # the recipe as it was
+    quantize_(m, qcfg)
+    set_mode(m, "float", "activations")
+    ids = random_token_sequences(model.config.vocab_size, cfg.data.random_sequences, cfg.data.seq_len, cfg.data.seed)
+    points = calibrate_activations(m, [ids[i:i + 4] for i in range(0, len(ids), 4)], cfg.server.bins,
+                                   cfg.server.calibrator_for(entry.load().name))
+    set_qparams(m, QParams(points, model=fingerprint(m)))
+    want = get_qparams(m)
+    assert got.model == want.model and sorted(got.points) == sorted(want.points)
+    for k, p in want.points.items():
+        assert np.array_equal(got.points[k].scale, p.scale) and np.array_equal(got.points[k].zero_point, p.zero_point), k
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+# ------------------------------------------------------------------------------ a GGUF a user names
+
+def write_gguf(model, path: Path, arch: str) -> Path:
+    """``model`` (a tiny HF Llama/Qwen2) as an F32 GGUF the way llama.cpp's converter writes it:
+    its tensor names, Llama's q/k rows permuted, and a byte-level BPE tokenizer (the 256 bytes as
+    GPT-2 spells them, no merges, EOS 256)."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(c.vocab_size)
+    byte = bytes_to_unicode()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([byte[b] for b in range(256)] + ["<eos>"])
+    w.add_token_types([1] * 256 + [3])
+    w.add_token_merges([])
+    w.add_token_scores([0.0] * 257)
+    w.add_eos_token_id(256)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        a = t.detach().float().numpy().copy()
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):  # llama.cpp's rope layout
+            heads = c.num_attention_heads if ".q_proj." in name else c.num_key_value_heads
+            a = a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_gguf_named_in_the_config_loads_as_the_model_it_was_written_from(arch, tmp_path):
+    """The real-model path (design.md section 11): transformers' GGUF loader, q/k/v biases for
+    Qwen2, an untied lm_head, the tokenizer from the file."""
+    pytest.importorskip("gguf")
+    import torch
+
+    from simulation.models import load_model, tiny_llama, tiny_qwen2
+
+    src = (tiny_llama if arch == "llama" else tiny_qwen2)(seed=5, tie_word_embeddings=False)
+    path = write_gguf(src, tmp_path / f"tiny-{arch}.gguf", arch)
+    model, tokenizer = load_model(path)
+    assert type(model).__name__ == type(src).__name__ and not model.config.tie_word_embeddings
+    if arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    ids = torch.as_tensor([tokenizer.encode("To be, or not to be", add_special_tokens=False)])
+    assert ids.tolist() == [list(b"To be, or not to be")]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, src(ids).logits)
+
+
+def test_a_run_prepares_from_a_gguf_named_in_the_config(tmp_path):
+    """``model = "<file>.gguf"`` in a simulation config: preparation loads it, exports it and
+    writes the device directory the clients run."""
+    pytest.importorskip("gguf")
+    import numpy as np
+
+    from client.runtime import ort_session
+    from simulation.models import tiny_qwen2
+
+    path = write_gguf(tiny_qwen2(seed=2, tie_word_embeddings=False), tmp_path / "user.gguf", "qwen2")
+    base = load_simulation_config(SMOKE)
+    cfg = type(base).model_validate({**base.model_dump(), "model": str(path)})
+    prep = prepare(cfg, tmp_path / "run")
+    assert (prep.device_dir / "fleet.json").is_file() and sorted(prep.initial) == ["int16", "int8"]
+    logits = ort_session(prep.float_onnx).run(["logits"], {"input_ids": prep.evals[:1]})[0]
+    assert logits.shape[-1] == 257 and np.isfinite(logits).all()
