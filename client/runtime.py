@@ -270,7 +270,6 @@ class DeviceRuntime:
 
     def __init__(self, model_path, threads: int = 1, float_onnx=None, capture: "FloatCapture | None" = None,
                  weight_storage: str = "auto"):
-
         from quant.qdq import load_name_map, names_path
 
         self.path = Path(model_path)
