@@ -181,3 +181,62 @@ def test_a_run_prepares_from_a_gguf_named_in_the_config(tmp_path):
     assert (prep.device_dir / "fleet.json").is_file() and sorted(prep.initial) == ["int16", "int8"]
     logits = ort_session(prep.float_onnx).run(["logits"], {"input_ids": prep.evals[:1]})[0]
     assert logits.shape[-1] == 257 and np.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------ refusing early
+
+def test_model_size_without_loading_the_weights(tmp_path):
+    import torch
+
+    from simulation.memory import model_size
+    from simulation.models import QWEN2_CONFIGS, parameter_count, tiny_llama, tiny_qwen2
+
+    assert model_size("qwen2.5-0.5b-random").params == parameter_count("qwen2.5-0.5b-random") == 494_032_768
+    r1 = model_size("r1-distill-qwen-1.5b-random")
+    assert (r1.params, r1.vocab, r1.tied) == (1_777_088_000, 151936, False)
+    assert set(QWEN2_CONFIGS) == {"qwen2.5-0.5b-random", "qwen2.5-1.5b-random", "r1-distill-qwen-1.5b-random"}
+    tiny = tiny_llama()
+    assert model_size("tiny-llama").params == sum(p.numel() for p in {id(p): p for p in tiny.parameters()}.values())
+    pytest.importorskip("gguf")
+    src = tiny_qwen2(seed=1, tie_word_embeddings=False)
+    size = model_size(str(write_gguf(src, tmp_path / "m.gguf", "qwen2")))
+    assert size.params == sum(p.numel() for p in src.parameters()) and not size.tied and size.vocab == 257
+    src.save_pretrained(tmp_path / "hf")
+    assert model_size(str(tmp_path / "hf")).params == size.params
+    del torch
+
+
+def test_estimate_refuses_what_cannot_fit_and_says_why():
+    from simulation.memory import ModelTooLarge, check_fits, estimate_peak_bytes, model_size
+
+    small, big = model_size("smollm2"), model_size("r1-distill-qwen-1.5b-random")
+    a = estimate_peak_bytes(small, batch=8, seq_len=128, client_actors=2)
+    b = estimate_peak_bytes(big, batch=8, seq_len=128, client_actors=2)
+    assert 0 < a["peak"] < b["peak"] and a["peak"] == max(a["prepare"], a["run"])
+    assert estimate_peak_bytes(big, batch=8, seq_len=128, client_actors=1)["run"] < b["run"]
+    assert check_fits(small, batch=8, seq_len=128, client_actors=2, memory=24 * 10**9)["peak"] == a["peak"]
+    with pytest.raises(ModelTooLarge, match=r"r1-distill-qwen-1.5b-random: 1.78B parameters .* this machine "
+                                            r"has 8.0 GB .*Use a smaller model"):
+        check_fits(big, batch=8, seq_len=128, client_actors=2, memory=8 * 10**9)
+
+
+def test_prepare_refuses_a_model_too_large_for_any_machine_before_loading_it(tmp_path):
+    """A 70B Llama named by its config.json (no weights exist at all): refused in seconds."""
+    import json
+    import time
+
+    from simulation.memory import ModelTooLarge
+
+    d = tmp_path / "llama-70b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+        "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}))
+    base = load_simulation_config(SMOKE)
+    cfg = type(base).model_validate({**base.model_dump(), "model": str(d)})
+    t0 = time.perf_counter()
+    with pytest.raises(ModelTooLarge, match=r"70.55B parameters"):
+        prepare(cfg, tmp_path / "run")
+    assert time.perf_counter() - t0 < 60
+    assert not (tmp_path / "run" / "device").exists()
