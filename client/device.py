@@ -4,7 +4,8 @@ one writer on the export side, and the readers a node uses to find its profile, 
     <device-dir>/fleet.json                 {"format": "fedquant.fleet/1", "nodes": {"<pid>": {"profile",
                                              "data": "clients/<pid>.npz"}}, "profiles": [...],
                                              "torch-model": "torch", "float-onnx": "float.onnx"}
-    <device-dir>/float.onnx                 the float graph statistics are captured on (shared)
+    <device-dir>/float.onnx                 the float graph statistics are captured on (shared; with
+                                             float.onnx.data past 1 GB, quant.onnxfile)
     <device-dir>/clients/<pid>.npz          "train" and "test": int64 token ids [N, T], no pickle
     <device-dir>/<profile>/model.onnx       client.runtime device bundle (+ .names.json, .weights.npz,
                                              .qparams.safetensors, .device.json)
@@ -13,8 +14,8 @@ one writer on the export side, and the readers a node uses to find its profile, 
     <device-dir>/torch/                     Hugging Face save_pretrained of the *float* model (LSQ only)
 
 ``fleet.json`` is written last and atomically, so a directory with a fleet.json is complete.
-The float graph is linked into the directory (``float-onnx``; hard links, a copy across filesystems) so that the directory can be moved
-or installed elsewhere: readers pass it to ``DeviceRuntime`` explicitly instead of trusting the
+The float graph is linked into the directory (``float-onnx``; a hard link, a copy across
+filesystems) so that the directory can be moved or installed elsewhere: readers pass it to ``DeviceRuntime`` explicitly instead of trusting the
 absolute path recorded in the bundle. Readers need numpy, json and pydantic only (torch is
 imported by ``write_device_dir`` and ``load_quant_config``, both off the scout/stats/eval path).
 """
