@@ -7,9 +7,9 @@ processes, the client actors) every 0.25 s: the sum of RSS (shared pages counted
 process: an upper bound) and of PSS (shared pages split between processes: what the tree costs
 the machine). Each sample is charged to the stage the run reported last (its progress
 messages), so the JSON says which stage peaks and how long each takes; the processes at the peak
-tell where the memory is. Run it under the heavy lock, one model at a time:
+tell where the memory is. Run it alone on the machine (it kills its run past ``--limit-gb``):
 
-    flock /tmp/fedquant-heavy.lock .venv/bin/python -m bench.large_models --models qwen2.5-0.5b-random
+    .venv/bin/python -m bench.large_models --models qwen2.5-0.5b-random r1-distill-qwen-1.5b-random
 
 Results merge into ``bench/results/large_models.json`` (keyed by model), with the machine.
 """
@@ -244,7 +244,7 @@ def main(argv=None) -> None:
         print(json.dumps({k: v for k, v in res.items() if k not in ("log_tail",)}, indent=1), flush=True)
         doc["models"][key] = res
         doc["machine"] = machine()
-        doc["command"] = "flock /tmp/fedquant-heavy.lock .venv/bin/python -m bench.large_models --models " \
+        doc["command"] = ".venv/bin/python -m bench.large_models --models " \
                          + " ".join(sorted(doc["models"]))
         doc["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True, cwd=ROOT).stdout.strip()
