@@ -282,16 +282,15 @@ class DeviceRuntime:
         self.linears = load_float_linears(weights_path(self.path))
         self.qparams = load_qparams(qparams_path(self.path))
         self.model = load_onnx(self.path)
-        from onnx import numpy_helper
-
         from quant.qdq import set_weight_storage
 
         self.weight_storage = choose_weight_storage(weight_storage)
         want_u8 = self.weight_storage == "uint8"
         self.storage_moved = set_weight_storage(self.model, want_u8)
         self.u8_weights = want_u8
-        self._inits = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer
-                       if t.name in self.name_map}
+        # where the patchable initializers are; their values are read from the model when a patch
+        # compares them (a second copy of every integer weight cost W/4 per runtime)
+        self._index = {t.name: i for i, t in enumerate(self.model.graph.initializer) if t.name in self.name_map}
         self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
         # the float graph is the same for every profile of a model: a process can share one
         # FloatCapture between its runtimes (it holds the float graph and its session: ~1 GB on SmolLM2)
@@ -362,12 +361,12 @@ class DeviceRuntime:
             values, _ = qdq_values(sub, linears, self.u8_weights)
         except ValueError as e:
             raise PatchRefused(f"QParams refused: {e}") from None
-        missing = sorted(set(values) - set(self._inits))
+        missing = sorted(set(values) - set(self._index))
         if missing:
             raise PatchRefused(f"QParams refused: they need initializers the model lacks: {missing[:5]}")
         diff = {}
         for n, v in values.items():
-            old = self._inits[n]
+            old = self._initializer(n)
             if v.shape != old.shape:
                 raise PatchRefused(f"QParams refused: {n}: shape {v.shape} != {old.shape}")
             v = np.asarray(v).astype(old.dtype)
@@ -379,21 +378,26 @@ class DeviceRuntime:
             self.last_patch = {"changed": 0, "compute_s": t1 - t0, "patch_s": 0.0,
                                "session_s": 0.0, "total_s": t1 - t0}
             return self.last_patch
-        saved = {n: self._inits[n] for n in diff}
+        saved = {n: self._initializer(n) for n in diff}
         patch_initializers(self.model, diff)
         t2 = time.perf_counter()
+        self.session = None  # the old session goes before the new one is built: one at a time in memory
         try:
-            session = ort_session(self.model, threads=self.threads, weight_storage=None)
+            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
         except Exception:
             patch_initializers(self.model, saved)
+            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
             raise
         t3 = time.perf_counter()
-        self.session = session
-        self._inits.update(diff)
         self.qparams = merged
         self.last_patch = {"changed": len(diff), "compute_s": t1 - t0, "patch_s": t2 - t1,
                            "session_s": t3 - t2, "total_s": t3 - t0}
         return self.last_patch
+
+    def _initializer(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.model.graph.initializer[self._index[name]])
 
     def canonical_model(self):
         """The model with its 8-bit weights in the exported form (int8, the QParams' zero points):
