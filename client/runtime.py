@@ -30,7 +30,8 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
 
     import onnxruntime as ort
 
-    from quant.onnxfile import EXTERNAL_THRESHOLD, has_external_data, load_onnx, save_onnx, tensor_bytes
+    from quant.onnxfile import (EXTERNAL_THRESHOLD, data_file, has_external_data, load_onnx, save_onnx,
+                                tensor_bytes)
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -59,20 +60,33 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
             model, external_dir = mp, None
         del mp
     providers = ["CPUExecutionProvider"]
+    # A model with external data is mapped from its file by ORT: without prepacking (which copies
+    # every weight into private memory) its weights stay file pages, shared by every process that
+    # maps the same file and reclaimable. Measured on a 1 GiB MatMul: 1.05 GB private with
+    # prepacking, 1.02 GB of clean file pages without. Small one-file models keep prepacking.
+    no_prepack = {"session.disable_prepacking": "1"}
     if not isinstance(model, onnx.ModelProto):
-        return ort.InferenceSession(os.fspath(model), so, providers=providers)
+        external = data_file(model).is_file()
+        return ort.InferenceSession(os.fspath(model), _options(so, no_prepack if external else {}),
+                                    providers=providers)
     if has_external_data(model):
         if external_dir is None:
             raise ValueError("ort_session: the model's tensors are in external data files; "
                              "pass external_dir, the directory that holds them")
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     os.fspath(external_dir))
-        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        return ort.InferenceSession(model.SerializeToString(), _options(so, no_prepack), providers=providers)
     if tensor_bytes(model) <= EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="fedquant-ort-") as tmp:
-        path = save_onnx(model, Path(tmp) / "model.onnx")
-        return ort.InferenceSession(str(path), so, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="fedquant-ort-") as tmp:  # ORT keeps its mapping of
+        path = save_onnx(model, Path(tmp) / "model.onnx")                  # the removed file
+        return ort.InferenceSession(str(path), _options(so, no_prepack), providers=providers)
+
+
+def _options(so, entries: dict):
+    for k, v in entries.items():
+        so.add_session_config_entry(k, v)
+    return so
 
 
 # ------------------------------------------------------------------------------ device runtime

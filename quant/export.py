@@ -179,12 +179,17 @@ def _attention_paths(model) -> list[str]:
 
 
 def float_graph(model, *, seq_len: int = 16, batch: int = 2, dynamic: bool = True,
-                opset: int = OPSET) -> onnx.ModelProto:
+                opset: int = OPSET, optimize: bool | None = None) -> onnx.ModelProto:
     """The float graph of ``export_float_onnx``, in memory (``quant.qdq.export_qdq`` builds on it):
     torch.onnx.export (dynamo) + tidy. The example batch is >= 2: a batch of 1 is specialized to a
     static dimension by torch.export. Attention is exported as HF's eager math (Q K^T,
     scale, mask, softmax, P V), which is what quant.instrument fake-quantizes, so its two matmuls
-    can carry QDQ too (SDPA's export scales Q and K by sqrt(scale) before the matmul instead)."""
+    can carry QDQ too (SDPA's export scales Q and K by sqrt(scale) before the matmul instead).
+
+    ``optimize``: run the exporter's graph optimizer (default: for models up to
+    ``EXTERNAL_THRESHOLD`` bytes of weights). It folds every Linear's weight transpose into a new
+    copy, and its peak was 5x the weights on Qwen2.5-0.5B (10 GB, bench/large_models.py); without
+    it the graph has more nodes (ORT folds them at load) and the same logits, bit for bit (tested)."""
     import tempfile
 
     model = model.eval()
@@ -198,6 +203,8 @@ def float_graph(model, *, seq_len: int = 16, batch: int = 2, dynamic: bool = Tru
     if dynamic:
         kw["dynamic_shapes"] = {"input_ids": {0: torch.export.Dim("batch"),
                                               1: torch.export.Dim("seq")}}
+    if optimize is None:
+        optimize = sum(p.numel() * p.element_size() for p in model.parameters()) <= EXTERNAL_THRESHOLD
     # Through a file with external data whatever the size (protobuf cannot hold a graph past 2 GB),
     # loaded without it: the exporter's copies of the Linear weights are pruned by the tidy step
     # before they are ever read, so the tidy graph costs the model's size once, not twice.
@@ -207,7 +214,8 @@ def float_graph(model, *, seq_len: int = 16, batch: int = 2, dynamic: bool = Tru
             with torch.no_grad():
                 torch.onnx.export(_logits_only(model).eval(), (ids,), str(f), dynamo=True,
                                   opset_version=opset, input_names=["input_ids"],
-                                  output_names=["logits"], verbose=False, external_data=True, **kw)
+                                  output_names=["logits"], verbose=False, external_data=True,
+                                  optimize=optimize, **kw)
             mp = load_onnx(f, load_external_data=False)
             _tidy_linears(mp, float_linears(model), _attention_paths(model))
             load_external(mp, tmp)
@@ -218,7 +226,8 @@ def float_graph(model, *, seq_len: int = 16, batch: int = 2, dynamic: bool = Tru
 
 
 def export_float_onnx(model, path, *, seq_len: int = 16, batch: int = 2, dynamic: bool = True,
-                      opset: int = OPSET, external_threshold: int = EXTERNAL_THRESHOLD) -> Path:
+                      opset: int = OPSET, external_threshold: int = EXTERNAL_THRESHOLD,
+                      optimize: bool | None = None) -> Path:
     """Write the float ONNX graph ``input_ids (batch, seq) int64 -> logits (batch, seq, vocab)``.
 
     ``dynamic`` makes batch and sequence symbolic (``seq_len``/``batch`` only shape the example);
@@ -226,7 +235,7 @@ def export_float_onnx(model, path, *, seq_len: int = 16, batch: int = 2, dynamic
     3-4 minutes on a busy one (measured). Past ``external_threshold`` bytes of weights the graph
     is written with external data (``quant.onnxfile``).
     """
-    mp = float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset)
+    mp = float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset, optimize=optimize)
     return save_onnx(mp, path, external_threshold=external_threshold)
 
 

@@ -11,6 +11,7 @@ config refuses to reuse the directory.
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import os
@@ -232,6 +233,8 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
         shutil.rmtree(out / "float", ignore_errors=True)  # linked into the device directory
         float_onnx = device_dir / FLOAT_ONNX
     check_float_graph(device_dir, str(out))
+    del model, tokenizer   # the run reads the device directory: the float model must not outlive this
+    gc.collect()
     return Prepared(cfg, out, device_dir, float_onnx, initial, evals, clients, about,
                     time.perf_counter() - t0)
 

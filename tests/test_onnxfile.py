@@ -37,6 +37,13 @@ def float_pair(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def unoptimized(model, tmp_path_factory):
+    """The float graph as a model past 1 GB gets it: external data, no exporter optimizer."""
+    return export_float_onnx(model, tmp_path_factory.mktemp("large") / "float.onnx", external_threshold=0,
+                             optimize=False)
+
+
+@pytest.fixture(scope="module")
 def qparams(model):
     m = tiny_qwen2(seed=3)
     quantize_(m, QuantConfig())
@@ -132,3 +139,21 @@ def test_qdq_model_and_device_runtime_with_external_data(model, qparams, float_p
     for rt in runtimes:
         assert rt.patch(moved)["changed"] > 0
     assert np.array_equal(a.logits(IDS), b.logits(IDS))
+
+
+def test_the_large_model_export_path_gives_the_same_models_bit_for_bit(model, qparams, float_pair, unoptimized,
+                                                                       tmp_path):
+    """Without the exporter's optimizer (its weight copies peak at 5x the weights) the float graph
+    has more nodes and the same logits, captures and integer model, bit for bit."""
+    one, _ = float_pair
+    assert len(load_onnx(unoptimized).graph.node) > len(load_onnx(one).graph.node)
+    run = lambda m: ort_session(m).run(["logits"], {"input_ids": IDS})[0]  # noqa: E731
+    assert np.array_equal(run(unoptimized), run(one))
+    keys = sorted(k for k in qparams.points if not k.endswith(":weight"))
+    a, b = FloatCapture(one).run(IDS, keys), FloatCapture(unoptimized).run(IDS, keys)
+    assert all(np.array_equal(a[k], b[k]) for k in keys)
+    rts = []
+    for name, fl in (("a", one), ("b", unoptimized)):
+        save_device_bundle(model, qparams, tmp_path / name / "model.onnx", float_onnx=fl)
+        rts.append(DeviceRuntime(tmp_path / name / "model.onnx", float_onnx=fl))
+    assert np.array_equal(rts[0].logits(IDS), rts[1].logits(IDS))
