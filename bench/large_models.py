@@ -76,7 +76,7 @@ def _name(pid: int) -> str:
                 "bench.large_models --child", "flwr"):
         if key in cmd:
             return key.strip()
-    return cmd[:60]
+    return " ".join(Path(a).name for a in cmd.split()[:3])  # no machine paths in the results
 
 
 def sample(pid: int) -> dict:
@@ -203,7 +203,7 @@ def measure(model: str, config: Path, out: Path, interval: float = 0.25, limit_g
            "summary": summary, "killed": killed, "vocab": size.vocab, "tied": size.tied,
            "estimate_gb": {k: round(v / GB, 2) for k, v in est.items()}}
     if proc.returncode != 0:
-        res["log_tail"] = tail
+        print("\n".join(tail), file=sys.stderr)   # the log, not the results (machine paths)
     return res
 
 
@@ -241,7 +241,7 @@ def main(argv=None) -> None:
         key = f"{model}@{config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}"
         print(f"{model}: running {config.name}", flush=True)
         res = measure(model, config, args.work / model, limit_gb=args.limit_gb)
-        print(json.dumps({k: v for k, v in res.items() if k not in ("log_tail",)}, indent=1), flush=True)
+        print(json.dumps(res, indent=1), flush=True)
         doc["models"][key] = res
         doc["machine"] = machine()
         doc["command"] = ".venv/bin/python -m bench.large_models --models " \
@@ -252,8 +252,6 @@ def main(argv=None) -> None:
         write_json(args.out, doc)
         if not args.keep:
             shutil.rmtree(args.work / model, ignore_errors=True)
-        if res["returncode"] != 0:
-            print("\n".join(res.get("log_tail", [])), file=sys.stderr)
 
 
 if __name__ == "__main__":
