@@ -105,7 +105,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from quant.metrics import nll_sum_and_count  # noqa: E402
-from quant.onnxfile import link_file, load_onnx  # noqa: E402
+from quant.onnxfile import compact, link_file, load_onnx  # noqa: E402
 from quant.qparams import (QParams, atomic_write_bytes, atomic_write_with, load_qparams,  # noqa: E402
                            qparams_problems, save_qparams)
 from quant.smoothing import smoothed_weight_point  # noqa: E402
@@ -301,6 +301,8 @@ class DeviceRuntime:
         self.weight_storage = choose_weight_storage(weight_storage)
         want_u8 = self.weight_storage == "uint8"
         self.storage_moved = set_weight_storage(self.model, want_u8)
+        if self.storage_moved:
+            self.model = compact(self.model)
         self.u8_weights = want_u8
         # where the patchable initializers are; their values are read from the model when a patch
         # compares them (a second copy of every integer weight cost W/4 per runtime)
@@ -394,12 +396,14 @@ class DeviceRuntime:
             return self.last_patch
         saved = {n: self._initializer(n) for n in diff}
         patch_initializers(self.model, diff)
+        self.model = compact(self.model)  # else every patch keeps the replaced weights (protobuf)
         t2 = time.perf_counter()
         self.session = None  # the old session goes before the new one is built: one at a time in memory
         try:
             self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
         except Exception:
             patch_initializers(self.model, saved)
+            self.model = compact(self.model)
             self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
             raise
         t3 = time.perf_counter()

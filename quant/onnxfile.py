@@ -123,6 +123,15 @@ def _restore(moved, data: Path) -> None:
             t.raw_data = f.read(length)
 
 
+def compact(mp: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``mp`` without the memory of replaced tensors: protobuf keeps what a ``CopyFrom``
+    or a deletion replaced in the message's arena until the whole message is freed (measured: 100
+    MB more per patch of a 100 MB tensor). Replace the model by this after patching it."""
+    fresh = onnx.ModelProto()
+    fresh.CopyFrom(mp)
+    return fresh
+
+
 def load_onnx(path, *, load_external_data: bool = True) -> onnx.ModelProto:
     """The model at ``path``, one file or with external data, as one in-memory ``ModelProto``
     that is the same, bit for bit, whichever form it was saved in. ``load_external_data=False``

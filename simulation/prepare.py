@@ -235,8 +235,20 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
     check_float_graph(device_dir, str(out))
     del model, tokenizer   # the run reads the device directory: the float model must not outlive this
     gc.collect()
+    release_freed_memory()
     return Prepared(cfg, out, device_dir, float_onnx, initial, evals, clients, about,
                     time.perf_counter() - t0)
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed by preparation back to the system (glibc keeps them otherwise, and
+    the server process then carries the export's memory through the whole run)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def check_run_fits(cfg: SimulationConfig) -> dict:
