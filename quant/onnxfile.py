@@ -61,13 +61,17 @@ def has_external_data(mp: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in _tensors(mp))
 
 
-def save_onnx(mp: onnx.ModelProto, path, *, external_threshold: int = EXTERNAL_THRESHOLD) -> Path:
+def save_onnx(mp: onnx.ModelProto, path, *, external_threshold: int = EXTERNAL_THRESHOLD,
+              keep: bool = True) -> Path:
     """Write ``mp`` to ``path`` atomically: one file when its tensors take at most
     ``external_threshold`` bytes, else the graph plus ``data_file(path)`` (module docstring).
 
     ``mp`` is left as it was: each tensor's bytes are moved to the data file one at a time and put
     back from it after the graph is written, so the extra memory is one tensor, not the model.
-    A stale data file of an earlier, larger write is removed when the model now fits in one file.
+    ``keep=False`` (the caller drops ``mp`` next) leaves it referring to the written data file
+    instead: putting the bytes back costs the model's size again (protobuf does not reuse the
+    memory a cleared field held), which killed a 1.5B export. A stale data file of an earlier,
+    larger write is removed when the model now fits in one file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +110,10 @@ def save_onnx(mp: onnx.ModelProto, path, *, external_threshold: int = EXTERNAL_T
         if len(blob) > PROTOBUF_LIMIT:
             raise ValueError(f"{path}: the graph alone is {len(blob)} bytes, past protobuf's limit")
         atomic_write_bytes(path, blob)
-    finally:
+    except BaseException:
+        _restore(moved, data)
+        raise
+    if keep:
         _restore(moved, data)
     return path
 

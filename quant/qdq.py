@@ -390,7 +390,7 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding, nbits_barrier)
     if float_onnx is not None and not isinstance(float_onnx, onnx.ModelProto):
         load_external(mp, Path(float_onnx).parent)  # the weights of Linears left float, if any
-    save_onnx(mp, path, external_threshold=external_threshold)
+    save_onnx(mp, path, external_threshold=external_threshold, keep=False)
     atomic_write_bytes(names_path(path), json.dumps(
         {k: list(v) for k, v in sorted(name_map.items())}, indent=1).encode())
     return name_map
