@@ -219,6 +219,17 @@ def disk_gb(path: Path) -> float:
     return round(total / GB, 2)
 
 
+def table(doc: dict) -> str:
+    """The README's table of a results file: one row per run, the stage that peaked."""
+    rows = ["| model | parameters | peak, process tree (PSS) | per billion parameters | stage at the peak | "
+            "wall | run directory on disk |", "|---|---|---|---|---|---|---|"]
+    for key, r in sorted(doc["models"].items(), key=lambda kv: kv[1]["params"]):
+        peak = f"{r['peak_pss_gb']:.1f} GB" + (" (killed by the bench)" if r.get("killed") else "")
+        rows.append(f"| {key} | {r['params'] / 1e9:.2f}B | {peak} | {r['peak_pss_gb_per_billion_params']:.1f} GB | "
+                    f"{r['peak_stage']} | {r['wall_s'] / 60:.1f} min | {r['disk_gb']:.1f} GB |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     quiet_env()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -230,7 +241,10 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "large")
     ap.add_argument("--out", type=Path, default=RESULTS / "large_models.json")
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
+    ap.add_argument("--table", action="store_true", help="print the README table of --out and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        return print(table(json.loads(args.out.read_text())))
     if args.child:
         config, out, model = args.child
         return child(Path(config), Path(out), model)

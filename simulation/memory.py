@@ -7,10 +7,9 @@ tree of ``fedquant simulate`` (server, Ray, client actors); ``check_fits`` refus
 estimate passes the machine's memory, with the estimate and the reason.
 
 The coefficients are measured, not derived: ``bench/large_models.py`` on Qwen2.5 0.5B and
-DeepSeek-R1-Distill-Qwen-1.5B of real sizes (random weights) and SmolLM2's default run
-(``bench/results/large_models.json``, README "Large models"). They are float32 bytes of weights
-(``4 * params``) per process role, plus the logits of a batch, plus a fixed base (Python, torch,
-ONNX Runtime and Ray's processes).
+DeepSeek-R1-Distill-Qwen-1.5B of real sizes (random weights; ``bench/results/large_models.json``,
+README "Large models"). They are float32 bytes of weights (``4 * params``) per process role,
+plus the logits of a batch, plus a fixed base (Python, torch, ONNX Runtime and Ray's processes).
 """
 
 from __future__ import annotations
@@ -22,12 +21,21 @@ from pathlib import Path
 GB = 1e9
 
 # Peak of the process tree = BASE + weight bytes x (PREPARE or RUN) + logits bytes x LOGITS, the
-# larger of preparation and run: fitted on bench/results/large_models.json (see module docstring).
+# larger of preparation and run. Fitted on bench/results/large_models.json (configs/large.toml:
+# one profile, one client actor at a time, no learned-range round), weights W = 4 x parameters:
+# - Qwen2.5-0.5B (W 1.98 GB), complete: preparation peaked at 7.6 GB (the export), the run at
+#   13.7 GB during the evaluation round (server 7.9 GB, its evaluation runtime being patched;
+#   the client actor 5.4 GB): PREPARE 2.8, SERVER 3.0, ACTOR 2.75 (per W, over BASE).
+# - DeepSeek-R1-Distill-Qwen-1.5B (W 7.1 GB): preparation peaked at 16.6 GB (2.1 W + BASE: the
+#   estimate says 21.9, on the safe side); the run was killed by the bench past 21.0 GB in its
+#   evaluation round (the actor alone 16.3 GB): the estimate, 43 GB, refuses it on this 25 GB
+#   machine, which the measurement agrees with, though by how much is unmeasured.
+# A config with several profiles per actor or learned-range (torch) rounds needs more: not fitted.
 BASE_BYTES = 2.0 * GB          # interpreters, torch/ORT libraries, Ray's raylet/GCS/dashboard
-PREPARE_WEIGHTS = 3.0          # torch model + the exporter's graph + the tidy graph / QDQ export
-SERVER_WEIGHTS = 2.0           # server: float reference session, evaluation runtime per profile
-ACTOR_WEIGHTS = 2.0            # per client actor: float capture session + integer runtime
-LOGITS_COPIES = 4.0            # logits of a batch: ORT output, log-softmax, gathers, server + actor
+PREPARE_WEIGHTS = 2.8          # torch model + the tidy float graph, then calibration and QDQ export
+SERVER_WEIGHTS = 3.0           # server: evaluation runtime per profile while it is patched
+ACTOR_WEIGHTS = 2.75           # per client actor: float capture session + integer runtime + patch
+LOGITS_COPIES = 4.0            # logits of a batch: ORT output, log-softmax, gathers (not fitted)
 RAY_KILL_FRACTION = 0.95       # Ray's memory monitor kills workers past this share of the machine
 
 
