@@ -363,8 +363,7 @@ def _precheck_budget(rt: DeviceRuntime, ins: Instruction, seqs, batch_size: int,
     """The memory plan of the job, before anything is patched (the jobs would raise the same
     MemoryBudgetError, but only after an eval's patch)."""
     if ins.job == "eval":
-        vocab = int(rt.linears["lm_head"][0].shape[0]) if "lm_head" in rt.linears else \
-            max(w.shape[0] for w, _ in rt.linears.values())
+        vocab = rt.logits_width()
         widths = [vocab]
     else:
         widths = jobs.exposed_widths(rt, ins.keys)

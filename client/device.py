@@ -4,7 +4,8 @@ one writer on the export side, and the readers a node uses to find its profile, 
     <device-dir>/fleet.json                 {"format": "fedquant.fleet/1", "nodes": {"<pid>": {"profile",
                                              "data": "clients/<pid>.npz"}}, "profiles": [...],
                                              "torch-model": "torch", "float-onnx": "float.onnx"}
-    <device-dir>/float.onnx                 the float graph statistics are captured on (shared)
+    <device-dir>/float.onnx                 the float graph statistics are captured on (shared; with
+                                             float.onnx.data past 1 GB, quant.onnxfile)
     <device-dir>/clients/<pid>.npz          "train" and "test": int64 token ids [N, T], no pickle
     <device-dir>/<profile>/model.onnx       client.runtime device bundle (+ .names.json, .weights.npz,
                                              .qparams.safetensors, .device.json)
@@ -13,8 +14,8 @@ one writer on the export side, and the readers a node uses to find its profile, 
     <device-dir>/torch/                     Hugging Face save_pretrained of the *float* model (LSQ only)
 
 ``fleet.json`` is written last and atomically, so a directory with a fleet.json is complete.
-The float graph is copied into the directory (``float-onnx``) so that the directory can be moved
-or installed elsewhere: readers pass it to ``DeviceRuntime`` explicitly instead of trusting the
+The float graph is linked into the directory (``float-onnx``; a hard link, a copy across
+filesystems) so that the directory can be moved or installed elsewhere: readers pass it to ``DeviceRuntime`` explicitly instead of trusting the
 absolute path recorded in the bundle. Readers need numpy, json and pydantic only (torch is
 imported by ``write_device_dir`` and ``load_quant_config``, both off the scout/stats/eval path).
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -102,6 +102,7 @@ def write_device_dir(out, *, model, profiles: Mapping[str, DeviceProfile], quant
 
     from client.runtime import save_device_bundle
     from quant.instrument import QuantConfig, quant_points
+    from quant.onnxfile import link_onnx, save_onnx
 
     out = Path(out)
     names = sorted(profiles)
@@ -136,11 +137,12 @@ def write_device_dir(out, *, model, profiles: Mapping[str, DeviceProfile], quant
     stale.unlink(missing_ok=True)  # a half-rewritten directory must not look complete
     fl = out / FLOAT_ONNX
     if isinstance(float_onnx, onnx.ModelProto):
-        atomic_write_bytes(fl, float_onnx.SerializeToString())
+        save_onnx(float_onnx, fl)
     elif Path(float_onnx).resolve() != fl.resolve():
-        shutil.copyfile(float_onnx, fl)
-    for name in names:
-        save_device_bundle(model, qparams[name], model_path(out, name), float_onnx=fl)
+        link_onnx(float_onnx, fl)  # hard links: the float graph is stored once (2-7 GB)
+    for i, name in enumerate(names):  # the float weights once, linked by the other profiles
+        save_device_bundle(model, qparams[name], model_path(out, name), float_onnx=fl,
+                           weights_from=model_path(out, names[0]) if i else None)
         atomic_write_bytes(out / name / PROFILE_FILE, profiles[name].model_dump_json(indent=1).encode())
         atomic_write_bytes(out / name / QUANT_CONFIG_FILE, quant_configs[name].model_dump_json(indent=1).encode())
     model.save_pretrained(out / TORCH_DIR)

@@ -145,8 +145,7 @@ def evaluate(rt: DeviceRuntime, ins: Instruction | None, data, batch_size: int =
     seqs = _sequences(data)
     metrics = {"num-examples": len(seqs)}
     with _measured(metrics):
-        vocab = int(rt.linears["lm_head"][0].shape[0]) if "lm_head" in rt.linears else \
-            max(w.shape[0] for w, _ in rt.linears.values())
+        vocab = rt.logits_width()
         b = plan_batch(batch_size, seqs.shape[1], [vocab], profile, "evaluate")  # before patching:
         if ins is not None and ins.qparams.points:                                # a budget error changes nothing
             metrics["patch_s"] = rt.patch(ins.qparams)["total_s"]

@@ -8,9 +8,14 @@ import onnx
 
 
 def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all",
-                nbits_accuracy: int = 1, weight_storage: str | None = "auto"):
+                nbits_accuracy: int = 1, weight_storage: str | None = "auto", external_dir=None):
     """An ONNX Runtime CPU session with ``threads`` intra-op threads; ``optimized_path`` writes the
     graph ORT actually runs (after QDQ fusion) for inspection.
+
+    ``model`` is a path (one file, or a graph with its external data beside it) or a ModelProto.
+    A ModelProto loaded without its external data (``quant.onnxfile.load_onnx``) needs
+    ``external_dir``, the directory its data files are in; one too large to serialize in one
+    piece goes through a temporary file with external data (protobuf's 2 GB limit).
 
     ``weight_storage`` (``choose_weight_storage``): the grid the 8-bit weights of uint8-input
     MatMuls run on. ``"auto"`` moves int8 weights to uint8 (a converted copy, same real values)
@@ -21,7 +26,12 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
     default (4) quantizes the float activations to int8 inside the kernel, silently turning a
     16-bit activation profile into 8 bits (measured 600 LSB of int16); 1 keeps them fp32.
     """
+    import tempfile
+
     import onnxruntime as ort
+
+    from quant.onnxfile import (EXTERNAL_THRESHOLD, data_file, has_external_data, load_onnx, save_onnx,
+                                tensor_bytes)
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -37,16 +47,46 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
     if weight_storage is not None and (weight_storage != "auto" or u8s8_saturates()):
         from quant.qdq import set_weight_storage
 
-        mp = onnx.ModelProto()
         if isinstance(model, onnx.ModelProto):
+            mp = onnx.ModelProto()
             mp.CopyFrom(model)
+            if has_external_data(mp):
+                from quant.onnxfile import load_external
+
+                load_external(mp, external_dir)
         else:
-            mp = onnx.load(os.fspath(model))
+            mp = load_onnx(model)
         if set_weight_storage(mp, choose_weight_storage(weight_storage) == "uint8"):
-            model = mp
+            model, external_dir = mp, None
         del mp
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    # A model with external data is mapped from its file by ORT: without prepacking (which copies
+    # every weight into private memory) its weights stay file pages, shared by every process that
+    # maps the same file and reclaimable. Measured on a 1 GiB MatMul: 1.05 GB private with
+    # prepacking, 1.02 GB of clean file pages without. Small one-file models keep prepacking.
+    no_prepack = {"session.disable_prepacking": "1"}
+    if not isinstance(model, onnx.ModelProto):
+        external = data_file(model).is_file()
+        return ort.InferenceSession(os.fspath(model), _options(so, no_prepack if external else {}),
+                                    providers=providers)
+    if has_external_data(model):
+        if external_dir is None:
+            raise ValueError("ort_session: the model's tensors are in external data files; "
+                             "pass external_dir, the directory that holds them")
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    os.fspath(external_dir))
+        return ort.InferenceSession(model.SerializeToString(), _options(so, no_prepack), providers=providers)
+    if tensor_bytes(model) <= EXTERNAL_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="fedquant-ort-") as tmp:  # ORT keeps its mapping of
+        path = save_onnx(model, Path(tmp) / "model.onnx")                  # the removed file
+        return ort.InferenceSession(str(path), _options(so, no_prepack), providers=providers)
+
+
+def _options(so, entries: dict):
+    for k, v in entries.items():
+        so.add_session_config_entry(k, v)
+    return so
 
 
 # ------------------------------------------------------------------------------ device runtime
@@ -59,12 +99,15 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
 
 import json  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from quant.metrics import nll_sum_and_count  # noqa: E402
-from quant.qparams import QParams, atomic_write_bytes, load_qparams, qparams_problems, save_qparams  # noqa: E402
+from quant.onnxfile import compact, link_file, load_onnx  # noqa: E402
+from quant.qparams import (QParams, atomic_write_bytes, atomic_write_with, load_qparams,  # noqa: E402
+                           qparams_problems, save_qparams)
 from quant.smoothing import smoothed_weight_point  # noqa: E402
 
 BUNDLE_FORMAT = "fedquant.device/1"
@@ -141,39 +184,88 @@ def bundle_path(model_path) -> Path:
 
 def save_float_linears(linears: dict, model_path) -> Path:
     """Write ``{path: (weight (out, in), bias or None)}`` (``quant.export.float_linears(model)``)
-    beside the QDQ model as an npz (no pickle: plain float32 arrays, ``w:<path>`` / ``b:<path>``)."""
-    import io
-
+    beside the QDQ model as an npz (no pickle: plain float32 arrays, ``w:<path>`` / ``b:<path>``),
+    streamed to the file: a 1.5B model's float weights are 6 GB, never one bytes object."""
     arrays = {}
     for path, (w, b) in linears.items():
         arrays[f"w:{path}"] = np.ascontiguousarray(w, np.float32)
         if b is not None:
             arrays[f"b:{path}"] = np.ascontiguousarray(b, np.float32)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return atomic_write_bytes(weights_path(model_path), buf.getvalue())
+    return atomic_write_with(weights_path(model_path), lambda f: np.savez(f, **arrays))
 
 
-def load_float_linears(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    out = {}
-    for k, w in arrays.items():
-        if k.startswith("w:"):
-            out[k[2:]] = (w, arrays.get(f"b:{k[2:]}"))
-    return out
+class FloatLinears(Mapping):
+    """``{Linear path: (weight (out, in), bias or None)}`` of a bundle's ``model.weights.npz``,
+    read from the file on each access, never all held: a patch re-quantizes one Linear at a
+    time, and the float weights of a 1.5B model are 6 GB per runtime. ``shape(path)`` reads only
+    the array header."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._npz = np.load(self.path, allow_pickle=False)   # reads members on demand
+        self._shapes = {}
+        for k in self._npz.files:
+            if k.startswith("w:"):
+                with self._npz.zip.open(k + ".npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    shape = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                             else np.lib.format.read_array_header_2_0(f))[0]
+                self._shapes[k[2:]] = tuple(int(d) for d in shape)
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return self._shapes[path]
+
+    def __getitem__(self, path: str):
+        if path not in self._shapes:
+            raise KeyError(path)
+        b = f"b:{path}"
+        return self._npz[f"w:{path}"], (self._npz[b] if b in self._npz.files else None)
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def weights(self) -> "Mapping[str, np.ndarray]":
+        """``{path: weight}`` read on access as well (what the server's smoothing needs)."""
+        return _WeightsOnly(self)
 
 
-def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_weights: bool = False
-                       ) -> Path:
+class _WeightsOnly(Mapping):
+    def __init__(self, linears: FloatLinears):
+        self.linears = linears
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        return self.linears[path][0]
+
+    def __iter__(self):
+        return iter(self.linears)
+
+    def __len__(self) -> int:
+        return len(self.linears)
+
+
+def load_float_linears(path) -> FloatLinears:
+    """The float weights of a bundle (``weights_path``), read on access (``FloatLinears``)."""
+    return FloatLinears(path)
+
+
+def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_weights: bool = False,
+                       weights_from=None) -> Path:
     """Export side (needs torch): write everything ``DeviceRuntime`` loads, beside ``model_path``:
     the QDQ model + name map (``quant.qdq.export_qdq``), the float weights (npz), the QParams
-    (safetensors) and ``model.device.json`` naming the float graph used for statistics."""
+    (safetensors) and ``model.device.json`` naming the float graph used for statistics.
+    ``weights_from``: another bundle's model path of the same model, whose float weights are
+    hard-linked instead of written again (one copy per device directory, not one per profile)."""
     from quant.export import float_linears
     from quant.qdq import export_qdq
 
     export_qdq(model, qparams, model_path, float_onnx=float_onnx, u8_weights=u8_weights)
-    save_float_linears(float_linears(model), model_path)
+    if weights_from is not None:
+        link_file(weights_path(weights_from), weights_path(model_path))
+    else:
+        save_float_linears(float_linears(model), model_path)
     save_qparams(qparams, qparams_path(model_path))
     doc = {"format": BUNDLE_FORMAT, "float_onnx": str(Path(float_onnx).resolve()),
            "u8_weights": bool(u8_weights)}
@@ -192,8 +284,6 @@ class DeviceRuntime:
 
     def __init__(self, model_path, threads: int = 1, float_onnx=None, capture: "FloatCapture | None" = None,
                  weight_storage: str = "auto"):
-        import onnx
-
         from quant.qdq import load_name_map, names_path
 
         self.path = Path(model_path)
@@ -205,17 +295,18 @@ class DeviceRuntime:
         self.name_map = load_name_map(names_path(self.path))
         self.linears = load_float_linears(weights_path(self.path))
         self.qparams = load_qparams(qparams_path(self.path))
-        self.model = onnx.load(str(self.path))
-        from onnx import numpy_helper
-
+        self.model = load_onnx(self.path)
         from quant.qdq import set_weight_storage
 
         self.weight_storage = choose_weight_storage(weight_storage)
         want_u8 = self.weight_storage == "uint8"
         self.storage_moved = set_weight_storage(self.model, want_u8)
+        if self.storage_moved:
+            self.model = compact(self.model)
         self.u8_weights = want_u8
-        self._inits = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer
-                       if t.name in self.name_map}
+        # where the patchable initializers are; their values are read from the model when a patch
+        # compares them (a second copy of every integer weight cost W/4 per runtime)
+        self._index = {t.name: i for i, t in enumerate(self.model.graph.initializer) if t.name in self.name_map}
         self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
         # the float graph is the same for every profile of a model: a process can share one
         # FloatCapture between its runtimes (it holds the float graph and its session: ~1 GB on SmolLM2)
@@ -229,7 +320,7 @@ class DeviceRuntime:
         checks of ``quant.qparams.qparams_problems`` (which the server applies too before it
         commits), and smoothing only for the Linears this model has a smoothing Div for."""
         errors = qparams_problems(qp, self.qparams,
-                                  {path: int(w[0].shape[1]) for path, w in self.linears.items()})
+                                  {path: self._weight_shape(path)[1] for path in self.linears})
         unknown_s = sorted(set(qp.smoothing) - set(self.qparams.smoothing))
         if unknown_s:
             errors.append(f"smoothing for Linears the model has no smoothing Div for: {unknown_s[:5]}")
@@ -286,12 +377,12 @@ class DeviceRuntime:
             values, _ = qdq_values(sub, linears, self.u8_weights)
         except ValueError as e:
             raise PatchRefused(f"QParams refused: {e}") from None
-        missing = sorted(set(values) - set(self._inits))
+        missing = sorted(set(values) - set(self._index))
         if missing:
             raise PatchRefused(f"QParams refused: they need initializers the model lacks: {missing[:5]}")
         diff = {}
         for n, v in values.items():
-            old = self._inits[n]
+            old = self._initializer(n)
             if v.shape != old.shape:
                 raise PatchRefused(f"QParams refused: {n}: shape {v.shape} != {old.shape}")
             v = np.asarray(v).astype(old.dtype)
@@ -303,21 +394,28 @@ class DeviceRuntime:
             self.last_patch = {"changed": 0, "compute_s": t1 - t0, "patch_s": 0.0,
                                "session_s": 0.0, "total_s": t1 - t0}
             return self.last_patch
-        saved = {n: self._inits[n] for n in diff}
+        saved = {n: self._initializer(n) for n in diff}
         patch_initializers(self.model, diff)
+        self.model = compact(self.model)  # else every patch keeps the replaced weights (protobuf)
         t2 = time.perf_counter()
+        self.session = None  # the old session goes before the new one is built: one at a time in memory
         try:
-            session = ort_session(self.model, threads=self.threads, weight_storage=None)
+            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
         except Exception:
             patch_initializers(self.model, saved)
+            self.model = compact(self.model)
+            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
             raise
         t3 = time.perf_counter()
-        self.session = session
-        self._inits.update(diff)
         self.qparams = merged
         self.last_patch = {"changed": len(diff), "compute_s": t1 - t0, "patch_s": t2 - t1,
                            "session_s": t3 - t2, "total_s": t3 - t0}
         return self.last_patch
+
+    def _initializer(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.model.graph.initializer[self._index[name]])
 
     def canonical_model(self):
         """The model with its 8-bit weights in the exported form (int8, the QParams' zero points):
@@ -356,12 +454,26 @@ class DeviceRuntime:
             self._capture = FloatCapture(self.float_onnx, threads=self.threads)
         return self._capture
 
+    def logits_width(self) -> int:
+        """The vocabulary the logits span (lm_head's rows, else the widest Linear), from the
+        weights' headers alone."""
+        if "lm_head" in self.linears:
+            return self._weight_shape("lm_head")[0]
+        return max(self._weight_shape(p)[0] for p in self.linears)
+
+    def _weight_shape(self, path: str) -> tuple[int, ...]:
+        """A Linear's weight shape without reading the weight (``FloatLinears``; a plain dict of
+        arrays works too)."""
+        if isinstance(self.linears, FloatLinears):
+            return self.linears.shape(path)
+        return tuple(np.shape(self.linears[path][0]))
+
     def activation_keys(self) -> list[str]:
         return sorted(k for k in self.qparams.points if not k.endswith(":weight"))
 
     def activation_widths(self) -> dict[str, int]:
         """Last-axis width of each activation point the weights tell (Linear inputs)."""
-        return {k: int(self.linears[k.rsplit(":", 1)[0]][0].shape[1]) for k in self.activation_keys()
+        return {k: self._weight_shape(k.rsplit(":", 1)[0])[1] for k in self.activation_keys()
                 if k.endswith(":input") and k.rsplit(":", 1)[0] in self.linears}
 
     def float_activations(self, ids, keys):
@@ -376,11 +488,12 @@ class FloatCapture:
     session per set of exposed tensors, built on first use; run one batch at a time."""
 
     def __init__(self, float_onnx, threads: int = 1):
-        import onnx
-
         from quant.encodings import onnx_encoding_names
 
-        self.model = onnx.load(str(float_onnx))
+        # the graph without its external tensors (all of it for a one-file model): sessions
+        # read the weights from disk, Python never holds a second copy of them
+        self.model = load_onnx(float_onnx, load_external_data=False)
+        self.external_dir = Path(float_onnx).parent
         self.threads = threads
         self.tensors = {k: v for k, v in onnx_encoding_names(self.model).items()
                         if not k.endswith(":weight")}
@@ -398,7 +511,8 @@ class FloatCapture:
             del mp.graph.output[:]  # only the exposed tensors: the lm_head and softmax are pruned
             add_outputs(mp, names)
             prune_unused(mp.graph)
-            self._sessions = {names: ort_session(mp, threads=self.threads, weight_storage=None)}  # keep one
+            self._sessions = {names: ort_session(mp, threads=self.threads, weight_storage=None,  # keep one
+                                                 external_dir=self.external_dir)}
         return self._sessions[names]
 
     def run(self, ids, keys, smoothing=None) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quant.qparams import atomic_write_bytes
+from quant.onnxfile import EXTERNAL_THRESHOLD, load_external, load_onnx, save_onnx
 
 OPSET = 21  # int16/int4 QuantizeLinear and blocked DequantizeLinear need opset 21
 LINEAR_TAG = "fedquant.linear"  # metadata_props key we put on each Linear's MatMul and bias Add
@@ -91,22 +91,24 @@ def prune_unused(graph) -> None:
     """Drop nodes, initializers and value_info that no graph output depends on (after surgery,
     and when a client keeps only the tensors it captures)."""
     needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(graph.node):
+    dropped = []
+    for k in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[k]
         if any(o in needed for o in node.output):
-            keep.append(node)
             needed.update(i for i in node.input if i)
             for a in node.attribute:  # names used inside subgraphs (If/Loop), if any
                 for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                     needed.update(i for n in sub.node for i in n.input)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    vi = [v for v in graph.value_info if v.name in needed]
-    del graph.value_info[:]
-    graph.value_info.extend(vi)
+        else:
+            dropped.append(k)
+    # deleted in place, never copied back: protobuf copies what a repeated field is extended with,
+    # and the weights of a large model would be held twice
+    for k in dropped:  # descending indices
+        del graph.node[k]
+    for field in (graph.initializer, graph.value_info):
+        for k in range(len(field) - 1, -1, -1):
+            if field[k].name not in needed:
+                del field[k]
 
 
 def _tidy_linears(mp: onnx.ModelProto, linears: dict, attention: list[str] = ()) -> None:
@@ -122,7 +124,7 @@ def _tidy_linears(mp: onnx.ModelProto, linears: dict, attention: list[str] = ())
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     seen = set()
-    new_inits = []
+    new_inits = []  # (name, array) in graph order, added after the existing initializers
     attn: dict[str, list] = {}
     for node in g.node:
         if node.op_type not in ("MatMul", "Gemm"):
@@ -147,7 +149,7 @@ def _tidy_linears(mp: onnx.ModelProto, linears: dict, attention: list[str] = ())
         node.input[1] = f"{path}.weight_t"
         node.name = f"{path}/MatMul"
         _set_tag(node, path)
-        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"{path}.weight_t"))
+        new_inits.append((f"{path}.weight_t", w, True))
         if b is not None:
             adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"
                     and path in [s[len(_WRAP) + 1:] for s in _scopes(n)]]
@@ -158,7 +160,7 @@ def _tidy_linears(mp: onnx.ModelProto, linears: dict, attention: list[str] = ())
             add.input[k] = f"{path}.bias"
             add.name = f"{path}/Add"
             _set_tag(add, path)
-            new_inits.append(numpy_helper.from_array(b, f"{path}.bias"))
+            new_inits.append((f"{path}.bias", b, False))
     missing = sorted(set(linears) - seen)
     if missing:
         raise ValueError(f"Linear modules not found in the exported graph: {missing[:5]}")
@@ -167,7 +169,10 @@ def _tidy_linears(mp: onnx.ModelProto, linears: dict, attention: list[str] = ())
             for node, op in zip(nodes, ("qk_matmul", "av_matmul")):
                 node.name = f"{path}.{op}/MatMul"
                 _set_tag(node, f"{path}.{op}", MATMUL_TAG)
-    g.initializer.extend(new_inits)
+    # One tensor at a time straight into the graph: a list of protos extended into it held every
+    # weight twice (protobuf copies on extend), 2.7x the Linears at the peak (measured).
+    for name, a, transpose in new_inits:
+        g.initializer.add().CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a.T) if transpose else a, name))
     prune_unused(g)
 
 
@@ -179,12 +184,17 @@ def _attention_paths(model) -> list[str]:
 
 
 def float_graph(model, *, seq_len: int = 16, batch: int = 2, dynamic: bool = True,
-                opset: int = OPSET) -> onnx.ModelProto:
+                opset: int = OPSET, optimize: bool | None = None) -> onnx.ModelProto:
     """The float graph of ``export_float_onnx``, in memory (``quant.qdq.export_qdq`` builds on it):
     torch.onnx.export (dynamo) + tidy. The example batch is >= 2: a batch of 1 is specialized to a
     static dimension by torch.export. Attention is exported as HF's eager math (Q K^T,
     scale, mask, softmax, P V), which is what quant.instrument fake-quantizes, so its two matmuls
-    can carry QDQ too (SDPA's export scales Q and K by sqrt(scale) before the matmul instead)."""
+    can carry QDQ too (SDPA's export scales Q and K by sqrt(scale) before the matmul instead).
+
+    ``optimize``: run the exporter's graph optimizer (default: for models up to
+    ``EXTERNAL_THRESHOLD`` bytes of weights). It folds every Linear's weight transpose into a new
+    copy, and its peak was 5x the weights on Qwen2.5-0.5B (10 GB, bench/large_models.py); without
+    it the graph has more nodes (ORT folds them at load) and the same logits, bit for bit (tested)."""
     import tempfile
 
     model = model.eval()
@@ -198,35 +208,40 @@ def float_graph(model, *, seq_len: int = 16, batch: int = 2, dynamic: bool = Tru
     if dynamic:
         kw["dynamic_shapes"] = {"input_ids": {0: torch.export.Dim("batch"),
                                               1: torch.export.Dim("seq")}}
+    if optimize is None:
+        optimize = sum(p.numel() * p.element_size() for p in model.parameters()) <= EXTERNAL_THRESHOLD
+    # Through a file with external data whatever the size (protobuf cannot hold a graph past 2 GB),
+    # loaded without it: the exporter's copies of the Linear weights are pruned by the tidy step
+    # before they are ever read, so the tidy graph costs the model's size once, not twice.
     try:
         with tempfile.TemporaryDirectory() as tmp:
             f = Path(tmp) / "float.onnx"
             with torch.no_grad():
                 torch.onnx.export(_logits_only(model).eval(), (ids,), str(f), dynamo=True,
                                   opset_version=opset, input_names=["input_ids"],
-                                  output_names=["logits"], verbose=False, external_data=False, **kw)
-            mp = onnx.load(str(f))
+                                  output_names=["logits"], verbose=False, external_data=True,
+                                  optimize=optimize, **kw)
+            mp = load_onnx(f, load_external_data=False)
+            _tidy_linears(mp, float_linears(model), _attention_paths(model))
+            load_external(mp, tmp)
     finally:
         if attn_impl is not None and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(attn_impl)
-    _tidy_linears(mp, float_linears(model), _attention_paths(model))
     return mp
 
 
-def save_onnx(mp: onnx.ModelProto, path) -> Path:
-    """Write a model atomically (a crash leaves the old file or the new one, never half)."""
-    return atomic_write_bytes(path, mp.SerializeToString())
-
-
 def export_float_onnx(model, path, *, seq_len: int = 16, batch: int = 2, dynamic: bool = True,
-                      opset: int = OPSET) -> Path:
+                      opset: int = OPSET, external_threshold: int = EXTERNAL_THRESHOLD,
+                      optimize: bool | None = None) -> Path:
     """Write the float ONNX graph ``input_ids (batch, seq) int64 -> logits (batch, seq, vocab)``.
 
     ``dynamic`` makes batch and sequence symbolic (``seq_len``/``batch`` only shape the example);
     otherwise the graph is fixed to ``(batch, seq_len)``. SmolLM2 takes 40 s on an idle machine,
-    3-4 minutes on a busy one (measured).
+    3-4 minutes on a busy one (measured). Past ``external_threshold`` bytes of weights the graph
+    is written with external data (``quant.onnxfile``).
     """
-    return save_onnx(float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset), path)
+    mp = float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset, optimize=optimize)
+    return save_onnx(mp, path, external_threshold=external_threshold, keep=False)
 
 
 def embedding_gathers(mp: onnx.ModelProto) -> list[tuple[object, str]]:

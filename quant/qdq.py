@@ -32,7 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
 from quant.export import (MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
-                          linear_paths, matmul_paths, node_tag, prune_unused, save_onnx)
+                          linear_paths, matmul_paths, node_tag, prune_unused)
+from quant.onnxfile import EXTERNAL_THRESHOLD, load_external, load_onnx, save_onnx
 from quant.qparams import QParams, atomic_write_bytes
 from quant.spec import QuantSpec, weight_spec
 
@@ -343,8 +344,8 @@ def names_path(model_path) -> Path:
 
 def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int = 16,
                batch: int = 2, dynamic: bool = True, opset: int = OPSET,
-               u8_weights: bool = False, embedding: str = "int8", nbits_barrier: bool = True
-               ) -> dict[str, tuple[str, str]]:
+               u8_weights: bool = False, embedding: str = "int8", nbits_barrier: bool = True,
+               external_threshold: int = EXTERNAL_THRESHOLD) -> dict[str, tuple[str, str]]:
     """Write the QDQ model for ``model`` (a float torch model) and ``qparams`` to ``path`` and its
     name map to ``names_path(path)``; return the name map.
 
@@ -367,7 +368,9 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     one shares the quantized lm_head, so patching lm_head's weight or smoothing moves both;
     ``"float"`` keeps the float table. ``nbits_barrier`` puts an identity ``Max`` between a
     4-bit Linear's activation DequantizeLinear and its MatMul so that ORT runs it as MatMulNBits
-    (see ``_qdq_graph``); False shows what the graph cost without it.
+    (see ``_qdq_graph``); False shows what the graph cost without it. Past
+    ``external_threshold`` bytes of tensors the model is written with external data
+    (``quant.onnxfile``), and ``float_onnx`` may be such a model.
     """
     qparams.validate()
     if float_onnx is None:
@@ -375,8 +378,9 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     elif isinstance(float_onnx, onnx.ModelProto):
         mp = onnx.ModelProto()
         mp.CopyFrom(float_onnx)
-    else:
-        mp = onnx.load(str(float_onnx))
+    else:  # the Linears' float weights come from ``model``: the graph's copies stay on disk
+        mp = load_onnx(float_onnx, load_external_data=False)
+        load_external(mp, Path(float_onnx).parent, only=lambda name: not name.endswith(".weight_t"))
     _check_opset(mp, qparams)
     linears = float_linears(model)
     unknown = sorted(({k.rsplit(":", 1)[0] for k in qparams.points} | set(qparams.smoothing))
@@ -384,7 +388,9 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     if unknown:
         raise ValueError(f"QParams keys name no Linear of this graph: {unknown[:5]}")
     name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding, nbits_barrier)
-    save_onnx(mp, path)
+    if float_onnx is not None and not isinstance(float_onnx, onnx.ModelProto):
+        load_external(mp, Path(float_onnx).parent)  # the weights of Linears left float, if any
+    save_onnx(mp, path, external_threshold=external_threshold, keep=False)
     atomic_write_bytes(names_path(path), json.dumps(
         {k: list(v) for k, v in sorted(name_map.items())}, indent=1).encode())
     return name_map

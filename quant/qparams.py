@@ -268,12 +268,18 @@ def diff_qparams(a: QParams, b: QParams) -> list[dict]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` so that ``path`` holds either its old content or all of the new one."""
+    return atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: str | os.PathLike, write) -> Path:
+    """``atomic_write_bytes`` for content too large to hold as one bytes object: ``write(f)``
+    streams it into the open temporary file (a seekable binary file) before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

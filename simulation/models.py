@@ -5,6 +5,8 @@
 - `tiny_llama()` / `tiny_qwen2()`: random-init models of the same architecture families, built
   from a config in code in well under a second, with `ByteTokenizer` (UTF-8 bytes + EOS) so fast
   tests need neither the GGUF nor a tokenizer file.
+- `qwen2_random(name)`: Qwen2.5 0.5B / 1.5B and DeepSeek-R1-Distill-Qwen-1.5B at their real
+  sizes with random weights (`QWEN2_CONFIGS`), to measure the pipeline on models past 2 GB.
 """
 
 from __future__ import annotations
@@ -224,18 +226,70 @@ def tiny_qwen2(seed: int = 0, vocab_size: int = ByteTokenizer.vocab_size, **over
     return _build(Qwen2ForCausalLM, Qwen2Config(**_tiny_kwargs(vocab_size, overrides)), seed, True)
 
 
+# ---------------------------------------------------------------- real configs, random weights
+#
+# The architectures of the motivating deployment at their real sizes, with random weights: the
+# pipeline's memory and time are those of the real models (same shapes, 151,936-token vocabulary),
+# and nothing is downloaded. The values are the public config.json of each model; the tokenizer is
+# ByteTokenizer (ids below 257), so the data path is the tiny models' one. Perplexities mean
+# nothing on them: they measure the machinery, not quantization quality.
+
+QWEN2_CONFIGS = {
+    # Qwen/Qwen2.5-0.5B: tied lm_head, q/k/v biases
+    "qwen2.5-0.5b-random": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                rope_theta=1_000_000.0, tie_word_embeddings=True,
+                                max_position_embeddings=32768, rms_norm_eps=1e-6),
+    # Qwen/Qwen2.5-1.5B: tied lm_head
+    "qwen2.5-1.5b-random": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                rope_theta=1_000_000.0, tie_word_embeddings=True,
+                                max_position_embeddings=32768, rms_norm_eps=1e-6),
+    # deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B: the same body, an untied lm_head, rope theta 10k
+    "r1-distill-qwen-1.5b-random": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                        rope_theta=10_000.0, tie_word_embeddings=False,
+                                        max_position_embeddings=131072, rms_norm_eps=1e-6),
+}
+
+
+def qwen2_random(name: str, seed: int = 0):
+    """Qwen2ForCausalLM of ``QWEN2_CONFIGS[name]`` with random weights (HF's init, q/k/v biases
+    small random values), float32, deterministic for a seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if name not in QWEN2_CONFIGS:
+        raise ValueError(f"no config {name!r}: one of {sorted(QWEN2_CONFIGS)}")
+    config = Qwen2Config(**QWEN2_CONFIGS[name], bos_token_id=None, eos_token_id=ByteTokenizer.eos_token_id,
+                         pad_token_id=None, use_sliding_window=False)
+    return _build(Qwen2ForCausalLM, config, seed, True)
+
+
+def parameter_count(name: str) -> int:
+    """Unique parameters of a ``QWEN2_CONFIGS`` model, from its config alone (no weights made)."""
+    c = QWEN2_CONFIGS[name]
+    h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    attn = h * h + h + 2 * (h * kv + kv) + h * h   # q (+bias), k, v (+biases), o
+    layer = attn + 3 * h * i + 2 * h                # gate, up, down; two norms
+    return v * h * (1 if c["tie_word_embeddings"] else 2) + n * layer + h
+
+
 # ---------------------------------------------------------------- dispatch by name
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for "smollm2", "tiny-llama", "tiny-qwen2", a local Hugging Face
-    model directory, or a .gguf file (loaded directly, not cached or hash-checked)."""
+    """(model, tokenizer) for "smollm2", "tiny-llama", "tiny-qwen2", a ``QWEN2_CONFIGS`` name
+    (real sizes, random weights), a local Hugging Face model directory, or a .gguf file (loaded
+    directly, not cached or hash-checked)."""
     name = str(name_or_path)
     if name == "smollm2":
         return load_smollm2(dtype)
     if name in ("tiny-llama", "tiny-qwen2"):
         model = tiny_llama() if name == "tiny-llama" else tiny_qwen2()
         return model.to(dtype), ByteTokenizer()
+    if name in QWEN2_CONFIGS:
+        return qwen2_random(name).to(dtype), ByteTokenizer()
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, dtype)
@@ -244,6 +298,6 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
         return _from_pretrained(path, dtype)
     raise FileNotFoundError(
-        f"no model {name!r}: expected 'smollm2', 'tiny-llama', 'tiny-qwen2', "
-        "a Hugging Face model directory or a .gguf file"
+        f"no model {name!r}: expected 'smollm2', 'tiny-llama', 'tiny-qwen2', one of "
+        f"{sorted(QWEN2_CONFIGS)}, a Hugging Face model directory or a .gguf file"
     )

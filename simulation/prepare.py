@@ -11,6 +11,7 @@ config refuses to reuse the directory.
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from client.device import FLOAT_ONNX
 from quant.qparams import QParams, atomic_write_bytes, load_qparams, save_qparams
 from server.config import OPERATIONAL
 from simulation.config import SimulationConfig, quant_config_for
@@ -77,17 +79,20 @@ def seed_run_dir(cfg: SimulationConfig, out: Path, source: Path) -> None:
     that already has a run is left alone (it resumes)."""
     if (out / "run.json").is_file():
         return
+    if not source.is_dir():
+        raise ValueError(f"--prepared-from {source}: no such run directory (removed or moved?)")
     held = json.loads((source / "run.json").read_text()) if (source / "run.json").is_file() else {}
     if held.get("config_digest") != config_digest(cfg):
         raise ValueError(f"--prepared-from {source}: it was prepared for another config (digest "
                          f"{held.get('config_digest')}, this one {config_digest(cfg)})")
     if not (source / "device" / "fleet.json").is_file():
         raise ValueError(f"--prepared-from {source}: no prepared device directory in it")
+    check_float_graph(source / "device", f"--prepared-from {source}")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    def link(src, dst):
+    def link(src, dst):  # the float graph and weights (2-7 GB) stay stored once
         try:
             os.link(src, dst)
         except OSError:
@@ -108,7 +113,9 @@ def seed_run_dir(cfg: SimulationConfig, out: Path, source: Path) -> None:
 
 def float_onnx_graph(model, cfg: SimulationConfig, out: Path, progress) -> Path:
     """The float graph: cached across runs under ~/.cache/fedquant/onnx for the shipped SmolLM2
-    (exporting it takes minutes), exported into the run for anything else."""
+    (exporting it takes minutes), exported into ``out/float`` for anything else; past 1 GB of
+    weights with external data (``quant.onnxfile``). ``prepare`` links it into the device
+    directory, its one place in the run."""
     from quant.export import export_float_onnx
     from quant.instrument import fingerprint
 
@@ -139,12 +146,18 @@ def random_calibration(model, qcfg, cfg: SimulationConfig, vocab: int, name: str
     """The starting QParams of profile ``name``: weights min-max per channel/group, activations
     calibrated (the server's calibrator for the profile, and bins) on random token ids -- the
     common ``representative_dataset`` recipe, and the reference row ``random_calib_ppl``."""
-    from quant.instrument import fingerprint, get_qparams, quantize_, set_mode, set_qparams
+    from quant.instrument import QuantLinear, fingerprint, get_qparams, quantize_, set_mode, set_qparams
     from quant.ptq import calibrate_activations
     from simulation.sequences import random_token_sequences
 
-    m = copy.deepcopy(model)
+    # The instrumented copy shares the float model's weights (nothing here changes them) and
+    # fake-quantizes them per forward instead of caching them: one model in memory, not three.
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    m = copy.deepcopy(model, memo=shared)
     quantize_(m, qcfg)
+    for q in m.modules():
+        if isinstance(q, QuantLinear):
+            q.cache_weight = False
     set_mode(m, "float", "activations")
     ids = random_token_sequences(vocab, cfg.data.random_sequences, cfg.data.seq_len, cfg.data.seed)
     batches = [ids[i:i + 4] for i in range(0, len(ids), 4)]
@@ -165,13 +178,15 @@ def with_unit_smoothing(qp: QParams, model) -> QParams:
     return QParams(qp.points, qp.model, qp.version, {**ones, **qp.smoothing}, qp.meta)
 
 
-def server_weights(prep: "Prepared") -> dict[str, np.ndarray]:
+def server_weights(prep: "Prepared"):
     """Linear path -> float weight (out, in), as the devices hold them (the device directory's
-    ``model.weights.npz``): the server computes smoothing factors and weight points from these."""
+    ``model.weights.npz``): the server computes smoothing factors and weight points from these.
+    A mapping that reads each weight from the file when asked: the server never holds them all
+    (6 GB for a 1.5B model)."""
     from client.runtime import load_float_linears, weights_path
 
     name = next(iter(prep.initial))
-    return {p: w for p, (w, _) in load_float_linears(weights_path(prep.device_dir / name / "model.onnx")).items()}
+    return load_float_linears(weights_path(prep.device_dir / name / "model.onnx")).weights()
 
 
 def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | None = None) -> Prepared:
@@ -186,6 +201,9 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     check_run_dir(cfg, out)
+    if os.environ.get("FEDQUANT_MEMORY_CHECK", "on") != "off":   # off: to measure past the estimate
+        est = check_run_fits(cfg)
+        say(progress, f"memory estimate {est['peak'] / 1e9:.1f} GB at the peak")
     say(progress, f"loading {cfg.model}")
     model, tokenizer = load_model(cfg.model)
     model.eval()
@@ -194,8 +212,9 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
     ood, ood_ids = ood_sequences(cfg.data, tokenizer)
     about = {**about, "ood_sequences": int(len(ood)), "ood_documents": len({w["id"] for w in ood_ids}),
              "ood_ids": ood_ids}
-    float_onnx = float_onnx_graph(model, cfg, out, progress)
     device_dir = out / "device"
+    prepared = (device_dir / "fleet.json").is_file()
+    float_onnx = device_dir / FLOAT_ONNX if prepared else float_onnx_graph(model, cfg, out, progress)
     init_dir = out / "initial"
     initial: dict[str, QParams] = {}
     qcfgs = {n: quant_config_for(p, e) for n, (p, e) in profiles.items()}
@@ -215,8 +234,48 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
                  for c in clients}
         write_device_dir(device_dir, model=model, profiles={n: p for n, (p, _) in profiles.items()},
                          quant_configs=qcfgs, qparams=initial, float_onnx=float_onnx, nodes=nodes)
+        shutil.rmtree(out / "float", ignore_errors=True)  # linked into the device directory
+        float_onnx = device_dir / FLOAT_ONNX
+    check_float_graph(device_dir, str(out))
+    del model, tokenizer   # the run reads the device directory: the float model must not outlive this
+    gc.collect()
+    release_freed_memory()
     return Prepared(cfg, out, device_dir, float_onnx, initial, evals, clients, about,
                     time.perf_counter() - t0, ood=ood)
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed by preparation back to the system (glibc keeps them otherwise, and
+    the server process then carries the export's memory through the whole run)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def check_run_fits(cfg: SimulationConfig) -> dict:
+    """``simulation.memory.check_fits`` for this config, before anything is loaded: a model that
+    cannot fit is refused in a second, with the estimate and the reason, not killed after minutes."""
+    from simulation.memory import check_fits, model_size
+
+    actors = max(1, int(cfg.engine.num_cpus // cfg.engine.client_cpus))
+    return check_fits(model_size(cfg.model), batch=cfg.server.batch_size, seq_len=cfg.data.seq_len,
+                      client_actors=min(actors, cfg.data.clients))
+
+
+def check_float_graph(device_dir: Path, where: str) -> None:
+    """The device directory's float graph and every data file it names are there (a run reuses a
+    preparation by hard links: a half-copied or pruned directory must fail here, with the file)."""
+    from quant.onnxfile import onnx_files
+
+    path = device_dir / FLOAT_ONNX
+    if not path.is_file():
+        raise ValueError(f"{where}: the float graph {path} is missing")
+    missing = [str(f) for f in onnx_files(path) if not f.is_file()]
+    if missing:
+        raise ValueError(f"{where}: the float graph's external data {missing[0]} is missing")
 
 
 def check_run_dir(cfg: SimulationConfig, out: Path) -> None:
