@@ -5,7 +5,6 @@ final QParams, QDQ ONNX model and AIMET/QNN encodings per profile, the centraliz
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -61,6 +60,7 @@ def write_artifacts(prep: Prepared, ev: ServerEval, final: dict[str, QParams]) -
     import onnx
 
     from quant.encodings import onnx_encoding_names, write_encodings_json
+    from quant.onnxfile import save_onnx
     from quant.qdq import names_path
 
     names = onnx_encoding_names(onnx.load(str(prep.float_onnx), load_external_data=False))
@@ -70,9 +70,8 @@ def write_artifacts(prep: Prepared, ev: ServerEval, final: dict[str, QParams]) -
         d.mkdir(parents=True, exist_ok=True)
         rt = ev.runtime(p)
         rt.patch(qp)
-        tmp = d / f".model.onnx.tmp{os.getpid()}"
-        onnx.save(rt.canonical_model(), str(tmp))  # int8 weights as exported, whatever this CPU runs
-        os.replace(tmp, d / "model.onnx")
+        # int8 weights as exported, whatever this CPU runs; external data past 1 GB, atomically
+        save_onnx(rt.canonical_model(), d / "model.onnx")
         shutil.copyfile(names_path(rt.path), names_path(d / "model.onnx"))
         save_qparams(qp, prep.out / "qparams" / f"{p}.safetensors")
         write_encodings_json(qp, d / "encodings.json", names=names)
