@@ -13,8 +13,8 @@ per channel of every smoothable input:
 
     .venv/bin/python -m bench.private_absmax [--cache runs/bench-poisoning/cache]
 
-``--quality RUN_DIR`` (a prepared SmolLM2 run of ``configs/default.toml``, e.g. bench.poisoning's
-``runs/bench-poisoning``) also measures what each stand-in costs in perplexity: the centralized
+``--quality RUN_DIR`` (a run directory of ``configs/default.toml``, SmolLM2: prepared there when it
+is new, reused when it holds that config's preparation) also measures what each stand-in costs in perplexity: the centralized
 recipe (``simulation.evaluation.centralized_qparams``: scouting, SmoothQuant, statistics of the
 pooled training data, calibration) with every client's per-channel abs-max replaced by the
 fleet-wide estimate, which is all a server that cannot see clients one by one would have (the

@@ -263,8 +263,9 @@ def test_staged_app_can_name_the_hostile_client_app(tmp_path):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """configs/fleet-faults.toml prepared once (starting QParams, device directory, float graph):
-    each fleet below starts its run directory from a copy (``_run_dir``); a schedule may differ."""
+    """configs/fleet-faults.toml prepared once (starting QParams, the device directory with the
+    float graph): each fleet below starts its run directory from a copy (``_run_dir``); a schedule
+    may differ."""
     with pytest.MonkeyPatch.context() as mp:
         for k, v in ENV.items():
             mp.setenv(k, v)
@@ -274,7 +275,7 @@ def prepared(tmp_path_factory):
 
 
 def _run_dir(prepared: Path, out: Path) -> Path:
-    for name in ("initial", "device", "float"):
+    for name in ("initial", "device"):        # the float graph is device/float.onnx
         shutil.copytree(prepared / name, out / name)
     shutil.copy2(prepared / "run.json", out / "run.json")
     return out
