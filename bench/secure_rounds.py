@@ -11,7 +11,8 @@ with O(log N) neighbours, not all of them), reconstruction threshold half of it.
 Per N: the statistics round's wall time (``metrics.jsonl``; rounds per minute = 60 / wall) and the
 payload bytes per client (plain: instruction down, reply up; secure: every step of the protocol
 both ways, ``secure.bytes`` of the metrics line: keys, encrypted shares, the instruction, the
-masked vector), and whether the secure sum equals the plaintext one (the same counts per point).
+masked vector), the seconds of each protocol step's exchange with the clients and of the server's
+work between them, and whether the secure sum equals the plaintext one (the same counts per point).
 
     .venv/bin/python -m bench.secure_rounds                 # N = 10, 100, 1000 -> bench/results/secure_rounds.json
     .venv/bin/python -m bench.secure_rounds --clients 10    # one N
@@ -101,13 +102,19 @@ def run_n(n: int, work: Path) -> dict:
     for name in ("plain", "secure"):
         stats = [json.loads(x) for x in (prep.out / name / "metrics.jsonl").read_text().splitlines()]
         st = next(m for m in stats if m["job"] == "stats")
+        extra = {}
         if name == "secure":
             b = st["secure"]["bytes"]["int8"]
             down, up = b["down_per_client"], b["up_per_client"]
+            sec = st["secure"]["int8"]
+            # the four exchanges with the clients (setup, key shares, masked vectors, unmasking),
+            # and the server's own work between them (mostly rebuilding mask seeds from shares)
+            extra = {"step_s": sec["step_s"], "server_between_steps_s": sec["protocol_s"] - sum(sec["step_s"])}
         else:
             down, up = st["bytes_down_per_client"], st["bytes_up_per_client"]
         row[name] = {"wall_s": st["wall_s"], "rounds_per_min": 60 / st["wall_s"], "replies": st["replies"],
-                     "rejections": st["rejections"], "bytes_down_per_client": down, "bytes_up_per_client": up}
+                     "rejections": st["rejections"], "bytes_down_per_client": down, "bytes_up_per_client": up,
+                     **extra}
     row["secure_vs_plain_time"] = row["secure"]["wall_s"] / row["plain"]["wall_s"]
     row["same_sums"] = same_sums(prep.out / "plain" / "checkpoint.safetensors",
                                  prep.out / "secure" / "checkpoint.safetensors")

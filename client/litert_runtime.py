@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.runtime import captured_by_key
 from quant.metrics import nll_sum_and_count
 
 
@@ -120,13 +121,7 @@ class LiteRTCapture:
             for name in names:
                 x = self.interpreter.get_tensor(self._outs[name])
                 parts[name].append(x.reshape(self.batch, -1, x.shape[-1])[:n].copy())
-        by_name = {n: np.concatenate(v) for n, v in parts.items()}
-        got = {}
-        for k in keys:
-            x = by_name[self.tensors[k]]
-            m = (smoothing or {}).get(k.rsplit(":", 1)[0]) if k.endswith(":input") else None
-            got[k] = x if m is None else x / np.asarray(m, np.float32)
-        return got
+        return captured_by_key({n: np.concatenate(v) for n, v in parts.items()}, self.tensors, keys, smoothing)
 
 
 class LiteRTDevice:

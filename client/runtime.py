@@ -521,10 +521,15 @@ class FloatCapture:
             raise ValueError(f"not activation points of the float graph: {unknown[:5]}")
         names = tuple(sorted({self.tensors[k] for k in keys}))
         outs = self.session(names).run(list(names), {"input_ids": np.asarray(ids, dtype=np.int64)})
-        by_name = dict(zip(names, outs))
-        got = {}
-        for k in keys:
-            x = by_name[self.tensors[k]]
-            m = (smoothing or {}).get(k.rsplit(":", 1)[0]) if k.endswith(":input") else None
-            got[k] = x if m is None else x / np.asarray(m, np.float32)
-        return got
+        return captured_by_key(dict(zip(names, outs)), self.tensors, keys, smoothing)
+
+
+def captured_by_key(by_name: dict, tensors: dict, keys, smoothing=None) -> dict[str, np.ndarray]:
+    """The captured tensors (graph name -> array) as activation points (``tensors``: key -> graph
+    name), a smoothed Linear's input divided by its factors, as the QDQ model quantizes it."""
+    got = {}
+    for k in keys:
+        x = by_name[tensors[k]]
+        m = (smoothing or {}).get(k.rsplit(":", 1)[0]) if k.endswith(":input") else None
+        got[k] = x if m is None else x / np.asarray(m, np.float32)
+    return got

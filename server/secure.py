@@ -19,6 +19,7 @@ clients that sent a vector is their sum.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,13 +43,17 @@ class SecureSum:
     """What one secure aggregation gives the server: the sum of the vectors of ``contributors``
     (node ids), or None when the protocol stopped (too few clients, or too few answered a step:
     ``reason``); and the payload bytes each node was sent and sent back over all the protocol's
-    steps (``bytes_down``, ``bytes_up``: node id -> bytes)."""
+    steps (``bytes_down``, ``bytes_up``: node id -> bytes), and the seconds of each step's exchange
+    with the clients and of the whole protocol (``step_s``, ``protocol_s``: the rest is the server's
+    own work between steps)."""
 
     total: np.ndarray | None
     contributors: list[int] = field(default_factory=list)
     reason: str = ""
     bytes_down: dict[int, int] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)
+    step_s: list[float] = field(default_factory=list)
+    protocol_s: float = 0.0
 
 
 def content_nbytes(content: RecordDict) -> int:
@@ -67,17 +72,20 @@ def content_nbytes(content: RecordDict) -> int:
 
 
 class _CountingGrid:
-    """The grid, with the payload bytes of every message it sends and receives counted per node."""
+    """The grid, with the payload bytes of every message it sends and receives counted per node,
+    and the seconds of each exchange."""
 
     def __init__(self, grid: Grid):
-        self._grid, self.down, self.up = grid, {}, {}
+        self._grid, self.down, self.up, self.seconds = grid, {}, {}, []
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         for m in messages:
             nid = int(m.metadata.dst_node_id)
             self.down[nid] = self.down.get(nid, 0) + content_nbytes(m.content)
+        t0 = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.seconds.append(time.perf_counter() - t0)
         for r in replies:
             if not r.has_error():
                 nid = int(r.metadata.src_node_id)
@@ -163,12 +171,14 @@ def secure_sum(grid: Grid, messages: list[Message], round: int, config: SecureCo
         max_weight=1.0, clipping_range=1.0, quantization_range=int(config.quantization_range),
         modulus_range=int(config.modulus_range), timeout=config.timeout_s or timeout)
     counting = _CountingGrid(grid)
-    traffic = {"bytes_down": counting.down, "bytes_up": counting.up}
+    traffic = {"bytes_down": counting.down, "bytes_up": counting.up, "step_s": counting.seconds}
+    t0 = time.perf_counter()
     try:
         workflow(counting, context)
     except Exception as e:      # noqa: BLE001 -- a client's reply must not stop the run
         log.warning("round %d: secure aggregation raised", round, exc_info=True)
         return SecureSum(None, reason=f"SecAgg+ raised {type(e).__name__}: {e}"[:500], **traffic)
+    traffic["protocol_s"] = time.perf_counter() - t0
     if strategy.mean is None:
         return SecureSum(None, reason="SecAgg+ stopped before the sum: too few clients answered a step "
                                       "(Flower's log says which)", **traffic)

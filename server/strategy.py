@@ -264,7 +264,8 @@ class FedQuant(Strategy):
                     rejections.append(rej)
                     rejected_by_profile.setdefault(p, []).append(rej)
                     rejected_clients[c] = rej.code
-            report[p] = {"clients": len(clients), "summed": len(contributors)} | ({"reason": reason[:300]} if stats is None else {})
+            report[p] = {"clients": len(clients), "summed": len(contributors), "step_s": res.step_s,
+                         "protocol_s": res.protocol_s} | ({"reason": reason[:300]} if stats is None else {})
             if stats is None:
                 log.warning("round %d: secure aggregation of profile %s failed: %s", rnd, p, reason[:300])
         record = self._apply(rnd, accepted, rejections, rejected_by_profile, rejected_clients, up)

@@ -120,6 +120,9 @@ def test_secure_sums_equal_the_plaintext_sums_with_devices_dropping_out(tmp_path
     (plain, pm), (sec, sm) = runs[False], runs[True]
     stats_rounds = [m for m in sm if m["job"] == "stats"]
     assert all(m["secure"]["int8"]["summed"] >= 2 for m in stats_rounds), stats_rounds
+    for m in stats_rounds:      # setup, key shares, masked vectors, unmasking; the server's work besides
+        info = m["secure"]["int8"]
+        assert len(info["step_s"]) == 4 and 0 < sum(info["step_s"]) <= info["protocol_s"] <= m["wall_s"]
     dropped = sum(m["rejections"].get("secure_dropout", 0) for m in stats_rounds)
     assert dropped >= 1, "the seeded draw lost no device in a statistics round: change the dropout rate"
     assert dropped == sum(m["rejections"].get("client:dropout", 0) for m in pm if m["job"] == "stats")
