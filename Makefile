@@ -16,10 +16,11 @@ export TOKENIZERS_PARALLELISM=false
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock requirements-data.txt pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-data.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements.lock
 	$(PIP_INSTALL) --no-deps -r requirements-data.txt
+	$(PIP_INSTALL) --no-deps -r requirements-nodeps.txt
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -62,10 +63,11 @@ PY_LITERT := $(VENV_LITERT)/bin/python
 PIP_LITERT := $(PY_LITERT) -m pip install --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
 venv-litert: $(VENV_LITERT)/.installed
 
-$(VENV_LITERT)/.installed: requirements.lock requirements-data.txt requirements-litert.txt pyproject.toml
+$(VENV_LITERT)/.installed: requirements.lock requirements-data.txt requirements-nodeps.txt requirements-litert.txt pyproject.toml
 	test -x $(PY_LITERT) || $(PYTHON) -m venv $(VENV_LITERT)
 	$(PIP_LITERT) -r requirements.lock
 	$(PIP_LITERT) --no-deps -r requirements-data.txt
+	$(PIP_LITERT) --no-deps -r requirements-nodeps.txt
 	$(PIP_LITERT) --no-deps -r requirements-litert.txt
 	$(PIP_LITERT) --no-deps --no-build-isolation -e .
 	$(PY_LITERT) -c "import torch, ai_edge_litert.interpreter, litert_torch, ai_edge_quantizer, pydantic; assert torch.__version__.startswith('2.13.0'), torch.__version__"

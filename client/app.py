@@ -27,7 +27,10 @@ Messages (server -> client) and OK replies
         A stats instruction whose config carries ``secure-cap`` int is one step of a SecAgg+ round
         (docs/privacy.md): the reply is then Flower's FitRes form, one float64 vector of
         ``quant.wire.stats_to_secure_vector`` with num_examples 1, which :func:`secure_aggregation_mod`
-        (Flower's ``secaggplus_mod``) masks before it leaves the device.
+        (Flower's ``secaggplus_mod``) masks before it leaves the device. One whose config carries
+        ``dp-clip`` float and ``dp-calibrator`` (json of quant.calibrate.CalibratorConfig) is a
+        differentially private round: the reply is ``quant.wire.encode_dp_reply`` of
+        ``client.jobs.dp_vector`` (the client's own calibrated ranges, clipped), no histograms.
         scout/stats/eval run on the onnxruntime device runtime (client.jobs), lsq on the
         instrumented torch model (client.learn); scout/stats/lsq use the node's ``train`` split,
         eval its ``test`` split.
@@ -73,8 +76,9 @@ from client.profiles import DeviceProfile, MemoryBudgetError, plan_batch
 from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_path
 from quant.learn_config import LearnConfig
 from quant.qparams import load_qparams
-from quant.wire import (Instruction, WireError, decode_instruction, encode_scout_reply,
-                        encode_stats_reply, encode_lsq_reply, stats_to_secure_vector)
+from quant.calibrate import CalibratorConfig
+from quant.wire import (Instruction, WireError, decode_instruction, encode_dp_reply, encode_lsq_reply,
+                        encode_scout_reply, encode_stats_reply, stats_to_secure_vector)
 
 PROTOCOL = "fedquant.flower/1"
 TRAIN_JOBS = ("scout", "stats", "lsq")
@@ -434,10 +438,21 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
         if secure_cap is not None and (not isinstance(secure_cap, int) or secure_cap < 1 or ins.absmax):
             raise Refused("bad_instruction", f"secure-cap {secure_cap!r}: a secure statistics round needs a "
                                              "positive int cap and no abs-max points")
+        dp_clip, dp_calibrator = cfg.get("dp-clip"), cfg.get("dp-calibrator")
+        if dp_clip is not None:
+            try:
+                dp_calibrator = CalibratorConfig.model_validate_json(str(dp_calibrator))
+                if not (isinstance(dp_clip, float) and dp_clip > 0) or ins.absmax:
+                    raise ValueError(f"dp-clip {dp_clip!r} must be a positive float, with no abs-max points")
+            except ValueError as e:
+                raise Refused("bad_instruction", f"a DP statistics round: {str(e)[:300]}") from None
         reply, metrics = jobs.statistics(rt, ins, seqs, batch_size=batch_size, profile=profile)
         if secure_cap is not None:
             return _secure_stats_reply(stats_to_secure_vector(reply, ins, secure_cap), metrics, patch_s)
-        flat, header = encode_stats_reply(reply, ins)
+        if dp_clip is not None:
+            flat, header = encode_dp_reply(jobs.dp_vector(reply, ins, dp_calibrator, dp_clip), ins)
+        else:
+            flat, header = encode_stats_reply(reply, ins)
     else:
         from client.learn import learn_ranges
 

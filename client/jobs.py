@@ -22,6 +22,9 @@ import numpy as np
 
 from client.profiles import DeviceProfile, plan_batch
 from client.runtime import DeviceRuntime
+from quant import dp
+from quant.affine import qparams_to_range
+from quant.calibrate import CalibratorConfig, calibrate
 from quant.stats import ActivationStats, channel_absmax, merge, merge_absmax, observe
 from quant.wire import Instruction, ScoutReply, StatsReply
 
@@ -136,6 +139,19 @@ def statistics(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
         metrics["batch_size"] = b
     _check_channels(absmax, ins)
     return StatsReply(stats, absmax), metrics
+
+
+def dp_vector(reply: StatsReply, ins: Instruction, calibrator: CalibratorConfig, clip: float) -> np.ndarray:
+    """What a client sends in a differentially private statistics round instead of its histograms
+    (``quant.dp``, docs/privacy.md): its own range per point of ``ins.keys`` by the profile's
+    ``calibrator`` on its own statistics, as ``log2`` of each end over the instruction's QParams
+    (the current release), clipped to L2 norm ``clip``. A point it saw no value at contributes 0."""
+    centres = {k: tuple(float(v) for v in qparams_to_range(ins.qparams.points[k].scale,
+                                                           ins.qparams.points[k].zero_point,
+                                                           ins.qparams.points[k].spec)) for k in ins.keys}
+    own = {k: calibrate(reply.stats[k], ins.qparams.points[k].spec, calibrator)
+           for k in ins.keys if reply.stats[k].n > 0}
+    return dp.client_vector(own, centres, clip)
 
 
 def evaluate(rt: DeviceRuntime, ins: Instruction | None, data, batch_size: int = 8,

@@ -799,3 +799,31 @@ def lsq_reply_from_arrays(a: Mapping[str, np.ndarray], ins: Instruction) -> LsqR
         return {k: v[s0:s1].reshape(shape) for k, s0, s1, shape in bounds}
 
     return LsqReply(split(a["delta_log_s"]), split(a["delta_beta"]), float(a["loss"][0]), float(a["loss"][1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentially private statistics rounds (quant.dp): one clipped vector instead of histograms
+
+def dp_length(ins: Instruction) -> int:
+    """Numbers in a DP statistics reply: ``(|lo|, hi)`` of each of ``ins.keys`` (quant.dp)."""
+    return 2 * len(ins.keys)
+
+
+def encode_dp_reply(vector: np.ndarray, ins: Instruction) -> tuple[Flat, Header]:
+    """``dp`` float64 ``(2 K,)``: the client's ``quant.dp.client_vector`` over ``ins.keys``."""
+    v = np.asarray(vector, dtype=np.float64)
+    if v.shape != (dp_length(ins),):
+        raise ValueError(f"dp vector has shape {v.shape}, the instruction's {len(ins.keys)} keys need "
+                         f"({dp_length(ins)},)")
+    flat, index = pack({"dp": v})
+    return flat, _reply_header("dp", ins, index)
+
+
+def decode_dp_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """The vector of a DP statistics reply: shape for the instruction's keys, finite."""
+    a = _fields(flat, header, ins, "dp", {"dp": ("float64", (dp_length(ins),))}, limits)
+    v = a["dp"]
+    bad = ~np.isfinite(v)
+    if bad.any():
+        raise WireError("nan", f"dp of {ins.keys[int(np.flatnonzero(bad)[0]) // 2]}: NaN or infinite")
+    return v

@@ -25,6 +25,7 @@ clients each samples and how many valid replies it needs to change anything. Exa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -121,6 +122,45 @@ class SecureConfig(BaseModel):
         return self.modulus_range // (self.quantization_range + 1) - 1
 
 
+class DPConfig(BaseModel):
+    """Differential privacy of the statistics rounds (docs/privacy.md, "Differential privacy";
+    ``quant.dp``): each client sends its own calibrated range per point, as ``log2`` of each end
+    over the round's starting QParams, clipped to L2 norm ``clip``; the server adds Gaussian noise
+    of ``z 2 clip`` to each profile's sum and releases the noisy mean. A statistics round samples
+    clients no earlier one used, so each client's data is in one release: the run spends the
+    epsilon of one Gaussian mechanism (``server.privacy``, Flower's RDP accountant, replace-one).
+    The noise is the server's: the release is private, the server must be trusted with each
+    client's vector (secure aggregation with clients' noise shares is not built)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epsilon: float = Field(gt=0, le=1000, description="the run's budget for the statistics rounds")
+    delta: float = Field(1e-5, gt=0, lt=1, description="keep it far below 1 / clients")
+    clips: list[float] = Field([16.0, 4.0], min_length=1,
+                               description="L2 clip in octaves per statistics round, in schedule order (the "
+                                           "last one repeats): the first round starts from the random-token "
+                                           "calibration, far off; later ones from the previous release")
+
+    @field_validator("clips")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(not (math.isfinite(c) and c > 0) for c in v):
+            raise ValueError(f"clips must be finite and > 0, got {v}")
+        return v
+
+    def noise_multiplier(self) -> float:
+        """``z`` of one Gaussian release spending ``epsilon`` at ``delta`` (cached: the accountant
+        takes seconds)."""
+        return _noise_multiplier(self.epsilon, self.delta)
+
+
+@functools.lru_cache(maxsize=16)
+def _noise_multiplier(epsilon: float, delta: float) -> float:
+    from server.privacy import noise_multiplier_for
+
+    return noise_multiplier_for(epsilon, [1], 1, delta)
+
+
 class ServerConfig(BaseModel):
     """Everything the server needs to run a federated quantization schedule."""
 
@@ -155,6 +195,8 @@ class ServerConfig(BaseModel):
                         description="share trimmed on each side (stats_rule = trimmed, lsq_rule = trimmed)")
     secure: SecureConfig | None = Field(None, description="secure aggregation of the statistics rounds "
                                                           "(SecAgg+); needs stats_rule = 'sum'")
+    dp: DPConfig | None = Field(None, description="differential privacy of the statistics rounds: clients send "
+                                                  "clipped ranges, the server adds noise; needs stats_rule = 'sum'")
     server_opt: Literal["fedavg", "fedadam"] = "fedavg"
     server_lr: float = Field(1.0, gt=0)
     adam_b1: float = Field(0.9, ge=0, lt=1)
@@ -214,6 +256,29 @@ class ServerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _dp_replaces_the_merge(self) -> "ServerConfig":
+        if self.dp is None:
+            return self
+        if self.stats_rule != "sum":
+            raise ValueError(f"dp: the statistics rounds release a noisy mean of clipped ranges, not merged "
+                             f"histograms, so stats_rule = {self.stats_rule!r} does not apply: set stats_rule = "
+                             f"'sum' (the clip bounds each client instead)")
+        if self.secure is not None:
+            raise ValueError("dp and secure together are not built yet (the clients would add the noise in "
+                             "shares under SecAgg+, quant.dp.noise_share_std): choose one")
+        return self
+
+    def dp_clip(self, round: int) -> float:
+        """The DP clip of statistics round ``round``: ``dp.clips`` in the order of the schedule's
+        statistics rounds, the last one repeating."""
+        if self.dp is None:
+            raise ValueError("dp_clip of a config without dp")
+        stats = [r for r, spec in self.rounds() if spec.job == "stats"]
+        if round not in stats:
+            raise ValueError(f"round {round} is not a statistics round")
+        return float(self.dp.clips[min(stats.index(round), len(self.dp.clips) - 1)])
+
+    @model_validator(mode="after")
     def _smoothing_needs_scouting(self) -> "ServerConfig":
         if self.smoothing is not None and not any(s.job == "scout" for s in self.schedule):
             raise ValueError("smoothing is set but the schedule has no scout round: the factors come "
@@ -247,6 +312,8 @@ class ServerConfig(BaseModel):
             del data["stats_rule"]
         if data["absmax_rule"] == "max":
             del data["absmax_rule"], data["absmax_clip"]
+        if data["dp"] is None:
+            del data["dp"]
         if data["secure"] is None:
             del data["secure"]
         else:

@@ -14,8 +14,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from quant.wire import Instruction, payload_nbytes
 from server.config import ServerConfig
-from server.validate import (Rejection, validate_eval_metrics, validate_lsq_reply, validate_scout_reply,
-                             validate_stats_reply)
+from server.validate import (Rejection, validate_dp_reply, validate_eval_metrics, validate_lsq_reply,
+                             validate_scout_reply, validate_stats_reply)
 
 CLIENT_CODES = frozenset({"unknown_profile", "bad_instruction", "stale_version", "unknown_job",
                           "patch_refused", "memory_budget", "no_data", "job_failed",
@@ -31,6 +31,9 @@ def instruction_message(node_id: int, profile: str, ins: Instruction, flat, head
         cfg["learn"] = config.learn_json()
     if ins.job == "stats" and config.secure is not None:
         cfg["secure-cap"] = int(config.secure.cap)      # the reply is then one SecAgg+ vector
+    if ins.job == "stats" and config.dp is not None:   # the reply is then one clipped range vector
+        cfg["dp-clip"] = config.dp_clip(ins.round)
+        cfg["dp-calibrator"] = config.calibrator_for(profile).model_dump_json()
     content = RecordDict({"arrays": ArrayRecord({dt: Array(a) for dt, a in flat.items()}),
                           "config": ConfigRecord(cfg)})
     return Message(content, dst_node_id=int(node_id), message_type=MESSAGE_TYPE[ins.job],
@@ -59,7 +62,10 @@ def read_reply(msg: Message | None, ins: Instruction, config: ServerConfig) -> t
             flat = {k: v.numpy() for k, v in content["arrays"].items()}
             header = content["config"]["header"]
             nbytes = payload_nbytes(flat, header if isinstance(header, str) else "")
-            r = VALIDATORS[ins.job](flat, header, ins, n, config.validation)
+            if ins.job == "stats" and config.dp is not None:
+                r = validate_dp_reply(flat, header, ins, n, config.dp_clip(ins.round), config.validation)
+            else:
+                r = VALIDATORS[ins.job](flat, header, ins, n, config.validation)
         return r, (0 if isinstance(r, Rejection) else int(n)), nbytes
     except Exception as e:          # a reply that does not even have the protocol's shape
         return Rejection("malformed", f"{type(e).__name__}: {str(e)[:300]}"), 0, nbytes

@@ -43,7 +43,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from quant.affine import range_to_qparams
+from quant import dp
+from quant.affine import qparams_to_range, range_to_qparams
 from quant.qparams import PointParams, QParams, qparams_problems
 from quant.smoothing import smoothed_absmax, smoothed_weight_point
 from quant.stats import ActivationStats, needs_widening, widen
@@ -331,6 +332,8 @@ def smoothed_qparams(qp: QParams, factors: Mapping[str, np.ndarray], weights: Ma
 
 
 def _stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState, dict]:
+    if config.dp is not None:
+        return _dp_stats(state, replies, config)
     accepted = _all(replies)
     per_client = [{stat_key(prof, state.qparams[prof], k, config): st for k, st in a.reply.stats.items()}
                   for prof in sorted(replies) for a in replies[prof]]
@@ -365,6 +368,43 @@ def _stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState, di
     used = (*state.used, *(a.client_id for a in accepted))
     new = replace(state, qparams=qparams, grids=grids, sums=sums, learned=learned, moments=moments, used=used)
     return new, {"applied": True, "widened": widened, "changed": changed}
+
+
+def _dp_stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState, dict]:
+    """A statistics round under differential privacy (``quant.dp``; docs/privacy.md): per profile,
+    the clients' clipped range vectors summed, Gaussian noise of ``z 2 clip`` added (drawn from the
+    run's seed, the round and the profile, so a resumed run draws the same), each end of the
+    round's starting ranges moved by the noisy mean. Nothing per client is kept."""
+    clip, z = config.dp_clip(state.round), config.dp.noise_multiplier()
+    std = dp.noise_std(z, clip)
+    qparams, learned, moments = dict(state.qparams), dict(state.learned), dict(state.moments)
+    changed, report = [], {}
+    for prof in sorted(replies):
+        got = replies[prof]
+        if not got:
+            continue
+        qp = state.qparams[prof]
+        keys = [k for k in activation_keys(movable_qparams(qp, config))      # the instruction's keys
+                if stat_key(prof, qp, k, config) in state.grids]
+        centres = {k: tuple(float(v) for v in qparams_to_range(qp.points[k].scale, qp.points[k].zero_point,
+                                                               qp.points[k].spec)) for k in keys}
+        rng = np.random.default_rng([int(config.seed), int(state.round), zlib.crc32(prof.encode()), 0xD9])
+        total = dp.noisy_sum([a.reply for a in got], std, rng)
+        ranges = dp.release(total, len(got), centres)
+        pts = {}
+        for k, (lo, hi) in ranges.items():
+            sc, zp = range_to_qparams(lo, hi, qp.points[k].spec)
+            pts[k] = PointParams(qp.points[k].spec, sc, zp)
+        if any(not _same_point(qp.points[k], pt) for k, pt in pts.items()):
+            qparams[prof] = qp.with_points(pts, version=qp.version + 1)
+            learned.pop(prof, None)
+            moments.pop(prof, None)
+            changed.append(prof)
+        report[prof] = {"clients": len(got), "clip": clip, "noise_std": std,
+                        "at_clip": int(sum(np.linalg.norm(a.reply) >= clip * (1 - 1e-6) for a in got))}
+    used = (*state.used, *(a.client_id for a in _all(replies)))
+    new = replace(state, qparams=qparams, learned=learned, moments=moments, used=used)
+    return new, {"applied": True, "changed": changed, "dp": report}
 
 
 def _same_point(a, b) -> bool:

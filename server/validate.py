@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quant.spec import SCALE_FLOOR
 from quant.wire import (Limits, Instruction, LsqReply, ScoutReply, StatsReply, WireError,
-                        decode_lsq_arrays, decode_scout_reply, decode_stats_reply, lsq_reply_from_arrays)
+                        decode_dp_reply, decode_lsq_arrays, decode_scout_reply, decode_stats_reply,
+                        lsq_reply_from_arrays)
 
 T = TypeVar("T")
 
@@ -118,6 +119,21 @@ def validate_stats_reply(flat, header, ins: Instruction, num_examples,
         _check_extremes({k: (s.min, s.max) for k, s in r.stats.items() if s.n > 0})
         _check_absmax(r.absmax)
         return r
+    return _guard(run)
+
+
+def validate_dp_reply(flat, header, ins: Instruction, num_examples, clip: float,
+                      config: ValidationConfig = DEFAULT) -> np.ndarray | Rejection:
+    """A DP statistics reply (``quant.dp``): one finite vector for the instruction's keys whose L2
+    norm is within the round's ``clip`` (``dp_clip``: more would break the noise's calibration,
+    whatever the client meant), and a valid example count (it is not used as a weight)."""
+    def run():
+        _check_examples(num_examples, config)
+        v = decode_dp_reply(flat, header, ins, config.limits)
+        norm = float(np.linalg.norm(v))
+        if norm > clip * (1 + 1e-9):
+            raise WireError("dp_clip", f"vector of L2 norm {norm:.6g} beyond this round's clip {clip:.6g}")
+        return v
     return _guard(run)
 
 

@@ -314,6 +314,10 @@ def run_table(model: str, summary: dict) -> Table:
                     inc = "-" if ppl is None or not s["float_ppl"] else _pct(100 * (ppl / s["float_ppl"] - 1))
                 table.add_row(text, p, what, f(ppl), inc, f(ev.get("kl"), "{:.3f}"),
                               f(None if "top1" not in ev else 100 * ev["top1"], "{:.1f}%"))
+    dp = (summary.get("privacy") or {}).get("dp")
+    if dp:
+        table.caption = (f"federated: statistics rounds at (epsilon {dp['epsilon']:.2f}, delta {dp['delta']:g})-DP; "
+                         f"not covered: {'; '.join(dp['not_covered'])}")
     return table
 
 

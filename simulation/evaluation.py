@@ -181,24 +181,26 @@ def float_perplexity(float_onnx: Path, evals: np.ndarray, threads: int, batch_si
     return float(np.exp(total / count))
 
 
-def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams]:
-    """What a data-collecting server would get: the same recipe (scouting, smoothing if the config
-    has it, grids, statistics, calibrator) on the pooled training data of every client (a smoothed
-    input: of the clients whose profile has that smoothing, as in the federation). Each step
-    runs client by client with the clients' own job functions (the float activations are the same
-    numbers) and is merged with the server's functions: merges are exact, so this equals one pass
-    over the pooled data, and a federation whose rounds reach every client gives the same bits.
-    ``scouting_view`` (list of ScoutReply -> list of ScoutReply), when given, replaces the clients'
-    scouting reports before they are used: what a server that cannot see them one by one would
-    have instead (bench/private_absmax.py)."""
+def client_statistics(prep: Prepared, scouting_view=None, clients=None):
+    """The centralized recipe's statistics, client by client: per smoothing group, yields
+    ``(profiles, initial, per_client)`` where ``initial`` is each profile's starting QParams (its
+    smoothing factors applied, from every client's scouting report of ``prep.clients``) and
+    ``per_client`` is one dict of ActivationStats per client of ``clients`` (default
+    ``prep.clients``; objects with ``.train`` ids and ``.profile``). A smoothed input's statistics
+    come only from the clients holding its factors (the federation cannot have others'); every
+    other point's from every client, as in the federation. Each client runs its own job function
+    (``client.jobs``). ``scouting_view`` (list of ScoutReply -> list of ScoutReply), when given,
+    replaces the scouting reports before they are used: what a server that cannot see them one by
+    one would have instead (bench/private_absmax.py)."""
     from client.jobs import scout, statistics
     from client.runtime import DeviceRuntime
     from quant.wire import Instruction
-    from server.aggregate import grids_from_scouting, ranges_for_profile, sum_statistics
+    from server.aggregate import grids_from_scouting
     from server.rounds import (activation_keys, smoothable_paths, smoothed_qparams, smoothed_scouting,
                                smoothing_from_scouting, smoothing_groups)
 
     scfg, bs = prep.cfg.server, prep.cfg.server.batch_size
+    clients = prep.clients if clients is None else clients
     weights = server_weights(prep) if scfg.smoothing is not None else {}
     groups = smoothing_groups(prep.initial, scfg)
     plain = [p for p in sorted(prep.initial) if not any(p in g for g in groups.values())]
@@ -212,8 +214,7 @@ def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams
     if scouting_view is not None:
         scouting = scouting_view(scouting)
 
-    def pooled(profiles, initial, replies) -> dict[str, QParams]:
-        """Grids, statistics of every client and calibration for profiles sharing a smoothing."""
+    def group(profiles, initial, replies):
         rt = DeviceRuntime(prep.device_dir / profiles[0] / "model.onnx", threads=prep.cfg.threads)
         rt.patch(initial[profiles[0]])
         grids = grids_from_scouting(replies, scfg.bins, scfg.grid_margin, scfg.grid_quantile)
@@ -222,26 +223,37 @@ def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams
         sins = Instruction(round=0, job="stats", qparams=qp0, keys=keys, grids={k: grids[k] for k in keys})
         own = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
                and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
-        # a smoothed input's histograms come from the clients holding its factors (the federation
-        # cannot have others'); every other point pools every client, as the federation does
-        merged = sum_statistics([{k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
-                                  if k not in own or c.profile in profiles} for c in prep.clients])
-        out = {}
+        per_client = [{k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
+                       if k not in own or c.profile in profiles} for c in clients]
+        return profiles, initial, per_client
+
+    if plain:
+        yield group(plain, prep.initial, scouting)
+    for alpha, profiles in groups.items():
+        grouped = {p: prep.initial[p] for p in profiles}
+        factors = smoothing_from_scouting(scouting, smoothable_paths(grouped, scfg, weights), weights, alpha, scfg)
+        smoothed = [smoothed_scouting(r, factors) for r in scouting]
+        yield group(profiles, {p: smoothed_qparams(qp, factors, weights, smoothed) for p, qp in grouped.items()},
+                    smoothed)
+
+
+def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams]:
+    """What a data-collecting server would get: the same recipe (scouting, smoothing if the config
+    has it, grids, statistics, calibrator) on the pooled training data of every client
+    (``client_statistics``). Merges are exact, so this equals one pass over the pooled data, and a
+    federation whose rounds reach every client gives the same bits."""
+    from server.aggregate import ranges_for_profile, sum_statistics
+    from server.rounds import activation_keys
+
+    out = {}
+    for profiles, initial, per_client in client_statistics(prep, scouting_view):
+        merged = sum_statistics(per_client)
         for p in profiles:
             qp = initial[p]
             specs = {k: qp.points[k].spec for k in activation_keys(qp) if k in merged and merged[k].n > 0}
-            points = ranges_for_profile(merged, specs, scfg.calibrator_for(p))
+            points = ranges_for_profile(merged, specs, prep.cfg.server.calibrator_for(p))
             out[p] = QParams({**qp.points, **points}, qp.model, qp.version, qp.smoothing,
                              {**qp.meta, "recipe": "centralized calibration, pooled training data"})
-        return out
-
-    out = pooled(plain, prep.initial, scouting) if plain else {}
-    for alpha, profiles in groups.items():
-        group = {p: prep.initial[p] for p in profiles}
-        factors = smoothing_from_scouting(scouting, smoothable_paths(group, scfg, weights), weights, alpha, scfg)
-        smoothed = [smoothed_scouting(r, factors) for r in scouting]
-        initial = {p: smoothed_qparams(qp, factors, weights, smoothed) for p, qp in group.items()}
-        out |= pooled(profiles, initial, smoothed)
     return out
 
 

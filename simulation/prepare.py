@@ -55,7 +55,7 @@ def say(progress, msg: str) -> None:
 
 # How the server merges replies: nothing prepared depends on them (the centralized reference pools
 # the data exactly), so runs that differ only in them share a preparation.
-AGGREGATION_RULES = ("stats_rule", "absmax_rule", "absmax_clip", "trim", "round_factor", "lsq_rule", "secure")
+AGGREGATION_RULES = ("stats_rule", "absmax_rule", "absmax_clip", "trim", "round_factor", "lsq_rule", "secure", "dp")
 
 
 def config_digest(cfg: SimulationConfig) -> str:

@@ -93,6 +93,7 @@ def summarise(prep: Prepared, refs: dict, artifacts: dict, wall_s: float) -> dic
     measured of it (``simulation.evaluation.fidelity_summary``: KL and top-1 agreement with float,
     intervals, the out-of-domain text under ``ood``): ``federated_eval`` per evaluation round,
     ``random_calib`` and ``centralized``; older runs without them load with these missing."""
+    from server.privacy import run_privacy
     from simulation.quality import machine_info
 
     lines = read_metrics(prep.out)
@@ -121,6 +122,7 @@ def summarise(prep: Prepared, refs: dict, artifacts: dict, wall_s: float) -> dic
     summary = {"format": RUN_FORMAT, "name": prep.cfg.name, "model": prep.cfg.model, "profiles": profiles,
                "clients": len(prep.clients), "rounds": len(lines), "data": prep.about,
                "wall_s": round(wall_s, 1), "prepare_s": round(prep.prepare_s, 1), "machine": machine_info()}
+    summary["privacy"] = run_privacy(prep.cfg.server, lines)
     alerts = [{"round": m["round"], "job": m["job"], **{k: m[k] for k in ("alert", "skipped") if m.get(k)}}
               for m in lines if m.get("alert") or m.get("skipped")]
     if alerts:                          # rounds to distrust: most replies failed, or nothing was applied
