@@ -1,19 +1,20 @@
 """Differential privacy's price in quality (issue 15, goal 3): perplexity against epsilon on SmolLM2.
 
-The statistics rounds as ``quant.dp`` releases them under DP: each client calibrates its own range
-per point (the profile's calibrator on its own statistics: ``client.jobs.statistics`` then
-``quant.calibrate``), sends ``log2`` of its ends over the current release's, clipped to L2 norm
-``C``; the server (or the clients' noise shares under secure aggregation: the sum is the same
-in distribution) adds Gaussian noise ``z 2 C`` to the sum and moves the release by the noisy mean.
+The statistics rounds as the federation runs them under ``[server] dp`` (``quant.dp``,
+``server.rounds._dp_stats``): each client calibrates its own range per point (the profile's
+calibrator on its own statistics: ``client.jobs.statistics``, ``quant.calibrate``), sends the
+``log2`` of its width over the current release's and the shift of zero's place, clipped to L2
+norm ``C``; the server adds Gaussian noise ``z 2 C`` to each profile's sum and moves the release by
+the noisy mean.
 Two rounds as in ``configs/default.toml`` (``stats`` x 2, half the fleet each; a statistics round
 samples clients no earlier one used, so the halves are disjoint): round 1 starts from the
 random-token calibration every device ships with (public), round 2 from round 1's release. Each
 client's data is in one release only, so the two compose in parallel (the second is post-processing
 of the first plus other clients' data): ``z`` is the smallest noise multiplier at which one
 Gaussian release spends the row's epsilon at ``delta = 1e-5`` (``server.privacy``: Flower's RDP
-accountant, replace-one; no amplification by sampling is claimed). Rows per fleet: the pooled histograms in the clear (the exact
-recipe, no DP), the per-client ranges without noise (the estimator's own cost), then each
-epsilon. The evaluation is the server's: perplexity and fidelity to float on the 64 held-out
+accountant, replace-one; no amplification by sampling is claimed). Rows per fleet: the pooled
+histograms in the clear (the exact recipe, no DP), the per-client ranges without noise (the
+estimator's own cost), then each epsilon. The evaluation is the server's: perplexity and fidelity to float on the 64 held-out
 sequences of ``configs/default.toml``, int8 and mixed profiles.
 
 Fleets: the 24 clients of ``configs/default.toml`` (4 sequences each), and ``--clients N`` (1,000 by
@@ -65,18 +66,16 @@ def large_fleet(prep, n: int, seed: int) -> list[Piece]:
     _, tokenizer = load_model(prep.cfg.model)
     shares = [(e.load().name, e.share) for e in prep.cfg.fleet]
     data = prep.cfg.data.model_copy(update={"train_sequences": 64, "test_sequences": 0})
-    lo, hi = prep.cfg.data.clients, 4000
-    while hi - lo > 1:                                # as many roles as have a sequence
-        mid = (lo + hi) // 2
+    clients = []
+    for roles in (400, 200, 100, prep.cfg.data.clients):      # the first that the corpus has
         try:
-            build_fleet(data.model_copy(update={"clients": mid}), tokenizer, shares)
-            lo = mid
+            clients, _, _ = build_fleet(data.model_copy(update={"clients": roles}), tokenizer, shares)
+            break
         except ValueError:
-            hi = mid
-    clients, _, _ = build_fleet(data.model_copy(update={"clients": lo}), tokenizer, shares)
+            continue
     seqs = np.concatenate([c.train for c in clients])
     if len(seqs) < n:
-        raise SystemExit(f"only {len(seqs)} training sequences in {lo} roles, {n} clients asked for")
+        raise SystemExit(f"only {len(seqs)} training sequences in {len(clients)} roles, {n} clients asked for")
     pick = np.random.default_rng(seed).permutation(len(seqs))[:n]
     weights = np.array([s for _, s in shares], dtype=np.float64)
     names = [name for name, _ in shares]
@@ -86,11 +85,11 @@ def large_fleet(prep, n: int, seed: int) -> list[Piece]:
         k = int(np.argmax(weights / weights.sum() * (i + 1) - counts))
         counts[k] += 1
         out.append(Piece(seqs[j:j + 1], names[k]))
-    print(f"large fleet: {n} one-sequence clients from {len(seqs)} sequences of {lo} roles", flush=True)
+    print(f"large fleet: {n} one-sequence clients from {len(seqs)} sequences of {len(clients)} roles", flush=True)
     return out
 
 
-def per_client_ranges(prep, clients) -> tuple[dict, dict]:
+def per_client_ranges(prep, clients, own_group_only: bool = False) -> tuple[dict, dict]:
     """Per profile: the starting QParams (smoothed), the specs calibrated, and the own range per
     point of each client of that profile ({client index: {key: (lo, hi)}}: a device calibrates for
     its own profile), plus each profile's pooled-histogram QParams (the exact recipe, every
@@ -103,8 +102,8 @@ def per_client_ranges(prep, clients) -> tuple[dict, dict]:
 
     scfg = prep.cfg.server
     out, pooled = {}, {}
-    for profiles, initial, per_client in client_statistics(prep, clients=clients):
-        merged = sum_statistics(per_client)
+    for profiles, initial, per_client in client_statistics(prep, clients=clients, own_group_only=own_group_only):
+        merged = sum_statistics([st for st in per_client if st])
         for p in profiles:
             qp, cal = initial[p], scfg.calibrator_for(p)
             specs = {k: qp.points[k].spec for k in activation_keys(qp) if k in merged and merged[k].n > 0}
@@ -163,12 +162,14 @@ def fleet_rows(prep, ev, name: str, clients, epsilons, clips, seed: int) -> dict
     if cache.is_file():            # a bench cache this module wrote: the per-client statistics are the slow part
         ranges, pooled = pickle.loads(cache.read_bytes())
     else:
-        ranges, pooled = per_client_ranges(prep, clients)
+        ranges, pooled = per_client_ranges(prep, clients, own_group_only=len(clients) > len(prep.clients))
         cache.parent.mkdir(exist_ok=True)
         atomic_write_bytes(cache, pickle.dumps((ranges, pooled)))
     n = len(clients)
     delta, releases = DELTA, [n]        # parallel composition: one full release per client
     res = {"clients": n, "delta": delta, "per_round": max(1, math.ceil(ROUND_FRACTION * n)),
+           "pooled": ("each profile's own clients' histograms (half the statistics work)"
+                      if n > len(prep.clients) else "every client's histograms, as the federation in the clear"),
            "clips_octaves": list(clips),
            "statistics_s": round(time.perf_counter() - t0, 1), "rows": []}
     print(f"{name}: per-client statistics and ranges in {res['statistics_s']:.0f} s", flush=True)
@@ -193,13 +194,34 @@ def fleet_rows(prep, ev, name: str, clients, epsilons, clips, seed: int) -> dict
     return res
 
 
+def table(res: dict) -> str:
+    """Markdown: per fleet and row, int8 and mixed perplexity with the change vs float [95%] and
+    KL, and the noise multiplier."""
+    def cell(e):
+        lo, hi = e["vs_float_pct_ci"]
+        ppl = f"{e['perplexity']:.2f}" if e["perplexity"] < 1e4 else f"{e['perplexity']:.2g}"
+        inc = (f"{e['vs_float_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}]" if abs(e["vs_float_pct"]) < 1e3
+               else f"x{e['perplexity'] / e['float_perplexity']:.2g}")
+        return f"{ppl} | {inc} | {e['kl']:.3f}"
+    lines = ["| fleet | statistics rounds | z | int8 PPL | vs float [95%] | KL | mixed PPL | vs float [95%] | KL |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, f in res["fleets"].items():
+        for r in f["rows"]:
+            z = "" if not r.get("noise_multiplier") else f"{r['noise_multiplier']:.2f}"
+            lines.append(f"| {name} ({f['clients']}, {f['per_round']} per round) | {r['row']} | {z} | "
+                         f"{cell(r['int8'])} | {cell(r['mixed'])} |")
+    first = next(iter(res["fleets"].values()))["rows"][0]
+    return "\n".join(lines) + (f"\n\nFloat: {first['int8']['float_perplexity']:.2f} on the {res['eval_sequences']} "
+                               f"held-out sequences.\n")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "default",
                     help="a run directory of configs/default.toml (prepared there if new)")
     ap.add_argument("--clients", type=int, default=1000, help="the large fleet's size (0: skip it)")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--clips", type=float, nargs=ROUNDS, default=[16.0, 4.0],
+    ap.add_argument("--clips", type=float, nargs=ROUNDS, default=[6.0, 1.5],
                     help="L2 clip per round, in octaves over all points' ends")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "dp_quality.json")

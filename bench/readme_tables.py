@@ -145,6 +145,16 @@ def secure_rounds_block(d: dict) -> str:
             f"with other jobs, {d['wall_s']:.0f} s). Source: `bench/results/secure_rounds.json`.\n\n" + table(d))
 
 
+def dp_quality_block(d: dict) -> str:
+    """Issue 15's epsilon table, from bench/dp_quality.py's dp_quality.json."""
+    from bench.dp_quality import table
+
+    m = d["machine"]
+    return (f"`.venv/bin/python -m bench.dp_quality --run runs/default` ({d['model']}, delta 1e-5, one noise "
+            f"draw per row; {_cpu(m)}, {m['cores']} cores shared with other jobs, {d['wall_s']:.0f} s). "
+            f"Source: `bench/results/dp_quality.json`.\n\n" + table(d))
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
     new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
@@ -193,6 +203,8 @@ def main() -> None:
                                secure_rounds_block(json.loads((RESULTS / "secure_rounds.json").read_text())))
     if (RESULTS / "poisoning.json").is_file() and "<!-- poisoning:begin -->" in readme:
         readme = replace_block(readme, "poisoning", poisoning_block(json.loads((RESULTS / "poisoning.json").read_text())))
+    if (RESULTS / "dp_quality.json").is_file() and "<!-- dp-quality:begin -->" in readme:
+        readme = replace_block(readme, "dp-quality", dp_quality_block(json.loads((RESULTS / "dp_quality.json").read_text())))
     (ROOT / "README.md").write_text(readme)
     print("README.md tables regenerated")
 

@@ -181,7 +181,7 @@ def float_perplexity(float_onnx: Path, evals: np.ndarray, threads: int, batch_si
     return float(np.exp(total / count))
 
 
-def client_statistics(prep: Prepared, scouting_view=None, clients=None):
+def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_group_only: bool = False):
     """The centralized recipe's statistics, client by client: per smoothing group, yields
     ``(profiles, initial, per_client)`` where ``initial`` is each profile's starting QParams (its
     smoothing factors applied, from every client's scouting report of ``prep.clients``) and
@@ -191,7 +191,9 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None):
     other point's from every client, as in the federation. Each client runs its own job function
     (``client.jobs``). ``scouting_view`` (list of ScoutReply -> list of ScoutReply), when given,
     replaces the scouting reports before they are used: what a server that cannot see them one by
-    one would have instead (bench/private_absmax.py)."""
+    one would have instead (bench/private_absmax.py). ``own_group_only``: a group's statistics
+    only from the clients of its profiles (the others get an empty dict; half the work for two
+    groups)."""
     from client.jobs import scout, statistics
     from client.runtime import DeviceRuntime
     from quant.wire import Instruction
@@ -223,7 +225,8 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None):
         sins = Instruction(round=0, job="stats", qparams=qp0, keys=keys, grids={k: grids[k] for k in keys})
         own = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
                and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
-        per_client = [{k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
+        per_client = [{} if own_group_only and c.profile not in profiles else
+                      {k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
                        if k not in own or c.profile in profiles} for c in clients]
         return profiles, initial, per_client
 
