@@ -76,6 +76,7 @@ from client.profiles import DeviceProfile, MemoryBudgetError, plan_batch
 from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_path
 from quant.learn_config import LearnConfig
 from quant.qparams import load_qparams
+from quant import dp
 from quant.calibrate import CalibratorConfig
 from quant.wire import (Instruction, WireError, decode_instruction, encode_dp_reply, encode_lsq_reply,
                         encode_scout_reply, encode_stats_reply, stats_to_secure_vector)
@@ -447,6 +448,14 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
             except ValueError as e:
                 raise Refused("bad_instruction", f"a DP statistics round: {str(e)[:300]}") from None
         reply, metrics = jobs.statistics(rt, ins, seqs, batch_size=batch_size, profile=profile)
+        if secure_cap is not None and dp_clip is not None:   # DP under SecAgg+: the client adds its noise share
+            share = cfg.get("dp-noise-share")
+            if not (isinstance(share, float) and share > 0):
+                raise Refused("bad_instruction", f"dp-noise-share {share!r}: a secure DP round needs a positive "
+                                                 "float share")
+            vector = dp.noised_secure_vector(jobs.dp_vector(reply, ins, dp_calibrator, dp_clip), share, dp_clip,
+                                             np.random.default_rng())       # OS entropy: the server must not know it
+            return _secure_stats_reply(vector, metrics, patch_s)
         if secure_cap is not None:
             return _secure_stats_reply(stats_to_secure_vector(reply, ins, secure_cap), metrics, patch_s)
         if dp_clip is not None:

@@ -130,3 +130,24 @@ def release(total: np.ndarray, clients, centres: Mapping[str, tuple[float, float
     keys = sorted(centres)
     return {key: (float(lo[i]), float(hi[i])) if use[i] else (float(centres[key][0]), float(centres[key][1]))
             for i, key in enumerate(keys)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Under secure aggregation: each client adds its noise share, the server sees only the noisy sum
+
+SHARE_TAIL = 8.0     # a share is clamped at SHARE_TAIL standard deviations (P ~ 1e-15 per number)
+
+
+def secure_bound(clip: float, share_std: float) -> float:
+    """The bound ``B`` every number of a noised vector is divided by to fit SecAgg+'s [-1, 1]: a
+    clipped coordinate is at most ``clip``, a share rarely past ``SHARE_TAIL`` deviations."""
+    return float(clip) + SHARE_TAIL * float(share_std)
+
+
+def noised_secure_vector(vector: np.ndarray, share_std: float, clip: float,
+                         rng: np.random.Generator) -> np.ndarray:
+    """A client's clipped vector plus its Gaussian noise share, divided by ``secure_bound`` and
+    clamped to [-1, 1] (only a share beyond ``SHARE_TAIL`` deviations is touched)."""
+    bound = secure_bound(clip, share_std)
+    noisy = np.asarray(vector, dtype=np.float64) + rng.normal(0.0, share_std, size=np.shape(vector))
+    return np.clip(noisy / bound, -1.0, 1.0)

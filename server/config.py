@@ -129,8 +129,9 @@ class DPConfig(BaseModel):
     of ``z 2 clip`` to each profile's sum and releases the noisy mean. A statistics round samples
     clients no earlier one used, so each client's data is in one release: the run spends the
     epsilon of one Gaussian mechanism (``server.privacy``, Flower's RDP accountant, replace-one).
-    The noise is the server's: the release is private, the server must be trusted with each
-    client's vector (secure aggregation with clients' noise shares is not built)."""
+    Alone, the noise is the server's (the release is private; the server sees each clipped
+    vector). With ``secure`` too, each client adds a share of the noise before SecAgg+ masks its
+    vector, and the server sees only the noisy sum (``server.privacy.secure_noise_share``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -199,7 +200,8 @@ class ServerConfig(BaseModel):
     secure: SecureConfig | None = Field(None, description="secure aggregation of the statistics rounds "
                                                           "(SecAgg+); needs stats_rule = 'sum'")
     dp: DPConfig | None = Field(None, description="differential privacy of the statistics rounds: clients send "
-                                                  "clipped ranges, the server adds noise; needs stats_rule = 'sum'")
+                                                  "clipped ranges, the server adds noise (with secure: the "
+                                                  "clients, in shares); needs stats_rule = 'sum'")
     server_opt: Literal["fedavg", "fedadam"] = "fedavg"
     server_lr: float = Field(1.0, gt=0)
     adam_b1: float = Field(0.9, ge=0, lt=1)
@@ -266,9 +268,6 @@ class ServerConfig(BaseModel):
             raise ValueError(f"dp: the statistics rounds release a noisy mean of clipped ranges, not merged "
                              f"histograms, so stats_rule = {self.stats_rule!r} does not apply: set stats_rule = "
                              f"'sum' (the clip bounds each client instead)")
-        if self.secure is not None:
-            raise ValueError("dp and secure together are not built yet (the clients would add the noise in "
-                             "shares under SecAgg+, quant.dp.noise_share_std): choose one")
         return self
 
     def dp_clip(self, round: int) -> float:

@@ -24,8 +24,10 @@ MESSAGE_TYPE = {"scout": "train", "stats": "train", "lsq": "train", "eval": "eva
 VALIDATORS = {"scout": validate_scout_reply, "stats": validate_stats_reply, "lsq": validate_lsq_reply}
 
 
-def instruction_message(node_id: int, profile: str, ins: Instruction, flat, header, config: ServerConfig) -> Message:
-    """The job message of docs/protocol.md for one sampled node."""
+def instruction_message(node_id: int, profile: str, ins: Instruction, flat, header, config: ServerConfig,
+                        dp_noise_share: float | None = None) -> Message:
+    """The job message of docs/protocol.md for one sampled node (``dp_noise_share``: the client's
+    share of the DP noise in a secure statistics round, ``server.privacy.secure_noise_share``)."""
     cfg = {"header": json.dumps(header), "profile": profile, "batch-size": int(config.batch_size)}
     if ins.job == "lsq":
         cfg["learn"] = config.learn_json()
@@ -34,6 +36,10 @@ def instruction_message(node_id: int, profile: str, ins: Instruction, flat, head
     if ins.job == "stats" and config.dp is not None:   # the reply is then one clipped range vector
         cfg["dp-clip"] = config.dp_clip(ins.round)
         cfg["dp-calibrator"] = config.calibrator_for(profile).model_dump_json()
+        if config.secure is not None:
+            if dp_noise_share is None:
+                raise ValueError("a secure DP statistics round needs each client's noise share")
+            cfg["dp-noise-share"] = float(dp_noise_share)
     content = RecordDict({"arrays": ArrayRecord({dt: Array(a) for dt, a in flat.items()}),
                           "config": ConfigRecord(cfg)})
     return Message(content, dst_node_id=int(node_id), message_type=MESSAGE_TYPE[ins.job],

@@ -9,11 +9,14 @@ AISTATS 2019): how the server samples a fixed number of clients per round, and t
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
                                                SamplingMethod)
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from quant.dp import noise_share_std
 
 
 def _accountant(population: int, delta: float) -> RdpAccountant:
@@ -50,6 +53,16 @@ def noise_multiplier_for(target_epsilon: float, releases: Sequence[int], populat
     return hi
 
 
+def secure_noise_share(config, round: int, clients: int) -> tuple[float, int]:
+    """Each client's noise share in a DP statistics round under SecAgg+, and the fewest vectors
+    whose shares add up to the mechanism's noise: ``t = ceil(reconstruction_threshold x clients)``
+    (fewer survivors cannot unmask the sum anyway; the server refuses a sum of fewer than ``t``).
+    When all ``clients`` send one, the noise is ``sqrt(clients / t)`` times what the epsilon needs:
+    the price of tolerating dropouts."""
+    t = max(1, math.ceil(config.secure.reconstruction_threshold * clients - 1e-9))
+    return noise_share_std(config.dp.noise_multiplier(), config.dp_clip(round), t), t
+
+
 def run_privacy(config, metrics: Sequence[dict]) -> dict:
     """What a run's statistics rounds spent (summary.json's ``privacy``), from its config
     (``ServerConfig``) and metrics lines. Each client is in at most one statistics round (a round
@@ -69,4 +82,6 @@ def run_privacy(config, metrics: Sequence[dict]) -> dict:
                    "covers": "the statistics rounds (each client's calibrated ranges)",
                    "not_covered": ["scouting: per-point min/max and per-channel abs-max, in the clear",
                                    "learned-range deltas", "evaluation metrics"]},
-            "statistics": "clipped ranges, noise added by the server"}
+            "statistics": ("clipped ranges; the clients add the noise in shares, SecAgg+ sums them: the server sees "
+                           "the noisy sum only" if config.secure is not None else
+                           "clipped ranges; the server sees each client's and adds the noise")}

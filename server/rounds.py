@@ -374,9 +374,12 @@ def _dp_stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState,
     """A statistics round under differential privacy (``quant.dp``; docs/privacy.md): per profile,
     the clients' clipped range vectors summed, Gaussian noise of ``z 2 clip`` added (drawn from the
     run's seed, the round and the profile, so a resumed run draws the same), each end of the
-    round's starting ranges moved by the noisy mean. Nothing per client is kept."""
+    round's starting ranges moved by the noisy mean. Nothing per client is kept. Under secure
+    aggregation the clients added the noise (``server.strategy``'s secure round hands over the
+    noisy sum as one reply and zeros for the other contributors)."""
     clip, z = config.dp_clip(state.round), config.dp.noise_multiplier()
-    std = dp.noise_std(z, clip)
+    # under SecAgg+ the clients added the noise in shares (one reply carries the noisy sum)
+    std = 0.0 if config.secure is not None else dp.noise_std(z, clip)
     qparams, learned, moments = dict(state.qparams), dict(state.learned), dict(state.moments)
     changed, report = [], {}
     for prof in sorted(replies):
@@ -400,8 +403,9 @@ def _dp_stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState,
             learned.pop(prof, None)
             moments.pop(prof, None)
             changed.append(prof)
-        report[prof] = {"clients": len(got), "clip": clip, "noise_std": std,
-                        "at_clip": int(sum(np.linalg.norm(a.reply) >= clip * (1 - 1e-6) for a in got))}
+        report[prof] = {"clients": len(got), "clip": clip} | (
+            {"noise": "the clients' shares"} if config.secure is not None else
+            {"noise_std": std, "at_clip": int(sum(np.linalg.norm(a.reply) >= clip * (1 - 1e-6) for a in got))})
     used = (*state.used, *(a.client_id for a in _all(replies)))
     new = replace(state, qparams=qparams, learned=learned, moments=moments, used=used)
     return new, {"applied": True, "changed": changed, "dp": report}

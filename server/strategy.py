@@ -46,11 +46,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from quant.qparams import QParams
-from quant.wire import StatsReply, encode_instruction, payload_nbytes, secure_vector_to_stats
+from quant import dp
+from quant.wire import StatsReply, dp_length, encode_instruction, payload_nbytes, secure_vector_to_stats
 from server.config import RoundSpec, ServerConfig
 from server.messages import instruction_message, read_reply
 from server.roster import Roster, first_reply_by_node, refresh_roster, wait_for_nodes
 from server.rounds import Accepted, apply_round, instructions_for, sample_by_profile, sample_clients
+from server.privacy import secure_noise_share
 from server.secure import secure_sum, secure_tolerance
 from server.state import (RunState, append_metrics, initial_state, load_checkpoint, run_digest, save_checkpoint,
                           trim_metrics)
@@ -197,11 +199,17 @@ class FedQuant(Strategy):
         inss = instructions_for(state, rnd, spec, config, self.weights)
         profile = {c: roster.members[c].profile for c in sampled}
         encoded = {p: encode_instruction(inss[p]) for p in sorted(set(profile.values()))}
+        shares = {}                 # a secure DP round: each client's noise share, per profile
+        if spec.job == "stats" and config.dp is not None and config.secure is not None:
+            shares = {p: secure_noise_share(config, rnd, sum(1 for c in sampled if profile[c] == p))
+                      for p in encoded}
         messages = [instruction_message(roster.members[c].node_id, profile[c], inss[profile[c]],
-                                        *encoded[profile[c]], config) for c in sampled]
+                                        *encoded[profile[c]], config,
+                                        dp_noise_share=shares[profile[c]][0] if shares else None)
+                    for c in sampled]
         self.round = {"spec": spec, "sampled": sampled, "profile": profile, "instructions": inss,
                       "down": {p: payload_nbytes(*e) for p, e in encoded.items()}, "roster": len(online),
-                      "joined": joined}
+                      "joined": joined, "dp_shares": shares}
         return messages
 
     def _aggregate(self, rnd: int, replies: Iterable[Message]) -> MetricRecord:
@@ -245,7 +253,9 @@ class FedQuant(Strategy):
             clients = [c for c in sampled if profile[c] == p]
             res = secure_sum(grid, [message_of[node_of[c]] for c in clients], rnd, secure, timeout)
             stats, reason = None, res.reason
-            if res.total is not None:
+            if res.total is not None and self.config.dp is not None:
+                stats, reason = self._secure_dp_sum(rnd, p, res, inss[p])
+            elif res.total is not None:
                 try:
                     stats = secure_vector_to_stats(res.total, inss[p], secure.cap, len(res.contributors),
                                                    tolerance=secure_tolerance(secure, len(res.contributors)))
@@ -254,7 +264,10 @@ class FedQuant(Strategy):
             sent = {node_of[c]: c for c in clients}
             contributors = [sent[n] for n in res.contributors if n in sent] if stats is not None else []
             for i, c in enumerate(contributors):
-                accepted[p].append(Accepted(c, 1, StatsReply(stats if i == 0 else {})))
+                if self.config.dp is not None:   # the noisy sum stands for all, the others add nothing to it
+                    accepted[p].append(Accepted(c, 1, stats if i == 0 else np.zeros_like(stats)))
+                else:
+                    accepted[p].append(Accepted(c, 1, StatsReply(stats if i == 0 else {})))
             up[p] = [res.bytes_up.get(node_of[c], 0) for c in clients]
             down[p] = [res.bytes_down.get(node_of[c], 0) for c in clients]
             for c in clients:
@@ -274,6 +287,19 @@ class FedQuant(Strategy):
                                                          "up_per_client": float(np.mean(up[p])) if up[p] else 0.0}
                                                      for p in sorted(down)}}
         return record
+
+    def _secure_dp_sum(self, rnd: int, profile: str, res, ins) -> tuple[np.ndarray | None, str]:
+        """A secure DP round's sum back in the vectors' units (``quant.dp.secure_bound`` times the
+        fixed-point sum): the clipped vectors plus every contributor's noise share. Refused when
+        fewer than the ``t`` the shares were sized for sent one (their noise would fall short)."""
+        share, t = self.round["dp_shares"][profile]
+        if len(res.contributors) < t:
+            return None, (f"{len(res.contributors)} noised vectors, the shares were sized for at least {t}: "
+                          f"the sum's noise would fall short of the epsilon")
+        total = np.asarray(res.total, dtype=np.float64) * dp.secure_bound(self.config.dp_clip(rnd), share)
+        if total.shape != (dp_length(ins),) or not np.all(np.isfinite(total)):
+            return None, f"the secure sum has {total.size} numbers, the DP vector {dp_length(ins)}"
+        return total, ""
 
     def _apply(self, rnd: int, accepted, rejections, rejected_by_profile, rejected_clients, up) -> MetricRecord:
         r = self.round

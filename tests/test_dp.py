@@ -220,8 +220,6 @@ def test_dp_config_is_checked_and_kept_out_of_the_preparation():
 
     with pytest.raises(ValidationError, match="stats_rule"):
         config(dp={"epsilon": 8.0})                               # the default trimmed rule
-    with pytest.raises(ValidationError, match="dp and secure"):
-        config(stats_rule="sum", dp={"epsilon": 8.0}, secure={})
     with pytest.raises(ValidationError, match="clips"):
         config(stats_rule="sum", dp={"epsilon": 8.0, "clips": [4.0, float("nan")]})
     with pytest.raises(ValidationError, match="epsilon"):
@@ -290,3 +288,61 @@ def test_a_dp_run_on_flowers_simulation_engine_reports_its_epsilon(tmp_path):
         epsilon(privacy["noise_multiplier"], [1], 1, 1e-5))
     assert any("scouting" in x for x in privacy["not_covered"])
     assert "-DP" in proc.stdout and "not covered" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# DP under secure aggregation: the clients add the noise in shares
+
+def test_noise_shares_fit_secaggs_range_and_add_up_to_the_mechanisms_noise():
+    rng = np.random.default_rng(3)
+    clip, share, t = 2.0, 0.4, 9
+    v = dp.clip_l2(rng.normal(size=50) * 10, clip)
+    bound = dp.secure_bound(clip, share)
+    sent = [dp.noised_secure_vector(v, share, clip, rng) for _ in range(t)]
+    assert all(np.all(np.abs(x) <= 1.0) for x in sent)
+    total = np.sum(sent, axis=0) * bound - t * v                 # what the shares add to the sum
+    assert total.std() == pytest.approx(share * math.sqrt(t), rel=0.25)
+    assert np.all(np.abs(np.mean(sent, axis=0) * bound - v) < 6 * share)
+
+
+def test_secure_noise_shares_are_sized_for_the_fewest_vectors_that_can_unmask():
+    from server.privacy import secure_noise_share
+    from tests.test_rounds import config
+
+    cfg = config(stats_rule="sum", dp={"epsilon": 4.0, "clips": [5.0]}, secure={"reconstruction_threshold": 0.6})
+    share, t = secure_noise_share(cfg, 2, 10)
+    assert t == 6
+    z = cfg.dp.noise_multiplier()
+    assert share * math.sqrt(t) == pytest.approx(dp.noise_std(z, 5.0))
+
+
+def test_a_dp_run_under_secagg_with_devices_dropping_out(tmp_path):
+    """DP and SecAgg+ together on Flower's simulation engine, a quarter of the devices dropping out
+    in the middle of the protocol: every statistics round releases (or is refused for too few
+    vectors, never half-applied), the noise is the clients' shares, and summary.json says the
+    server saw the noisy sum only."""
+    import json
+
+    from server.state import load_checkpoint
+    from tests.test_secure import _config
+    from tests.test_simulate import simulate
+
+    path = _config(tmp_path, secure=True)
+    path.write_text(path.read_text().replace("secure = { cap = 1048576 }\n",
+                                             "secure = { cap = 1048576 }\ndp = { epsilon = 8.0, clips = [12.0, 3.0] }\n"))
+    out = tmp_path / "run"
+    simulate(out, "--rounds", "3", config=path)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    stats = [m for m in lines if m["job"] == "stats"]
+    applied = [m for m in stats if m["applied"]]
+    assert applied, stats
+    for m in applied:
+        assert m["dp"]["int8"]["noise"] == "the clients' shares" and m["dp"]["int8"]["clients"] >= 2
+        assert m["secure"]["int8"]["summed"] == m["dp"]["int8"]["clients"]
+    before = next(m for m in lines if m["job"] == "scout")["versions"]["int8"]
+    assert stats[-1]["versions"]["int8"] == before + len(applied)     # each release is a new version
+    state = load_checkpoint(out / "checkpoint.safetensors")
+    assert not state.sums
+    privacy = json.loads((out / "summary.json").read_text())["privacy"]
+    assert "noisy sum only" in privacy["statistics"] and privacy["dp"]["released_in_rounds"] == \
+        [m["round"] for m in applied]
