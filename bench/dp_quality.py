@@ -32,6 +32,7 @@ per-channel abs-max, in the clear; docs/privacy.md). One noise draw per row (``-
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pickle
 import time
@@ -89,7 +90,7 @@ def large_fleet(prep, n: int, seed: int) -> list[Piece]:
     return out
 
 
-def per_client_ranges(prep, clients, own_group_only: bool = False) -> tuple[dict, dict]:
+def per_client_ranges(prep, clients, own_group_only: bool = False, profiles=None) -> tuple[dict, dict]:
     """Per profile: the starting QParams (smoothed), the specs calibrated, and the own range per
     point of each client of that profile ({client index: {key: (lo, hi)}}: a device calibrates for
     its own profile), plus each profile's pooled-histogram QParams (the exact recipe, every
@@ -102,9 +103,12 @@ def per_client_ranges(prep, clients, own_group_only: bool = False) -> tuple[dict
 
     scfg = prep.cfg.server
     out, pooled = {}, {}
-    for profiles, initial, per_client in client_statistics(prep, clients=clients, own_group_only=own_group_only):
+    for members, initial, per_client in client_statistics(prep, clients=clients, own_group_only=own_group_only,
+                                                          profiles=profiles):
         merged = sum_statistics([st for st in per_client if st])
-        for p in profiles:
+        for p in members:
+            if profiles is not None and p not in profiles:
+                continue
             qp, cal = initial[p], scfg.calibrator_for(p)
             specs = {k: qp.points[k].spec for k in activation_keys(qp) if k in merged and merged[k].n > 0}
             pooled[p] = QParams({**qp.points, **ranges_for_profile(merged, specs, cal)}, qp.model, qp.version,
@@ -154,20 +158,23 @@ def dp_release(ranges: dict, n: int, z: float, clips: tuple[float, ...], seed: i
     return out, norms
 
 
-def fleet_rows(prep, ev, name: str, clients, epsilons, clips, seed: int) -> dict:
+def fleet_rows(prep, ev, name: str, clients, epsilons, clips, seed: int, profiles=None) -> dict:
     from server.privacy import noise_multiplier_for
 
     t0 = time.perf_counter()
-    cache = prep.out / "dp-cache" / f"{name.replace(' ', '-')}-{len(clients)}-seed{seed}.pkl"
+    tag = "" if profiles is None else "-" + "-".join(sorted(profiles))
+    cache = prep.out / "dp-cache" / f"{name.replace(' ', '-')}-{len(clients)}-seed{seed}{tag}.pkl"
     if cache.is_file():            # a bench cache this module wrote: the per-client statistics are the slow part
         ranges, pooled = pickle.loads(cache.read_bytes())
     else:
-        ranges, pooled = per_client_ranges(prep, clients, own_group_only=len(clients) > len(prep.clients))
+        ranges, pooled = per_client_ranges(prep, clients, own_group_only=len(clients) > len(prep.clients),
+                                           profiles=profiles)
         cache.parent.mkdir(exist_ok=True)
         atomic_write_bytes(cache, pickle.dumps((ranges, pooled)))
     n = len(clients)
     delta, releases = DELTA, [n]        # parallel composition: one full release per client
     res = {"clients": n, "delta": delta, "per_round": max(1, math.ceil(ROUND_FRACTION * n)),
+           "profiles": sorted(ranges),
            "pooled": ("each profile's own clients' histograms (half the statistics work)"
                       if n > len(prep.clients) else "every client's histograms, as the federation in the clear"),
            "clips_octaves": list(clips),
@@ -198,6 +205,8 @@ def table(res: dict) -> str:
     """Markdown: per fleet and row, int8 and mixed perplexity with the change vs float [95%] and
     KL, and the noise multiplier."""
     def cell(e):
+        if e is None:
+            return "- | - | -"
         lo, hi = e["vs_float_pct_ci"]
         ppl = f"{e['perplexity']:.2f}" if e["perplexity"] < 1e4 else f"{e['perplexity']:.2g}"
         inc = (f"{e['vs_float_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}]" if abs(e["vs_float_pct"]) < 1e3
@@ -209,7 +218,7 @@ def table(res: dict) -> str:
         for r in f["rows"]:
             z = "" if not r.get("noise_multiplier") else f"{r['noise_multiplier']:.2f}"
             lines.append(f"| {name} ({f['clients']}, {f['per_round']} per round) | {r['row']} | {z} | "
-                         f"{cell(r['int8'])} | {cell(r['mixed'])} |")
+                         f"{cell(r.get('int8'))} | {cell(r.get('mixed'))} |")
     first = next(iter(res["fleets"].values()))["rows"][0]
     return "\n".join(lines) + (f"\n\nFloat: {first['int8']['float_perplexity']:.2f} on the {res['eval_sequences']} "
                                f"held-out sequences.\n")
@@ -223,6 +232,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--clips", type=float, nargs=ROUNDS, default=[6.0, 1.5],
                     help="L2 clip per round, in octaves over all points' ends")
+    ap.add_argument("--large-profiles", nargs="+", default=["int8"],
+                    help="profiles measured on the large fleet (the mixed profile's MSE calibrator takes ~15 s "
+                         "per client here: ~80 min for its 333 clients)")
+    ap.add_argument("--skip-default", action="store_true", help="only the large fleet (the default's rows kept "
+                                                                 "from --out when it holds them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "dp_quality.json")
     args = ap.parse_args(argv)
@@ -236,11 +250,16 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     res = {"model": cfg.model, "machine": machine(), "eval_sequences": int(len(prep.evals)),
            "rounds": ROUNDS, "round_fraction": ROUND_FRACTION, "fleets": {}}
-    fleets = [("default", prep.clients)]
+    fleets = [] if args.skip_default else [("default", prep.clients, None)]
+    if args.skip_default and args.out.is_file():
+        before = json.loads(args.out.read_text())
+        res["fleets"]["default"] = before["fleets"]["default"]
+        res["default_from_earlier_run"] = {"wall_s": before.get("wall_s"), "machine": before.get("machine")}
     if args.clients:
-        fleets.append((f"{args.clients} clients", large_fleet(prep, args.clients, args.seed)))
-    for name, clients in fleets:
-        res["fleets"][name] = fleet_rows(prep, ev, name, clients, args.epsilons, tuple(args.clips), args.seed)
+        fleets.append((f"{args.clients} clients", large_fleet(prep, args.clients, args.seed), args.large_profiles))
+    for name, clients, profiles in fleets:
+        res["fleets"][name] = fleet_rows(prep, ev, name, clients, args.epsilons, tuple(args.clips), args.seed,
+                                         profiles)
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         write_json(args.out, res)
     return res

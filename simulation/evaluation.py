@@ -181,7 +181,8 @@ def float_perplexity(float_onnx: Path, evals: np.ndarray, threads: int, batch_si
     return float(np.exp(total / count))
 
 
-def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_group_only: bool = False):
+def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_group_only: bool = False,
+                      profiles=None):
     """The centralized recipe's statistics, client by client: per smoothing group, yields
     ``(profiles, initial, per_client)`` where ``initial`` is each profile's starting QParams (its
     smoothing factors applied, from every client's scouting report of ``prep.clients``) and
@@ -193,7 +194,7 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
     replaces the scouting reports before they are used: what a server that cannot see them one by
     one would have instead (bench/private_absmax.py). ``own_group_only``: a group's statistics
     only from the clients of its profiles (the others get an empty dict; half the work for two
-    groups)."""
+    groups). ``profiles``: only the groups holding one of these."""
     from client.jobs import scout, statistics
     from client.runtime import DeviceRuntime
     from quant.wire import Instruction
@@ -230,13 +231,16 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
                        if k not in own or c.profile in profiles} for c in clients]
         return profiles, initial, per_client
 
-    if plain:
+    wanted = set(prep.initial if profiles is None else profiles)
+    if plain and wanted & set(plain):
         yield group(plain, prep.initial, scouting)
-    for alpha, profiles in groups.items():
-        grouped = {p: prep.initial[p] for p in profiles}
+    for alpha, members in groups.items():
+        if not wanted & set(members):
+            continue
+        grouped = {p: prep.initial[p] for p in members}
         factors = smoothing_from_scouting(scouting, smoothable_paths(grouped, scfg, weights), weights, alpha, scfg)
         smoothed = [smoothed_scouting(r, factors) for r in scouting]
-        yield group(profiles, {p: smoothed_qparams(qp, factors, weights, smoothed) for p, qp in grouped.items()},
+        yield group(members, {p: smoothed_qparams(qp, factors, weights, smoothed) for p, qp in grouped.items()},
                     smoothed)
 
 
