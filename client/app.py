@@ -49,8 +49,9 @@ Error reply (nothing patched, nothing changed): ``{"error": ConfigRecord({"code"
     not installed, or it runs LiteRT and the node has no LiteRT interpreter), ``bad_instruction``
     (the instruction does not decode -- the reason starts with the quant.wire code, e.g.
     ``shape: ...`` -- or names points the model lacks, or the job config is malformed),
-    ``stale_version``, ``unknown_job`` (message type, hello verb or job), ``patch_refused``, ``memory_budget``, ``no_data`` (no device dir, node or data), and
-    ``job_failed`` (anything else: exception type and message in the reason).
+    ``stale_version``, ``unknown_job`` (message type, hello verb or job), ``patch_refused``,
+    ``memory_budget``, ``no_data`` (no device dir, node or data), and ``job_failed`` (anything
+    else: exception type and message in the reason).
 
 Caches (module level, so a process serving many nodes loads each model once): DeviceRuntime and
 DeviceProfile per (device-dir, profile), the instrumented torch model per (device-dir, profile)
