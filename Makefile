@@ -74,7 +74,7 @@ $(VENV_LITERT)/.installed: requirements.lock requirements-data.txt requirements-
 	touch $@
 
 test-litert: venv-litert
-	$(PY_LITERT) -m pytest -q tests/test_litert.py
+	$(PY_LITERT) -m pytest -q tests/test_litert.py tests/test_litert_fleet.py
 
 # The LiteRT rows (bench/results/litert.json) from the main run's QParams; SmolLM2, heavy.
 bench-litert: venv-litert

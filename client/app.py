@@ -31,9 +31,10 @@ Messages (server -> client) and OK replies
         ``dp-clip`` float and ``dp-calibrator`` (json of quant.calibrate.CalibratorConfig) is a
         differentially private round: the reply is ``quant.wire.encode_dp_reply`` of
         ``client.jobs.dp_vector`` (the client's own calibrated ranges, clipped), no histograms.
-        scout/stats/eval run on the onnxruntime device runtime (client.jobs), lsq on the
-        instrumented torch model (client.learn); scout/stats/lsq use the node's ``train`` split,
-        eval its ``test`` split.
+        scout/stats/eval run on the profile's runtime (client.jobs): ONNX Runtime, or LiteRT for a
+        profile with ``runtime = "litert"`` (client.litert_runtime, docs/litert.md); lsq on the
+        instrumented torch model (client.learn), whatever the runtime; scout/stats/lsq use the
+        node's ``train`` split, eval its ``test`` split.
 
 Patching and the held version
     ``context.state["held"]`` (ConfigRecord ``{"version": int}``) is the QParams version the node
@@ -48,11 +49,12 @@ Patching and the held version
 
 Error reply (nothing patched, nothing changed): ``{"error": ConfigRecord({"code", "reason"})}``,
     codes ``unknown_profile`` (the message's profile is not the node's, or the node's profile is
-    not installed), ``bad_instruction`` (the instruction does not decode -- the reason starts
-    with the quant.wire code, e.g. ``shape: ...`` -- or names points the model lacks, or the job
-    config is malformed), ``stale_version``, ``unknown_job`` (message type, hello verb or job),
-    ``patch_refused``, ``memory_budget``, ``no_data`` (no device dir, node or data), and
-    ``job_failed`` (anything else: exception type and message in the reason).
+    not installed, or it runs LiteRT and the node has no LiteRT interpreter), ``bad_instruction``
+    (the instruction does not decode -- the reason starts with the quant.wire code, e.g.
+    ``shape: ...`` -- or names points the model lacks, or the job config is malformed),
+    ``stale_version``, ``unknown_job`` (message type, hello verb or job), ``patch_refused``,
+    ``memory_budget``, ``no_data`` (no device dir, node or data), and ``job_failed`` (anything
+    else: exception type and message in the reason).
 
 Caches (module level, so a process serving many nodes loads each model once): DeviceRuntime and
 DeviceProfile per (device-dir, profile), the instrumented torch model per (device-dir, profile)
@@ -130,9 +132,28 @@ def get_profile(device_dir: str, profile: str) -> DeviceProfile:
         raise Refused("unknown_profile", str(e)) from None
 
 
+def check_runtime(profile: DeviceProfile) -> None:
+    """A LiteRT profile on a node without the LiteRT interpreter is not installed here:
+    ``unknown_profile``, with how to install it (the hello says so, so the node stays out of
+    the roster instead of failing every job)."""
+    if profile.runtime == "litert":
+        from client.litert_runtime import litert_available
+
+        if not litert_available():
+            from quant.tflite import EXTRA_HINT
+
+            raise Refused("unknown_profile", f"profile {profile.name!r} runs LiteRT and this node "
+                                             f"lacks it: {EXTRA_HINT}")
+
+
 def get_runtime(device_dir: str, profile: str) -> DeviceRuntime:
-    """The node's DeviceRuntime (one per process per device dir and profile)."""
+    """The node's runtime (one per process per device dir and profile): a DeviceRuntime (ONNX
+    Runtime), or for a LiteRT profile a ``client.litert_runtime.LiteRTDevice`` (the same
+    interface: docs/litert.md)."""
     p = get_profile(device_dir, profile)
+    if p.runtime == "litert":
+        check_runtime(p)
+        return _cached(_RUNTIMES, (device_dir, profile), lambda: _litert_runtime(device_dir, profile, p))
 
     def load():
         device.bundle_model(device_dir, profile)  # a clear error when the bundle is missing
@@ -141,6 +162,26 @@ def get_runtime(device_dir: str, profile: str) -> DeviceRuntime:
         return DeviceRuntime(device.model_path(device_dir, profile), threads=p.threads,
                              float_onnx=float_onnx, capture=capture, weight_storage=p.int8_weight_storage)
     return _cached(_RUNTIMES, (device_dir, profile), load)
+
+
+def _litert_runtime(device_dir: str, profile: str, p: DeviceProfile):
+    """A LiteRT profile's device: its ``model.tflite``, the bundle's float weights and installed
+    QParams, and the directory's ``float.tflite`` (one capture per process, shared by its LiteRT
+    profiles, as the float ONNX graph is)."""
+    from client.litert_runtime import LiteRTCapture, LiteRTDevice
+    from client.runtime import load_float_linears, weights_path
+
+    try:
+        model = device.tflite_model_path(device_dir, profile)
+        float_tflite = device.float_tflite_path(device_dir)
+    except device.UnknownProfile as e:
+        raise Refused("unknown_profile", str(e)) from None
+    bundle = device.bundle_model(device_dir, profile)
+    linears = load_float_linears(weights_path(bundle))
+    capture = _cached(_CAPTURES, (str(float_tflite), p.threads),
+                      lambda: LiteRTCapture(float_tflite, linears.weights(), threads=p.threads))
+    return LiteRTDevice(model, float_tflite, load_qparams(qparams_path(bundle)), linears,
+                        threads=p.threads, capture=capture)
 
 
 def installed_version(device_dir: str, profile: str) -> int:
@@ -310,7 +351,7 @@ def _hello(node: Node, content: RecordDict, state: RecordDict) -> RecordDict:
     verb = _config(content).get("fedquant")
     if verb != "hello":
         raise Refused("unknown_job", f"query {verb!r} (this client answers 'hello')")
-    get_profile(node.device_dir, node.profile)  # the node's profile must be installed
+    check_runtime(get_profile(node.device_dir, node.profile))  # the node's profile must be installed
     data = node_data(node)
     n_train, n_test = int(len(data["train"])), int(len(data["test"]))
     return RecordDict({

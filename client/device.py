@@ -13,6 +13,19 @@ one writer on the export side, and the readers a node uses to find its profile, 
     <device-dir>/<profile>/quant_config.json  quant.instrument.QuantConfig (LSQ job only)
     <device-dir>/torch/                     Hugging Face save_pretrained of the *float* model (LSQ only)
 
+With a LiteRT profile (``DeviceProfile.runtime == "litert"``, docs/litert.md), also:
+
+    <device-dir>/float.tflite               the float model as a .tflite (quant.tflite.convert_float, no
+                                             QParams): what a LiteRT phone captures statistics on (shared)
+    <device-dir>/<profile>/model.tflite     the profile's QDQ .tflite made from its installed QParams
+                                             (quant.tflite.quantize_points); releases are patched into it.
+                                             It reads the bundle's model.weights.npz and
+                                             model.qparams.safetensors; the rest of the ONNX bundle stays
+                                             for the server (its evaluation and export use ONNX Runtime)
+
+Both ``.tflite`` files have a fixed input shape ``[LITERT_BATCH, seq_len]`` (``fleet.json``
+``"tflite-seq-len"``): the nodes' sequences must have that length.
+
 ``fleet.json`` is written last and atomically, so a directory with a fleet.json is complete.
 The float graph is linked into the directory (``float-onnx``; a hard link, a copy across
 filesystems) so that the directory can be moved or installed elsewhere: readers pass it to ``DeviceRuntime`` explicitly instead of trusting the
@@ -40,6 +53,9 @@ MODEL_FILE = "model.onnx"
 PROFILE_FILE = "profile.json"
 QUANT_CONFIG_FILE = "quant_config.json"
 SPLITS = ("train", "test")
+FLOAT_TFLITE = "float.tflite"
+TFLITE_MODEL = "model.tflite"
+LITERT_BATCH = 1        # the .tflite's fixed batch: any number of sequences runs, one at a time
 
 
 class DeviceDirError(ValueError):
@@ -68,6 +84,20 @@ def float_onnx_path(device_dir) -> Path:
     return Path(device_dir) / fleet.get("float-onnx", FLOAT_ONNX)
 
 
+def float_tflite_path(device_dir) -> Path:
+    """The float ``.tflite`` a LiteRT phone captures statistics on (``fleet.json`` ``float-tflite``)."""
+    fleet = read_fleet(device_dir)
+    if "float-tflite" not in fleet:
+        raise DeviceDirError(f"{Path(device_dir) / FLEET_FILE}: no 'float-tflite' (the directory was "
+                             "written without a LiteRT profile)")
+    return Path(device_dir) / fleet["float-tflite"]
+
+
+def tflite_model_path(device_dir, profile: str) -> Path:
+    """``<device-dir>/<profile>/model.tflite`` of a LiteRT profile, checked to exist."""
+    return _profile_file(device_dir, profile, TFLITE_MODEL)
+
+
 def torch_model_dir(device_dir) -> Path:
     fleet = read_fleet(device_dir)
     return Path(device_dir) / fleet.get("torch-model", TORCH_DIR)
@@ -88,7 +118,8 @@ def _int_tokens(a, where: str) -> np.ndarray:
 
 
 def write_device_dir(out, *, model, profiles: Mapping[str, DeviceProfile], quant_configs: Mapping[str, Any],
-                     qparams: Mapping[str, QParams], float_onnx, nodes: Mapping[str, Mapping]) -> Path:
+                     qparams: Mapping[str, QParams], float_onnx, nodes: Mapping[str, Mapping],
+                     tflite_seq_len: int | None = None) -> Path:
     """Write a device directory to ``out`` (export side: needs torch).
 
     ``model`` is the *float* Hugging Face model (not instrumented: ``torch/`` must load as a plain
@@ -97,6 +128,11 @@ def write_device_dir(out, *, model, profiles: Mapping[str, DeviceProfile], quant
     key). ``float_onnx`` is the float graph of ``model`` (a path or ModelProto). ``nodes`` maps a
     partition id to ``{"profile": name, "train": ids [N, T], "test": ids [M, T]}``. Everything is
     checked before anything is written; ``fleet.json`` goes last, atomically. Returns its path.
+
+    A LiteRT profile (``runtime = "litert"``) also gets its ``model.tflite``, and the directory
+    one ``float.tflite``, both of input length ``tflite_seq_len`` (default: the nodes' ``T``,
+    which must then be one length): two conversions by ``litert_torch`` (the ``fedquant[litert]``
+    extra; ImportError saying how to install it, before anything is written).
     """
     import onnx
 
@@ -131,6 +167,19 @@ def write_device_dir(out, *, model, profiles: Mapping[str, DeviceProfile], quant
             raise ValueError(f"node {pid}: profile {node.get('profile')!r} is not one of {names}")
         node_profile[pid] = node["profile"]
         data[pid] = {s: _int_tokens(node[s], f"node {pid} {s}") for s in SPLITS}
+    litert = [n for n in names if profiles[n].runtime == "litert"]
+    if litert:
+        from quant.tflite import EXTRA_HINT, missing_litert
+
+        if missing_litert():
+            raise ImportError(f"profiles {litert} run LiteRT, and {', '.join(missing_litert())} cannot be "
+                              f"imported: {EXTRA_HINT}")
+        if tflite_seq_len is None:
+            lengths = sorted({int(a.shape[1]) for d in data.values() for a in d.values() if len(a)})
+            if len(lengths) != 1:
+                raise ValueError(f"LiteRT profiles {litert}: the .tflite has one input length; the nodes' "
+                                 f"sequences have {lengths}: give tflite_seq_len")
+            tflite_seq_len = lengths[0]
 
     out.mkdir(parents=True, exist_ok=True)
     stale = out / FLEET_FILE
@@ -145,6 +194,8 @@ def write_device_dir(out, *, model, profiles: Mapping[str, DeviceProfile], quant
                            weights_from=model_path(out, names[0]) if i else None)
         atomic_write_bytes(out / name / PROFILE_FILE, profiles[name].model_dump_json(indent=1).encode())
         atomic_write_bytes(out / name / QUANT_CONFIG_FILE, quant_configs[name].model_dump_json(indent=1).encode())
+    if litert:
+        _write_tflites(out, model, {n: qparams[n] for n in litert}, int(tflite_seq_len))
     model.save_pretrained(out / TORCH_DIR)
     for pid, arrays in data.items():
         buf = io.BytesIO()
@@ -153,7 +204,27 @@ def write_device_dir(out, *, model, profiles: Mapping[str, DeviceProfile], quant
     fleet = {"format": FLEET_FORMAT,
              "nodes": {pid: {"profile": node_profile[pid], "data": f"clients/{pid}.npz"} for pid in sorted(data, key=_pid_order)},
              "profiles": names, "torch-model": TORCH_DIR, "float-onnx": FLOAT_ONNX}
+    if litert:
+        fleet |= {"float-tflite": FLOAT_TFLITE, "tflite-seq-len": int(tflite_seq_len)}
     return atomic_write_bytes(out / FLEET_FILE, json.dumps(fleet, indent=1).encode())
+
+
+def _write_tflites(out: Path, model, qparams: Mapping[str, QParams], seq_len: int) -> None:
+    """``float.tflite`` (the float model, for statistics) and each LiteRT profile's
+    ``model.tflite`` (its QParams' points in QDQ form, ``quant.tflite``)."""
+    import os
+    import tempfile
+
+    from quant.tflite import convert_float, quantize_points
+
+    with tempfile.TemporaryDirectory(prefix="fedquant-tflite-", dir=out) as tmp:
+        convert_float(model, None, Path(tmp) / FLOAT_TFLITE, batch=LITERT_BATCH, seq_len=seq_len)
+        os.replace(Path(tmp) / FLOAT_TFLITE, out / FLOAT_TFLITE)
+        for name, qp in sorted(qparams.items()):
+            dev = Path(tmp) / f"{name}.float.tflite"
+            weights = convert_float(model, qp, dev, batch=LITERT_BATCH, seq_len=seq_len)
+            quantize_points(dev, weights, qp, out / name / TFLITE_MODEL)
+            dev.unlink()
 
 
 def _pid_order(pid: str):
@@ -265,4 +336,4 @@ def bundle_model(device_dir, profile: str) -> Path:
 
 __all__ = ["DeviceDirError", "UnknownNode", "UnknownProfile", "write_device_dir", "read_fleet",
            "node_entry", "load_node_data", "load_device_profile", "load_quant_config", "model_path",
-           "bundle_model", "float_onnx_path", "torch_model_dir"]
+           "bundle_model", "float_onnx_path", "torch_model_dir", "float_tflite_path", "tflite_model_path"]

@@ -125,19 +125,25 @@ class LiteRTCapture:
 
 
 class LiteRTDevice:
-    """A phone whose runtime is LiteRT, with the interface ``client.jobs`` uses of
-    ``client.runtime.DeviceRuntime`` (``qparams``, ``linears``, ``capture``, ``activation_keys``,
-    ``activation_widths``, ``float_activations``, ``patch``, ``evaluate``): the statistics job
-    runs on the float ``.tflite``, evaluation on the integer one, and a release's QParams are
-    patched into the ``.tflite``'s quantization fields (``quant.tflite.patch_points``) without
-    converting again. New smoothing factors are refused (they are constants of the graph)."""
+    """A phone whose runtime is LiteRT, with the interface ``client.jobs`` and ``client.app`` use
+    of ``client.runtime.DeviceRuntime`` (``qparams``, ``linears``, ``capture``, ``activation_keys``,
+    ``activation_widths``, ``float_activations``, ``logits_width``, ``patch``, ``evaluate``): the
+    statistics and scouting jobs run on the float ``.tflite`` (``LiteRTCapture``; ``capture`` may
+    be one shared by the runtimes of a process), evaluation on the QDQ one, and a release's
+    QParams are patched into the ``.tflite``'s quantization fields (``quant.tflite.patch_points``)
+    without converting again. ``linears`` is ``{path: (weight, bias)}`` (a dict, or the bundle's
+    ``client.runtime.FloatLinears``). A patch that a device would refuse raises
+    ``client.runtime.PatchRefused`` and changes nothing; new smoothing factors are refused (they
+    are constants of the converted graph)."""
 
-    def __init__(self, model_tflite, float_tflite, qparams, linears: dict, threads: int = 1):
+    def __init__(self, model_tflite, float_tflite, qparams, linears, threads: int = 1,
+                 capture: LiteRTCapture | None = None):
         self.path, self.float_path, self.threads = Path(model_tflite), Path(float_tflite), int(threads)
         self.qparams, self.linears = qparams, linears
         self.raw = self.path.read_bytes()
         self.runtime = LiteRTRuntime(self.raw, threads=self.threads)
-        self._capture = None
+        self._capture = capture
+        self.last_patch: dict = {}
 
     @property
     def capture(self) -> LiteRTCapture:
@@ -149,34 +155,71 @@ class LiteRTDevice:
     def activation_keys(self) -> list[str]:
         return sorted(k for k in self.qparams.points if not k.endswith(":weight"))
 
+    def _weight_shape(self, path: str) -> tuple[int, ...]:
+        shape = getattr(self.linears, "shape", None)     # FloatLinears reads the header only
+        return tuple(shape(path)) if shape is not None else tuple(np.shape(self.linears[path][0]))
+
     def activation_widths(self) -> dict[str, int]:
-        return {k: int(self.linears[k.rsplit(":", 1)[0]][0].shape[1]) for k in self.activation_keys()
+        return {k: int(self._weight_shape(k.rsplit(":", 1)[0])[1]) for k in self.activation_keys()
                 if k.rsplit(":", 1)[0] in self.linears}
+
+    def logits_width(self) -> int:
+        """The vocabulary the logits span: the ``.tflite``'s output width."""
+        return int(self.runtime._out["shape"][-1])
 
     def float_activations(self, ids, keys):
         return self.capture.run(ids, keys, self.qparams.smoothing)
 
+    def _check(self, qp):
+        """The merged QParams ``qp`` gives over the held ones, or PatchRefused naming every
+        problem (``quant.qparams.qparams_problems``, the check of ``DeviceRuntime`` and of the
+        server's commit, and new smoothing factors)."""
+        from client.runtime import PatchRefused
+        from quant.qparams import QParams, qparams_problems
+
+        errors = qparams_problems(qp, self.qparams, {p: self._weight_shape(p)[1] for p in self.linears})
+        held = self.qparams.smoothing
+        changed = sorted(k for k, v in qp.smoothing.items()
+                         if k not in held or not np.array_equal(np.asarray(v, np.float32), np.asarray(held[k], np.float32)))
+        if changed:
+            errors.append(f"new smoothing factors for {changed[:5]}: a LiteRT device needs a new conversion "
+                          "for them (they are constants of the .tflite; leave LiteRT profiles out of "
+                          "server.smoothing)")
+        if errors:
+            raise PatchRefused("QParams refused: " + "; ".join(errors))
+        return QParams({**self.qparams.points, **qp.points}, self.qparams.model or qp.model, int(qp.version),
+                       dict(held), {**self.qparams.meta, **qp.meta})
+
     def patch(self, qparams) -> dict:
-        """Write ``qparams``' points into the held ``.tflite`` (and keep it as the new model)."""
+        """Write ``qparams``' points into the held ``.tflite`` (and keep it as the new model): the
+        scales and zero points of its activation points, its weight points re-quantized from the
+        float weights (``W * m``), the biases of the Linears it touches re-derived. All checks run
+        first; a refused patch (``PatchRefused``) changes nothing. Returns ``{total_s, points}``."""
         import time
 
+        from client.runtime import PatchRefused
         from quant.qparams import QParams
         from quant.tflite import patch_points
 
         t0 = time.perf_counter()
-        changed = {k: v for k, v in qparams.smoothing.items()
-                   if k not in self.qparams.smoothing or not np.array_equal(v, self.qparams.smoothing[k])}
-        if changed:
-            raise ValueError(f"new smoothing factors for {sorted(changed)[:5]}: a LiteRT device needs a "
-                             "new conversion for them (they are constants of the graph)")
+        merged = self._check(qparams)
         sm = self.qparams.smoothing
-        weights = {p: (w * np.asarray(sm[p], np.float32) if p in sm else w).astype(np.float32)
-                   for p, (w, _) in self.linears.items()}
-        biases = {p: b for p, (_, b) in self.linears.items() if b is not None}
-        self.raw = patch_points(self.raw, QParams(qparams.points), weights, biases)
-        self.runtime = LiteRTRuntime(self.raw, threads=self.threads)
-        self.qparams = self.qparams.with_points(qparams.points, version=int(qparams.version))
-        return {"total_s": time.perf_counter() - t0, "points": len(qparams.points)}
+        paths = {k.rsplit(":", 1)[0] for k in qparams.points}
+        weights, biases = {}, {}
+        for p in sorted(paths & set(self.linears)):
+            w, b = self.linears[p]
+            if f"{p}:weight" in qparams.points:
+                weights[p] = (w * np.asarray(sm[p], np.float32) if p in sm else w).astype(np.float32)
+            if b is not None:
+                biases[p] = b
+        try:
+            raw = patch_points(self.raw, QParams(qparams.points), weights, biases)
+            runtime = LiteRTRuntime(raw, threads=self.threads)
+        except (KeyError, ValueError) as e:
+            raise PatchRefused(f"QParams refused: {e}") from None
+        self.raw, self.runtime, self.qparams = raw, runtime, merged
+        self.last_patch = {"total_s": time.perf_counter() - t0, "points": len(qparams.points)}
+        return self.last_patch
 
     def logits(self, ids) -> np.ndarray:
         return self.runtime.logits(ids)
@@ -185,3 +228,11 @@ class LiteRTDevice:
         """(summed NLL, tokens) on ``sequences``; the ``.tflite``'s batch is fixed, ``batch_size``
         is accepted for ``client.jobs.evaluate`` and ignored."""
         return self.runtime.evaluate(sequences)
+
+
+def litert_available() -> bool:
+    """Whether this Python has the LiteRT interpreter (the ``fedquant[litert]`` extra), without
+    importing it."""
+    from quant.tflite import missing_litert
+
+    return not missing_litert(("ai_edge_litert",))

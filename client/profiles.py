@@ -1,5 +1,10 @@
 """Device profiles: what a client's runtime executes and how much memory a job may use
-(design.md section 4: the server keeps one QParams set per profile)."""
+(design.md section 4: the server keeps one QParams set per profile).
+
+``runtime`` says which mobile runtime the profile's phones run: ONNX Runtime over the QDQ model
+(``client.runtime``), or LiteRT over a ``.tflite`` with the same points (``client.litert_runtime``,
+the optional ``fedquant[litert]`` extra; docs/litert.md). A LiteRT profile takes what
+``quant.tflite`` exports: 8-bit per-tensor activations, int8 symmetric per-channel weights."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from quant.configfile import load_config
 
 FLOAT_BYTES = 4
+RUNTIMES = ("onnxruntime", "litert")
 
 
 class MemoryBudgetError(RuntimeError):
@@ -34,6 +40,9 @@ class DeviceProfile(BaseModel):
         "auto", description="how the runtime stores 8-bit weights behind uint8 activations: auto picks "
         "int8 where ORT's u8 x s8 kernel is exact (x86 with VNNI, Arm), uint8 (q + 128) on x86 "
         "without VNNI, where it saturates (client.runtime.choose_weight_storage)")
+    runtime: Literal["onnxruntime", "litert"] = Field(
+        "onnxruntime", description="the phones' runtime: ONNX Runtime (QDQ .onnx) or LiteRT (.tflite, "
+        "the fedquant[litert] extra); statistics of both merge at the same points")
     threads: int = Field(1, ge=1, le=64)
     memory_mb: float = Field(512.0, gt=0, description="budget for one job's exposed activations")
 
@@ -41,6 +50,15 @@ class DeviceProfile(BaseModel):
     def _check(self) -> "DeviceProfile":
         if self.activation_bits == 16 and not self.int16_activations:
             raise ValueError("activation_bits = 16 needs int16_activations = true")
+        if self.runtime == "litert":
+            bad = [what for what, ok in (("activation_bits = 8", self.activation_bits == 8),
+                                         ("int16_activations = false", not self.int16_activations),
+                                         ("weight_bits = 8", self.weight_bits == 8),
+                                         ("weight_group_size unset (per channel)", self.weight_group_size is None),
+                                         ("weight_symmetric = true", self.weight_symmetric)) if not ok]
+            if bad:
+                raise ValueError(f"runtime = 'litert' takes the points quant.tflite exports (8-bit "
+                                 f"activations, int8 symmetric per-channel weights): needs {', '.join(bad)}")
         return self
 
 

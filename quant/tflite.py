@@ -42,6 +42,23 @@ from quant.qdq import bias_quant, embedding_table
 from quant.qparams import QParams, atomic_write_bytes
 
 EXTRA_HINT = "the LiteRT packages are missing: pip install -e '.[litert]' (see README, LiteRT)"
+LITERT_MODULES = ("ai_edge_litert", "litert_torch")     # the interpreter (+ schema), the converter
+
+
+def missing_litert(modules=LITERT_MODULES) -> list[str]:
+    """The modules of ``modules`` this Python cannot import (not imported here: only looked up),
+    so a config or a node can refuse a LiteRT job before any work, with ``EXTRA_HINT``."""
+    import importlib.util
+
+    out = []
+    for m in modules:
+        try:
+            spec = importlib.util.find_spec(m)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or (spec.loader is None and not spec.submodule_search_locations):
+            out.append(m)
+    return out
 
 
 def _schema():

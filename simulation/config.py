@@ -108,6 +108,7 @@ class SimulationConfig(BaseModel):
         names = [e.load().name for e in self.fleet]
         if len(set(names)) != len(names):
             raise ValueError(f"fleet: profile names repeat: {names}")
+        self._check_litert()
         sm = self.server.smoothing
         named = {"server.profile_calibrators": set(self.server.profile_calibrators),
                  "server.smoothing.profiles": set(sm.profiles) if sm else set(),
@@ -130,6 +131,36 @@ class SimulationConfig(BaseModel):
             raise ValueError(f"data.source: {self.data.source!r} is neither 'shakespeare' nor an "
                              f"existing folder or .jsonl file")
         return self
+
+    def _check_litert(self) -> None:
+        """A fleet with LiteRT phones (docs/litert.md): the extra is installed (the preparation
+        converts the model with litert_torch, the phones run ai_edge_litert), no SmoothQuant factors
+        are learned for them (constants of their .tflite), and their overrides keep to what
+        quant.tflite exports (Linear points, 8-bit activations, int8 per-channel weights)."""
+        litert = [(i, e, e.load()) for i, e in enumerate(self.fleet) if e.load().runtime == "litert"]
+        if not litert:
+            return
+        sm = self.server.smoothing
+        for i, e, p in litert:
+            if sm is not None and sm.alpha_for(p.name) is not None:
+                raise ValueError(f"server.smoothing: fleet[{i}] profile {p.name!r} runs LiteRT, whose "
+                                 "SmoothQuant factors are constants of its .tflite (a run cannot patch "
+                                 f"new ones): add {p.name!r} to server.smoothing.skip_profiles")
+            for key, spec in e.overrides.items():
+                ok = spec.bits == 8 and not key.endswith(":other") and (
+                    (spec.signed and spec.symmetric and spec.granularity == "per_channel") if key.endswith(":weight")
+                    else spec.granularity == "per_tensor")
+                if not ok:
+                    raise ValueError(f"fleet[{i}].overrides[{key!r}]: profile {p.name!r} runs LiteRT, which "
+                                     "takes Linear points with 8-bit per-tensor activations and int8 "
+                                     f"symmetric per-channel weights, not {spec.short()}")
+        from quant.tflite import EXTRA_HINT, missing_litert
+
+        missing = missing_litert()
+        if missing:
+            i, _, p = litert[0]
+            raise ValueError(f"fleet[{i}]: profile {p.name!r} runs LiteRT, and {', '.join(missing)} "
+                             f"cannot be imported: {EXTRA_HINT}")
 
 
 def quant_config_for(profile: DeviceProfile, entry: FleetEntry) -> QuantConfig:

@@ -233,7 +233,8 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
         nodes = {str(c.pid): {"profile": c.profile, "train": c.train, "test": c.test, "client-id": c.client_id}
                  for c in clients}
         write_device_dir(device_dir, model=model, profiles={n: p for n, (p, _) in profiles.items()},
-                         quant_configs=qcfgs, qparams=initial, float_onnx=float_onnx, nodes=nodes)
+                         quant_configs=qcfgs, qparams=initial, float_onnx=float_onnx, nodes=nodes,
+                         tflite_seq_len=cfg.data.seq_len)
         shutil.rmtree(out / "float", ignore_errors=True)  # linked into the device directory
         float_onnx = device_dir / FLOAT_ONNX
     check_float_graph(device_dir, str(out))
