@@ -29,7 +29,8 @@ Messages (server -> client) and OK replies
         ``quant.wire.stats_to_secure_vector`` with num_examples 1, which :func:`secure_aggregation_mod`
         (Flower's ``secaggplus_mod``) masks before it leaves the device.
         scout/stats/eval run on the onnxruntime device runtime (client.jobs), lsq on the
-        instrumented torch model (client.learn); scout/stats/lsq use the node's ``train`` split,
+        instrumented torch model (client.learn), or, with ``learn`` ``{"method": "runtime"}``, on
+        the runtime too (client.learn_runtime: same reply); scout/stats/lsq use the node's ``train`` split,
         eval its ``test`` split.
 
 Patching and the held version
@@ -53,8 +54,8 @@ Error reply (nothing patched, nothing changed): ``{"error": ConfigRecord({"code"
 
 Caches (module level, so a process serving many nodes loads each model once): DeviceRuntime and
 DeviceProfile per (device-dir, profile), the instrumented torch model per (device-dir, profile)
-(built only when an lsq job arrives: torch is imported only then), node data per (device-dir,
-data file). The device path (query, scout, stats, eval) imports no torch.
+(built only when a torch lsq job arrives: torch is imported only then), node data per (device-dir,
+data file). The device path (query, scout, stats, eval, runtime lsq) imports no torch.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from flwr.clientapp import ClientApp
 
 from client import device, jobs
 from client.profiles import DeviceProfile, MemoryBudgetError, plan_batch
+from client.learn_runtime import learn_ranges_runtime, runtime_keys
 from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_path
 from quant.learn_config import LearnConfig
 from quant.qparams import load_qparams
@@ -392,7 +394,13 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
     seqs = _sequences(data, "test" if ins.job == "eval" else "train", node)
 
     rt = get_runtime(node.device_dir, node.profile)
-    if ins.job == "lsq":
+    if ins.job == "lsq" and learn.method == "runtime":
+        try:
+            runtime_keys(rt, ins)
+        except ValueError as e:
+            raise Refused("bad_instruction", f"keys: {e}") from None
+        _precheck_budget(rt, ins, seqs, batch_size, profile)
+    elif ins.job == "lsq":
         from client.learn import chosen_keys
         from quant.instrument import fingerprint
 
@@ -438,6 +446,9 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
         if secure_cap is not None:
             return _secure_stats_reply(stats_to_secure_vector(reply, ins, secure_cap), metrics, patch_s)
         flat, header = encode_stats_reply(reply, ins)
+    elif learn.method == "runtime":
+        reply, metrics = learn_ranges_runtime(rt, ins, seqs, learn, batch_size=batch_size, profile=profile)
+        flat, header = encode_lsq_reply(reply, ins)
     else:
         from client.learn import learn_ranges
 
