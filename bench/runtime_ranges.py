@@ -1,0 +1,158 @@
+"""Quality of the runtime learned-range job (issue 17, ``client.learn_runtime``) on SmolLM2, from the
+default run's post-statistics QParams, without a Flower run.
+
+For each profile of configs/default.toml: start from the run's statistics-round QParams
+(``qparams/<profile>.centralized.safetensors``: the default run's federated post-statistics
+QParams have the same perplexity to 14 digits, summary.json), then ``--rounds`` learned-range rounds
+in which *every* client of the profile runs ``learn_ranges_runtime`` on its own training sequences
+(the job a device runs, on the run's device bundles) and the server's functions aggregate the
+replies as configs/default.toml does (coordinate median of the deltas, each log-s step bounded by
+log(round_factor), FedAvg step, integer zero-points at the end). Beside it, the *pooled* reference:
+every client's weighted histograms summed and searched once (what a server holding all the data
+would pick with the same objective). Each QParams set is evaluated with the ONNX Runtime integer
+model on the run's 64 held-out sequences (``simulation.evaluation.ServerEval``: perplexity, KL to
+float, bootstrap intervals), beside the default run's own numbers for the torch LSQ job.
+
+    .venv/bin/python -m bench.runtime_ranges --run runs/default          # ~30 min on 2 cores
+    .venv/bin/python -m bench.runtime_ranges --run runs/default --objective input  # plain MSE
+
+The run directory is only read: a hard-linked seed of it is made under ``--work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, ROOT, machine, quiet_env, write_json
+
+quiet_env()
+
+
+def _aggregate(x: dict, replies: list, keys: list[str], round_factor: float) -> dict:
+    """server.rounds._lsq's median rule with FedAvg (server_lr 1): the new global (log s, beta)."""
+    from server.aggregate import bounded_step, coordinate_median, fedavg_step
+
+    deltas = [{**{f"log_s/{k}": r.delta_log_s[k] for k in keys}, **{f"beta/{k}": r.delta_beta[k] for k in keys}}
+              for r in replies]
+    d = coordinate_median(deltas)
+    d = {k: bounded_step(v, math.log(round_factor)) if k.startswith("log_s/") else v for k, v in d.items()}
+    return fedavg_step(x, d, 1.0)
+
+
+def _with_learned(qp, x: dict, keys: list[str]):
+    from server.aggregate import to_integer_qparams
+
+    pts = to_integer_qparams({k: x[f"log_s/{k}"] for k in keys}, {k: x[f"beta/{k}"] for k in keys},
+                             {k: qp.points[k].spec for k in keys})
+    return qp.with_points(pts, version=qp.version + 1)
+
+
+def run(run_dir: Path, work: Path, rounds: int, objective: str, profiles=None, log=print) -> dict:
+    from client.learn_runtime import learn_ranges_runtime, local_histograms
+    from client.runtime import DeviceRuntime
+    from quant import reconstruct as rc
+    from quant.affine import qparams_to_range, range_to_qparams
+    from quant.learn_config import LearnConfig
+    from quant.qparams import PointParams, load_qparams
+    from quant.wire import Instruction
+    from server.aggregate import learned_from_qparams
+    from simulation.evaluation import ServerEval
+    from simulation.prepare import load_simulation_config, prepare, seed_run_dir
+
+    cfg = load_simulation_config(ROOT / "configs" / "default.toml")
+    seed_run_dir(cfg, work, run_dir)
+    prep = prepare(cfg, work, progress=lambda m: log(m))
+    scfg = cfg.server
+    ev = ServerEval(prep.device_dir, prep.evals, cfg.threads, scfg.batch_size)
+    learn = LearnConfig(method="runtime", objective=objective)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    out: dict = {}
+    for prof in profiles or sorted(prep.initial):
+        start = load_qparams(run_dir / "qparams" / f"{prof}.centralized.safetensors")
+        keys = sorted(k for k in start.points if not k.endswith(":weight"))
+        clients = [c for c in prep.clients if c.profile == prof]
+        rt = DeviceRuntime(prep.device_dir / prof / "model.onnx", threads=cfg.threads)
+        rt.patch(start)
+        ref = summary["profiles"][prof]
+        res = {"clients": len(clients), "points": len(keys), "float_ppl": ref["float_ppl"],
+               "torch_job_ppl_by_round": ref["federated_ppl"],
+               "torch_job_note": "the default run's own server evaluations: after statistics, then after "
+                                 "its learned-range rounds (8 sampled clients a round, both profiles)"}
+
+        def evaluate(name, qp):
+            t0 = time.perf_counter()
+            r = ev(prof, qp)
+            row = {k: r[k] for k in ("perplexity", "vs_float_pct", "vs_float_pct_ci", "kl", "kl_ci", "top1")}
+            row["eval_s"] = round(time.perf_counter() - t0, 1)
+            log(f"{prof} {name}: ppl {row['perplexity']:.3f} ({row['vs_float_pct']:+.2f}% vs float), KL {row['kl']:.4f}")
+            res[name] = row
+
+        evaluate("start", start)
+        qp = start
+        log_s, beta = learned_from_qparams({k: start.points[k] for k in keys})
+        x = {**{f"log_s/{k}": v for k, v in log_s.items()}, **{f"beta/{k}": v for k, v in beta.items()}}
+        jobs = []
+        for r in range(1, rounds + 1):
+            rt.patch(qp)
+            ins = Instruction(round=10 + r, job="lsq", qparams=qp, keys=tuple(keys))
+            replies = []
+            for c in clients:
+                reply, m = learn_ranges_runtime(rt, ins, c.train, learn, batch_size=scfg.batch_size)
+                replies.append(reply)
+                jobs.append({"round": r, "client": c.client_id, "wall_s": m["wall_s"],
+                             "numpy_peak_mb": m["numpy_peak_mb"], "loss_before": m["loss_before"],
+                             "loss_after": m["loss_after"]})
+            x = _aggregate(x, replies, keys, scfg.round_factor)
+            qp = _with_learned(qp, x, keys)
+            log(f"{prof} round {r}: {len(replies)} replies, mean job {np.mean([j['wall_s'] for j in jobs[-len(clients):]]):.1f} s")
+            evaluate(f"federated_round_{r}", qp)
+        res["jobs"] = jobs
+        # the pooled reference: every client's histograms summed, searched once (from the start)
+        rt.patch(start)
+        ins = Instruction(round=10, job="lsq", qparams=start, keys=tuple(keys))
+        pooled = None
+        for c in clients:
+            h = local_histograms(rt, ins, c.train, learn, batch_size=scfg.batch_size)
+            pooled = h if pooled is None else {k: rc.merge_weighted(pooled[k], h[k]) for k in keys}
+        pts = {}
+        for k in keys:
+            p = start.points[k]
+            lo, hi = rc.best_range(pooled[k], p.spec)
+            cost = rc.range_cost(pooled[k], p.spec)
+            if cost(np.array([lo]), np.array([hi]))[0] < cost(*[np.ravel(v) for v in qparams_to_range(p.scale, p.zero_point, p.spec)])[0]:
+                s, z = range_to_qparams(np.full(p.scale.shape, lo), np.full(p.scale.shape, hi), p.spec)
+                pts[k] = PointParams(p.spec, s, z)
+        evaluate("pooled", start.with_points(pts, version=start.version + 1))
+        out[prof] = res
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "default", help="a finished default run (read only)")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-runtime-ranges")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--objective", choices=("output", "input"), default="output")
+    ap.add_argument("--profiles", nargs="*", default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    res = {"bench": "runtime_ranges", "objective": args.objective, "rounds": args.rounds,
+           "run": str(args.run), "profiles": run(args.run.resolve(), args.work, args.rounds, args.objective,
+                                                  args.profiles, log=lambda m: print(m, flush=True)),
+           "machine": machine()}
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    out = args.out or RESULTS / f"runtime_ranges_{args.objective}.json"
+    write_json(out, res)
+    print(f"wrote {out} in {res['wall_s']} s")
+    return res
+
+
+if __name__ == "__main__":
+    main()
