@@ -16,7 +16,9 @@ float, bootstrap intervals), beside the default run's own numbers for the torch 
     .venv/bin/python -m bench.runtime_ranges --run runs/default          # ~30 min on 2 cores
     .venv/bin/python -m bench.runtime_ranges --run runs/default --objective input  # plain MSE
 
-The run directory is only read: a hard-linked seed of it is made under ``--work``.
+The run directory is only read (its device directory, the nodes' training data, its QParams).
+The evaluation set is the current configs/default.toml's (64 sequences across the held-out roles),
+so the torch job's final QParams of the run are evaluated here too, on the same sequences.
 """
 
 from __future__ import annotations
@@ -53,7 +55,33 @@ def _with_learned(qp, x: dict, keys: list[str]):
     return qp.with_points(pts, version=qp.version + 1)
 
 
-def run(run_dir: Path, work: Path, rounds: int, objective: str, profiles=None, log=print) -> dict:
+def load_run(run_dir: Path, log=print):
+    """What the harness needs of a finished run, read only: its device directory, each node's
+    profile and training sequences (the ones the run's clients used), and the evaluation set of
+    the *current* configs/default.toml (64 sequences across the held-out roles; the data config
+    is otherwise the run's, so the held-out roles are the same)."""
+    from simulation.fleet import build_fleet
+    from simulation.models import load_smollm2
+    from simulation.prepare import load_simulation_config
+
+    cfg = load_simulation_config(ROOT / "configs" / "default.toml")
+    held = json.loads((run_dir / "run.json").read_text())["config"]["data"]
+    for k in ("source", "clients", "seq_len", "train_sequences", "heldout_fraction", "seed"):
+        if held.get(k) != getattr(cfg.data, k):
+            raise ValueError(f"{run_dir}: data.{k} = {held.get(k)!r}, configs/default.toml has {getattr(cfg.data, k)!r}")
+    fleet = json.loads((run_dir / "device" / "fleet.json").read_text())["nodes"]
+    nodes = []
+    for pid in sorted(fleet, key=int):
+        with np.load(run_dir / "device" / fleet[pid]["data"], allow_pickle=False) as z:
+            nodes.append({"pid": int(pid), "profile": fleet[pid]["profile"], "train": z["train"].astype(np.int64)})
+    model, tok = load_smollm2()
+    del model
+    _, evals, _ = build_fleet(cfg.data, tok, [(e.load().name, e.share) for e in cfg.fleet])
+    log(f"{len(nodes)} nodes, {len(evals)} evaluation sequences")
+    return cfg, nodes, evals
+
+
+def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) -> dict:
     from client.learn_runtime import learn_ranges_runtime, local_histograms
     from client.runtime import DeviceRuntime
     from quant import reconstruct as rc
@@ -63,27 +91,26 @@ def run(run_dir: Path, work: Path, rounds: int, objective: str, profiles=None, l
     from quant.wire import Instruction
     from server.aggregate import learned_from_qparams
     from simulation.evaluation import ServerEval
-    from simulation.prepare import load_simulation_config, prepare, seed_run_dir
 
-    cfg = load_simulation_config(ROOT / "configs" / "default.toml")
-    seed_run_dir(cfg, work, run_dir)
-    prep = prepare(cfg, work, progress=lambda m: log(m))
+    cfg, nodes, evals = load_run(run_dir, log)
     scfg = cfg.server
-    ev = ServerEval(prep.device_dir, prep.evals, cfg.threads, scfg.batch_size)
+    ev = ServerEval(run_dir / "device", evals, cfg.threads, scfg.batch_size)
     learn = LearnConfig(method="runtime", objective=objective)
     summary = json.loads((run_dir / "summary.json").read_text())
     out: dict = {}
-    for prof in profiles or sorted(prep.initial):
+    for prof in profiles or sorted(summary["profiles"]):
         start = load_qparams(run_dir / "qparams" / f"{prof}.centralized.safetensors")
+        torch_final = load_qparams(run_dir / "qparams" / f"{prof}.safetensors")
         keys = sorted(k for k in start.points if not k.endswith(":weight"))
-        clients = [c for c in prep.clients if c.profile == prof]
-        rt = DeviceRuntime(prep.device_dir / prof / "model.onnx", threads=cfg.threads)
+        clients = [n for n in nodes if n["profile"] == prof]
+        rt = DeviceRuntime(run_dir / "device" / prof / "model.onnx", threads=cfg.threads)
         rt.patch(start)
         ref = summary["profiles"][prof]
-        res = {"clients": len(clients), "points": len(keys), "float_ppl": ref["float_ppl"],
-               "torch_job_ppl_by_round": ref["federated_ppl"],
-               "torch_job_note": "the default run's own server evaluations: after statistics, then after "
-                                 "its learned-range rounds (8 sampled clients a round, both profiles)"}
+        lsq_rounds = [r["round"] for r in ref["bytes_up_per_client_round"] if r["job"] == "lsq"]
+        res = {"clients": len(clients), "points": len(keys),
+               "run_own_eval": {"sequences": summary["data"].get("eval_sequences"), "float_ppl": ref["float_ppl"],
+                                "federated_ppl": ref["federated_ppl"]},
+               "torch_job_rounds_with_this_profile": lsq_rounds}
 
         def evaluate(name, qp):
             t0 = time.perf_counter()
@@ -94,6 +121,7 @@ def run(run_dir: Path, work: Path, rounds: int, objective: str, profiles=None, l
             res[name] = row
 
         evaluate("start", start)
+        evaluate("torch_job_final", torch_final)
         qp = start
         log_s, beta = learned_from_qparams({k: start.points[k] for k in keys})
         x = {**{f"log_s/{k}": v for k, v in log_s.items()}, **{f"beta/{k}": v for k, v in beta.items()}}
@@ -103,9 +131,9 @@ def run(run_dir: Path, work: Path, rounds: int, objective: str, profiles=None, l
             ins = Instruction(round=10 + r, job="lsq", qparams=qp, keys=tuple(keys))
             replies = []
             for c in clients:
-                reply, m = learn_ranges_runtime(rt, ins, c.train, learn, batch_size=scfg.batch_size)
+                reply, m = learn_ranges_runtime(rt, ins, c["train"], learn, batch_size=scfg.batch_size)
                 replies.append(reply)
-                jobs.append({"round": r, "client": c.client_id, "wall_s": m["wall_s"],
+                jobs.append({"round": r, "pid": c["pid"], "wall_s": m["wall_s"],
                              "numpy_peak_mb": m["numpy_peak_mb"], "loss_before": m["loss_before"],
                              "loss_after": m["loss_after"]})
             x = _aggregate(x, replies, keys, scfg.round_factor)
@@ -118,7 +146,7 @@ def run(run_dir: Path, work: Path, rounds: int, objective: str, profiles=None, l
         ins = Instruction(round=10, job="lsq", qparams=start, keys=tuple(keys))
         pooled = None
         for c in clients:
-            h = local_histograms(rt, ins, c.train, learn, batch_size=scfg.batch_size)
+            h = local_histograms(rt, ins, c["train"], learn, batch_size=scfg.batch_size)
             pooled = h if pooled is None else {k: rc.merge_weighted(pooled[k], h[k]) for k in keys}
         pts = {}
         for k in keys:
@@ -136,7 +164,6 @@ def run(run_dir: Path, work: Path, rounds: int, objective: str, profiles=None, l
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "default", help="a finished default run (read only)")
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-runtime-ranges")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--objective", choices=("output", "input"), default="output")
     ap.add_argument("--profiles", nargs="*", default=None)
@@ -144,8 +171,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = {"bench": "runtime_ranges", "objective": args.objective, "rounds": args.rounds,
-           "run": str(args.run), "profiles": run(args.run.resolve(), args.work, args.rounds, args.objective,
-                                                  args.profiles, log=lambda m: print(m, flush=True)),
+           "run": str(args.run), "profiles": run(args.run.resolve(), args.rounds, args.objective, args.profiles,
+                                                  log=lambda m: print(m, flush=True)),
            "machine": machine()}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     out = args.out or RESULTS / f"runtime_ranges_{args.objective}.json"
