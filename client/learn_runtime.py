@@ -111,13 +111,11 @@ def learn_ranges_runtime(rt: DeviceRuntime, ins: Instruction, data, config: Lear
     metrics = {"num-examples": int(len(seqs)), "points": len(keys)}
     hists: dict[str, rc.WeightedHist] = {}
     with _measured(metrics):
-        d = {k: consumer_weights(rt, k) for k in keys}
+        observe = _observer(rt, keys, config)
         b = batch_size
-        for b, _, acts in _batches(rt, seqs, keys, batch_size, None if profile is None else profile, "lsq"):
+        for b, _, acts in _batches(rt, seqs, keys, batch_size, profile, "lsq"):
             for k in keys:
-                x = acts[k]
-                w = d[k] if config.objective == "output" else np.ones(x.shape[-1])
-                h = rc.observe_weighted(x, w, grids[k])
+                h = observe(k, acts[k], grids[k])
                 hists[k] = rc.merge_weighted(hists[k], h) if k in hists else h
             del acts
         d_log_s, d_beta, before, after = {}, {}, [], []
@@ -145,13 +143,30 @@ def local_histograms(rt: DeviceRuntime, ins: Instruction, data, config: LearnCon
     grids = {k: rc.grid_for(ins.qparams.points[k].scale, ins.qparams.points[k].zero_point,
                             ins.qparams.points[k].spec, config.bins) for k in keys}
     hists: dict[str, rc.WeightedHist] = {}
+    observe = _observer(rt, keys, config)
     for _, _, acts in _batches(rt, seqs, keys, batch_size, None, "lsq"):
         for k in keys:
-            x = acts[k]
-            w = consumer_weights(rt, k) if config.objective == "output" else np.ones(x.shape[-1])
-            h = rc.observe_weighted(x, w, grids[k])
+            h = observe(k, acts[k], grids[k])
             hists[k] = rc.merge_weighted(hists[k], h) if k in hists else h
     return hists
+
+
+def _observer(rt: DeviceRuntime, keys, config: LearnConfig):
+    """``observe(key, x, grid) -> WeightedHist`` with the config's objective and weighting: the
+    consumer's column norms (``objective = "output"``) or 1 (``"input"``), in ``config.groups``
+    classes (``quant.reconstruct.channel_groups``) or exactly (``groups = 0``)."""
+    d = {k: consumer_weights(rt, k) if config.objective == "output" else None for k in keys}
+    groups: dict = {}
+
+    def observe(k, x, grid):
+        w = d[k] if d[k] is not None else np.ones(x.shape[-1])
+        if config.groups == 0:
+            return rc.observe_weighted(x, w, grid)
+        if k not in groups:
+            groups[k] = rc.channel_groups(w, config.groups)
+        return rc.observe_grouped(x, groups[k], grid)
+
+    return observe
 
 
 __all__ = ["learn_ranges_runtime", "runtime_keys", "consumer_weights", "column_sq_norms", "local_histograms"]

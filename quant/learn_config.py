@@ -33,7 +33,9 @@ class LearnConfig(BaseModel):
     # the layer-wise reconstruction the device's runtime computes (client.learn_runtime, numpy +
     # ONNX Runtime, no torch; steps, lr, beta_step_lsb and loss do not apply to it)
     method: Literal["torch", "runtime"] = "torch"
-    bins: int = Field(2048, ge=64, le=1 << 16, description="runtime: weighted-histogram bins per point")
+    bins: int = Field(512, ge=64, le=1 << 16, description="runtime: weighted-histogram bins per point")
+    groups: int = Field(16, ge=0, le=1024, description="runtime: channel-weight classes of the weighted "
+                        "histogram (quant.reconstruct.channel_groups); 0: every value its own weight (slower)")
     objective: Literal["output", "input"] = Field(
         "output", description="runtime: the error minimised, in the consumer Linear's output (channels "
                               "weighted by its squared column norms) or in the activation itself (plain MSE)")

@@ -44,7 +44,8 @@ from quant.calibrate import _clamped, _search, _sq_error_fn
 from quant.spec import QuantSpec
 from quant.stats import Grid
 
-DEFAULT_BINS = 2048
+DEFAULT_BINS = 512
+DEFAULT_GROUPS = 16
 DEFAULT_MARGIN = 1.0
 DEFAULT_TAIL_CAP = 4096
 _CHUNK = 1 << 20
@@ -81,6 +82,26 @@ def output_weights(weight, smoothing=None) -> np.ndarray:
     return d if smoothing is None else d * np.asarray(smoothing, np.float64) ** 2
 
 
+def channel_groups(d, n_groups: int = DEFAULT_GROUPS) -> tuple[np.ndarray, np.ndarray]:
+    """``(group of each channel, weight of each group)``: the channels binned by ``log d`` into at
+    most ``n_groups`` equal-width classes, each weighted by the mean ``d`` of its channels, so that
+    the total weight is exact and a channel's weight is off by at most the class's spread (a factor
+    ``(max d / min d)^(1 / n_groups)``). What makes a weighted histogram cost about what the
+    statistics job's histogram costs: an integer bincount over (group, bin) instead of a
+    float-weighted one per value (measured 4x faster on SmolLM2's shapes)."""
+    d = np.asarray(d, dtype=np.float64)
+    pos = d > 0
+    g = np.zeros(d.shape[0], np.int32)
+    if pos.any():
+        ld = np.log(d[pos])
+        lo, hi = ld.min(), ld.max()
+        k = n_groups - 1                        # group 0 holds the zero weights
+        g[pos] = 1 + np.minimum(((ld - lo) / max(hi - lo, 1e-12) * k).astype(np.int32), k - 1)
+    n = np.bincount(g, minlength=n_groups)
+    w = np.bincount(g, weights=d, minlength=n_groups) / np.maximum(n, 1)
+    return g, w
+
+
 def grid_for(scale, zero_point, spec: QuantSpec, bins: int = DEFAULT_BINS,
              margin: float = DEFAULT_MARGIN) -> Grid:
     """The histogram grid of a point whose current parameters are ``(scale, zero_point)``: its
@@ -107,9 +128,46 @@ def _cap_tail(x: np.ndarray, w: np.ndarray, edge: float, cap: int) -> tuple[np.n
     return x2[o], w2[o]
 
 
+def observe_grouped(x, groups: tuple[np.ndarray, np.ndarray], grid: Grid,
+                    tail_cap: int = DEFAULT_TAIL_CAP) -> WeightedHist:
+    """``observe_weighted`` with the channel weights of ``channel_groups`` (each channel weighted
+    by its class's mean): one integer bincount over (class, bin), bin indices in float32. The
+    tail values keep their class's weight; the energy uses the class weights too."""
+    g, gw = groups
+    x = np.asarray(x, dtype=np.float32)
+    c = g.shape[0]
+    if x.ndim == 0 or x.shape[-1] != c:
+        raise ValueError(f"channel groups of {c} channels do not fit activations of shape {x.shape}")
+    x2 = x.reshape(-1, c)
+    if x2.size == 0:
+        return WeightedHist.empty(grid)
+    mn, mx = float(x2.min()), float(x2.max())
+    if math.isnan(mn) or math.isnan(mx):
+        raise ValueError("activation has NaN values")
+    k, bins = gw.shape[0], grid.bins
+    energy = float(np.einsum("ij,ij->j", x2, x2).astype(np.float64) @ gw[g])
+    t = np.subtract(x2, np.float32(grid.lo))
+    t *= np.float32(bins / (grid.hi - grid.lo))
+    idx = t.astype(np.int64)
+    del t
+    np.clip(idx, 0, bins - 1, out=idx)          # (float32 rounding at the edges; tails below)
+    idx += (g.astype(np.int64) * bins)[None, :]
+    tails_x = tails_w = np.zeros(0, np.float64)
+    if mn < grid.lo or mx >= grid.hi:
+        out = (x2 < grid.lo) | (x2 >= grid.hi)
+        r, ch = np.nonzero(out)
+        tails_x, tails_w = x2[r, ch].astype(np.float64), gw[g[ch]]
+        idx[out] = k * bins                     # one extra bin, dropped
+    counts = np.bincount(idx.reshape(-1), minlength=k * bins + 1)[:k * bins].reshape(k, bins)
+    mass = gw @ counts
+    h = WeightedHist(grid, mass, *_sorted(tails_x, tails_w), mn, mx, int(x2.size), energy)
+    return _capped(h, tail_cap)
+
+
 def observe_weighted(x, d, grid: Grid, tail_cap: int = DEFAULT_TAIL_CAP) -> WeightedHist:
     """The weighted histogram of ``x`` (any shape, channels on the last axis) with channel
-    weights ``d`` (last-axis length) on ``grid``."""
+    weights ``d`` (last-axis length) on ``grid`` (float64 weights per value: the reference of
+    ``observe_grouped``)."""
     x = np.asarray(x, dtype=np.float32)
     d = np.asarray(d, dtype=np.float64)
     if x.ndim == 0 or x.shape[-1] != d.shape[0] or d.ndim != 1:
@@ -217,6 +275,45 @@ def best_range(h: WeightedHist, spec: QuantSpec, steps: int = 96) -> tuple[float
     return lo, hi
 
 
+def _sweep(cost1, current: float, top: float, span: tuple[float, float], n: int) -> float:
+    """Minimise ``cost1(c)`` (c > 0, vectorized) over ``current`` times a geometric sweep of
+    ``span``, capped at ``top``, then a linear sweep of one step around the best. ``current`` is
+    the first candidate and argmin keeps the first of equal costs: never worse than ``current``."""
+    lo_f, hi_f = span
+    cand = np.concatenate([[current], current * np.geomspace(lo_f, hi_f, n)])
+    cand = np.minimum(cand, max(top, current))
+    best = float(cand[np.argmin(cost1(cand))])
+    r = (hi_f / lo_f) ** (1.0 / (n - 1))
+    fine = np.concatenate([[best], np.minimum(best * np.linspace(1 / r, r, 9), max(top, current))])
+    return float(fine[np.argmin(cost1(fine))])
+
+
+def local_range(h: WeightedHist, spec: QuantSpec, lo0: float, hi0: float, span=(0.25, 2.0), n: int = 16,
+                iters: int = 2) -> tuple[float, float]:
+    """The range near ``[lo0, hi0]`` (each end scaled within ``span``, never past the observed
+    extreme) minimising the weighted error: coordinate descent, ``iters`` rounds of a sweep of
+    ``hi`` then of ``lo``. A learned-range round moves a range by a bounded factor (the server
+    clips each step of log s to log(round_factor)), so a local search is what it needs, at about
+    a hundred candidate ranges per point: what keeps the job within its time on a phone."""
+    cost = range_cost(h, spec)
+    lo, hi = min(float(lo0), 0.0), max(float(hi0), 0.0)
+    if spec.symmetric:
+        t0 = max(-lo, hi)
+        if t0 <= 0:
+            return lo, hi
+        t = _sweep(lambda c: cost(-c, c), t0, max(-h.min, h.max), span, n)
+        return -t, t
+    for _ in range(iters):
+        prev = (lo, hi)
+        if hi > 0:
+            hi = _sweep(lambda c: cost(np.full(c.shape, lo), c), hi, h.max, span, n)
+        if lo < 0:
+            lo = -_sweep(lambda c: cost(-c, np.full(c.shape, hi)), -lo, -h.min, span, n)
+        if (lo, hi) == prev:
+            break
+    return lo, hi
+
+
 def learned_of(scale, zero_point) -> tuple[np.ndarray, np.ndarray]:
     """``(log s, beta = -z s)`` in float64, bit for bit ``server.aggregate.learned_from_qparams``
     and ``quant.lsq.init_from_qparams`` (numpy here: the device imports no torch)."""
@@ -224,17 +321,22 @@ def learned_of(scale, zero_point) -> tuple[np.ndarray, np.ndarray]:
     return ls, -np.asarray(zero_point).astype(np.float64) * np.exp(ls)
 
 
-def reconstruct_point(h: WeightedHist, scale, zero_point, spec: QuantSpec, steps: int = 96) -> dict:
+def reconstruct_point(h: WeightedHist, scale, zero_point, spec: QuantSpec, search: str = "local") -> dict:
     """The point's new ``(log s, beta)`` and its delta from ``(scale, zero_point)``, with the
-    relative output errors before and after (weighted error / weighted energy). The new range is
-    kept only if it costs less than the current one on this data (else the delta is zero)."""
+    relative output errors before and after (weighted error / weighted energy). ``search``:
+    ``"local"`` (``local_range`` from the current range) or ``"global"`` (``best_range``, the MSE
+    calibrator's full search: about 50x the candidates). The new range is kept only if it costs
+    less than the current one on this data (else the delta is zero)."""
     scale = np.asarray(scale, np.float32)
     zero_point = np.asarray(zero_point)
     ls0, b0 = learned_of(scale, zero_point)
     cost = range_cost(h, spec)
     c_lo, c_hi = qparams_to_range(scale, zero_point, spec)
     before = float(cost(np.ravel(c_lo), np.ravel(c_hi))[0])
-    lo, hi = best_range(h, spec, steps)
+    if search == "global":
+        lo, hi = best_range(h, spec)
+    else:
+        lo, hi = local_range(h, spec, float(np.ravel(c_lo)[0]), float(np.ravel(c_hi)[0]))
     after = float(cost(np.array([lo]), np.array([hi]))[0])
     if not after < before:
         ls1, b1, after = ls0, b0, before
@@ -247,5 +349,5 @@ def reconstruct_point(h: WeightedHist, scale, zero_point, spec: QuantSpec, steps
             "rel_after": after / energy, "range": (float(lo), float(hi))}
 
 
-__all__ = ["WeightedHist", "output_weights", "grid_for", "observe_weighted", "merge_weighted",
-           "range_cost", "best_range", "learned_of", "reconstruct_point"]
+__all__ = ["WeightedHist", "output_weights", "channel_groups", "grid_for", "observe_grouped", "observe_weighted",
+           "merge_weighted", "range_cost", "best_range", "local_range", "learned_of", "reconstruct_point"]

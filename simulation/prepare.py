@@ -58,7 +58,7 @@ def say(progress, msg: str) -> None:
 # The learned-range job's method and its knobs (issue 17), left out of the digest so that a run
 # of the runtime job reuses a preparation made for the torch job; left out only when given, so
 # the digests of runs made before they existed do not change.
-LEARN_METHOD_FIELDS = ("method", "bins", "objective")
+LEARN_METHOD_FIELDS = ("method", "bins", "groups", "objective")
 AGGREGATION_RULES = ("stats_rule", "absmax_rule", "absmax_clip", "trim", "round_factor", "lsq_rule", "secure")
 
 

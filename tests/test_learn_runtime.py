@@ -94,6 +94,32 @@ def test_output_weights_clip_what_the_consumer_ignores():
     assert np.allclose(rc.output_weights(w, m), (w ** 2).sum(0) * m ** 2)
 
 
+def test_grouped_weights_equal_exact_ones_when_the_classes_are_exact():
+    """channel_groups + observe_grouped (the device's fast path) give the float-weighted histogram
+    when every class holds one weight; with spread weights the total weight stays exact."""
+    x = _acts()
+    d = np.where(np.arange(16) % 2, 4.0, 1.0)
+    d[5] = 0.0
+    g = rc.grid_for(*range_to_qparams(-2.0, 2.0, U8), U8)
+    exact = rc.observe_weighted(x, d, g)
+    fast = rc.observe_grouped(x, rc.channel_groups(d, 16), g)
+    assert np.allclose(fast.mass, exact.mass) and np.allclose(fast.tail_w, exact.tail_w)
+    assert np.array_equal(fast.tail_x, exact.tail_x) and fast.energy == pytest.approx(exact.energy)
+    spread = np.random.default_rng(2).uniform(0.1, 10, 16)
+    approx = rc.observe_grouped(x, rc.channel_groups(spread, 4), g)
+    total = float(spread.sum() * x.shape[0])
+    assert approx.mass.sum() + approx.tail_w.sum() == pytest.approx(total)
+
+
+def test_local_search_finds_what_the_full_search_finds():
+    x = _acts()
+    s, z = range_to_qparams(2 * float(x.min()), 2 * float(x.max()), U8)
+    h = rc.observe_weighted(x, np.ones(16), rc.grid_for(s, z, U8))
+    local = rc.reconstruct_point(h, s, z, U8)
+    full = rc.reconstruct_point(h, s, z, U8, search="global")
+    assert local["rel_after"] <= 1.02 * full["rel_after"] and local["rel_after"] < local["rel_before"]
+
+
 def test_tail_cap_keeps_the_far_values_and_all_the_weight():
     x = np.linspace(3.0, 10.0, 1000, dtype=np.float32)[:, None]
     g = Grid.snap(-1.0, 1.0, 64)
