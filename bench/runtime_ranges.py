@@ -85,11 +85,10 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
     from client.learn_runtime import learn_ranges_runtime, local_histograms
     from client.runtime import DeviceRuntime
     from quant import reconstruct as rc
-    from quant.affine import qparams_to_range, range_to_qparams
     from quant.learn_config import LearnConfig
-    from quant.qparams import PointParams, load_qparams
+    from quant.qparams import load_qparams
     from quant.wire import Instruction
-    from server.aggregate import learned_from_qparams
+    from server.aggregate import learned_from_qparams, to_integer_qparams
     from simulation.evaluation import ServerEval
 
     cfg, nodes, evals = load_run(run_dir, log)
@@ -148,14 +147,12 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
         for c in clients:
             h = local_histograms(rt, ins, c["train"], learn, batch_size=scfg.batch_size)
             pooled = h if pooled is None else {k: rc.merge_weighted(pooled[k], h[k]) for k in keys}
-        pts = {}
+        pooled_ls, pooled_b = {}, {}
         for k in keys:
             p = start.points[k]
-            lo, hi = rc.best_range(pooled[k], p.spec)
-            cost = rc.range_cost(pooled[k], p.spec)
-            if cost(np.array([lo]), np.array([hi]))[0] < cost(*[np.ravel(v) for v in qparams_to_range(p.scale, p.zero_point, p.spec)])[0]:
-                s, z = range_to_qparams(np.full(p.scale.shape, lo), np.full(p.scale.shape, hi), p.spec)
-                pts[k] = PointParams(p.spec, s, z)
+            r = rc.reconstruct_point(pooled[k], p.scale, p.zero_point, p.spec)   # the device's own search
+            pooled_ls[k], pooled_b[k] = r["log_s"], r["beta"]
+        pts = to_integer_qparams(pooled_ls, pooled_b, {k: start.points[k].spec for k in keys})
         evaluate("pooled", start.with_points(pts, version=start.version + 1))
         out[prof] = res
     return out
