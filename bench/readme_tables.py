@@ -193,6 +193,14 @@ def main() -> None:
                                secure_rounds_block(json.loads((RESULTS / "secure_rounds.json").read_text())))
     if (RESULTS / "poisoning.json").is_file() and "<!-- poisoning:begin -->" in readme:
         readme = replace_block(readme, "poisoning", poisoning_block(json.loads((RESULTS / "poisoning.json").read_text())))
+    if (RESULTS / "runtime_ranges_output.json").is_file() and "<!-- runtime-ranges:begin -->" in readme:
+        from bench.runtime_ranges import readme_block as runtime_ranges_block
+
+        def load(name):
+            f = RESULTS / name
+            return json.loads(f.read_text()) if f.is_file() else None
+        readme = replace_block(readme, "runtime-ranges", runtime_ranges_block(
+            load("runtime_ranges_output.json"), load("client_jobs_runtime.json"), load("client_jobs.json")))
     (ROOT / "README.md").write_text(readme)
     print("README.md tables regenerated")
 

@@ -87,7 +87,7 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
     from quant import reconstruct as rc
     from quant.learn_config import LearnConfig
     from quant.qparams import load_qparams
-    from quant.wire import Instruction
+    from quant.wire import Instruction, encode_lsq_reply
     from server.aggregate import learned_from_qparams, to_integer_qparams
     from simulation.evaluation import ServerEval
 
@@ -116,6 +116,7 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
             r = ev(prof, qp)
             row = {k: r[k] for k in ("perplexity", "vs_float_pct", "vs_float_pct_ci", "kl", "kl_ci", "top1")}
             row["eval_s"] = round(time.perf_counter() - t0, 1)
+            res["evaluated_on"] = len(evals)
             log(f"{prof} {name}: ppl {row['perplexity']:.3f} ({row['vs_float_pct']:+.2f}% vs float), KL {row['kl']:.4f}")
             res[name] = row
 
@@ -131,9 +132,12 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
             replies = []
             for c in clients:
                 reply, m = learn_ranges_runtime(rt, ins, c["train"], learn, batch_size=scfg.batch_size)
+                flat, _ = encode_lsq_reply(reply, ins)
+                m["reply_bytes"] = int(sum(np.asarray(a).nbytes for a in flat.values()))
                 replies.append(reply)
                 jobs.append({"round": r, "pid": c["pid"], "wall_s": m["wall_s"],
-                             "numpy_peak_mb": m["numpy_peak_mb"], "loss_before": m["loss_before"],
+                             "numpy_peak_mb": m["numpy_peak_mb"], "reply_bytes": m["reply_bytes"],
+                             "loss_before": m["loss_before"],
                              "loss_after": m["loss_after"]})
             x = _aggregate(x, replies, keys, scfg.round_factor)
             qp = _with_learned(qp, x, keys)
@@ -156,6 +160,63 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
         evaluate("pooled", start.with_points(pts, version=start.version + 1))
         out[prof] = res
     return out
+
+
+def _pct(row: dict) -> str:
+    lo, hi = row["vs_float_pct_ci"]
+    return f"{row['vs_float_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}]"
+
+
+def readme_block(quality: dict, cost: dict | None, torch_cost: dict | None) -> str:
+    """The README's tables (``bench.readme_tables``): cost of the jobs on one client's batch,
+    quality after the learned-range rounds beside the torch job."""
+    lines = []
+    if cost is not None:
+        med, r, m = cost["medians"], cost["ratios"], cost["machine"]
+        b = cost["batch"]
+        lines += [f"`.venv/bin/python -m bench.client_jobs --kinds learn_runtime --out "
+                  f"bench/results/client_jobs_runtime.json` ({cost['model']}, profile {cost['profile']}, "
+                  f"{b['sequences']} sequences of {b['seq_len']} tokens of one client, 1 ORT thread, medians of "
+                  f"{cost['reps']} fresh processes; {m.get('cpu_model') or m['cpu']}, load average "
+                  f"{cost['machine']['load_avg_1_5_15'][0][0]:.1f} at the start). Time: warm; memory: peak RSS over "
+                  f"what was in use after loading, cold run.", "",
+                  "| job | time s | peak MB | time / integer pass | memory / integer pass | target |",
+                  "|---|---|---|---|---|---|",
+                  f"| plain integer pass | {med['int']['warm_wall_s']:.2f} | {med['int']['cold_peak_mb']:.0f} | 1 | 1 | |",
+                  f"| plain float pass | {med['float']['warm_wall_s']:.2f} | {med['float']['cold_peak_mb']:.0f} | "
+                  f"{med['float']['warm_wall_s'] / med['int']['warm_wall_s']:.2f} | "
+                  f"{med['float']['cold_peak_mb'] / med['int']['cold_peak_mb']:.2f} | |"]
+        t = cost["targets"]
+        lines.append(f"| learned ranges on the runtime (this job) | {med['learn_runtime']['warm_wall_s']:.2f} | "
+                     f"{med['learn_runtime']['cold_peak_mb']:.0f} | {r['learn_runtime_time_vs_int']:.2f} | "
+                     f"{r['learn_runtime_memory_vs_int']:.2f} | time <= 4: "
+                     f"{'met' if t['learn_runtime_time_vs_int']['met'] else 'NOT met'}; memory <= 1.5: "
+                     f"{'met' if t['learn_runtime_memory_vs_int']['met'] else 'NOT met'} |")
+        if torch_cost is not None:
+            tr = torch_cost["ratios"]
+            lines.append(f"| learned ranges with torch (LSQ+, 2 steps; `client_jobs.json`, another run) | "
+                         f"{torch_cost['medians']['learn']['warm_wall_s']:.1f} | "
+                         f"{torch_cost['medians']['learn']['cold_peak_mb']:.0f} | {tr['learn_time_vs_int']:.1f} | "
+                         f"{tr['learn_memory_vs_int']:.1f} | |")
+        lines.append("")
+    lines += [f"`.venv/bin/python -m bench.runtime_ranges --run runs/default` (objective "
+              f"`{quality['objective']}`, every client of a profile in each of {quality['rounds']} rounds, "
+              f"the default's rules; perplexity on the {next(iter(quality['profiles'].values()))['evaluated_on']} "
+              f"held-out sequences of configs/default.toml with bootstrap 95% intervals; {quality['wall_s']:.0f} s). "
+              "Source: `bench/results/runtime_ranges_output.json`.", "",
+              "| profile | QParams | perplexity | vs float | KL to float | upload per client per round |",
+              "|---|---|---|---|---|---|"]
+    for prof, res in quality["profiles"].items():
+        bytes_ = sorted({j["reply_bytes"] for j in res["jobs"]})
+        rows = [("after statistics (start)", "start", "-"), ("torch LSQ+ job, the run's final", "torch_job_final", "1,916 B (the run)")]
+        rows += [(f"runtime job, round {r}", f"federated_round_{r}", f"{bytes_[0]:,} B arrays")
+                 for r in range(1, quality["rounds"] + 1)]
+        rows += [("runtime objective on the pooled histograms (reference)", "pooled", "-")]
+        for name, key, up in rows:
+            if key in res:
+                row = res[key]
+                lines.append(f"| {prof} | {name} | {row['perplexity']:.2f} | {_pct(row)} | {row['kl']:.4f} | {up} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
