@@ -232,7 +232,14 @@ def test_column_norms_stream_from_the_bundle(bundle):
 
 def test_runtime_job_imports_no_torch(bundle):
     code = f"""
-import sys, numpy as np
+import builtins, sys
+real = builtins.__import__
+def guarded(name, *args, **kwargs):  # as on a phone: torch is not installed
+    if name == "torch" or name.startswith("torch."):
+        raise ImportError("torch is not installed on this device")
+    return real(name, *args, **kwargs)
+builtins.__import__ = guarded
+import numpy as np
 from client.learn_runtime import learn_ranges_runtime
 from client.runtime import DeviceRuntime
 from quant.learn_config import LearnConfig
