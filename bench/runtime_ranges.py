@@ -127,7 +127,7 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
         x = {**{f"log_s/{k}": v for k, v in log_s.items()}, **{f"beta/{k}": v for k, v in beta.items()}}
         jobs = []
         for r in range(1, rounds + 1):
-            rt.patch(qp)
+            rt.patch(qp.with_points({}, version=max(qp.version, rt.qparams.version)))
             ins = Instruction(round=10 + r, job="lsq", qparams=qp, keys=tuple(keys))
             replies = []
             for c in clients:
@@ -145,7 +145,7 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
             evaluate(f"federated_round_{r}", qp)
         res["jobs"] = jobs
         # the pooled reference: every client's histograms summed, searched once (from the start)
-        rt.patch(start)
+        rt.patch(start.with_points({}, version=rt.qparams.version + 1))   # the start's ranges, a newer version
         ins = Instruction(round=10, job="lsq", qparams=start, keys=tuple(keys))
         pooled = None
         for c in clients:

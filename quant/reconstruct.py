@@ -146,18 +146,20 @@ def observe_grouped(x, groups: tuple[np.ndarray, np.ndarray], grid: Grid,
         raise ValueError("activation has NaN values")
     k, bins = gw.shape[0], grid.bins
     energy = float(np.einsum("ij,ij->j", x2, x2).astype(np.float64) @ gw[g])
+    # bin indices in float32 (exact integers below 2^24), class offsets added before one cast
     t = np.subtract(x2, np.float32(grid.lo))
     t *= np.float32(bins / (grid.hi - grid.lo))
-    idx = t.astype(np.int64)
-    del t
-    np.clip(idx, 0, bins - 1, out=idx)          # (float32 rounding at the edges; tails below)
-    idx += (g.astype(np.int64) * bins)[None, :]
+    np.clip(t, 0, bins - 1, out=t)              # (float32 rounding at the edges; tails below)
+    np.floor(t, out=t)
+    t += (g * bins).astype(np.float32)[None, :]
     tails_x = tails_w = np.zeros(0, np.float64)
     if mn < grid.lo or mx >= grid.hi:
         out = (x2 < grid.lo) | (x2 >= grid.hi)
         r, ch = np.nonzero(out)
         tails_x, tails_w = x2[r, ch].astype(np.float64), gw[g[ch]]
-        idx[out] = k * bins                     # one extra bin, dropped
+        t[out] = k * bins                       # one extra bin, dropped
+    idx = t.astype(np.intp)
+    del t
     counts = np.bincount(idx.reshape(-1), minlength=k * bins + 1)[:k * bins].reshape(k, bins)
     mass = gw @ counts
     h = WeightedHist(grid, mass, *_sorted(tails_x, tails_w), mn, mx, int(x2.size), energy)
@@ -288,8 +290,8 @@ def _sweep(cost1, current: float, top: float, span: tuple[float, float], n: int)
     return float(fine[np.argmin(cost1(fine))])
 
 
-def local_range(h: WeightedHist, spec: QuantSpec, lo0: float, hi0: float, span=(0.25, 2.0), n: int = 16,
-                iters: int = 2) -> tuple[float, float]:
+def local_range(h: WeightedHist, spec: QuantSpec, lo0: float, hi0: float, span=(0.25, 2.0), n: int = 12,
+                iters: int = 1) -> tuple[float, float]:
     """The range near ``[lo0, hi0]`` (each end scaled within ``span``, never past the observed
     extreme) minimising the weighted error: coordinate descent, ``iters`` rounds of a sweep of
     ``hi`` then of ``lo``. A learned-range round moves a range by a bounded factor (the server
