@@ -1,7 +1,9 @@
 """The knobs of the learned-range job (design.md section 4, LSQ / LSQ+), shared by both sides.
 
 The server reads them from its config's ``[learn]`` table and sends them to lsq clients as JSON;
-the client's job (``client.learn.learn_ranges``, which needs torch) runs with them. pydantic only,
+the client's job runs with them: ``client.learn.learn_ranges`` (LSQ+, needs torch) for
+``method = "torch"``, ``client.learn_runtime.learn_ranges_runtime`` (layer-wise reconstruction on
+ONNX Runtime + numpy) for ``method = "runtime"``; both answer with the same reply. pydantic only,
 so that ``server/`` can type its config without importing torch or ``client/``. The step-size
 choices are explained in ``client.learn``.
 """
