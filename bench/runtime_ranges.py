@@ -204,12 +204,15 @@ def readme_block(quality: dict, cost: dict | None, torch_cost: dict | None) -> s
               f"the default's rules; perplexity on the {next(iter(quality['profiles'].values()))['evaluated_on']} "
               f"held-out sequences of configs/default.toml with bootstrap 95% intervals; {quality['wall_s']:.0f} s). "
               "Source: `bench/results/runtime_ranges_output.json`.", "",
-              "| profile | QParams | perplexity | vs float | KL to float | upload per client per round |",
+              "| profile | QParams | perplexity | vs float | KL to float | reply arrays per client per round |",
               "|---|---|---|---|---|---|"]
     for prof, res in quality["profiles"].items():
         bytes_ = sorted({j["reply_bytes"] for j in res["jobs"]})
-        rows = [("after statistics (start)", "start", "-"), ("torch LSQ+ job, the run's final", "torch_job_final", "1,916 B (the run)")]
-        rows += [(f"runtime job, round {r}", f"federated_round_{r}", f"{bytes_[0]:,} B arrays")
+        torch_rounds = len(res.get("torch_job_rounds_with_this_profile", []))
+        rows = [("after statistics (start)", "start", "-"),
+                (f"torch LSQ+ job, the run's final ({torch_rounds} round{'s' if torch_rounds != 1 else ''} with this profile)",
+                 "torch_job_final", f"{bytes_[0]:,} B (the same reply encoding)")]
+        rows += [(f"runtime job, round {r}", f"federated_round_{r}", f"{bytes_[0]:,} B")
                  for r in range(1, quality["rounds"] + 1)]
         rows += [("runtime objective on the pooled histograms (reference)", "pooled", "-")]
         for name, key, up in rows:
