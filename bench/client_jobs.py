@@ -18,10 +18,13 @@ x1.1; its compute / initializer patch / session rebuild split from ``last_patch`
 of the integer session, of the float session and of the statistics capture session.
 
 Targets (the issue): statistics job <= 2x a plain float pass in time and <= 1.5x in peak memory;
-the learned-range job is reported as it is.
+the runtime learned-range job (issue 17, ``client.learn_runtime``: ONNX Runtime + numpy) <= 4x
+an integer pass in time and <= 1.5x in peak memory; the torch learned-range job is reported as it is.
 
     .venv/bin/python -m bench.client_jobs --steps 2 # SmolLM2 -> bench/results/client_jobs.json (27 min busy)
     .venv/bin/python -m bench.client_jobs --quick   # tiny Llama, seconds (what the test runs)
+    .venv/bin/python -m bench.client_jobs --kinds float int stats learn_runtime patch \
+        --out bench/results/client_jobs_runtime.json  # the runtime job's rows alone (SmolLM2, ~8 min)
 
 The float ONNX export of SmolLM2 (3-4 minutes) and the int8 device bundle are cached under
 ``~/.cache/fedquant/bench/<model>/`` and reused.
@@ -46,8 +49,11 @@ from bench.common import (RESULTS, ROOT, cache_dir, machine, minmax_points, quie
 
 quiet_env()
 
-KINDS = ("float", "int", "stats", "learn", "patch")
-TARGETS = {"stats_time_vs_float": 2.0, "stats_memory_vs_float": 1.5}
+KINDS = ("float", "int", "stats", "learn", "learn_runtime", "patch")
+JOBS = ("stats", "learn", "learn_runtime")
+TARGETS = {"stats_time_vs_float": 2.0, "stats_memory_vs_float": 1.5,
+           # issue 17: the learned-range job on the device's runtime, against an integer pass
+           "learn_runtime_time_vs_int": 4.0, "learn_runtime_memory_vs_int": 1.5}
 BINS = 512
 PROFILE = ROOT / "configs" / "profiles" / "int8.toml"
 DEFAULT_OUT = RESULTS / "client_jobs.json"
@@ -332,6 +338,20 @@ def worker(kind: str, cfg: dict) -> dict:
             res["capture_build_s"] = time.perf_counter() - t1
             res["points"], res["absmax_points"] = len(grids), len(absmax)
             job = lambda: statistics(rt, ins, data, batch_size=bs, profile=profile)  # noqa: E731
+        elif kind == "learn_runtime":
+            from client.learn_runtime import learn_ranges_runtime
+            from quant.learn_config import LearnConfig
+            from quant.wire import Instruction
+
+            keys = tuple(sorted(k for k in rt.qparams.points if not k.endswith(":weight")))
+            ins = Instruction(round=1, job="lsq", qparams=rt.qparams, keys=keys)
+            lc = LearnConfig(method="runtime", batch_size=bs)
+            t1 = time.perf_counter()  # the capture session: the statistics job's, kept between rounds
+            rt.capture.session(tuple(sorted({rt.capture.tensors[k] for k in keys})))
+            res["capture_build_s"] = time.perf_counter() - t1
+            res["points"] = len(keys)
+            res["learn_config"] = lc.model_dump()
+            job = lambda: learn_ranges_runtime(rt, ins, data, lc, batch_size=bs, profile=profile)  # noqa: E731
         elif kind == "patch":
             from quant.qparams import PointParams
 
@@ -350,7 +370,7 @@ def worker(kind: str, cfg: dict) -> dict:
     for run in ("cold", "warm"):
         m, out = measure(job)
         res[run] = m
-        if kind == "stats":
+        if kind in ("stats", "learn_runtime"):
             res[run]["job_metrics"] = {k: v for k, v in out[1].items() if isinstance(v, (int, float))}
         elif kind == "learn":
             res[run]["job_metrics"] = {k: v for k, v in out[1].items() if isinstance(v, (int, float))}
@@ -364,7 +384,7 @@ def worker(kind: str, cfg: dict) -> dict:
 # these, never from this process, whose heap holds the export and the model).
 PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "transformers",
            "transformers.models.llama.modeling_llama", "client.runtime", "client.jobs", "client.learn",
-           "quant.instrument", "simulation.models"]
+           "client.learn_runtime", "quant.instrument", "simulation.models"]
 
 
 def setup(cfg: dict) -> dict:
@@ -442,14 +462,14 @@ def summarize(raw: dict[str, list[dict]]) -> dict:
                     m[f"{run}_{q}"] = _median([r[run]["last_patch"][q] for r in reps])
         med[kind] = m
     ratios = {}
-    for job in ("stats", "learn"):
+    for job in JOBS:
         if job not in med:
             continue
         for base in ("float", "int"):
             ratios[f"{job}_time_vs_{base}"] = med[job]["warm_wall_s"] / med[base]["warm_wall_s"]
             ratios[f"{job}_memory_vs_{base}"] = med[job]["cold_peak_mb"] / med[base]["cold_peak_mb"]
             ratios[f"{job}_cold_time_vs_{base}"] = med[job]["cold_wall_s"] / med[base]["cold_wall_s"]
-    if "learn" in raw:
+    if raw.get("learn"):
         steps = raw["learn"][0]["learn_config"]["steps"]
         med["learn"]["steps"] = steps
         med["learn"]["warm_wall_s_per_step"] = med["learn"]["warm_wall_s"] / max(steps, 1)
@@ -462,19 +482,25 @@ def summarize(raw: dict[str, list[dict]]) -> dict:
 def table(result: dict) -> str:
     med, r = result["medians"], result["ratios"]
     rows = [("plain float pass", med["float"], None), ("plain integer pass", med["int"], None),
-            ("statistics job", med["stats"], "stats"), ("learned-range job", med["learn"], "learn")]
+            ("statistics job", med.get("stats"), "stats"), ("learned-range job (torch)", med.get("learn"), "learn"),
+            ("learned-range job (runtime)", med.get("learn_runtime"), "learn_runtime")]
+    rows = [r for r in rows if r[1] is not None]
     lines = ["| what | warm s | cold s | peak MB (cold) | loaded RSS MB | time / float | time / int | "
              "mem / float | mem / int |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m, j in rows:
         rt = (f"{r[f'{j}_time_vs_float']:.2f} | {r[f'{j}_time_vs_int']:.2f} | "
               f"{r[f'{j}_memory_vs_float']:.2f} | {r[f'{j}_memory_vs_int']:.2f}") if j else "1 | | 1 |"
         lines.append(f"| {name} | {m['warm_wall_s']:.3f} | {m['cold_wall_s']:.3f} | {m['cold_peak_mb']:.1f} | {m['baseline_mb']:.0f} | {rt} |")
-    p = med["patch"]
+    p = med.get("patch")
+    if p is None:
+        return "\n".join(lines)
     lines.append(f"\npatch (all activation scales x1.1): total {p['cold_total_s']:.3f} s = compute "
                  f"{p['cold_compute_s']:.3f} + initializer patch {p['cold_patch_s']:.3f} + session rebuild "
                  f"{p['cold_session_s']:.3f}; integer session build {p['session_build_s']:.3f} s, float "
-                 f"{med['float']['session_build_s']:.3f} s, capture {med['stats']['capture_build_s']:.3f} s")
-    lines.append(f"learned-range job: {med['learn']['steps']} steps, {med['learn']['warm_wall_s_per_step']:.3f} s/step")
+                 f"{med['float']['session_build_s']:.3f} s, capture "
+                 f"{med.get('stats', med.get('learn_runtime', {})).get('capture_build_s', float('nan')):.3f} s")
+    if "learn" in med:
+        lines.append(f"learned-range job: {med['learn']['steps']} steps, {med['learn']['warm_wall_s_per_step']:.3f} s/step")
     for k, t in result["targets"].items():
         lines.append(f"target {k} <= {t['at_most']}: {t['ratio']:.2f} -> {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
@@ -491,9 +517,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache", default=None, help="cache of the float ONNX and device bundle "
                     "(default $FEDQUANT_CACHE/bench or ~/.cache/fedquant/bench)")
     ap.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT.relative_to(ROOT)})")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                    help="what to measure (float and int always: the ratios' bases)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     args = ap.parse_args(argv)
 
+    args.kinds = ["float", "int"] + [k for k in KINDS if k in args.kinds and k not in ("float", "int")]
     t_start = time.perf_counter()
     reps = args.reps or (1 if args.quick else 3)
     seq = args.seq_len or (32 if args.quick else 128)
@@ -505,15 +534,17 @@ def main(argv=None) -> dict:
                                      "batch_size": args.batch_size}, args.timeout)
     cfg = dict(info, quick=args.quick, batch_size=args.batch_size, steps=args.steps)
     load = [os.getloadavg()]
-    raw: dict[str, list[dict]] = {k: [] for k in KINDS}
+    raw: dict[str, list[dict]] = {k: [] for k in args.kinds}
     for rep in range(reps):
-        for kind in KINDS:
+        for kind in args.kinds:
             r = run_worker(ctx, kind, cfg, args.timeout)
             raw[kind].append(r)
             log(f"rep {rep + 1}/{reps} {kind}: warm {r['warm']['wall_s']:.3f} s, cold {r['cold']['wall_s']:.3f} s, "
                 f"peak {r['cold']['peak_mb']:.1f} MB over {r['cold']['baseline_mb']:.0f} MB")
         load.append(os.getloadavg())
-    stats0 = raw["stats"][0]
+    stats0 = raw["stats"][0] if raw.get("stats") else None
+    learn0 = raw["learn"][0] if raw.get("learn") else None
+    rt0 = raw["learn_runtime"][0] if raw.get("learn_runtime") else None
     result = {
         "model": "tiny-llama" if args.quick else "SmolLM2-135M-Instruct", "quick": args.quick,
         "machine": dict(info["machine"], load_avg_1_5_15=load),
@@ -522,11 +553,14 @@ def main(argv=None) -> dict:
         "batch": {"sequences": args.sequences, "seq_len": seq, "requested_batch_size": args.batch_size,
                   "float_pass_batch_size": raw["float"][0]["batch_size"],
                   "int_pass_batch_size": raw["int"][0]["batch_size"],
-                  "stats_batch_size": stats0["cold"]["job_metrics"]["batch_size"],
-                  "learn_batch_size": raw["learn"][0]["learn_config"]["batch_size"], **info["source"]},
-        "statistics_instruction": {"bins": BINS, "points": stats0["points"], "absmax_points": stats0["absmax_points"],
+                  "stats_batch_size": stats0 and stats0["cold"]["job_metrics"]["batch_size"],
+                  "learn_batch_size": learn0 and learn0["learn_config"]["batch_size"],
+                  "learn_runtime_batch_size": rt0 and rt0["cold"]["job_metrics"]["batch_size"], **info["source"]},
+        "kinds": list(args.kinds),
+        "statistics_instruction": stats0 and {"bins": BINS, "points": stats0["points"], "absmax_points": stats0["absmax_points"],
                                    "grid": "client.jobs.scout on the batch -> server.aggregate.grids_from_scouting"},
-        "learn_config": raw["learn"][0]["learn_config"], "learn_points": raw["learn"][0]["points"],
+        "learn_config": learn0 and learn0["learn_config"], "learn_points": learn0 and learn0["points"],
+        "learn_runtime_config": rt0 and rt0["learn_config"], "learn_runtime_points": rt0 and rt0["points"],
         "reps": reps, "memory_probe": raw["float"][0]["cold"]["probe"],
         "definitions": {"time": "warm: second run in the worker (runtime and sessions loaded, as a client "
                                 "keeping them between rounds)",

@@ -205,6 +205,14 @@ def main() -> None:
         readme = replace_block(readme, "poisoning", poisoning_block(json.loads((RESULTS / "poisoning.json").read_text())))
     if (RESULTS / "dp_quality.json").is_file() and "<!-- dp-quality:begin -->" in readme:
         readme = replace_block(readme, "dp-quality", dp_quality_block(json.loads((RESULTS / "dp_quality.json").read_text())))
+    if (RESULTS / "runtime_ranges_output.json").is_file() and "<!-- runtime-ranges:begin -->" in readme:
+        from bench.runtime_ranges import readme_block as runtime_ranges_block
+
+        def load(name):
+            f = RESULTS / name
+            return json.loads(f.read_text()) if f.is_file() else None
+        readme = replace_block(readme, "runtime-ranges", runtime_ranges_block(
+            load("runtime_ranges_output.json"), load("client_jobs_runtime.json"), load("client_jobs.json")))
     (ROOT / "README.md").write_text(readme)
     print("README.md tables regenerated")
 

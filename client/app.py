@@ -33,8 +33,9 @@ Messages (server -> client) and OK replies
         ``client.jobs.dp_vector`` (the client's own calibrated ranges, clipped), no histograms.
         scout/stats/eval run on the profile's runtime (client.jobs): ONNX Runtime, or LiteRT for a
         profile with ``runtime = "litert"`` (client.litert_runtime, docs/litert.md); lsq on the
-        instrumented torch model (client.learn), whatever the runtime; scout/stats/lsq use the
-        node's ``train`` split, eval its ``test`` split.
+        instrumented torch model (client.learn), whatever the runtime, or, with ``learn``
+        ``{"method": "runtime"}``, on ONNX Runtime too (client.learn_runtime: same reply);
+        scout/stats/lsq use the node's ``train`` split, eval its ``test`` split.
 
 Patching and the held version
     ``context.state["held"]`` (ConfigRecord ``{"version": int}``) is the QParams version the node
@@ -58,8 +59,8 @@ Error reply (nothing patched, nothing changed): ``{"error": ConfigRecord({"code"
 
 Caches (module level, so a process serving many nodes loads each model once): DeviceRuntime and
 DeviceProfile per (device-dir, profile), the instrumented torch model per (device-dir, profile)
-(built only when an lsq job arrives: torch is imported only then), node data per (device-dir,
-data file). The device path (query, scout, stats, eval) imports no torch.
+(built only when a torch lsq job arrives: torch is imported only then), node data per (device-dir,
+data file). The device path (query, scout, stats, eval, runtime lsq) imports no torch.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ from flwr.clientapp import ClientApp
 
 from client import device, jobs
 from client.profiles import DeviceProfile, MemoryBudgetError, plan_batch
+from client.learn_runtime import learn_ranges_runtime, runtime_keys
 from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_path
 from quant.learn_config import LearnConfig
 from quant.qparams import load_qparams
@@ -438,7 +440,16 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
     seqs = _sequences(data, "test" if ins.job == "eval" else "train", node)
 
     rt = get_runtime(node.device_dir, node.profile)
-    if ins.job == "lsq":
+    if ins.job == "lsq" and learn.method == "runtime":
+        if profile.runtime != "onnxruntime":
+            raise Refused("bad_instruction", f"learn.method 'runtime' runs on ONNX Runtime; this phone runs "
+                                             f"{profile.runtime} (its lsq job is the torch one)")
+        try:
+            runtime_keys(rt, ins)
+        except ValueError as e:
+            raise Refused("bad_instruction", f"keys: {e}") from None
+        _precheck_budget(rt, ins, seqs, batch_size, profile)
+    elif ins.job == "lsq":
         from client.learn import chosen_keys
         from quant.instrument import fingerprint
 
@@ -503,6 +514,9 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
             flat, header = encode_dp_reply(jobs.dp_vector(reply, ins, dp_calibrator, dp_clip), ins)
         else:
             flat, header = encode_stats_reply(reply, ins)
+    elif learn.method == "runtime":
+        reply, metrics = learn_ranges_runtime(rt, ins, seqs, learn, batch_size=batch_size, profile=profile)
+        flat, header = encode_lsq_reply(reply, ins)
     else:
         from client.learn import learn_ranges
 

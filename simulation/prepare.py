@@ -55,6 +55,10 @@ def say(progress, msg: str) -> None:
 
 # How the server merges replies: nothing prepared depends on them (the centralized reference pools
 # the data exactly), so runs that differ only in them share a preparation.
+# The learned-range job's method and its knobs (issue 17), left out of the digest so that a run
+# of the runtime job reuses a preparation made for the torch job; left out only when given, so
+# the digests of runs made before they existed do not change.
+LEARN_METHOD_FIELDS = ("method", "bins", "groups", "objective")
 AGGREGATION_RULES = ("stats_rule", "absmax_rule", "absmax_clip", "trim", "round_factor", "lsq_rule", "secure", "dp")
 
 
@@ -69,6 +73,8 @@ def config_digest(cfg: SimulationConfig) -> str:
     d.pop("name", None)         # a label
     for k in ("schedule", *AGGREGATION_RULES, *OPERATIONAL):
         d.get("server", {}).pop(k, None)
+    for k in LEARN_METHOD_FIELDS:   # which learned-range job the devices run prepares nothing
+        (d.get("server", {}).get("learn") or {}).pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

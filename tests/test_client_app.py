@@ -223,6 +223,27 @@ def test_lsq_job(dd):
     assert bad["error"]["code"] == "bad_instruction" and "learn" in bad["error"]["reason"]
 
 
+def test_lsq_job_on_the_runtime(dd):
+    """learn.method = runtime: the same reply form, computed by client.learn_runtime on the device
+    runtime; no torch model is built for it."""
+    qp = dd["qp"]["int8"].with_points({}, version=1)
+    keys = tuple(act_keys(qp))
+    ins = Instruction(round=3, job="lsq", qparams=qp, keys=keys)
+    state = RecordDict()
+    r = send(dd, "1", "train", job_content(ins, "int8", batch=2, learn={"method": "runtime"}), state)
+    flat, header = payload(r)
+    got = validate_lsq_reply(flat, header, ins, r["metrics"]["num-examples"])
+    assert not isinstance(got, Rejection), got
+    assert set(got.delta_log_s) == set(keys) and any(np.any(v != 0) for v in got.delta_log_s.values())
+    m = r["metrics"]
+    assert m["num-examples"] == 4 and m["points"] == len(keys) and m["loss_after"] <= m["loss_before"]
+    assert state["held"]["version"] == 1 and not capp._TORCH
+    weight = next(k for k in qp.points if k.endswith(":weight"))
+    bad = send(dd, "1", "train", job_content(Instruction(round=3, job="lsq", qparams=qp, keys=(weight,)), "int8",
+                                             learn={"method": "runtime"}), RecordDict())
+    assert bad["error"]["code"] == "bad_instruction" and "Linears" in bad["error"]["reason"]
+
+
 def _tamper_grid(flat, header):
     e = next(e for e in header["index"] if e[0] == "grids/lo_hi")
     k = e[3][0]

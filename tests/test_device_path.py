@@ -12,8 +12,9 @@ def guarded(name, *args, **kwargs):
     return real(name, *args, **kwargs)
 builtins.__import__ = guarded
 import quant, quant.wire, quant.stats, quant.calibrate, quant.export, quant.qdq, quant.encodings
-import quant.learn_config
+import quant.learn_config, quant.reconstruct
 import client.runtime, client.jobs, client.profiles, client.app, client.device, client.updates
+import client.learn_runtime
 import numpy as np
 from quant import QuantSpec, quantize, range_to_qparams
 s, z = range_to_qparams(-1.0, 1.0, QuantSpec(bits=8, signed=False))
