@@ -150,8 +150,11 @@ def dp_quality_block(d: dict) -> str:
     from bench.dp_quality import table
 
     m = d["machine"]
+    earlier = d.get("default_from_earlier_run")
+    split = (f" for the 1,000-client rows, {earlier['wall_s']:.0f} s for the default fleet's (`--skip-default` kept "
+             f"them from an earlier run of the same code)" if earlier else "")
     return (f"`.venv/bin/python -m bench.dp_quality --run runs/default` ({d['model']}, delta 1e-5, one noise "
-            f"draw per row; {_cpu(m)}, {m['cores']} cores shared with other jobs, {d['wall_s']:.0f} s). "
+            f"draw per row; {_cpu(m)}, {m['cores']} cores shared with other jobs, {d['wall_s']:.0f} s{split}). "
             f"Source: `bench/results/dp_quality.json`.\n\n" + table(d))
 
 
