@@ -222,6 +222,15 @@ def readme_block(quality: dict, cost: dict | None, torch_cost: dict | None) -> s
     return "\n".join(lines) + "\n"
 
 
+def _shown(path: Path) -> str:
+    """The run directory as results name it: relative to the repository when inside it, else
+    its name alone (no developer's absolute path in a tracked file)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "default", help="a finished default run (read only)")
@@ -232,7 +241,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = {"bench": "runtime_ranges", "objective": args.objective, "rounds": args.rounds,
-           "run": str(args.run), "profiles": run(args.run.resolve(), args.rounds, args.objective, args.profiles,
+           "run": _shown(args.run), "profiles": run(args.run.resolve(), args.rounds, args.objective, args.profiles,
                                                   log=lambda m: print(m, flush=True)),
            "machine": machine()}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
