@@ -400,9 +400,10 @@ def test_the_round_line_and_summary_say_when_most_replies_failed(tmp_path):
     assert "ALERT: 2 of 3 replies failed: flower_error 2" in " ".join(_round_line(m).split())
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "job": "scout"}) + "\n" + json.dumps(m) + "\n")
     prep = SimpleNamespace(out=tmp_path, initial={}, clients=[], about={}, prepare_s=0.0,
-                           cfg=SimpleNamespace(name="x", model="tiny"))
+                           cfg=SimpleNamespace(name="x", model="tiny", server=config(schedule=[{"job": "scout"}])))
     summary = summarise(prep, {}, {}, 1.0)
     assert summary["alerts"] == [{"round": 2, "job": "stats", "alert": m["alert"]}]
+    assert summary["privacy"] == {"dp": None, "statistics": "in the clear"}
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "job": "scout"}) + "\n")
     assert "alerts" not in summarise(prep, {}, {}, 1.0)
 
