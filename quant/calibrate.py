@@ -278,6 +278,13 @@ def mse_range(stats: ActivationStats, spec: QuantSpec, steps: int = 96) -> tuple
         lo, hi = np.broadcast_arrays(np.minimum(lo, 0.0), np.maximum(hi, 0.0))
         return sq_error(lo, hi)
 
+    return search_range(cost, mn, mx, spec, steps)
+
+
+def search_range(cost, mn: float, mx: float, spec: QuantSpec, steps: int = 96) -> tuple[float, float]:
+    """The range in ``[mn, mx]`` minimising ``cost(lo, hi)`` (vectorized over candidates): one
+    threshold for a symmetric spec, lo and hi by coordinate descent from min-max otherwise. Shared
+    by the MSE calibrator and ``quant.reconstruct``'s output-error search."""
     if spec.symmetric:
         top = max(-mn, mx)
         bottom = 0.0 if mn <= 0 <= mx else min(abs(mn), abs(mx))

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quant.affine import qparams_to_range, range_to_qparams
-from quant.calibrate import _clamped, _search, _sq_error_fn
+from quant.calibrate import _sq_error_fn, search_range
 from quant.spec import QuantSpec
 from quant.stats import Grid
 
@@ -256,25 +256,7 @@ def range_cost(h: WeightedHist, spec: QuantSpec):
 
 def best_range(h: WeightedHist, spec: QuantSpec, steps: int = 96) -> tuple[float, float]:
     """The range minimising the weighted error (``quant.calibrate.mse_range``'s search)."""
-    cost = range_cost(h, spec)
-    mn, mx = h.min, h.max
-    if spec.symmetric:
-        top = max(-mn, mx)
-        bottom = 0.0 if mn <= 0 <= mx else min(abs(mn), abs(mx))
-        if top <= 0:
-            return mn, mx
-        t = _search(lambda c: cost(-c, c), top, top, bottom, steps)
-        return _clamped(-t, t, mn, mx)
-    lo, hi = mn, mx
-    for _ in range(8):
-        prev = (lo, hi)
-        if mx > 0:
-            hi = _search(lambda c: cost(lo, c), hi, mx, max(mn, 0.0), steps)
-        if mn < 0:
-            lo = -_search(lambda c: cost(-c, hi), -lo, -mn, max(-mx, 0.0), steps)
-        if (lo, hi) == prev:
-            break
-    return lo, hi
+    return search_range(range_cost(h, spec), h.min, h.max, spec, steps)
 
 
 def _sweep(cost1, current: float, top: float, span: tuple[float, float], n: int) -> float:
