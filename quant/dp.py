@@ -36,8 +36,8 @@ import numpy as np
 # A point whose centre is narrower than this is not estimated (it stays where the centre has it).
 TINY = 1e-12
 # A client's width is clamped to [centre 2^-SPAN, centre 2^SPAN] before the logarithm: a point a
-# client saw only zeros at would otherwise give -inf (and an honest dead point should not shrink
-# the rest of its vector by much under the clip).
+# client saw only zeros at would otherwise give -inf. (Such a point still takes most of the
+# client's clip, shrinking the rest of its vector: a dead point is rare in a language model.)
 SPAN = 8.0
 
 
