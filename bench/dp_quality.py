@@ -14,8 +14,8 @@ of the first plus other clients' data): ``z`` is the smallest noise multiplier a
 Gaussian release spends the row's epsilon at ``delta = 1e-5`` (``server.privacy``: Flower's RDP
 accountant, replace-one; no amplification by sampling is claimed). Rows per fleet: the pooled
 histograms in the clear (the exact recipe, no DP), the per-client ranges without noise (the
-estimator's own cost), then each epsilon. The evaluation is the server's: perplexity and fidelity to float on the 64 held-out
-sequences of ``configs/default.toml``, int8 and mixed profiles.
+estimator's own cost), then each epsilon. The evaluation is the server's: perplexity and fidelity
+to float on the 64 held-out sequences of ``configs/default.toml``, int8 and mixed profiles.
 
 Fleets: the 24 clients of ``configs/default.toml`` (4 sequences each), and ``--clients N`` (1,000 by
 default) clients of one 128-token sequence each, cut from the training text of the roles no
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,19 +157,46 @@ def dp_release(ranges: dict, n: int, z: float, clips: tuple[float, ...], seed: i
     return out, norms
 
 
+def save_cache(cache: Path, ranges: dict, pooled: dict) -> None:
+    """Per profile the starting and pooled QParams (safetensors, quant.qparams) and, in
+    ``ranges.json`` (written last: its presence marks a complete cache), the points calibrated and
+    each client's own range per point. No pickle."""
+    from quant.qparams import save_qparams
+
+    cache.mkdir(parents=True, exist_ok=True)
+    for p, (initial, _, _) in ranges.items():
+        save_qparams(initial, cache / f"initial-{p}.safetensors")
+        save_qparams(pooled[p], cache / f"pooled-{p}.safetensors")
+    doc = {p: {"keys": sorted(specs), "own": {str(i): {k: list(r) for k, r in o.items()} for i, o in own.items()}}
+           for p, (_, specs, own) in ranges.items()}
+    atomic_write_bytes(cache / "ranges.json", json.dumps(doc).encode())
+
+
+def load_cache(cache: Path) -> tuple[dict, dict]:
+    from quant.qparams import load_qparams
+
+    ranges, pooled = {}, {}
+    for p, d in json.loads((cache / "ranges.json").read_text()).items():
+        initial = load_qparams(cache / f"initial-{p}.safetensors")
+        specs = {k: initial.points[k].spec for k in d["keys"]}
+        own = {int(i): {k: (float(r[0]), float(r[1])) for k, r in o.items()} for i, o in d["own"].items()}
+        ranges[p] = (initial, specs, own)
+        pooled[p] = load_qparams(cache / f"pooled-{p}.safetensors")
+    return ranges, pooled
+
+
 def fleet_rows(prep, ev, name: str, clients, epsilons, clips, seed: int, profiles=None) -> dict:
     from server.privacy import noise_multiplier_for
 
     t0 = time.perf_counter()
     tag = "" if profiles is None else "-" + "-".join(sorted(profiles))
-    cache = prep.out / "dp-cache" / f"{name.replace(' ', '-')}-{len(clients)}-seed{seed}{tag}.pkl"
-    if cache.is_file():            # a bench cache this module wrote: the per-client statistics are the slow part
-        ranges, pooled = pickle.loads(cache.read_bytes())
+    cache = prep.out / "dp-cache" / f"{name.replace(' ', '-')}-{len(clients)}-seed{seed}{tag}"
+    if (cache / "ranges.json").is_file():      # the per-client statistics are the slow part
+        ranges, pooled = load_cache(cache)
     else:
         ranges, pooled = per_client_ranges(prep, clients, own_group_only=len(clients) > len(prep.clients),
                                            profiles=profiles)
-        cache.parent.mkdir(exist_ok=True)
-        atomic_write_bytes(cache, pickle.dumps((ranges, pooled)))
+        save_cache(cache, ranges, pooled)
     n = len(clients)
     delta, releases = DELTA, [n]        # parallel composition: one full release per client
     res = {"clients": n, "delta": delta, "per_round": max(1, math.ceil(ROUND_FRACTION * n)),
@@ -231,10 +257,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=int, default=1000, help="the large fleet's size (0: skip it)")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--clips", type=float, nargs=ROUNDS, default=[6.0, 1.5],
-                    help="L2 clip per round, in octaves over all points' ends")
+                    help="L2 clip per round of the client vectors (log2 width ratio, shift of zero's place "
+                         "per point)")
     ap.add_argument("--large-profiles", nargs="+", default=["int8"],
-                    help="profiles measured on the large fleet (the mixed profile's MSE calibrator takes ~15 s "
-                         "per client here: ~80 min for its 333 clients)")
+                    help="profiles measured on the large fleet (the mixed profile's MSE calibrator, estimated "
+                         "at ~70 ms a point on a shared core, is ~15 s per client: ~80 min for its 333)")
     ap.add_argument("--skip-default", action="store_true", help="only the large fleet (the default's rows kept "
                                                                  "from --out when it holds them)")
     ap.add_argument("--seed", type=int, default=0)

@@ -144,8 +144,9 @@ def statistics(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
 def dp_vector(reply: StatsReply, ins: Instruction, calibrator: CalibratorConfig, clip: float) -> np.ndarray:
     """What a client sends in a differentially private statistics round instead of its histograms
     (``quant.dp``, docs/privacy.md): its own range per point of ``ins.keys`` by the profile's
-    ``calibrator`` on its own statistics, as ``log2`` of each end over the instruction's QParams
-    (the current release), clipped to L2 norm ``clip``. A point it saw no value at contributes 0."""
+    ``calibrator`` on its own statistics, as ``log2`` of its width over the instruction's QParams'
+    (the current release) and the shift of zero's place (``quant.dp.client_vector``), clipped to L2
+    norm ``clip``. A point it saw no value at contributes 0."""
     centres = {k: tuple(float(v) for v in qparams_to_range(ins.qparams.points[k].scale,
                                                            ins.qparams.points[k].zero_point,
                                                            ins.qparams.points[k].spec)) for k in ins.keys}

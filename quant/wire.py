@@ -805,7 +805,8 @@ def lsq_reply_from_arrays(a: Mapping[str, np.ndarray], ins: Instruction) -> LsqR
 # Differentially private statistics rounds (quant.dp): one clipped vector instead of histograms
 
 def dp_length(ins: Instruction) -> int:
-    """Numbers in a DP statistics reply: ``(|lo|, hi)`` of each of ``ins.keys`` (quant.dp)."""
+    """Numbers in a DP statistics reply: (log2 width ratio, shift of zero's place) for each of ``ins.keys``
+    (quant.dp)."""
     return 2 * len(ins.keys)
 
 

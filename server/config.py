@@ -124,13 +124,13 @@ class SecureConfig(BaseModel):
 
 class DPConfig(BaseModel):
     """Differential privacy of the statistics rounds (docs/privacy.md, "Differential privacy";
-    ``quant.dp``): each client sends its own calibrated range per point, as ``log2`` of each end
-    over the round's starting QParams, clipped to L2 norm ``clip``; the server adds Gaussian noise
-    of ``z 2 clip`` to each profile's sum and releases the noisy mean. A statistics round samples
-    clients no earlier one used, so each client's data is in one release: the run spends the
-    epsilon of one Gaussian mechanism (``server.privacy``, Flower's RDP accountant, replace-one).
-    Alone, the noise is the server's (the release is private; the server sees each clipped
-    vector). With ``secure`` too, each client adds a share of the noise before SecAgg+ masks its
+    ``quant.dp``): each client sends its own calibrated range per point, as ``log2`` of its width
+    over the round's starting QParams' and the shift of zero's place, clipped to L2 norm ``clip``;
+    the server adds Gaussian noise of ``z 2 clip`` to each profile's sum and releases the noisy
+    mean. A statistics round samples clients no earlier one used, so each client's data is in one
+    release: the run spends the epsilon of one Gaussian mechanism (``server.privacy``, Flower's RDP
+    accountant, replace-one). Alone, the noise is the server's (the release is private; the server
+    sees each clipped vector). With ``secure`` too, each client adds a share of the noise before SecAgg+ masks its
     vector, and the server sees only the noisy sum (``server.privacy.secure_noise_share``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -373,8 +373,8 @@ def _stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState, di
 def _dp_stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState, dict]:
     """A statistics round under differential privacy (``quant.dp``; docs/privacy.md): per profile,
     the clients' clipped range vectors summed, Gaussian noise of ``z 2 clip`` added (drawn from the
-    run's seed, the round and the profile, so a resumed run draws the same), each end of the
-    round's starting ranges moved by the noisy mean. Nothing per client is kept. Under secure
+    run's seed, the round and the profile, so a resumed run draws the same), the round's
+    starting ranges moved by the noisy mean (``quant.dp.release``). Nothing per client is kept. Under secure
     aggregation the clients added the noise (``server.strategy``'s secure round hands over the
     noisy sum as one reply and zeros for the other contributors)."""
     clip, z = config.dp_clip(state.round), config.dp.noise_multiplier()

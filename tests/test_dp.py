@@ -328,14 +328,16 @@ def test_a_dp_run_under_secagg_with_devices_dropping_out(tmp_path):
     from tests.test_simulate import simulate
 
     path = _config(tmp_path, secure=True)
-    path.write_text(path.read_text().replace("secure = { cap = 1048576 }\n",
-                                             "secure = { cap = 1048576 }\ndp = { epsilon = 8.0, clips = [12.0, 3.0] }\n"))
+    dp_line = "dp = { epsilon = 8.0, clips = [12.0, 3.0] }\n"
+    path.write_text(path.read_text().replace("secure = { cap = 1048576 }\n", "secure = { cap = 1048576 }\n" + dp_line))
     out = tmp_path / "run"
     simulate(out, "--rounds", "3", config=path)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     stats = [m for m in lines if m["job"] == "stats"]
     applied = [m for m in stats if m["applied"]]
     assert applied, stats
+    assert sum(m["rejections"].get("secure_dropout", 0) for m in stats) >= 1, \
+        "the seeded draw lost no device mid-protocol: change the dropout rate"
     for m in applied:
         assert m["dp"]["int8"]["noise"] == "the clients' shares" and m["dp"]["int8"]["clients"] >= 2
         assert m["secure"]["int8"]["summed"] == m["dp"]["int8"]["clients"]
@@ -346,3 +348,22 @@ def test_a_dp_run_under_secagg_with_devices_dropping_out(tmp_path):
     privacy = json.loads((out / "summary.json").read_text())["privacy"]
     assert "noisy sum only" in privacy["statistics"] and privacy["dp"]["released_in_rounds"] == \
         [m["round"] for m in applied]
+
+
+def test_the_dp_bench_cache_round_trips_without_pickle(tmp_path):
+    from bench.dp_quality import load_cache, save_cache
+    from tests.test_rounds import KEYS, make_initial
+
+    initial = make_initial()
+    ranges = {p: (qp, {k: qp.points[k].spec for k in KEYS[:2]},
+                  {0: {KEYS[0]: (-1.5, 2.25)}, 3: {KEYS[0]: (0.0, 4.0), KEYS[1]: (-0.125, 8.0)}})
+              for p, qp in initial.items()}
+    save_cache(tmp_path / "c", ranges, dict(initial))
+    got, pooled = load_cache(tmp_path / "c")
+    assert set(got) == set(ranges) and set(pooled) == set(initial)
+    for p, (qp, specs, own) in ranges.items():
+        gqp, gspecs, gown = got[p]
+        assert gspecs == specs and gown == own
+        assert all(np.array_equal(gqp.points[k].scale, qp.points[k].scale) for k in qp.points)
+        assert all(np.array_equal(pooled[p].points[k].zero_point, qp.points[k].zero_point) for k in qp.points)
+    assert not list((tmp_path / "c").glob("*.pkl"))
