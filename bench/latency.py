@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from bench.common import RESULTS, cpu_fields, cpu_model, machine, shown_path, write_json
 from client.runtime import choose_weight_storage, ort_session, u8s8_saturates

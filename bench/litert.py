@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.quality import load_data
     from quant.instrument import fingerprint
-    from quant.qparams import QParams, load_qparams
+    from quant.qparams import load_qparams
     from quant.tflite import convert_float, quantize_points, stored_weights
 
     t_start = time.perf_counter()

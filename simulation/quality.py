@@ -74,7 +74,6 @@ def run_quality(cfg: QualityConfig, out: Path | None = None, progress=None, on_r
     (``qparams/<recipe>.safetensors``) under ``out``.
     ``progress(desc, total)`` gives a bar context; ``on_row(row)`` hears each finished row."""
     from simulation.models import load_model
-    from simulation.sequences import perplexity
 
     t0 = time.time()
     model, tokenizer = load_model(cfg.model)

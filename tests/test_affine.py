@@ -3,7 +3,6 @@
 import zlib
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
