@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from quant import dp
+from quant import dp, private_scout
 from quant.affine import qparams_to_range, range_to_qparams
 from quant.qparams import PointParams, QParams, qparams_problems
 from quant.smoothing import smoothed_absmax, smoothed_weight_point
@@ -286,6 +286,23 @@ def _scout(state: RunState, replies, config: ServerConfig, weights) -> tuple[Run
         metrics.setdefault("smoothed", {}).update({p: len(factors) for p in profs})
     new = replace(state, qparams=qparams, learned=learned, moments=moments, grids={**state.grids, **grids})
     return new, {"applied": True, "grids": len(grids), **metrics}
+
+
+def private_scouting(first: private_scout.FirstPass, estimate: Mapping[str, np.ndarray] | None,
+                     config: ServerConfig) -> list[ScoutReply]:
+    """A private scouting round's sums (``quant.private_scout``) as the reports ``_scout`` reads:
+    ``first.clients`` pseudo-reports, per point the clients' abs-max in order (each rounded up to its
+    histogram cell's edge), every one carrying the fleet's per-channel abs-max ``estimate``. Under
+    ``absmax_rule = "clipped"`` the estimate is first capped at ``absmax_clip`` x the clients'
+    geometric mean per channel (the summable stand-in for the lower median the plaintext rule caps
+    at: one client moves it by at most ``2 LOG2_BOUND / K`` octaves); the points' ranges are
+    capped by ``clip_scouting`` on the pseudo-reports as on the clients' own (the lower median of a
+    histogram is an order statistic)."""
+    est = dict(estimate or {})
+    if est and config.absmax_rule == "clipped":
+        centre = private_scout.geometric_mean(first)
+        est = {k: np.minimum(v, (config.absmax_clip * centre[k]).astype(np.float32)) for k, v in est.items()}
+    return private_scout.pseudo_reports(first, est)
 
 
 def smoothing_from_scouting(scouting: Sequence[ScoutReply], paths: Sequence[str],
