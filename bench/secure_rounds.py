@@ -21,6 +21,7 @@ the private scouting's are wider by up to a histogram cell, ``grids_cover``).
 
     .venv/bin/python -m bench.secure_rounds                 # N = 10, 100, 1000 -> bench/results/secure_rounds.json
     .venv/bin/python -m bench.secure_rounds --clients 10    # one N
+    .venv/bin/python -m bench.secure_rounds --sizes RUN_DIR # a prepared run's scouting sizes per client
 """
 
 from __future__ import annotations
@@ -146,6 +147,39 @@ def run_n(n: int, work: Path) -> dict:
     return row
 
 
+def scout_sizes(run_dir: Path, config_path: Path) -> dict:
+    """What one client sends in a scouting round of a prepared run (``run_dir``, prepared for
+    ``config_path``), per profile: the plaintext reply (``min_max`` float64 and ``n`` int64 per
+    point, ``absmax`` float32 per channel) and the private passes' vectors, which SecAgg+ masks as
+    8-byte levels (``quant.private_scout.first_pass_length`` / ``second_pass_length``). Arithmetic
+    on the instruction, no run: the protocol's keys and shares add about 30-40 kB (the tiny-model
+    rows)."""
+    from client.runtime import load_float_linears, weights_path
+    from quant import private_scout as ps
+    from quant.qparams import load_qparams
+    from server.config import SecureConfig
+    from server.rounds import instructions_for
+    from server.state import initial_state
+    from simulation.prepare import load_simulation_config
+
+    cfg = load_simulation_config(config_path)
+    initial = {f.stem: load_qparams(f) for f in sorted((run_dir / "initial").glob("*.safetensors"))}
+    name = next(iter(initial))
+    weights = load_float_linears(weights_path(run_dir / "device" / name / "model.onnx")).weights()
+    secure = cfg.server.model_copy(update={"stats_rule": "sum", "secure": SecureConfig()})
+    scout = next(r for r, spec in secure.rounds() if spec.job == "scout")
+    inss = instructions_for(initial_state(initial, ""), scout, dict(secure.rounds())[scout], secure, weights)
+    out = {}
+    for prof, ins in inss.items():
+        channels = sum(ins.absmax.values())
+        first, second = ps.first_pass_length(ins), ps.second_pass_length(ins)
+        out[prof] = {"points": len(ins.keys), "absmax_points": len(ins.absmax), "channels": channels,
+                     "plain_reply_bytes": 24 * len(ins.keys) + 4 * channels,
+                     "pass1_numbers": first, "pass2_numbers": second,
+                     "pass1_masked_bytes": 8 * first, "pass2_masked_bytes": 8 * second}
+    return out
+
+
 def table(res: dict) -> str:
     lines = ["| clients | round | neighbours | plain: s / round (rounds/min) | secure: s / round (rounds/min) "
              "| secure / plain time | plain bytes down + up per client | secure bytes down + up per client |",
@@ -168,7 +202,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=int, nargs="*", default=[10, 100, 1000])
     ap.add_argument("--work", default=None, help="keep the run directories here (default: a temp dir)")
     ap.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT.relative_to(ROOT)})")
+    ap.add_argument("--sizes", type=Path, default=None, metavar="RUN_DIR",
+                    help="only the scouting round's sizes per client of a prepared run (e.g. SmolLM2's) -> "
+                         "bench/results/private_scout_sizes.json")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default.toml", help="the config of --sizes' run")
     args = ap.parse_args(argv)
+    if args.sizes is not None:
+        res = {"bench": "secure_rounds --sizes", "config": args.config.name, "machine": machine(),
+               "profiles": scout_sizes(args.sizes, args.config)}
+        write_json(Path(args.out) if args.out else RESULTS / "private_scout_sizes.json", res)
+        print(json.dumps(res["profiles"], indent=1))
+        return res
     out = Path(args.out) if args.out else DEFAULT_OUT
     t0 = time.perf_counter()
     res = {"bench": "secure_rounds", "machine": machine(), "versions": versions(("flwr", "ray", "cryptography", "numpy")),

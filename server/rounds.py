@@ -292,16 +292,22 @@ def private_scouting(first: private_scout.FirstPass, estimate: Mapping[str, np.n
                      config: ServerConfig) -> list[ScoutReply]:
     """A private scouting round's sums (``quant.private_scout``) as the reports ``_scout`` reads:
     ``first.clients`` pseudo-reports, per point the clients' abs-max in order (each rounded up to its
-    histogram cell's edge), every one carrying the fleet's per-channel abs-max ``estimate``. Under
-    ``absmax_rule = "clipped"`` the estimate is first capped at ``absmax_clip`` x the clients'
-    geometric mean per channel (the summable stand-in for the lower median the plaintext rule caps
-    at: one client moves it by at most ``2 LOG2_BOUND / K`` octaves); the points' ranges are
-    capped by ``clip_scouting`` on the pseudo-reports as on the clients' own (the lower median of a
-    histogram is an order statistic)."""
+    histogram cell's edge), every one carrying the fleet's per-channel abs-max ``estimate``.
+
+    The estimate is floored at the clients' geometric mean per channel (``2^mean(log2 a)``, which
+    the max over clients is never below): SecAgg+'s clipping range lets a lying client send -1 and
+    cancel an honest client's power term, and the floor bounds how far that deflates a channel (one
+    client moves the mean by at most ``2 LOG2_BOUND / K`` octaves). Under ``absmax_rule =
+    "clipped"`` the estimate is also capped at ``absmax_clip`` x that geometric mean, the summable
+    stand-in for the lower median the plaintext rule caps at; the points' ranges are capped by
+    ``clip_scouting`` on the pseudo-reports as on the clients' own (the lower median of a histogram
+    is an order statistic)."""
     est = dict(estimate or {})
-    if est and config.absmax_rule == "clipped":
+    if est:
         centre = private_scout.geometric_mean(first)
-        est = {k: np.minimum(v, (config.absmax_clip * centre[k]).astype(np.float32)) for k, v in est.items()}
+        est = {k: np.maximum(v, centre[k].astype(np.float32)) for k, v in est.items()}
+        if config.absmax_rule == "clipped":
+            est = {k: np.minimum(v, (config.absmax_clip * centre[k]).astype(np.float32)) for k, v in est.items()}
     return private_scout.pseudo_reports(first, est)
 
 

@@ -108,17 +108,20 @@ def test_grids_from_the_sums_cover_the_plaintext_grids_within_a_cell():
     assert grids_from_scouting(pseudo, 64)[KEYS[2]].lo == 0            # no client saw a negative value
 
 
-def test_clipped_caps_the_estimate_at_a_multiple_of_the_geometric_mean():
+def test_the_estimate_lies_between_the_geometric_mean_and_clipped_s_multiple_of_it():
     rng = np.random.default_rng(5)
     ins = instruction()
     replies = [client(rng, i) for i in range(5)]
     first = ps.decode_first_pass(np.sum([ps.first_pass_vector(r, ins) for r in replies], 0), ins, 5, 1e-9)
     huge = {k: np.full(c, 1e6, np.float32) for k, c in CHANNELS.items()}
-    config = ServerConfig(schedule=[{"job": "scout"}], absmax_rule="clipped", absmax_clip=4.0)
-    rep = private_scouting(first, huge, config)[0]
+    tiny = {k: np.full(c, 1e-6, np.float32) for k, c in CHANNELS.items()}   # a liar's -1 cancelled the max
+    clipped = ServerConfig(schedule=[{"job": "scout"}], absmax_rule="clipped", absmax_clip=4.0)
+    rep = private_scouting(first, huge, clipped)[0]
+    low = private_scouting(first, tiny, clipped.model_copy(update={"absmax_rule": "max"}))[0]
     for k in CHANNELS:
         gm = np.exp2(np.mean([np.log2(r.channel_absmax[k].astype(np.float64)) for r in replies], axis=0))
         assert np.allclose(rep.channel_absmax[k], 4.0 * gm, rtol=1e-5)
+        assert np.allclose(low.channel_absmax[k], gm, rtol=1e-5)           # floored at the geometric mean
 
 
 def test_sums_no_honest_clients_give_are_refused():
