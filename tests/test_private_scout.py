@@ -195,3 +195,16 @@ def test_a_secure_schedule_scouts_privately_end_to_end(tmp_path):
     full = load_checkpoint(out / "checkpoint.safetensors")
     assert sm[1]["applied"] and sm[2]["applied"] and full.sums and full.qparams["int8"].smoothing
     assert all(math.isfinite(m["eval_all"]["perplexity"]) for m in sm if m["job"] == "eval")
+
+
+def test_the_secure_configs_reuse_the_default_preparation_and_differ_in_scouting_only():
+    """configs/secure.toml and configs/secure-clear-scouting.toml: the default recipe (so
+    `--prepared-from runs/default` works), SecAgg+ with sums, scouting private in one only."""
+    from simulation.prepare import config_digest, load_simulation_config
+    from tests.test_simulate import ROOT
+
+    base, sec, clear = (load_simulation_config(ROOT / "configs" / n)
+                        for n in ("default.toml", "secure.toml", "secure-clear-scouting.toml"))
+    assert config_digest(base) == config_digest(sec) == config_digest(clear)
+    assert sec.server.secure.scout and not clear.server.secure.scout and sec.server.stats_rule == "sum"
+    assert sec.server.model_copy(update={"secure": clear.server.secure}) == clear.server
