@@ -9,6 +9,8 @@ who is sampled, what each profile is sent, and what the valid replies change. No
   SmoothQuant factors from them and the float weights, folds them into every profile (smoothing
   factors, the weights' min-max points, the inputs' ranges) and takes the grids of the smoothed
   inputs from the same reports (``quant.smoothing.smoothed_absmax``: exact, no second scouting).
+  Under secure aggregation the reports are pseudo-reports made from the private scouting round's
+  sums (``private_scouting``, ``quant.private_scout``), and the same rules run on them.
 - stats: the replies are added to the running sums (``stats_rule = "sum"``: exact; ``"trimmed"``:
   the round's clients are first merged by ``server.aggregate.trimmed_statistics``, so no minority
   steers them, and their min/max clamped to ``round_factor`` x the grid, so no round, however few

@@ -208,3 +208,28 @@ def test_the_secure_configs_reuse_the_default_preparation_and_differ_in_scouting
     assert config_digest(base) == config_digest(sec) == config_digest(clear)
     assert sec.server.secure.scout and not clear.server.secure.scout and sec.server.stats_rule == "sum"
     assert sec.server.model_copy(update={"secure": clear.server.secure}) == clear.server
+
+
+def test_a_phone_refuses_a_pass_it_does_not_know_and_bounds_that_do_not_fit():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from client.app import Refused, _secure_scout
+
+    ins = instruction()
+    n = ps.second_pass_length(ins)
+
+    def content(scout_pass, bounds=None):
+        rec = {"config": ConfigRecord({"secure-scout": scout_pass})}
+        if bounds is not None:
+            rec["scout-bounds"] = ArrayRecord({"bounds": Array(np.asarray(bounds, np.float32))})
+        c = RecordDict(rec)
+        return c, c["config"]
+
+    assert _secure_scout(*content(1), ins) == (1, None)
+    got = _secure_scout(*content(2, np.ones(n)), ins)
+    assert got[0] == 2 and np.array_equal(got[1], np.ones(n))
+    for bad in (content(3), content(2), content(2, np.ones(n - 1)), content(2, np.r_[np.ones(n - 1), np.nan]),
+                content(2, np.r_[np.ones(n - 1), 0.0])):
+        with pytest.raises(Refused) as e:
+            _secure_scout(*bad, ins)
+        assert e.value.code == "bad_instruction"
