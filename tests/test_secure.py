@@ -143,8 +143,8 @@ def test_secure_sums_equal_the_plaintext_sums_with_devices_dropping_out(tmp_path
 @pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")
 def test_secure_statistics_on_the_deployment_engine(tmp_path, monkeypatch):
     """The fleet runs it from the same switch: 3 SuperNodes (TLS, node authentication) of one
-    profile, scout + a secure statistics round; the round sums all 3 through SecAgg+ and moves the
-    ranges."""
+    profile, a private scouting round + a secure statistics round; each sums all 3 through SecAgg+
+    and the statistics move the ranges."""
     from server.fleet import deployment
     from server.fleet.processes import alive
     from tests.test_fleet import FLEET_SMOKE, _all_pids
@@ -168,6 +168,8 @@ def test_secure_statistics_on_the_deployment_engine(tmp_path, monkeypatch):
     finally:
         deployment.stop_fleet(d)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    scout = metrics[0]              # private scouting on the fleet too (quant.private_scout)
+    assert scout["job"] == "scout" and scout["applied"] and scout["secure"]["int8"]["summed"] == 3, scout
     stats = metrics[1]
     assert stats["job"] == "stats" and stats["replies"] == 3 and stats["rejections"] == {}, stats
     assert stats["secure"]["int8"]["summed"] == 3 and stats["applied"] and stats["versions"] == {"int8": 1}
