@@ -369,9 +369,9 @@ class FedQuant(Strategy):
         accepted: dict[str, list[Accepted]] = {p: [] for p in profiles}
         for c, rep in zip(contributors, reports):    # the i-th pseudo-report stands for the i-th contributor
             accepted[profile[c]].append(Accepted(c, 1, rep))
-        rejections, rejected_by_profile, rejected_clients = [], {}, {}
+        rejections, rejected_by_profile, rejected_clients, counted = [], {}, {}, set(contributors)
         for c in sampled:
-            if c in contributors:
+            if c in counted:
                 continue
             p = profile[c]
             rej = Rejection("secure_failed", reasons[p]) if p in reasons else \
