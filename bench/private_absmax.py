@@ -21,7 +21,9 @@ fleet-wide estimate, which is all a server that cannot see clients one by one wo
 smoothed inputs' grids then come from it too), evaluated on the server's held-out sequences. The
 power mean is simulated as the planned two secure passes would give it: ``B = 2 exp(mean + 2 std)``
 of log abs-max, then ``(min(a, B) / B)^16`` rounded to SecAgg+'s 2^-29 levels and summed (the
-log-moment estimate where every client rounds to 0).
+log-moment estimate where every client rounds to 0). The built round (``quant.private_scout``: the
+bound's Samuelson term, the fixed point's tolerance in the estimate, the geometric-mean floor) is
+measured too, in Flower's own fixed point (``built_estimate``), for the error rows only.
 """
 
 from __future__ import annotations
@@ -69,6 +71,51 @@ def power_mean_secure(a: np.ndarray, p: int = 16) -> np.ndarray:
     levels = np.rint((np.minimum(a, bound) / bound) ** p / LEVEL) * LEVEL
     total = levels.sum(0)
     return np.where(total > 0, bound * total ** (1 / p), moments)
+
+
+def built_estimate(a: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """The per-channel abs-max as the built private scouting round gives it (``quant.private_scout``,
+    ``server.rounds.private_scouting`` with ``absmax_rule = "max"``): each client's pass-1 and
+    pass-2 numbers quantized as Flower's secaggplus_mod does (stochastic rounding to 2^30 levels
+    over [-1, 1]), summed, decoded; ``a``: input key -> (clients, channels)."""
+    from types import SimpleNamespace
+
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from quant import private_scout as ps
+    from server.config import SecureConfig
+    from server.secure import secure_tolerance
+
+    np.random.seed(seed)                    # Flower's stochastic rounding draws from numpy's global state
+    q = SecureConfig().quantization_range
+    keys = sorted(a)
+    k = a[keys[0]].shape[0]
+    tol = secure_tolerance(SecureConfig(), k)
+
+    def fixed_point_sum(vectors):
+        total = np.sum([quantize([v], 1.0, q)[0].astype(np.int64) for v in vectors], axis=0)
+        return dequantize([total], 1.0, q)[0] + 1.0 - len(vectors)
+
+    ins = SimpleNamespace(absmax={key: a[key].shape[1] for key in keys})
+    us = [np.concatenate([ps._log_u(a[key][i]) for key in keys]) for i in range(k)]
+    u_sum = fixed_point_sum(us)
+    u2_sum = fixed_point_sum([u * u for u in us])
+    first, at = ps.FirstPass(k), 0
+    for key in keys:
+        c = a[key].shape[1]
+        first.u[key], first.u2[key] = u_sum[at:at + c], u2_sum[at:at + c]
+        at += c
+    bound = ps.bounds(first, tol)
+    flat_b = np.concatenate([bound[key] for key in keys])
+    reps = [SimpleNamespace(channel_absmax={key: a[key][i] for key in keys}) for i in range(k)]
+    s = fixed_point_sum([ps.second_pass_vector(r, ins, flat_b) for r in reps])
+    sums, at = {}, 0
+    for key in keys:
+        sums[key] = s[at:at + a[key].shape[1]]
+        at += a[key].shape[1]
+    est = ps.absmax_estimate(sums, bound, tol)
+    centre = ps.geometric_mean(first)
+    return {key: np.maximum(est[key], centre[key].astype(np.float32)).astype(np.float64) for key in keys}
 
 
 def estimates(kind: str, a: np.ndarray) -> np.ndarray:
@@ -128,6 +175,9 @@ def main(argv=None) -> dict:
     for p in (8, 16, 32):
         rows[f"power mean p={p}"] = log2_errors({k: np.sum(v ** p, 0) ** (1 / p) for k, v in a.items()}, true)
     rows["power mean p=16, two secure passes"] = log2_errors({k: power_mean_secure(v, 16) for k, v in a.items()}, true)
+    built = built_estimate(a)
+    rows["built private scouting (quant.private_scout)"] = log2_errors(built, true) | {
+        "below_max": float(np.mean(np.concatenate([built[k] < true[k] * (1 - 1e-6) for k in keys])))}
     res = {"bench": "private_absmax", "clients": len(reps), "inputs": len(keys),
            "channels": int(sum(v.shape[1] for v in a.values())), "log2_estimate_over_max": rows,
            "cache": str(args.cache.relative_to(ROOT)) if args.cache.is_relative_to(ROOT) else str(args.cache),

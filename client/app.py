@@ -31,6 +31,10 @@ Messages (server -> client) and OK replies
         ``dp-clip`` float and ``dp-calibrator`` (json of quant.calibrate.CalibratorConfig) is a
         differentially private round: the reply is ``quant.wire.encode_dp_reply`` of
         ``client.jobs.dp_vector`` (the client's own calibrated ranges, clipped), no histograms.
+        A scout instruction whose config carries ``secure-scout`` 1 or 2 is a pass of a private
+        scouting round (SecAgg+, docs/privacy.md): the reply is the FitRes form of
+        ``quant.private_scout.first_pass_vector`` (pass 1) or ``second_pass_vector`` of the bounds
+        in the message's ``scout-bounds`` ArrayRecord (``bounds`` float32, pass 2).
         scout/stats/eval run on the profile's runtime (client.jobs): ONNX Runtime, or LiteRT for a
         profile with ``runtime = "litert"`` (client.litert_runtime, docs/litert.md); lsq on the
         instrumented torch model (client.learn), whatever the runtime, or, with ``learn``
@@ -80,7 +84,7 @@ from client.learn_runtime import learn_ranges_runtime, runtime_keys
 from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_path
 from quant.learn_config import LearnConfig
 from quant.qparams import load_qparams
-from quant import dp
+from quant import dp, private_scout
 from quant.calibrate import CalibratorConfig
 from quant.wire import (Instruction, WireError, decode_instruction, encode_dp_reply, encode_lsq_reply,
                         encode_scout_reply, encode_stats_reply, stats_to_secure_vector)
@@ -484,7 +488,12 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
             metrics["patch_s"] = patch_s
         return RecordDict({"metrics": metric_record(metrics)})
     if ins.job == "scout":
+        scout_pass, bounds = _secure_scout(content, cfg, ins)
         reply, metrics = jobs.scout(rt, ins, seqs, batch_size=batch_size, profile=profile)
+        if scout_pass == 1:
+            return _secure_stats_reply(private_scout.first_pass_vector(reply, ins), metrics, patch_s)
+        if scout_pass == 2:
+            return _secure_stats_reply(private_scout.second_pass_vector(reply, ins, bounds), metrics, patch_s)
         flat, header = encode_scout_reply(reply, ins)
     elif ins.job == "stats":
         secure_cap = cfg.get("secure-cap")
@@ -526,6 +535,26 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
         metrics["patch_s"] = patch_s
     metrics["reply_bytes"] = int(sum(np.asarray(a).nbytes for a in flat.values()))
     return _payload_reply(flat, header, metrics)
+
+
+def _secure_scout(content: RecordDict, cfg: ConfigRecord, ins: Instruction) -> tuple[int | None, np.ndarray | None]:
+    """A scouting instruction's ``secure-scout`` pass (None: in the clear) and, in pass 2, the
+    server's per-channel bounds, checked before the job runs (``quant.private_scout``)."""
+    scout_pass = cfg.get("secure-scout")
+    if scout_pass is None:
+        return None, None
+    if scout_pass not in (1, 2) or isinstance(scout_pass, bool):
+        raise Refused("bad_instruction", f"secure-scout {scout_pass!r}: a private scouting pass is 1 or 2")
+    if scout_pass == 1:
+        return 1, None
+    rec = content.get("scout-bounds")
+    bounds = rec.get("bounds") if isinstance(rec, ArrayRecord) else None
+    bounds = np.asarray(bounds.numpy(), dtype=np.float64) if bounds is not None else None
+    n = private_scout.second_pass_length(ins)
+    if bounds is None or bounds.shape != (n,) or not (np.all(np.isfinite(bounds)) and np.all(bounds > 0)):
+        raise Refused("bad_instruction", f"secure-scout 2 needs a 'scout-bounds' record of {n} finite positive "
+                                         f"bounds, got {None if bounds is None else bounds.shape}")
+    return 2, bounds
 
 
 def _secure_stats_reply(vector: np.ndarray, metrics: dict, patch_s) -> RecordDict:

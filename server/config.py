@@ -90,7 +90,7 @@ class SmoothingConfig(BaseModel):
 class SecureConfig(BaseModel):
     """Secure aggregation of the statistics rounds with Flower's SecAgg+ (Bell et al., CCS 2020;
     docs/privacy.md): the server learns the sum of the sampled clients' histograms, never one
-    client's. Each client's counts are sent divided by ``cap`` (numbers in [0, 1]) and summed in
+    client's; and of the scouting rounds (``scout``), as sums that stand in for the maxima. Each client's counts are sent divided by ``cap`` (numbers in [0, 1]) and summed in
     fixed point: ``quantization_range`` levels over SecAgg+'s clipping range [-1, 1] (a count
     lands within ``cap / quantization_range`` of its value), modulo ``modulus_range`` (which must
     hold the sum of every client's levels)."""
@@ -107,6 +107,9 @@ class SecureConfig(BaseModel):
                                     description="fixed-point levels per value (< 2^31: Flower rounds in int32)")
     modulus_range: int = Field(1 << 48, ge=1 << 16, le=1 << 62, description="a power of 2")
     timeout_s: float | None = Field(None, gt=0, description="each protocol step's reply timeout (default reply_timeout_s)")
+    scout: bool = Field(True, description="the scouting rounds too, in two SecAgg+ passes (quant.private_scout: "
+                                          "log2 abs-max histograms, a power mean for the per-channel abs-max); "
+                                          "false sends each client's scouting report in the clear")
 
     @model_validator(mode="after")
     def _sizes(self) -> "SecureConfig":
@@ -197,7 +200,7 @@ class ServerConfig(BaseModel):
     lsq_rule: Literal["mean", "median", "trimmed"] = "median"
     trim: float = Field(0.25, ge=0, lt=0.5,
                         description="share trimmed on each side (stats_rule = trimmed, lsq_rule = trimmed)")
-    secure: SecureConfig | None = Field(None, description="secure aggregation of the statistics rounds "
+    secure: SecureConfig | None = Field(None, description="secure aggregation of the scouting and statistics rounds "
                                                           "(SecAgg+); needs stats_rule = 'sum'")
     dp: DPConfig | None = Field(None, description="differential privacy of the statistics rounds: clients send "
                                                   "clipped ranges, the server adds noise (with secure: the "
@@ -258,6 +261,16 @@ class ServerConfig(BaseModel):
             raise ValueError(f"secure aggregation hides each client's statistics, so they cannot be merged by "
                              f"stats_rule = {self.stats_rule!r}: set stats_rule = 'sum' (each client's weight is "
                              f"then bounded by secure.cap instead)")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_scouting_resolves_the_power_sum(self) -> "ServerConfig":
+        # private scouting (quant.private_scout) sums (a/B)^16 per channel: with fewer levels the
+        # fixed point's rounding, not the clients, decides the smoothing factors
+        if self.secure is not None and self.secure.scout and self.smoothing is not None and \
+                self.secure.quantization_range < 1 << 24:
+            raise ValueError(f"secure.quantization_range {self.secure.quantization_range}: with smoothing, the private "
+                             f"scouting round's power sums need at least 2^24 levels (the default is 2^30)")
         return self
 
     @model_validator(mode="after")

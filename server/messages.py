@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from quant.wire import Instruction, payload_nbytes
@@ -25,10 +27,17 @@ VALIDATORS = {"scout": validate_scout_reply, "stats": validate_stats_reply, "lsq
 
 
 def instruction_message(node_id: int, profile: str, ins: Instruction, flat, header, config: ServerConfig,
-                        dp_noise_share: float | None = None) -> Message:
+                        dp_noise_share: float | None = None, scout_bounds: np.ndarray | None = None) -> Message:
     """The job message of docs/protocol.md for one sampled node (``dp_noise_share``: the client's
-    share of the DP noise in a secure statistics round, ``server.privacy.secure_noise_share``)."""
+    share of the DP noise in a secure statistics round, ``server.privacy.secure_noise_share``;
+    ``scout_bounds``: pass 2 of a private scouting round, ``quant.private_scout``, whose pass 1 is
+    the same message without them)."""
     cfg = {"header": json.dumps(header), "profile": profile, "batch-size": int(config.batch_size)}
+    records = {}
+    if ins.job == "scout" and config.secure is not None and config.secure.scout:   # the reply is then one SecAgg+ vector
+        cfg["secure-scout"] = 1 if scout_bounds is None else 2
+        if scout_bounds is not None:
+            records["scout-bounds"] = ArrayRecord({"bounds": Array(np.asarray(scout_bounds, dtype=np.float32))})
     if ins.job == "lsq":
         cfg["learn"] = config.learn_json()
     if ins.job == "stats" and config.secure is not None:
@@ -41,7 +50,7 @@ def instruction_message(node_id: int, profile: str, ins: Instruction, flat, head
                 raise ValueError("a secure DP statistics round needs each client's noise share")
             cfg["dp-noise-share"] = float(dp_noise_share)
     content = RecordDict({"arrays": ArrayRecord({dt: Array(a) for dt, a in flat.items()}),
-                          "config": ConfigRecord(cfg)})
+                          "config": ConfigRecord(cfg), **records})
     return Message(content, dst_node_id=int(node_id), message_type=MESSAGE_TYPE[ins.job],
                    group_id=str(ins.round))
 

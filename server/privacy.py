@@ -64,14 +64,18 @@ def secure_noise_share(config, round: int, clients: int) -> tuple[float, int]:
 
 
 def run_privacy(config, metrics: Sequence[dict]) -> dict:
-    """What a run's statistics rounds spent (summary.json's ``privacy``), from its config
+    """What a run's statistics rounds spent and how its scouting and statistics rounds were sent
+    (summary.json's ``privacy``), from its config
     (``ServerConfig``) and metrics lines. Each client is in at most one statistics round (a round
     samples clients no earlier one used), so every client's data is in at most one Gaussian
     release: the run spends the epsilon of one, whatever the number of rounds (parallel
     composition; no amplification by sampling is claimed)."""
     statistics = "secure aggregation (SecAgg+)" if config.secure is not None else "in the clear"
+    private = config.secure is not None and config.secure.scout
+    scouting = ("secure aggregation (SecAgg+): log2 abs-max histograms per point and a power mean per channel "
+                "(quant.private_scout), not noised" if private else "in the clear")
     if config.dp is None:
-        return {"dp": None, "statistics": statistics}
+        return {"dp": None, "statistics": statistics, "scouting": scouting}
     released = [m["round"] for m in metrics if m.get("job") == "stats" and m.get("dp")]
     z = config.dp.noise_multiplier()
     return {"dp": {"epsilon": epsilon(z, [1], 1, config.dp.delta) if released else 0.0,
@@ -80,8 +84,11 @@ def run_privacy(config, metrics: Sequence[dict]) -> dict:
                    "accountant": "Renyi DP (Flower RdpAccountant over dp-accounting), replace-one, one Gaussian "
                                  "release per client",
                    "covers": "the statistics rounds (each client's calibrated ranges)",
-                   "not_covered": ["scouting: per-point min/max and per-channel abs-max, in the clear",
+                   "not_covered": ["scouting: log2 abs-max histograms and per-channel power sums, summed by "
+                                   "SecAgg+, not noised" if private else
+                                   "scouting: per-point min/max and per-channel abs-max, in the clear",
                                    "learned-range deltas", "evaluation metrics"]},
             "statistics": ("clipped ranges; the clients add the noise in shares, SecAgg+ sums them: the server sees "
                            "the noisy sum only" if config.secure is not None else
-                           "clipped ranges; the server sees each client's and adds the noise")}
+                           "clipped ranges; the server sees each client's and adds the noise"),
+            "scouting": scouting}

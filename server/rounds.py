@@ -9,6 +9,8 @@ who is sampled, what each profile is sent, and what the valid replies change. No
   SmoothQuant factors from them and the float weights, folds them into every profile (smoothing
   factors, the weights' min-max points, the inputs' ranges) and takes the grids of the smoothed
   inputs from the same reports (``quant.smoothing.smoothed_absmax``: exact, no second scouting).
+  Under secure aggregation the reports are pseudo-reports made from the private scouting round's
+  sums (``private_scouting``, ``quant.private_scout``), and the same rules run on them.
 - stats: the replies are added to the running sums (``stats_rule = "sum"``: exact; ``"trimmed"``:
   the round's clients are first merged by ``server.aggregate.trimmed_statistics``, so no minority
   steers them, and their min/max clamped to ``round_factor`` x the grid, so no round, however few
@@ -43,7 +45,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from quant import dp
+from quant import dp, private_scout
 from quant.affine import qparams_to_range, range_to_qparams
 from quant.qparams import PointParams, QParams, qparams_problems
 from quant.smoothing import smoothed_absmax, smoothed_weight_point
@@ -286,6 +288,29 @@ def _scout(state: RunState, replies, config: ServerConfig, weights) -> tuple[Run
         metrics.setdefault("smoothed", {}).update({p: len(factors) for p in profs})
     new = replace(state, qparams=qparams, learned=learned, moments=moments, grids={**state.grids, **grids})
     return new, {"applied": True, "grids": len(grids), **metrics}
+
+
+def private_scouting(first: private_scout.FirstPass, estimate: Mapping[str, np.ndarray] | None,
+                     config: ServerConfig) -> list[ScoutReply]:
+    """A private scouting round's sums (``quant.private_scout``) as the reports ``_scout`` reads:
+    ``first.clients`` pseudo-reports, per point the clients' abs-max in order (each rounded up to its
+    histogram cell's edge), every one carrying the fleet's per-channel abs-max ``estimate``.
+
+    The estimate is floored at the clients' geometric mean per channel (``2^mean(log2 a)``, which
+    the max over clients is never below): SecAgg+'s clipping range lets a lying client send -1 and
+    cancel an honest client's power term, and the floor bounds how far that deflates a channel (one
+    client moves the mean by at most ``2 LOG2_BOUND / K`` octaves). Under ``absmax_rule =
+    "clipped"`` the estimate is also capped at ``absmax_clip`` x that geometric mean, the summable
+    stand-in for the lower median the plaintext rule caps at; the points' ranges are capped by
+    ``clip_scouting`` on the pseudo-reports as on the clients' own (the lower median of a histogram
+    is an order statistic)."""
+    est = dict(estimate or {})
+    if est:
+        centre = private_scout.geometric_mean(first)
+        est = {k: np.maximum(v, centre[k].astype(np.float32)) for k, v in est.items()}
+        if config.absmax_rule == "clipped":
+            est = {k: np.minimum(v, (config.absmax_clip * centre[k]).astype(np.float32)) for k, v in est.items()}
+    return private_scout.pseudo_reports(first, est)
 
 
 def smoothing_from_scouting(scouting: Sequence[ScoutReply], paths: Sequence[str],

@@ -46,12 +46,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from quant.qparams import QParams
-from quant import dp
+from quant import dp, private_scout
 from quant.wire import StatsReply, dp_length, encode_instruction, payload_nbytes, secure_vector_to_stats
 from server.config import RoundSpec, ServerConfig
 from server.messages import instruction_message, read_reply
 from server.roster import Roster, first_reply_by_node, refresh_roster, wait_for_nodes
-from server.rounds import Accepted, apply_round, instructions_for, sample_by_profile, sample_clients
+from server.rounds import (Accepted, apply_round, instructions_for, private_scouting, sample_by_profile,
+                           sample_clients)
 from server.privacy import secure_noise_share
 from server.secure import secure_sum, secure_tolerance
 from server.state import (RunState, append_metrics, initial_state, load_checkpoint, run_digest, save_checkpoint,
@@ -140,6 +141,8 @@ class FedQuant(Strategy):
             messages = list(configure(rnd, ArrayRecord(), ConfigRecord(), grid))
             if spec.job == "stats" and self.config.secure is not None:
                 result.train_metrics_clientapp[rnd] = self._secure_stats(rnd, grid, messages, timeout)
+            elif spec.job == "scout" and self.config.secure is not None and self.config.secure.scout:
+                result.train_metrics_clientapp[rnd] = self._secure_scout(rnd, grid, messages, timeout)
             else:
                 replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
                 if evaluate:
@@ -207,7 +210,7 @@ class FedQuant(Strategy):
                                         *encoded[profile[c]], config,
                                         dp_noise_share=shares[profile[c]][0] if shares else None)
                     for c in sampled]
-        self.round = {"spec": spec, "sampled": sampled, "profile": profile, "instructions": inss,
+        self.round = {"spec": spec, "sampled": sampled, "profile": profile, "instructions": inss, "encoded": encoded,
                       "down": {p: payload_nbytes(*e) for p, e in encoded.items()}, "roster": len(online),
                       "joined": joined, "dp_shares": shares}
         return messages
@@ -286,6 +289,103 @@ class FedQuant(Strategy):
         r["metrics"]["secure"] = report | {"bytes": {p: {"down_per_client": float(np.mean(down[p])) if down[p] else 0.0,
                                                          "up_per_client": float(np.mean(up[p])) if up[p] else 0.0}
                                                      for p in sorted(down)}}
+        return record
+
+    def _secure_scout(self, rnd: int, grid: Grid, messages: list[Message], timeout: float) -> MetricRecord:
+        """A private scouting round (``quant.private_scout``, docs/privacy.md): two SecAgg+ passes,
+        each one protocol per profile, both inside this one round (the checkpoint after it commits
+        both or neither: a resumed run redoes the pair). Pass 1 sums the points' log2 abs-max
+        histograms and the channels' log abs-max moments, which give the grids and each channel's
+        bound ``B``; pass 2, sent to pass 1's contributors with the bounds (only when the round
+        asks for per-channel abs-max: smoothing), sums the power terms whose power mean estimates
+        the max over clients. The sums become pseudo-reports (``server.rounds.private_scouting``)
+        and ``_scout`` runs on them as on the clients' own. Clients that sent no pass-1 vector are
+        rejected as ``secure_dropout`` (a whole profile ``secure_failed``); pass 2's are counted
+        in ``metrics["secure"]`` (the grids hold their pass 1)."""
+        r = self.round
+        sampled, profile, inss, encoded = r["sampled"], r["profile"], r["instructions"], r["encoded"]
+        secure = self.config.secure
+        node_of = {c: self.roster.members[c].node_id for c in sampled}
+        message_of = {int(m.metadata.dst_node_id): m for m in messages}
+        profiles = sorted(set(profile.values()))
+        tol = lambda k: secure_tolerance(secure, k)      # noqa: E731
+        up = {p: {c: 0 for c in sampled if profile[c] == p} for p in profiles}
+        down = {p: {c: 0 for c in sampled if profile[c] == p} for p in profiles}
+
+        def run(p, clients, msgs):
+            res = secure_sum(grid, msgs, rnd, secure, timeout)
+            for c in clients:
+                up[p][c] += res.bytes_up.get(node_of[c], 0)
+                down[p][c] += res.bytes_down.get(node_of[c], 0)
+            sent = {node_of[c]: c for c in clients}
+            return res, [sent[n] for n in res.contributors if n in sent]
+
+        firsts, summed, report, reasons = {}, {}, {}, {}
+        for p in profiles:
+            clients = [c for c in sampled if profile[c] == p]
+            res, got = run(p, clients, [message_of[node_of[c]] for c in clients])
+            reason = res.reason
+            if res.total is not None:
+                try:
+                    firsts[p] = private_scout.decode_first_pass(res.total, inss[p], len(got), tol(len(got)))
+                    summed[p] = got
+                except ValueError as e:
+                    reason = f"the secure sum does not decode: {e}"
+            if p not in firsts:
+                reasons[p] = reason
+                log.warning("round %d: private scouting pass 1 of profile %s failed: %s", rnd, p, reason[:300])
+            report[p] = {"clients": len(clients), "summed": len(summed.get(p, [])), "step_s": res.step_s,
+                         "protocol_s": res.protocol_s} | ({"reason": reason[:300]} if p not in firsts else {})
+        estimate, second = None, {}
+        first = private_scout.merge_first_passes([firsts[p] for p in sorted(firsts)]) if firsts else None
+        if first is not None and any(inss[p].absmax for p in firsts):
+            bound = private_scout.bounds(first, tol(first.clients))
+            sums, k2 = {}, 0
+            for p in sorted(firsts):
+                ins, clients = inss[p], summed[p]
+                flat_b = np.concatenate([bound[k] for k in ins.absmax])
+                msgs = [instruction_message(node_of[c], p, ins, *encoded[p], self.config, scout_bounds=flat_b)
+                        for c in clients]
+                res, got = run(p, clients, msgs)
+                reason, ok = res.reason, False
+                if res.total is not None:
+                    try:
+                        part = private_scout.decode_second_pass(res.total, ins, len(got), tol(len(got)))
+                        sums = {k: sums[k] + v if k in sums else v for k, v in part.items()}
+                        k2, ok = k2 + len(got), True
+                    except ValueError as e:
+                        reason = f"the secure sum does not decode: {e}"
+                if not ok:
+                    log.warning("round %d: private scouting pass 2 of profile %s failed: %s", rnd, p, reason[:300])
+                second[p] = {"clients": len(clients), "summed": len(got) if ok else 0, "step_s": res.step_s,
+                             "protocol_s": res.protocol_s} | ({} if ok else {"reason": reason[:300]})
+            if sums:
+                estimate = private_scout.absmax_estimate(sums, bound, tol(k2))
+            else:                   # the smoothing factors need pass 2: the round cannot be applied
+                reasons = {p: "pass 2 (the per-channel abs-max) failed in every profile" for p in profiles}
+                first, firsts = None, {}
+        reports = private_scouting(first, estimate, self.config) if first is not None else []
+        contributors = [c for p in sorted(firsts) for c in summed[p]]
+        accepted: dict[str, list[Accepted]] = {p: [] for p in profiles}
+        for c, rep in zip(contributors, reports):    # the i-th pseudo-report stands for the i-th contributor
+            accepted[profile[c]].append(Accepted(c, 1, rep))
+        rejections, rejected_by_profile, rejected_clients, counted = [], {}, {}, set(contributors)
+        for c in sampled:
+            if c in counted:
+                continue
+            p = profile[c]
+            rej = Rejection("secure_failed", reasons[p]) if p in reasons else \
+                Rejection("secure_dropout", "sent no masked vector")
+            rejections.append(rej)
+            rejected_by_profile.setdefault(p, []).append(rej)
+            rejected_clients[c] = rej.code
+        record = self._apply(rnd, accepted, rejections, rejected_by_profile, rejected_clients,
+                             {p: [v for v in up[p].values() if v] for p in profiles})
+        r["metrics"]["secure"] = report | {
+            "second_pass": second,
+            "bytes": {p: {"down_per_client": float(np.mean(list(down[p].values()))) if down[p] else 0.0,
+                          "up_per_client": float(np.mean(list(up[p].values()))) if up[p] else 0.0}
+                      for p in profiles}}
         return record
 
     def _secure_dp_sum(self, rnd: int, profile: str, res, ins) -> tuple[np.ndarray | None, str]:

@@ -90,18 +90,20 @@ def test_secure_config_needs_sums_and_a_modulus_that_holds_the_sum():
     assert secure_tolerance(d, 16) == 2 * 16 * 2 / d.quantization_range
 
 
-def _config(tmp_path, secure: bool):
+def _config(tmp_path, secure: bool | str):
     """The smoke run with 9 int8 clients, 3 per statistics round, 1 in 4 devices dropping out of a
-    job (the draw is seeded: both runs lose the same devices in the same rounds)."""
+    job (the draw is seeded: both runs lose the same devices in the same rounds). ``secure``: a
+    string is more of the secure table (", scout = false")."""
+    more = secure if isinstance(secure, str) else ""
     text = SMOKE.read_text()
     text = text.replace("clients = 6", "clients = 9")
     text = text.replace('[[fleet]]\nprofile = "int8"\nshare = 2\n', '[[fleet]]\nprofile = "int8"\nshare = 2\ndropout = 0.25\n')
     text = text.replace('[[fleet]]\nprofile = "int16"\nshare = 1\n', "")
     text = text.replace("min_available = 6", "min_available = 9")
     head = '[server]\nstats_rule = "sum"\nabsmax_rule = "max"\n'
-    text = text.replace("[server]\n", head + ("secure = { cap = 1048576 }\n" if secure else ""), 1)
+    text = text.replace("[server]\n", head + (f"secure = {{ cap = 1048576{more} }}\n" if secure is not False else ""), 1)
     text = text.replace('job = "stats"\nrepeat = 2\nfraction = 0.5', 'job = "stats"\nrepeat = 2\nfraction = 0.34')
-    path = tmp_path / ("secure.toml" if secure else "plain.toml")
+    path = tmp_path / (f"secure{len(more)}.toml" if secure is not False else "plain.toml")
     path.write_text(text)
     return path
 
@@ -112,9 +114,9 @@ def test_secure_sums_equal_the_plaintext_sums_with_devices_dropping_out(tmp_path
     keys were shared: their masks are removed with their neighbours' shares); the statistics the
     server keeps are the same counts, point by point."""
     runs = {}
-    for secure in (False, True):
+    for secure in (False, True):    # scouting in the clear in both: the same grids (test_private_scout)
         out = tmp_path / ("secure" if secure else "plain")
-        simulate(out, "--rounds", "3", config=_config(tmp_path, secure))
+        simulate(out, "--rounds", "3", config=_config(tmp_path, ", scout = false" if secure else False))
         runs[secure] = (load_checkpoint(out / "checkpoint.safetensors"),
                         [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()])
     (plain, pm), (sec, sm) = runs[False], runs[True]
@@ -141,8 +143,8 @@ def test_secure_sums_equal_the_plaintext_sums_with_devices_dropping_out(tmp_path
 @pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")
 def test_secure_statistics_on_the_deployment_engine(tmp_path, monkeypatch):
     """The fleet runs it from the same switch: 3 SuperNodes (TLS, node authentication) of one
-    profile, scout + a secure statistics round; the round sums all 3 through SecAgg+ and moves the
-    ranges."""
+    profile, a private scouting round + a secure statistics round; each sums all 3 through SecAgg+
+    and the statistics move the ranges."""
     from server.fleet import deployment
     from server.fleet.processes import alive
     from tests.test_fleet import FLEET_SMOKE, _all_pids
@@ -166,6 +168,8 @@ def test_secure_statistics_on_the_deployment_engine(tmp_path, monkeypatch):
     finally:
         deployment.stop_fleet(d)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    scout = metrics[0]              # private scouting on the fleet too (quant.private_scout)
+    assert scout["job"] == "scout" and scout["applied"] and scout["secure"]["int8"]["summed"] == 3, scout
     stats = metrics[1]
     assert stats["job"] == "stats" and stats["replies"] == 3 and stats["rejections"] == {}, stats
     assert stats["secure"]["int8"]["summed"] == 3 and stats["applied"] and stats["versions"] == {"int8": 1}

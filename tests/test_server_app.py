@@ -403,7 +403,7 @@ def test_the_round_line_and_summary_say_when_most_replies_failed(tmp_path):
                            cfg=SimpleNamespace(name="x", model="tiny", server=config(schedule=[{"job": "scout"}])))
     summary = summarise(prep, {}, {}, 1.0)
     assert summary["alerts"] == [{"round": 2, "job": "stats", "alert": m["alert"]}]
-    assert summary["privacy"] == {"dp": None, "statistics": "in the clear"}
+    assert summary["privacy"] == {"dp": None, "statistics": "in the clear", "scouting": "in the clear"}
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "job": "scout"}) + "\n")
     assert "alerts" not in summarise(prep, {}, {}, 1.0)
 
