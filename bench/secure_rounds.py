@@ -34,8 +34,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-
 from bench.common import RESULTS, ROOT, machine, quiet_env, versions, write_json
 
 quiet_env()
@@ -206,6 +204,8 @@ def main(argv=None) -> dict:
                     help="only the scouting round's sizes per client of a prepared run (e.g. SmolLM2's) -> "
                          "bench/results/private_scout_sizes.json")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default.toml", help="the config of --sizes' run")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of --out for other client counts (one long row can be rerun alone)")
     args = ap.parse_args(argv)
     if args.sizes is not None:
         res = {"bench": "secure_rounds --sizes", "config": args.config.name, "machine": machine(),
@@ -217,11 +217,18 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     res = {"bench": "secure_rounds", "machine": machine(), "versions": versions(("flwr", "ray", "cryptography", "numpy")),
            "rows": []}
+    kept = []
+    if args.merge and out.is_file():    # rows of this format only: an older file's rows lack the scouting round
+        kept = [r for r in json.loads(out.read_text()).get("rows", [])
+                if r.get("clients") not in args.clients and "secure_scout" in r]
     with tempfile.TemporaryDirectory(prefix="secure-rounds-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
+        new = []
         for n in args.clients:
-            res["rows"].append(run_n(n, work))
-            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            t_row = time.perf_counter()
+            new.append(run_n(n, work) | {"row_wall_s": round(time.perf_counter() - t_row, 1)})
+            res["rows"] = sorted(kept + new, key=lambda r: r["clients"])
+            res["wall_s"] = round(time.perf_counter() - t0, 1)   # this invocation's rows
             write_json(out, res)                   # each N as it ends: a long run keeps what it did
             log(table(res))
     print(table(res))
