@@ -108,8 +108,8 @@ class SimulationConfig(BaseModel):
         names = [e.load().name for e in self.fleet]
         if len(set(names)) != len(names):
             raise ValueError(f"fleet: profile names repeat: {names}")
-        self._check_litert()
         self._check_plans()
+        self._check_litert()
         sm = self.server.smoothing
         named = {"server.profile_calibrators": set(self.server.profile_calibrators),
                  "server.smoothing.profiles": set(sm.profiles) if sm else set(),
