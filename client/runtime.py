@@ -272,6 +272,19 @@ def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_we
     return atomic_write_bytes(bundle_path(model_path), json.dumps(doc, indent=1).encode())
 
 
+def planned_points(qp: QParams) -> set[str]:
+    """The points whose spec a mixed-precision plan chose (``meta["plan"]``, ``server.rounds``):
+    the only spec changes a device takes, in either direction (a plan, or falling back from one)."""
+    raw = qp.meta.get("plan")
+    if not raw:
+        return set()
+    try:
+        plan = json.loads(raw)
+        return {str(k) for k in plan.get("weights8", []) + plan.get("act16", [])}
+    except (ValueError, TypeError, AttributeError):
+        return set()
+
+
 class DeviceRuntime:
     """The integer runtime of one device: an ORT session over the QDQ model, patchable by
     QParams key, plus (lazily) the float-graph session that statistics are captured on.
@@ -322,9 +335,14 @@ class DeviceRuntime:
         errors = qparams_problems(qp, self.qparams,
                                   {path: self._weight_shape(path)[1] for path in self.linears}, respec=True)
         if not errors:      # a new spec (a plan's) rebuilds the graph: the points must fit it
+            planned = planned_points(qp) | planned_points(self.qparams)
             for key, p in qp.points.items():
                 old = self.qparams.points.get(key)
-                if old is not None and p.spec != old.spec:
+                if old is not None and p.spec != old.spec and key not in planned:
+                    errors.append(f"{key}: spec {p.spec.short()} differs from the runtime's {old.spec.short()} "
+                                  "(a different profile needs a different model; a plan names the points it "
+                                  "changes in meta['plan'])")
+                elif old is not None and p.spec != old.spec:
                     path = key.rsplit(":", 1)[0]
                     try:
                         want = p.spec.param_shape(self._weight_shape(path) if key.endswith(":weight") else ())
