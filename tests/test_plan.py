@@ -348,3 +348,46 @@ def test_a_plan_round_through_flowers_simulation_engine(tmp_path):
         path = k.rsplit(":", 1)[0]
         assert any(n.startswith(path + ".") for n in int16), k
     assert "plan" not in summary["profiles"]["int8"]
+
+
+def test_a_release_with_a_plan_installs_and_falls_back(setup, tmp_path):
+    """The rollout path (client/updates.py over quant/release.py): a signed release whose QParams
+    carry a plan's specs rebuilds the device's graph; falling back to the previous release rebuilds
+    it again at the old specs (the plan named the points: a device takes the change both ways)."""
+    from datetime import timedelta
+
+    from client.runtime import DeviceRuntime, save_device_bundle
+    from client.updates import DeviceReleases
+    from quant.export import export_float_onnx, float_linears
+    from quant.qparams import save_qparams
+    from quant.release import Bundle, generate_key_pair, key_id, load_private_key, make_manifest, sign_manifest
+    from test_release import NOW
+
+    float_model = tiny_llama(seed=0)
+    export_float_onnx(float_model, tmp_path / "float.onnx")
+    qp = copy.copy(setup["qp"])
+    qp.model = ""
+    weights = {p: w for p, (w, _) in float_linears(float_model).items()}
+    planned, report = planned_qparams(qp, setup["reply"].sens, MixedBudget(
+        avg_weight_bits=6.0, weight_group_size=32, max_act16_share=0.2), weights)
+    save_device_bundle(float_model, qp, tmp_path / "base.onnx", float_onnx=tmp_path / "float.onnx")
+    save_device_bundle(float_model, planned, tmp_path / "planned.onnx", float_onnx=tmp_path / "float.onnx")
+    ids = _seqs(2, 16, seed=4).numpy()
+    rt = DeviceRuntime(tmp_path / "base.onnx", threads=1)
+    base, direct = rt.logits(ids), DeviceRuntime(tmp_path / "planned.onnx", threads=1).logits(ids)
+    key = load_private_key(generate_key_pair()[0])
+
+    def release(q, version):
+        payload = save_qparams(q, tmp_path / f"r{version}.safetensors").read_bytes()
+        m = make_manifest(version=version, profile="mixed", model="", payload=payload,
+                          created=NOW - timedelta(days=1), expires=NOW + timedelta(days=30), stage="full",
+                          percent=100.0)
+        return Bundle(m, payload, [sign_manifest(m, key)]).to_bytes()
+
+    dev = DeviceReleases(tmp_path / "dev", {key_id(key): key.public_key()}, 1, "mixed", "", device_id="p")
+    dev.apply(release(qp, 1), runtime=rt, now=NOW)
+    dev.apply(release(planned, 2), runtime=rt, now=NOW)
+    assert rt.last_patch.get("rebuilt") == 1
+    np.testing.assert_array_equal(rt.logits(ids), direct)
+    dev.fall_back(runtime=rt)
+    np.testing.assert_array_equal(rt.logits(ids), base)
