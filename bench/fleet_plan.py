@@ -10,8 +10,9 @@ average weight bits) and its overlap with the hand-written list (configs/quality
 overrides) and with the centralized reference's plan from the pooled text; then, per run and
 profile, the last evaluation round's perplexity, KL and top-1 agreement with float on the held-out
 roles and on out-of-domain text, the centralized reference's, and the plan round's traffic and wall
-time. ``--hand`` may be left out (the fleet's run alone). No simulation runs here: the figures are
-the runs' ``summary.json``, ``metrics.jsonl`` and ``plan.json``, machine included.
+time. ``--hand`` may be left out (the fleet's run alone), and a run whose report (the centralized
+reference, ``summary.json``) has not finished gives its evaluation rounds alone. No simulation runs
+here: the figures are the runs' ``metrics.jsonl``, ``summary.json`` and ``plan.json``.
 """
 
 from __future__ import annotations
@@ -48,13 +49,21 @@ def _eval(d: dict | None) -> dict | None:
 
 
 def run_figures(run: Path) -> dict:
-    summary = json.loads((run / "summary.json").read_text())
+    """Per profile, each evaluation round's figures (``metrics.jsonl``'s server-side evaluation) and,
+    when the run finished its report (``summary.json``), the centralized reference's; the plan
+    round's traffic and time."""
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    out = {"name": summary["name"], "wall_s": summary["wall_s"], "machine": summary.get("machine"),
+    f = run / "summary.json"
+    summary = json.loads(f.read_text()) if f.is_file() else {}
+    profiles = sorted({p for m in lines for p in (m.get("server_eval") or {})})
+    out = {"name": json.loads((run / "run.json").read_text())["config"]["name"], "wall_s": summary.get("wall_s"),
+           "machine": summary.get("machine"), "report_finished": bool(summary),
            "schedule": [m["job"] for m in lines], "profiles": {}}
-    for p, d in summary["profiles"].items():
-        out["profiles"][p] = {"float_ppl": d["float_ppl"], "centralized": _eval(d.get("centralized")),
-                              "federated_by_eval_round": [_eval(e) | {"round": e["round"]} for e in d["federated_eval"]]}
+    for p in profiles:
+        evals = [_eval(m["server_eval"][p]) | {"round": m["round"]} for m in lines if (m.get("server_eval") or {}).get(p)]
+        d = (summary.get("profiles") or {}).get(p, {})
+        out["profiles"][p] = {"float_ppl": evals[-1]["float_perplexity"], "centralized": _eval(d.get("centralized")),
+                              "federated_by_eval_round": evals}
     plan_round = next((m for m in lines if m["job"] == "plan"), None)
     if plan_round is not None:
         out["plan_round"] = {k: plan_round[k] for k in ("round", "sampled", "replies", "rejections", "wall_s",
