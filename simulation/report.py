@@ -5,7 +5,6 @@ final QParams, QDQ ONNX model and AIMET/QNN encodings per profile, the centraliz
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +73,10 @@ def write_artifacts(prep: Prepared, ev: ServerEval, final: dict[str, QParams]) -
         rt.patch(qp)
         # int8 weights as exported, whatever this CPU runs; external data past 1 GB, atomically
         save_onnx(rt.canonical_model(), d / "model.onnx")
-        shutil.copyfile(names_path(rt.path), names_path(d / "model.onnx"))
+        # the runtime's own name map: a plan's QParams rebuilt its graph (client.runtime), so the
+        # bundle's file beside rt.path may describe the graph it started from
+        atomic_write_bytes(names_path(d / "model.onnx"), json.dumps(
+            {k: list(v) for k, v in sorted(rt.name_map.items())}, indent=1).encode())
         save_qparams(qp, prep.out / "qparams" / f"{p}.safetensors")
         write_encodings_json(qp, d / "encodings.json", names=names)
         out[p] = {"qparams": str(prep.out / "qparams" / f"{p}.safetensors"), "onnx": str(d / "model.onnx"),

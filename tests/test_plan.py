@@ -347,6 +347,10 @@ def test_a_plan_round_through_flowers_simulation_engine(tmp_path):
     for k in plan["act16"]:
         path = k.rsplit(":", 1)[0]
         assert any(n.startswith(path + ".") for n in int16), k
+    names = json.loads((out / "export" / "mixed" / "model.names.json").read_text())   # the rebuilt graph's map
+    inits = {t.name for t in g.initializer}
+    assert names and set(names) <= inits
+    assert {names[n][0] for n in int16 if n in names} >= set(plan["act16"])
     assert "plan" not in summary["profiles"]["int8"]
 
 
