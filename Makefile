@@ -43,7 +43,7 @@ QUALITY_RUNS := runs/default=fedquant runs/q-nosmooth="fedquant, no smoothing" \
 	runs/q-sample10="fedquant, 10% per round" runs/q-sample30="fedquant, 30% per round" runs/q-iid="fedquant, IID" \
 	runs/q-w8a16="fedquant, 8/16" runs/q-lsq4="fedquant, lsq by profile" \
 	runs/q-distill="fedquant, lsq by profile, distill" runs/q-exact="fedquant, exact rules" \
-	runs/q-runtime="fedquant, lsq on the runtime"
+	runs/q-runtime="fedquant, lsq on the runtime" runs/q-handplan="fedquant, hand-written mixed plan"
 bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/default.toml --out runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/nosmooth.toml --out runs/q-nosmooth
@@ -55,6 +55,7 @@ bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/quality/distill.toml --out runs/q-distill
 	$(VENV)/bin/fedquant simulate --config configs/quality/exact.toml --out runs/q-exact --prepared-from runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/runtime.toml --out runs/q-runtime --prepared-from runs/default
+	$(VENV)/bin/fedquant simulate --config configs/quality/handplan.toml --out runs/q-handplan
 	$(PY) -m bench.quality --runs $(QUALITY_RUNS)
 	$(PY) -m bench.readme_tables
 

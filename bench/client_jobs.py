@@ -17,12 +17,19 @@ Also measured: ``DeviceRuntime.patch`` with a full new activation QParams set (e
 x1.1; its compute / initializer patch / session rebuild split from ``last_patch``) and the build time
 of the integer session, of the float session and of the statistics capture session.
 
+The plan job (issue 19, ``client.plan``: FIT sensitivity of every point, one torch forward and
+backward per sequence, one torch thread) is measured on the same instrumented model and bundle
+QParams as the learned-range job, with the mixed profile's 4-bit weight spec (asymmetric, groups of
+64) as the low spec its weight errors are taken at: the arithmetic of a mixed phone's plan job.
+
 Targets (the issue): statistics job <= 2x a plain float pass in time and <= 1.5x in peak memory;
 the runtime learned-range job (issue 17, ``client.learn_runtime``: ONNX Runtime + numpy) <= 4x
 an integer pass in time and <= 1.5x in peak memory; the torch learned-range job is reported as it is.
 
     .venv/bin/python -m bench.client_jobs --steps 2 # SmolLM2 -> bench/results/client_jobs.json (27 min busy)
     .venv/bin/python -m bench.client_jobs --quick   # tiny Llama, seconds (what the test runs)
+    .venv/bin/python -m bench.client_jobs --kinds float int plan --reps 2 \
+        --out bench/results/client_jobs_plan.json    # the plan job's rows alone (SmolLM2)
     .venv/bin/python -m bench.client_jobs --kinds float int stats learn_runtime patch \
         --out bench/results/client_jobs_runtime.json  # the runtime job's rows alone (SmolLM2, ~8 min)
 
@@ -49,8 +56,8 @@ from bench.common import (RESULTS, ROOT, cache_dir, machine, minmax_points, quie
 
 quiet_env()
 
-KINDS = ("float", "int", "stats", "learn", "learn_runtime", "patch")
-JOBS = ("stats", "learn", "learn_runtime")
+KINDS = ("float", "int", "stats", "learn", "learn_runtime", "patch", "plan")
+JOBS = ("stats", "learn", "learn_runtime", "plan")
 TARGETS = {"stats_time_vs_float": 2.0, "stats_memory_vs_float": 1.5,
            # issue 17: the learned-range job on the device's runtime, against an integer pass
            "learn_runtime_time_vs_int": 4.0, "learn_runtime_memory_vs_int": 1.5}
@@ -304,6 +311,28 @@ def worker(kind: str, cfg: dict) -> dict:
         res["points"] = len(keys)
         res["learn_config"] = lc.model_dump()
         job = lambda: learn_ranges(model, qp, ins, data, lc)  # noqa: E731
+    elif kind == "plan":
+        import torch
+
+        from client.plan import plan_sensitivity
+        from client.runtime import qparams_path
+        from quant.instrument import quantize_, set_qparams
+        from quant.qparams import load_qparams
+        from quant.spec import weight_spec
+        from quant.wire import Instruction
+        from server.rounds import plan_keys
+
+        torch.set_num_threads(1)
+        model, _ = load_torch_model(cfg["quick"])
+        qc = quant_config(profile)
+        quantize_(model, qc)
+        qp = load_qparams(qparams_path(cfg["bundle"]))
+        set_qparams(model, qp)
+        ins = Instruction(round=1, job="plan", qparams=qp, keys=tuple(plan_keys(qp)))
+        low_w = weight_spec(4, group_size=64, symmetric=False)      # configs/profiles/mixed.toml's weights
+        res["load_s"] = time.perf_counter() - t0
+        res["points"] = len(ins.keys)
+        job = lambda: plan_sensitivity(model, qp, ins, data, qc.activation, low_w)  # noqa: E731
     elif kind == "float":
         from client.runtime import ort_session
 
@@ -372,7 +401,7 @@ def worker(kind: str, cfg: dict) -> dict:
         res[run] = m
         if kind in ("stats", "learn_runtime"):
             res[run]["job_metrics"] = {k: v for k, v in out[1].items() if isinstance(v, (int, float))}
-        elif kind == "learn":
+        elif kind in ("learn", "plan"):
             res[run]["job_metrics"] = {k: v for k, v in out[1].items() if isinstance(v, (int, float))}
         elif kind == "patch":
             res[run]["last_patch"] = out
@@ -384,7 +413,7 @@ def worker(kind: str, cfg: dict) -> dict:
 # these, never from this process, whose heap holds the export and the model).
 PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "transformers",
            "transformers.models.llama.modeling_llama", "client.runtime", "client.jobs", "client.learn",
-           "client.learn_runtime", "quant.instrument", "simulation.models"]
+           "client.learn_runtime", "client.plan", "quant.instrument", "simulation.models"]
 
 
 def setup(cfg: dict) -> dict:
@@ -483,7 +512,8 @@ def table(result: dict) -> str:
     med, r = result["medians"], result["ratios"]
     rows = [("plain float pass", med["float"], None), ("plain integer pass", med["int"], None),
             ("statistics job", med.get("stats"), "stats"), ("learned-range job (torch)", med.get("learn"), "learn"),
-            ("learned-range job (runtime)", med.get("learn_runtime"), "learn_runtime")]
+            ("learned-range job (runtime)", med.get("learn_runtime"), "learn_runtime"),
+            ("plan job (torch, FIT)", med.get("plan"), "plan")]
     rows = [r for r in rows if r[1] is not None]
     lines = ["| what | warm s | cold s | peak MB (cold) | loaded RSS MB | time / float | time / int | "
              "mem / float | mem / int |", "|---|---|---|---|---|---|---|---|---|"]
@@ -561,6 +591,7 @@ def main(argv=None) -> dict:
                                    "grid": "client.jobs.scout on the batch -> server.aggregate.grids_from_scouting"},
         "learn_config": learn0 and learn0["learn_config"], "learn_points": learn0 and learn0["points"],
         "learn_runtime_config": rt0 and rt0["learn_config"], "learn_runtime_points": rt0 and rt0["points"],
+        "plan_points": raw["plan"][0]["points"] if raw.get("plan") else None,
         "reps": reps, "memory_probe": raw["float"][0]["cold"]["probe"],
         "definitions": {"time": "warm: second run in the worker (runtime and sessions loaded, as a client "
                                 "keeping them between rounds)",

@@ -1,5 +1,5 @@
-"""Where the mixed 4/8/16 profile of configs/default.toml comes from (issue 5): what its 4-bit weights
-cost, and which down_proj inputs get int16.
+"""Where the hand-written mixed 4/8/16 plan came from (issue 5; configs/quality/handplan.toml, the
+default's until issue 19): what its 4-bit weights cost, and which down_proj inputs get int16.
 
     .venv/bin/python -m bench.mixed_plan   # writes bench/results/mixed_plan.json; 42 min beside the
                                            # benchmark's simulations (its wall_s in the JSON)
@@ -18,7 +18,9 @@ only reported, never used to choose):
    lifts the most sensitive ones to int16 within the budget (10% of the profile's activation points;
    the other points were not probed and count as 0, so they stay at 8 bits).
 
-The plan is compared with the overrides of configs/default.toml's mixed fleet entry.
+The plan is compared with the overrides of the config's mixed fleet entry: by default
+configs/quality/handplan.toml, the hand-written plan this bench made (configs/default.toml now lets
+the fleet choose: ``server.plans``, a plan round, client/plan.py).
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def main(argv=None) -> dict:
     from simulation.prepare import load_simulation_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default.toml")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "quality" / "handplan.toml")
     ap.add_argument("--profile", default="mixed")
     ap.add_argument("--json", type=Path, default=RESULTS / "mixed_plan.json")
     args = ap.parse_args(argv)

@@ -17,7 +17,7 @@ Messages (server -> client) and OK replies
     ``query``, config ``{"fedquant": "hello"}``
         -> ``info`` ConfigRecord ``client-id`` str, ``profile`` str, ``train-examples``,
            ``test-examples``, ``held-version`` int; ``metrics`` ``{"num-examples": train-examples}``.
-    ``train`` (jobs ``scout``, ``stats``, ``lsq``) and ``evaluate`` (job ``eval``), content
+    ``train`` (jobs ``scout``, ``stats``, ``lsq``, ``plan``) and ``evaluate`` (job ``eval``), content
         ``arrays`` ArrayRecord (flat of ``quant.wire.encode_instruction``), ``config`` ConfigRecord
         ``header`` (json), ``profile`` (whose QParams these are), ``batch-size`` int, ``learn``
         (json of quant.learn_config.LearnConfig fields, lsq only; its batch_size defaults to batch-size)
@@ -39,7 +39,11 @@ Messages (server -> client) and OK replies
         profile with ``runtime = "litert"`` (client.litert_runtime, docs/litert.md); lsq on the
         instrumented torch model (client.learn), whatever the runtime, or, with ``learn``
         ``{"method": "runtime"}``, on ONNX Runtime too (client.learn_runtime: same reply);
-        scout/stats/lsq use the node's ``train`` split, eval its ``test`` split.
+        plan (client.plan) on the instrumented torch model too: FIT sums per point of the
+        instruction's keys (``quant.wire.encode_plan_reply``); ONNX Runtime profiles only.
+        scout/stats/lsq/plan use the node's ``train`` split, eval its ``test`` split. An
+        instruction whose QParams change a point's spec (after a plan round) makes the runtime
+        rebuild its graph (client.runtime.DeviceRuntime.patch).
 
 Patching and the held version
     ``context.state["held"]`` (ConfigRecord ``{"version": int}``) is the QParams version the node
@@ -87,10 +91,10 @@ from quant.qparams import load_qparams
 from quant import dp, private_scout
 from quant.calibrate import CalibratorConfig
 from quant.wire import (Instruction, WireError, decode_instruction, encode_dp_reply, encode_lsq_reply,
-                        encode_scout_reply, encode_stats_reply, stats_to_secure_vector)
+                        encode_plan_reply, encode_scout_reply, encode_stats_reply, stats_to_secure_vector)
 
 PROTOCOL = "fedquant.flower/1"
-TRAIN_JOBS = ("scout", "stats", "lsq")
+TRAIN_JOBS = ("scout", "stats", "lsq", "plan")
 EVAL_JOBS = ("eval",)
 ERROR_CODES = ("unknown_profile", "bad_instruction", "stale_version", "unknown_job", "patch_refused",
                "memory_budget", "no_data", "job_failed")
@@ -465,6 +469,20 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
         if ins.qparams.model != fingerprint(model):  # learn_ranges loads them strictly
             raise Refused("patch_refused", f"QParams are for model {ins.qparams.model!r}, the torch "
                                            f"model is {fingerprint(model)!r}")
+    elif ins.job == "plan":
+        from client.plan import plan_keys_problems
+        from quant.instrument import fingerprint
+
+        if profile.runtime != "onnxruntime":
+            raise Refused("bad_instruction", f"a plan changes specs, which this phone's {profile.runtime} "
+                                             "model cannot take")
+        model = get_torch_model(node.device_dir, node.profile)
+        unknown = plan_keys_problems(model, ins)
+        if unknown:
+            raise Refused("bad_instruction", f"keys: instruction names points this model does not have: {unknown[:5]}")
+        if ins.qparams.model != fingerprint(model):
+            raise Refused("patch_refused", f"QParams are for model {ins.qparams.model!r}, the torch "
+                                           f"model is {fingerprint(model)!r}")
     elif ins.job == "eval":
         _precheck_budget(rt, ins, seqs, batch_size, profile)
     else:
@@ -523,6 +541,12 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
             flat, header = encode_dp_reply(jobs.dp_vector(reply, ins, dp_calibrator, dp_clip), ins)
         else:
             flat, header = encode_stats_reply(reply, ins)
+    elif ins.job == "plan":
+        from client.plan import plan_sensitivity
+
+        qc = device.load_quant_config(node.device_dir, node.profile)
+        reply, metrics = plan_sensitivity(model, ins.qparams, ins, seqs, qc.activation, qc.weight)
+        flat, header = encode_plan_reply(reply, ins)
     elif learn.method == "runtime":
         reply, metrics = learn_ranges_runtime(rt, ins, seqs, learn, batch_size=batch_size, profile=profile)
         flat, header = encode_lsq_reply(reply, ins)

@@ -157,7 +157,7 @@ def learn_ranges(model: nn.Module, qparams: QParams | None, ins_or_keys, data,
 
     points = quant_points(model)
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    set_qparams(model, qparams)  # checks everything first: on refusal the model is unchanged
+    set_qparams(model, qparams, respec=True)  # checks everything first (a plan's specs too): on refusal the model is unchanged
     glob = {k: lsq.init_from_qparams(qparams.points[k].scale, qparams.points[k].zero_point,
                                      qparams.points[k].spec) for k in keys}
     t0 = time.perf_counter()
@@ -205,7 +205,7 @@ def learn_ranges(model: nn.Module, qparams: QParams | None, ins_or_keys, data,
     finally:
         for k in keys:  # leave learn mode (this commits the learned values: overwritten next)
             points[k].set_mode("quant")
-        set_qparams(model, qparams)  # the starting qparams; modes of the other points are untouched
+        set_qparams(model, qparams, respec=True)  # the starting qparams; modes of the other points are untouched
         for p, flag in grads:
             p.requires_grad_(flag)
         metrics["wall_s"] = time.perf_counter() - t0

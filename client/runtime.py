@@ -272,6 +272,19 @@ def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_we
     return atomic_write_bytes(bundle_path(model_path), json.dumps(doc, indent=1).encode())
 
 
+def planned_points(qp: QParams) -> set[str]:
+    """The points whose spec a mixed-precision plan chose (``meta["plan"]``, ``server.rounds``):
+    the only spec changes a device takes, in either direction (a plan, or falling back from one)."""
+    raw = qp.meta.get("plan")
+    if not raw:
+        return set()
+    try:
+        plan = json.loads(raw)
+        return {str(k) for k in plan.get("weights8", []) + plan.get("act16", [])}
+    except (ValueError, TypeError, AttributeError):
+        return set()
+
+
 class DeviceRuntime:
     """The integer runtime of one device: an ORT session over the QDQ model, patchable by
     QParams key, plus (lazily) the float-graph session that statistics are captured on.
@@ -320,7 +333,24 @@ class DeviceRuntime:
         checks of ``quant.qparams.qparams_problems`` (which the server applies too before it
         commits), and smoothing only for the Linears this model has a smoothing Div for."""
         errors = qparams_problems(qp, self.qparams,
-                                  {path: self._weight_shape(path)[1] for path in self.linears})
+                                  {path: self._weight_shape(path)[1] for path in self.linears}, respec=True)
+        if not errors:      # a new spec (a plan's) rebuilds the graph: the points must fit it
+            planned = planned_points(qp) | planned_points(self.qparams)
+            for key, p in qp.points.items():
+                old = self.qparams.points.get(key)
+                if old is not None and p.spec != old.spec and key not in planned:
+                    errors.append(f"{key}: spec {p.spec.short()} differs from the runtime's {old.spec.short()} "
+                                  "(a different profile needs a different model; a plan names the points it "
+                                  "changes in meta['plan'])")
+                elif old is not None and p.spec != old.spec:
+                    path = key.rsplit(":", 1)[0]
+                    try:
+                        want = p.spec.param_shape(self._weight_shape(path) if key.endswith(":weight") else ())
+                    except (KeyError, ValueError) as e:
+                        errors.append(f"{key}: spec {p.spec.short()} does not fit the point ({e})")
+                        continue
+                    if p.scale.shape != want:
+                        errors.append(f"{key}: scale shape {p.scale.shape} != {want} of spec {p.spec.short()}")
         unknown_s = sorted(set(qp.smoothing) - set(self.qparams.smoothing))
         if unknown_s:
             errors.append(f"smoothing for Linears the model has no smoothing Div for: {unknown_s[:5]}")
@@ -372,6 +402,8 @@ class DeviceRuntime:
 
         t0 = time.perf_counter()
         merged = self._check(qparams)
+        if any(p.spec != self.qparams.points[k].spec for k, p in merged.points.items() if k in self.qparams.points):
+            return self._rebuild(merged, t0)
         sub, linears = self._affected(merged)
         try:  # only the Linears (and attention operands) whose parameters changed are recomputed
             values, _ = qdq_values(sub, linears, self.u8_weights)
@@ -410,6 +442,40 @@ class DeviceRuntime:
         self.qparams = merged
         self.last_patch = {"changed": len(diff), "compute_s": t1 - t0, "patch_s": t2 - t1,
                            "session_s": t3 - t2, "total_s": t3 - t0}
+        return self.last_patch
+
+    def _rebuild(self, merged: QParams, t0: float) -> dict:
+        """A patch that changes specs (a mixed-precision plan: a weight to 8 bits, an activation to
+        int16): the QDQ graph's structure depends on them (MatMulNBits for 4-bit weights, the Q/DQ
+        types), so the graph is built again from the float graph and the device's float weights
+        (``quant.qdq.export_qdq``, no torch), then moved to this CPU's weight storage. A failure
+        leaves the runtime as it was."""
+        import tempfile
+
+        from quant.qdq import export_qdq, set_weight_storage
+
+        try:
+            with tempfile.TemporaryDirectory(prefix=".rebuild-", dir=self.path.parent) as tmp:
+                name_map = export_qdq(self.linears, merged, Path(tmp) / "model.onnx", float_onnx=self.float_onnx)
+                model = load_onnx(Path(tmp) / "model.onnx")
+        except ValueError as e:
+            raise PatchRefused(f"QParams refused: rebuilding the graph for their specs: {e}") from None
+        if set_weight_storage(model, self.u8_weights):
+            model = compact(model)
+        t1 = time.perf_counter()
+        old_session, self.session = self.session, None     # one session at a time in memory
+        del old_session
+        try:
+            session = ort_session(model, threads=self.threads, weight_storage=None)
+        except Exception:
+            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
+            raise
+        self.model, self.session, self.qparams = model, session, merged
+        self.name_map = {k: tuple(v) for k, v in name_map.items()}
+        self._index = {t.name: i for i, t in enumerate(self.model.graph.initializer) if t.name in self.name_map}
+        t2 = time.perf_counter()
+        self.last_patch = {"changed": len(self._index), "rebuilt": 1, "compute_s": t1 - t0, "patch_s": 0.0,
+                           "session_s": t2 - t1, "total_s": t2 - t0}
         return self.last_patch
 
     def _initializer(self, name: str) -> np.ndarray:

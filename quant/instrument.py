@@ -265,31 +265,41 @@ class QuantEmbedding(nn.Module):
         self.embedding = embedding
         self._head = [head]  # lists, not submodules: the head and its points belong to lm_head
         self._ref = [ref]
-        if head is None:
-            from quant.qdq import EMBEDDING_SPEC  # onnx + numpy only
-
-            w = embedding.weight.detach().float()
-            s, z = range_to_qparams(*tensor_range(w, EMBEDDING_SPEC), EMBEDDING_SPEC)
-            self.register_buffer("table", fake_quant(w, s, z, EMBEDDING_SPEC), persistent=False)
+        self.register_buffer("table", None, persistent=False)
 
     weight = property(lambda self: self.embedding.weight)
+
+    def shared_head(self) -> "QuantLinear | None":
+        """The tied head whose rows the table is, while its weight is 8-bit per row (a
+        mixed-precision plan may promote it to that in a run: the choice follows its spec)."""
+        head = self._head[0]
+        return head if head is not None and _shares_rows(head.weight_quantizer.spec) else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self._ref[0].mode == "float":
             return self.embedding(ids)
-        head = self._head[0]
+        head = self.shared_head()
         if head is None:
+            if self.table is None:
+                from quant.qdq import EMBEDDING_SPEC  # onnx + numpy only
+
+                w = self.embedding.weight.detach().float()
+                s, z = range_to_qparams(*tensor_range(w, EMBEDDING_SPEC), EMBEDDING_SPEC)
+                self.table = fake_quant(w, s, z, EMBEDDING_SPEC)
             return F.embedding(ids, self.table)
         rows = F.embedding(ids, head.quantized_weight())
         m = head.smooth
         return rows if m is None else rows / m.to(rows.dtype)
 
 
+def _shares_rows(spec: QuantSpec) -> bool:
+    return spec.bits == 8 and spec.granularity == "per_channel" and spec.resolved_axis(2) == 0
+
+
 def _tied_head(embedding: nn.Embedding, replacements) -> "QuantLinear | None":
+    """The QuantLinear that shares the embedding's weight (whatever its spec: ``shared_head``)."""
     for _, ql in replacements:
-        spec = ql.weight_quantizer.spec
-        if ql.linear.weight is embedding.weight and spec.bits == 8 \
-                and spec.granularity == "per_channel" and spec.resolved_axis(2) == 0:
+        if ql.linear.weight is embedding.weight:
             return ql
     return None
 
@@ -477,13 +487,14 @@ def get_qparams(model: nn.Module) -> QParams:
     return QParams(points, model=fingerprint(model), smoothing=smoothing)
 
 
-def set_qparams(model: nn.Module, qp: QParams, strict: bool = True) -> None:
+def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool = False) -> None:
     """Load ``qp`` into the model; all checks run first, so on failure nothing has changed.
 
     Strict: the fingerprint must be this model's, every key a point of it and every spec the
     point's own. Not strict: the fingerprint is not checked and unknown keys are ignored (specs and
     shapes of the known ones still are). Points not in ``qp`` keep their values. Smoothing factors
-    are applied first (re-deriving those weights' min-max qparams), then the points.
+    are applied first (re-deriving those weights' min-max qparams), then the points. ``respec``:
+    a point may take another spec (a mixed-precision plan's), its scale shaped for that spec.
     """
     qp.validate()
     fp = fingerprint(model)
@@ -497,10 +508,17 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True) -> None:
             if strict:
                 errors.append(f"{key}: not a quantization point of this model")
             continue
-        if p.spec != q.spec:
+        if p.spec != q.spec and not respec:
             errors.append(f"{key}: spec {p.spec.short()} differs from the model's {q.spec.short()}")
-        elif p.scale.shape != tuple(q.scale.shape):
-            errors.append(f"{key}: scale shape {p.scale.shape} != expected {tuple(q.scale.shape)}")
+            continue
+        try:
+            want = tuple(q.scale.shape) if p.spec == q.spec else p.spec.param_shape(
+                tuple(linears[key.rsplit(":", 1)[0]].linear.weight.shape) if q.kind == "weights" else ())
+        except (KeyError, ValueError) as e:
+            errors.append(f"{key}: spec {p.spec.short()} does not fit the point ({e})")
+            continue
+        if p.scale.shape != want:
+            errors.append(f"{key}: scale shape {p.scale.shape} != expected {want}")
         else:
             updates.append((q, p))
     for name, f in qp.smoothing.items():
@@ -518,7 +536,7 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True) -> None:
     for m, f in smooth:
         m.set_smooth(f)
     for q, p in updates:
-        q.set_qparams(p.scale, p.zero_point)
+        q.set_qparams(p.scale, p.zero_point, p.spec)
 
 
 @contextlib.contextmanager

@@ -6,19 +6,28 @@ the model in float (the per-layer probe of HAWQ-style and on-device LLM deployme
 Hessian). The plan is greedy: weights start at 4 bits (per group) and the ones with the largest
 sensitivity per extra bit go to 8 while the numel-weighted average stays within the budget;
 activations start at 8 bits and the most sensitive share goes to 16.
+
+The fleet's estimate (``fit_sensitivity``, the client's ``plan`` job) replaces the one-at-a-time probe
+with one backward pass per sequence: FIT (Zandonati et al., 2023, "FIT: A Metric for Model
+Sensitivity"), the empirical-Fisher form of HAWQ-V2's Hessian-trace weighting (Dong et al., 2020):
+a point's expected loss increase from a perturbation ``delta`` is about ``sum (g * delta)^2`` with
+``g`` the loss gradient there. Its sums are additive over tokens and sequences, so a server that adds
+the clients' sums holds the pooled estimate (federated == centralized).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from quant.affine import range_to_qparams, tensor_range
 from quant.spec import QuantSpec, activation_spec, weight_spec
+
+if TYPE_CHECKING:     # torch only where a function needs it: the server imports MixedBudget
+    import torch
+    from torch import nn
 
 
 class MixedBudget(BaseModel):
@@ -31,7 +40,7 @@ class MixedBudget(BaseModel):
     max_act16_share: float = Field(0.1, ge=0.0, le=1.0, description="share of activation points at 16 bits")
 
 
-def sensitivity(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, object], float],
+def sensitivity(model: "nn.Module", batches: Iterable, loss_fn: Callable[["nn.Module", object], float],
                 keys: list[str], low_spec_for_key: Callable[[str], QuantSpec] | Mapping[str, QuantSpec]
                 ) -> dict[str, float]:
     """Loss increase over float of quantizing each point of ``keys`` alone at its low spec.
@@ -42,6 +51,8 @@ def sensitivity(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Modul
     produce their final ranges. ``loss_fn(model, batch)`` returns a float; the loss is the mean
     over batches, under ``torch.no_grad``.
     """
+    import torch
+
     from quant.instrument import capture_inputs, quant_points
 
     batches = list(batches)
@@ -58,7 +69,7 @@ def sensitivity(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Modul
     lo = {k: np.inf for k in act_keys}
     hi = {k: -np.inf for k in act_keys}
 
-    def track(key: str, x: torch.Tensor) -> None:
+    def track(key: str, x) -> None:
         lo[key] = min(lo[key], float(x.min()))
         hi[key] = max(hi[key], float(x.max()))
 
@@ -88,6 +99,63 @@ def sensitivity(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Modul
             q = points[k]
             q.spec, q.scale, q.zero_point, q.mode, q.calibrated = spec, s, z, mode, calibrated
     return result
+
+
+def fit_term(grad, delta) -> float:
+    """``sum (grad * delta)^2`` in float64: one batch's FIT contribution of one point (``grad``
+    the loss gradient at the point's tensor, ``delta`` the quantization error there)."""
+    import torch
+
+    g = torch.as_tensor(grad).double()
+    d = torch.as_tensor(delta).double()
+    if g.shape != d.shape:
+        raise ValueError(f"gradient shape {tuple(g.shape)} != error shape {tuple(d.shape)}")
+    return float(((g * d) ** 2).sum())
+
+
+def weight_plan_error(w, spec_low: QuantSpec, spec_high: QuantSpec) -> torch.Tensor:
+    """``Q_low(W) - Q_high(W)`` with each spec's min-max qparams of ``w`` (what a device derives from
+    its weights): how much the weight moves when it stays at the low spec instead of the high one."""
+    import torch
+
+    from quant.affine import fake_quant
+
+    w = torch.as_tensor(w).detach().float()
+    out = []
+    for spec in (spec_low, spec_high):
+        s, z = range_to_qparams(*tensor_range(w, spec), spec)
+        out.append(fake_quant(w, torch.as_tensor(s), torch.as_tensor(z), spec))
+    return out[0] - out[1]
+
+
+def activation_plan_error(x, scale, zero_point, spec: QuantSpec) -> torch.Tensor:
+    """``Q(x) - x`` at ``(scale, zero_point, spec)``: the error of keeping an activation at its
+    low spec (its 16-bit error is ~256x smaller and left out)."""
+    import torch
+
+    from quant.affine import fake_quant
+
+    x = torch.as_tensor(x).detach().float()
+    return fake_quant(x, torch.as_tensor(scale), torch.as_tensor(zero_point), spec) - x
+
+
+def robust_sensitivity(per_client: list[Mapping[str, float]], trim: float) -> dict[str, float]:
+    """A fleet's sensitivity no minority can steer: each client's sums as shares of its own total
+    (a lying phone's scale buys nothing), then the coordinate-wise trimmed mean of the shares
+    (Yin et al., ICML 2018): a point one client alone calls sensitive is trimmed away."""
+    import math
+
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    keys = sorted({k for r in per_client for k in r})
+    if not per_client or not keys:
+        return {}
+    m = np.array([[float(r.get(k, 0.0)) for k in keys] for r in per_client], dtype=np.float64)
+    tot = m.sum(axis=1, keepdims=True)
+    shares = np.divide(m, tot, out=np.zeros_like(m), where=tot > 0)
+    n = len(per_client)
+    b = math.floor(trim * n)
+    return dict(zip(keys, np.sort(shares, axis=0)[b:n - b].mean(axis=0).tolist()))
 
 
 def plan_mixed_precision(weight_sens: Mapping[str, float], act_sens: Mapping[str, float],

@@ -346,8 +346,9 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
                batch: int = 2, dynamic: bool = True, opset: int = OPSET,
                u8_weights: bool = False, embedding: str = "int8", nbits_barrier: bool = True,
                external_threshold: int = EXTERNAL_THRESHOLD) -> dict[str, tuple[str, str]]:
-    """Write the QDQ model for ``model`` (a float torch model) and ``qparams`` to ``path`` and its
-    name map to ``names_path(path)``; return the name map.
+    """Write the QDQ model for ``model`` (a float torch model, or its Linears' float weights as
+    ``{path: (weight, bias)}``: a device rebuilds its graph torch-free) and ``qparams`` to ``path``
+    and its name map to ``names_path(path)``; return the name map.
 
     Linears without a ``:input`` / ``:weight`` key keep a float input / weight; a Linear with
     SmoothQuant factors ``m`` in ``qparams.smoothing`` gets its input divided by ``m`` (a Div
@@ -373,6 +374,10 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     (``quant.onnxfile``), and ``float_onnx`` may be such a model.
     """
     qparams.validate()
+    from collections.abc import Mapping
+
+    if float_onnx is None and isinstance(model, Mapping):
+        raise ValueError("export_qdq of float weights (a mapping, not a torch model) needs float_onnx")
     if float_onnx is None:
         mp = float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset)
     elif isinstance(float_onnx, onnx.ModelProto):
@@ -382,7 +387,7 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
         mp = load_onnx(float_onnx, load_external_data=False)
         load_external(mp, Path(float_onnx).parent, only=lambda name: not name.endswith(".weight_t"))
     _check_opset(mp, qparams)
-    linears = float_linears(model)
+    linears = model if isinstance(model, Mapping) else float_linears(model)
     unknown = sorted(({k.rsplit(":", 1)[0] for k in qparams.points} | set(qparams.smoothing))
                      - set(linear_paths(mp)) - set(matmul_paths(mp)))
     if unknown:

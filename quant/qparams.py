@@ -100,7 +100,7 @@ class QParams:
 
 
 def qparams_problems(qp: "QParams", held: "QParams | None" = None,
-                     in_features: Mapping[str, int] | None = None) -> list[str]:
+                     in_features: Mapping[str, int] | None = None, respec: bool = False) -> list[str]:
     """Every reason a device refuses to load ``qp`` over the QParams it holds (``held``); empty when
     there is none. The one check both the device's patch (``client.runtime``) and the server's
     commit (``server.rounds``) apply, so the server never commits, nor checkpoints, parameters that
@@ -109,8 +109,9 @@ def qparams_problems(qp: "QParams", held: "QParams | None" = None,
     ``qp.validate()`` (alone when it fails: the rest assumes well-formed points); scales within
     ``[SCALE_FLOOR, SCALE_CEIL]`` and smoothing factors within ``FACTOR_BOUNDS``, both as the
     float32 a runtime stores; with ``held``: a version not older, the same model, known keys, the
-    same spec and scale shape per point; with ``in_features`` (Linear path -> its input features):
-    one smoothing factor per input."""
+    same spec and scale shape per point (``respec``: a point may change its spec, the mixed-precision
+    plan's change, which a device takes by rebuilding its graph); with ``in_features`` (Linear path
+    -> its input features): one smoothing factor per input."""
     try:
         qp.validate()
     except ValueError as e:
@@ -141,6 +142,8 @@ def qparams_problems(qp: "QParams", held: "QParams | None" = None,
         for key, p in qp.points.items():
             old = held.points.get(key)
             if old is None:
+                continue
+            if p.spec != old.spec and respec:
                 continue
             if p.spec != old.spec:
                 errors.append(f"{key}: spec {p.spec.short()} differs from the runtime's "

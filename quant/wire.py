@@ -35,7 +35,7 @@ from quant.stats import ActivationStats, Grid
 FORMAT = "fedquant.wire/1"
 DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
           "uint8", "uint16", "uint32", "uint64")
-JOBS = ("scout", "stats", "lsq", "eval")
+JOBS = ("scout", "stats", "lsq", "eval", "plan")
 MAX_BINS = 1 << 20          # bins per grid in an instruction: keeps count sums far from int64 overflow
 MAX_COUNT = 1 << 40         # values per point per reply (a trillion): more is garbage, not data
 _INT63 = 2**63 - 1
@@ -205,7 +205,7 @@ class _ReplyHeader(_Header):
 
 
 class _InstructionHeader(_Header):
-    job: Literal["scout", "stats", "lsq", "eval"]
+    job: Literal["scout", "stats", "lsq", "eval", "plan"]
     model: StrictStr = Field(max_length=256)
     meta: dict[StrictStr, StrictStr]
     specs: list[dict]
@@ -291,7 +291,7 @@ class Instruction:
     round and the points whose per-channel abs-max is wanted, with their channel counts."""
 
     round: int
-    job: Literal["scout", "stats", "lsq", "eval"]
+    job: Literal["scout", "stats", "lsq", "eval", "plan"]
     qparams: QParams
     keys: tuple[str, ...] = ()
     grids: Mapping[str, Grid] = field(default_factory=dict)
@@ -320,6 +320,8 @@ class Instruction:
                 raise ValueError(f"grid has {g.bins} bins, at most {MAX_BINS}")
         if not set(self.absmax) <= set(keys) or any(c < 1 for c in self.absmax.values()):
             raise ValueError("absmax keys must be among the keys, with at least one channel")
+        if self.job == "plan" and not keys:
+            raise ValueError("a plan instruction names the points to measure")
         if self.job == "lsq" and not set(keys) <= set(self.qparams.points):
             raise ValueError(f"learned points without QParams: {sorted(set(keys) - set(self.qparams.points))[:3]}")
 
@@ -828,3 +830,40 @@ def decode_dp_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIM
     if bad.any():
         raise WireError("nan", f"dp of {ins.keys[int(np.flatnonzero(bad)[0]) // 2]}: NaN or infinite")
     return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan replies (the mixed-precision plan's sensitivity, quant.mixed): additive sums per point
+
+@dataclass(frozen=True, eq=False)
+class PlanReply:
+    """Per point of the instruction's keys, the client's FIT sum ``sum (g * delta)^2`` over its
+    tokens (activations) or sequences (weights), and how many tokens and sequences it summed."""
+
+    sens: Mapping[str, float]
+    tokens: int
+    sequences: int
+
+
+def encode_plan_reply(reply: PlanReply, ins: Instruction) -> tuple[Flat, Header]:
+    """``sens`` float64 (K,) in the order of ``ins.keys``; ``counts`` int64 (2,): tokens, sequences."""
+    _same_keys(reply.sens, ins.keys, "plan reply")
+    flat, index = pack({"sens": np.array([reply.sens[k] for k in ins.keys], dtype=np.float64),
+                        "counts": np.array([reply.tokens, reply.sequences], dtype=np.int64)})
+    return flat, _reply_header("plan", ins, index)
+
+
+def decode_plan_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIMITS) -> PlanReply:
+    """A plan reply: one finite, non-negative sum per key (``nan``, ``negative``), positive counts."""
+    a = _fields(flat, header, ins, "plan", {"sens": ("float64", (len(ins.keys),)), "counts": ("int64", (2,))},
+                limits)
+    v = a["sens"]
+    bad = ~np.isfinite(v)
+    if bad.any():
+        raise WireError("nan", f"sens of {ins.keys[int(np.flatnonzero(bad)[0])]}: NaN or infinite")
+    if (v < 0).any():
+        raise WireError("negative", f"sens of {ins.keys[int(np.flatnonzero(v < 0)[0])]}: negative")
+    tokens, seqs = (int(x) for x in a["counts"])
+    if tokens < 1 or seqs < 1 or tokens > MAX_COUNT:
+        raise WireError("count_mismatch", f"counts {tokens} tokens, {seqs} sequences: not positive and in bounds")
+    return PlanReply(dict(zip(ins.keys, v.tolist())), tokens, seqs)

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_valid
 
 from quant.calibrate import CalibratorConfig
 from quant.learn_config import LearnConfig
+from quant.mixed import MixedBudget
 from quant.wire import MAX_BINS
 from server.validate import ValidationConfig
 
@@ -47,7 +48,7 @@ class RoundSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job: Literal["scout", "stats", "lsq", "eval"]
+    job: Literal["scout", "stats", "lsq", "eval", "plan"]
     repeat: int = Field(1, ge=1, description="rounds of this job in a row")
     fraction: float = Field(1.0, gt=0, le=1, description="share of the roster sampled per round")
     min_clients: int = Field(1, ge=1, description="sample at least this many, if available")
@@ -183,6 +184,10 @@ class ServerConfig(BaseModel):
     profile_calibrators: dict[str, CalibratorConfig] = Field(
         default_factory=dict, description="per-profile calibrator (the best clipping depends on the bit widths)")
     smoothing: SmoothingConfig | None = Field(None, description="SmoothQuant factors from the scouting round")
+    plans: dict[str, MixedBudget] = Field(
+        default_factory=dict, description="per profile, the bit budget of the mixed-precision plan that the "
+                                          "schedule's plan round chooses from the clients' sensitivities "
+                                          "(quant.mixed.plan_mixed_precision)")
     # Aggregation rules (server/aggregate.py; README "A hostile fleet" says what they cost on an
     # honest fleet). The robust ones are the defaults: a phone fleet is hostile ground.
     stats_rule: Literal["sum", "trimmed"] = Field(
@@ -253,6 +258,26 @@ class ServerConfig(BaseModel):
                     raise ValueError(f"schedule[{i}]: stats before any scout round: the histogram "
                                      f"grids come from scouting")
                 stats_seen = True
+        return self
+
+    @model_validator(mode="after")
+    def _plan_round(self) -> "ServerConfig":
+        """One plan round, after scouting and at least one statistics round (it lifts points from
+        calibrated ranges, and the specs it picks are final: the points it leaves low keep the
+        specs the run started with), and only with ``plans``; ``plans`` need one."""
+        plans = [i for i, s in enumerate(self.schedule) if s.job == "plan"]
+        if plans and not self.plans:
+            raise ValueError(f"schedule[{plans[0]}]: a plan round needs plans = {{ <profile> = {{ avg_weight_bits "
+                             "= ..., max_act16_share = ... }} }}: the budget of the profiles it plans")
+        if self.plans and not plans:
+            raise ValueError(f"plans for {sorted(self.plans)} but the schedule has no plan round")
+        if len(plans) > 1 or any(self.schedule[i].repeat > 1 for i in plans):
+            raise ValueError(f"schedule[{plans[-1]}]: one plan round per run (the specs it picks are final)")
+        if plans:
+            i = plans[0]
+            if not any(s.job == "stats" for s in self.schedule[:i]):
+                raise ValueError(f"schedule[{i}]: a plan round needs a statistics round before it (it "
+                                 "measures the error of the calibrated ranges)")
         return self
 
     @model_validator(mode="after")
@@ -329,6 +354,8 @@ class ServerConfig(BaseModel):
             del data["absmax_rule"], data["absmax_clip"]
         if data["dp"] is None:
             del data["dp"]
+        if not data["plans"]:
+            del data["plans"]
         if data["secure"] is None:
             del data["secure"]
         else:

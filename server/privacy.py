@@ -87,7 +87,8 @@ def run_privacy(config, metrics: Sequence[dict]) -> dict:
                    "not_covered": ["scouting: log2 abs-max histograms and per-channel power sums, summed by "
                                    "SecAgg+, not noised" if private else
                                    "scouting: per-point min/max and per-channel abs-max, in the clear",
-                                   "learned-range deltas", "evaluation metrics"]},
+                                   "learned-range deltas", "evaluation metrics",
+                                   *(["the plan round's sensitivity sums (in the clear)"] if config.plans else [])]},
             "statistics": ("clipped ranges; the clients add the noise in shares, SecAgg+ sums them: the server sees "
                            "the noisy sum only" if config.secure is not None else
                            "clipped ranges; the server sees each client's and adds the noise"),

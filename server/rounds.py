@@ -25,6 +25,15 @@ who is sampled, what each profile is sent, and what the valid replies change. No
   the server optimizer to the float state kept in the run state; integer zero-points are derived
   only when the QParams are made (``to_integer_qparams``), never averaged. Version + 1.
 - eval: metrics only (token-weighted perplexity per profile).
+- plan (the profiles of ``config.plans``): each client's FIT sensitivity sums per point
+  (``quant.mixed``) are added (``stats_rule = "sum"``: the pooled estimate) or, with a robust rule,
+  taken as shares of each client's total and merged by the trimmed mean
+  (``quant.mixed.robust_sensitivity``); ``quant.mixed.plan_mixed_precision`` spends the profile's
+  budget on them; the lifted activation points get int16 QParams from their current range, the
+  promoted weights int8 per-channel ones from the (smoothed) float weights, version + 1. The
+  QParams' ``meta["plan"]`` lists the promoted weights, which every later instruction carries
+  (``movable_qparams``): a device cannot derive a spec it was not told. Devices rebuild their
+  graph for the new specs (``client.runtime.DeviceRuntime.patch``).
 
 A round with fewer valid replies than its ``min_replies`` changes nothing but the round counter
 (lsq: per profile, since a profile's ranges are learned from its own clients only).
@@ -47,6 +56,8 @@ import numpy as np
 
 from quant import dp, private_scout
 from quant.affine import qparams_to_range, range_to_qparams
+from quant.mixed import plan_mixed_precision, robust_sensitivity
+from quant.spec import activation_spec, weight_spec
 from quant.qparams import PointParams, QParams, qparams_problems
 from quant.smoothing import smoothed_absmax, smoothed_weight_point
 from quant.stats import ActivationStats, needs_widening, widen
@@ -117,9 +128,22 @@ def movable_qparams(qp: QParams, config: ServerConfig) -> QParams:
     when the learned-range rounds learn weights too), with the smoothing, version and fingerprint.
     Clients merge it into what they hold, so weight scales -- most of the bytes: 8.5 MB of 4-bit
     group scales on SmolLM2, against 5 KB of activation scales -- never travel in a round."""
-    keys = set(activation_keys(qp)) | set(learned_keys(qp, config))
+    keys = set(activation_keys(qp)) | set(learned_keys(qp, config)) | set(planned_weights(qp))
     return QParams({k: p for k, p in qp.points.items() if k in keys}, qp.model, qp.version,
                    qp.smoothing, qp.meta)
+
+
+def planned_weights(qp: QParams) -> list[str]:
+    """The weight points a plan round promoted (``meta["plan"]``, JSON): sent in every instruction."""
+    import json
+
+    raw = qp.meta.get("plan")
+    return sorted(k for k in json.loads(raw).get("weights8", []) if k in qp.points) if raw else []
+
+
+def plan_keys(qp: QParams) -> list[str]:
+    """The points a plan round measures: every activation point and every Linear weight."""
+    return sorted(k for k in qp.points if k.endswith(ACTIVATION_SUFFIXES) or k.endswith(":weight"))
 
 
 def smoothing_groups(profiles, config: ServerConfig) -> dict[float, list[str]]:
@@ -175,6 +199,9 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
             out[prof] = Instruction(round, "stats", qp, grids=grids)
         elif spec.job == "lsq":
             out[prof] = Instruction(round, "lsq", qp, keys=tuple(learned_keys(qp, config)))
+        elif spec.job == "plan":
+            if prof in config.plans:        # the other profiles sit the round out
+                out[prof] = Instruction(round, "plan", qp, keys=tuple(plan_keys(full)))
         else:
             out[prof] = Instruction(round, "eval", qp)
     return out
@@ -212,8 +239,10 @@ def apply_round(state: RunState, round: int, spec: RoundSpec,
     else:
         try:
             done, m = (_scout(new, replies, config, weights) if spec.job == "scout" else
-                       _stats(new, replies, config) if spec.job == "stats" else _lsq(new, replies, spec, config))
-            problems = commit_problems(state, done, weights)
+                       _stats(new, replies, config) if spec.job == "stats" else
+                       _plan(new, replies, spec, config, weights) if spec.job == "plan" else
+                       _lsq(new, replies, spec, config))
+            problems = commit_problems(state, done, weights, respec=spec.job == "plan")
         except Exception as e:      # valid-looking replies must not stop the run: skip the round
             log.warning("round %d (%s) raised: skipped", round, spec.job, exc_info=True)
             problems = [f"{type(e).__name__}: {e}"]
@@ -228,18 +257,20 @@ def apply_round(state: RunState, round: int, spec: RoundSpec,
     return new, metrics
 
 
-def commit_problems(old: RunState, new: RunState, weights: Mapping[str, np.ndarray] | None = None) -> list[str]:
+def commit_problems(old: RunState, new: RunState, weights: Mapping[str, np.ndarray] | None = None,
+                    respec: bool = False) -> list[str]:
     """Why ``new`` must not be committed (empty when it may): a profile's QParams that a device
     holding the old ones would refuse (``quant.qparams.qparams_problems``, the device's own check,
     with the smoothed Linears' input counts when ``weights`` are given); learned ranges or optimizer
     moments that are not finite; running sums a resumed run could not load (``state.load_checkpoint``
-    rebuilds them with ``ActivationStats.from_arrays``). Only what changed is checked."""
+    rebuilds them with ``ActivationStats.from_arrays``). Only what changed is checked; ``respec``
+    (a plan round) lets points change their spec."""
     problems = []
     in_features = {p: int(np.shape(w)[1]) for p, w in (weights or {}).items() if np.ndim(w) == 2}
     for prof, qp in sorted(new.qparams.items()):
         held = old.qparams.get(prof)
         if qp is not held:
-            problems += [f"{prof}: {e}" for e in qparams_problems(qp, held, in_features)]
+            problems += [f"{prof}: {e}" for e in qparams_problems(qp, held, in_features, respec)]
     for what, d in (("learned", new.learned), ("moments", new.moments)):
         for prof, arrays in sorted(d.items()):
             if arrays is getattr(old, what).get(prof):
@@ -434,6 +465,71 @@ def _dp_stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState,
     used = (*state.used, *(a.client_id for a in _all(replies)))
     new = replace(state, qparams=qparams, learned=learned, moments=moments, used=used)
     return new, {"applied": True, "changed": changed, "dp": report}
+
+
+def _plan(state: RunState, replies, spec: RoundSpec, config: ServerConfig, weights) -> tuple[RunState, dict]:
+    """The plan round (module docstring): per planned profile with at least ``min_replies``
+    replies, the fleet's sensitivity, the plan under the profile's budget, the new QParams."""
+    if weights is None:
+        raise ValueError("a plan round needs the Linears' float weights (numels, int8 weight points)")
+    qparams, learned, moments, report = dict(state.qparams), dict(state.learned), dict(state.moments), {}
+    for prof in sorted(replies):
+        got = replies[prof]
+        if prof not in config.plans or len(got) < spec.min_replies:
+            continue
+        qp = state.qparams[prof]
+        keys = plan_keys(qp)
+        per_client = [a.reply.sens for a in got]
+        if config.stats_rule == "sum":
+            sens = {k: math.fsum(r[k] for r in per_client) for k in keys}
+        else:
+            sens = robust_sensitivity(per_client, config.trim)
+        qparams[prof], plan = planned_qparams(qp, sens, config.plans[prof], weights)
+        plan |= {"clients": len(got),
+                 "rule": "sum" if config.stats_rule == "sum" else f"shares, trimmed mean {config.trim:g}"}
+        learned.pop(prof, None)
+        moments.pop(prof, None)
+        report[prof] = plan
+    new_state = replace(state, qparams=qparams, learned=learned, moments=moments)
+    return new_state, {"applied": bool(report), "plan": report}
+
+
+def planned_qparams(qp: QParams, sens: Mapping[str, float], budget, weights: Mapping[str, np.ndarray]
+                    ) -> tuple[QParams, dict]:
+    """``qp`` after the plan ``quant.mixed.plan_mixed_precision`` makes of ``sens`` (point ->
+    sensitivity) under ``budget``: the lifted activations at int16 from their current range, the
+    promoted weights int8 per channel from the (smoothed) float ``weights``, version + 1, the plan in
+    ``meta["plan"]``; and a readable report of it. The federation's plan round and the simulation's
+    centralized reference both plan here."""
+    import json
+
+    keys = plan_keys(qp)
+    wkeys = [k for k in keys if k.endswith(":weight") and k.rsplit(":", 1)[0] in weights]
+    akeys = [k for k in keys if k.endswith(ACTIVATION_SUFFIXES)]
+    numels = {k: int(np.size(weights[k.rsplit(":", 1)[0]])) for k in wkeys}
+    chosen = plan_mixed_precision({k: float(sens.get(k, 0.0)) for k in wkeys},
+                                  {k: float(sens.get(k, 0.0)) for k in akeys}, numels, budget)
+    w8 = sorted(k for k in wkeys if chosen[k].bits == 8 and qp.points[k].spec.bits != 8)
+    a16 = sorted(k for k in akeys if chosen[k].bits == 16 and qp.points[k].spec.bits != 16)
+    pts = {}
+    for k in w8:
+        path = k.rsplit(":", 1)[0]
+        m = qp.smoothing.get(path)
+        m = np.ones(np.shape(weights[path])[1], np.float32) if m is None else m
+        pts[k] = smoothed_weight_point(weights[path], m, weight_spec(8))
+    s16 = activation_spec(16)
+    for k in a16:
+        p = qp.points[k]
+        lo, hi = qparams_to_range(p.scale, p.zero_point, p.spec)
+        sc, zp = range_to_qparams(float(lo), float(hi), s16)
+        pts[k] = PointParams(s16, sc, zp)
+    bits = sum((8 if k in w8 else qp.points[k].spec.bits) * numels[k] for k in wkeys) / max(sum(numels.values()), 1)
+    new = qp.with_points(pts, version=qp.version + 1)
+    new.meta = {**new.meta, "plan": json.dumps({"weights8": w8, "act16": a16}, sort_keys=True)}
+    report = {"weights8": w8, "act16": a16, "avg_weight_bits": bits, "act16_share": len(a16) / max(len(akeys), 1),
+              "budget": budget.model_dump(mode="json"),
+              "sensitivity": dict(sorted(((k, float(sens.get(k, 0.0))) for k in keys), key=lambda kv: -kv[1]))}
+    return new, report
 
 
 def _same_point(a, b) -> bool:

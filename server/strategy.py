@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -45,7 +46,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from quant.qparams import QParams
+from quant.qparams import QParams, atomic_write_bytes
 from quant import dp, private_scout
 from quant.wire import StatsReply, dp_length, encode_instruction, payload_nbytes, secure_vector_to_stats
 from server.config import RoundSpec, ServerConfig
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
+PLAN = "plan.json"
 
 EvaluateFn = Callable[[str, QParams], Mapping[str, Any]]
 
@@ -161,6 +163,8 @@ class FedQuant(Strategy):
             # resumes from the previous checkpoint and trims the line, where the other order
             # would resume after the round and lose its line for good
             append_metrics(self.out / METRICS, metrics)
+            if metrics.get("plan"):     # the fleet's mixed-precision plan, readable (also in the QParams' meta)
+                atomic_write_bytes(self.out / PLAN, json.dumps({"round": rnd, **metrics["plan"]}, indent=1).encode())
             save_checkpoint(self.state, self.out / CHECKPOINT)
             log.info("round %d (%s): %d sampled, %d valid, rejections %s, versions %s", rnd, spec.job,
                      metrics["sampled"], metrics["replies"], metrics["rejections"], metrics["versions"])
@@ -200,6 +204,7 @@ class FedQuant(Strategy):
                                     spec.min_clients, config.seed, rnd) if spec.by_profile else \
             sample_clients(online, used, spec.fraction, spec.min_clients, config.seed, rnd)
         inss = instructions_for(state, rnd, spec, config, self.weights)
+        sampled = [c for c in sampled if roster.members[c].profile in inss]     # a plan round: planned profiles
         profile = {c: roster.members[c].profile for c in sampled}
         encoded = {p: encode_instruction(inss[p]) for p in sorted(set(profile.values()))}
         shares = {}                 # a secure DP round: each client's noise share, per profile

@@ -8,7 +8,7 @@ metrics. They never raise on what a client sends. Codes:
 ``malformed`` ``too_large`` ``dtype`` ``shape`` ``missing_key`` ``unknown_key`` (structure);
 ``wrong_format`` ``wrong_kind`` ``stale_round`` ``wrong_version`` ``wrong_request`` (what it answers);
 ``nan`` (NaN or infinite) ``value_range`` (finite but beyond ``MAX_ABS_VALUE``) ``negative_count``
-``count_mismatch`` ``inconsistent`` ``absmax_range`` ``scale_range`` ``zero_point_range`` ``examples``
+``count_mismatch`` ``negative`` (a plan reply's sensitivity below 0) ``inconsistent`` ``absmax_range`` ``scale_range`` ``zero_point_range`` ``examples``
 (content).
 
 Validation bounds what one reply can be; a robust aggregation rule (server.aggregate) bounds the
@@ -27,9 +27,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from quant.spec import SCALE_FLOOR
-from quant.wire import (Limits, Instruction, LsqReply, ScoutReply, StatsReply, WireError,
-                        decode_dp_reply, decode_lsq_arrays, decode_scout_reply, decode_stats_reply,
-                        lsq_reply_from_arrays)
+from quant.wire import (Limits, Instruction, LsqReply, PlanReply, ScoutReply, StatsReply, WireError,
+                        decode_dp_reply, decode_lsq_arrays, decode_plan_reply, decode_scout_reply,
+                        decode_stats_reply, lsq_reply_from_arrays)
 
 T = TypeVar("T")
 
@@ -134,6 +134,25 @@ def validate_dp_reply(flat, header, ins: Instruction, num_examples, clip: float,
         if norm > clip * (1 + 1e-9):
             raise WireError("dp_clip", f"vector of L2 norm {norm:.6g} beyond this round's clip {clip:.6g}")
         return v
+    return _guard(run)
+
+
+def validate_plan_reply(flat, header, ins: Instruction, num_examples,
+                        config: ValidationConfig = DEFAULT) -> PlanReply | Rejection:
+    """A plan reply (``quant.mixed``'s FIT sums): one finite (``nan``), non-negative (``negative``)
+    sum per key within ``MAX_ABS_VALUE`` (``value_range``), its sequence count the example count it
+    claims and at least one token per sequence (``count_mismatch``)."""
+    def run():
+        _check_examples(num_examples, config)
+        r = decode_plan_reply(flat, header, ins, config.limits)
+        if r.sequences != int(num_examples):
+            raise WireError("count_mismatch", f"{r.sequences} sequences summed, {num_examples} examples claimed")
+        if r.tokens < r.sequences:
+            raise WireError("count_mismatch", f"{r.tokens} tokens from {r.sequences} sequences")
+        big = [k for k, v in r.sens.items() if v > MAX_ABS_VALUE]
+        if big:
+            raise WireError("value_range", f"sens of {big[0]}: beyond {MAX_ABS_VALUE:.3g}")
+        return r
     return _guard(run)
 
 

@@ -108,11 +108,13 @@ class SimulationConfig(BaseModel):
         names = [e.load().name for e in self.fleet]
         if len(set(names)) != len(names):
             raise ValueError(f"fleet: profile names repeat: {names}")
+        self._check_plans()
         self._check_litert()
         sm = self.server.smoothing
         named = {"server.profile_calibrators": set(self.server.profile_calibrators),
                  "server.smoothing.profiles": set(sm.profiles) if sm else set(),
-                 "server.smoothing.skip_profiles": set(sm.skip_profiles) if sm else set()}
+                 "server.smoothing.skip_profiles": set(sm.skip_profiles) if sm else set(),
+                 "server.plans": set(self.server.plans)}
         for where, got in named.items():
             if got - set(names):
                 raise ValueError(f"{where}: no fleet profile named {sorted(got - set(names))} (fleet: {names})")
@@ -131,6 +133,30 @@ class SimulationConfig(BaseModel):
             raise ValueError(f"data.source: {self.data.source!r} is neither 'shakespeare' nor an "
                              f"existing folder or .jsonl file")
         return self
+
+    def _check_plans(self) -> None:
+        """A profile the fleet plans (``server.plans``): an ONNX Runtime one (a LiteRT phone's
+        .tflite is converted once, its specs cannot change in a run), with int16 activations when
+        the budget lifts any, and no hand-written ``overrides`` (the plan picks every point's spec:
+        one source of truth per profile; configs/quality/handplan.toml keeps the hand-written list)."""
+        for i, e in enumerate(self.fleet):
+            p = e.load()
+            budget = self.server.plans.get(p.name)
+            if budget is None:
+                continue
+            if p.runtime != "onnxruntime":
+                raise ValueError(f"server.plans[{p.name!r}]: fleet[{i}] runs {p.runtime}, whose model cannot be "
+                                 "rebuilt for a plan's specs in a run: only ONNX Runtime profiles take a plan")
+            if e.overrides:
+                raise ValueError(f"server.plans[{p.name!r}]: fleet[{i}] also has hand-written overrides "
+                                 f"({len(e.overrides)}): the plan picks every point's spec, drop one or the other")
+            if budget.max_act16_share > 0 and not p.int16_activations:
+                raise ValueError(f"server.plans[{p.name!r}]: max_act16_share {budget.max_act16_share} but profile "
+                                 f"{p.name!r} has int16_activations = false")
+            if p.weight_bits != 4 or budget.weight_group_size != p.weight_group_size:
+                raise ValueError(f"server.plans[{p.name!r}]: a plan promotes 4-bit weights to 8; profile {p.name!r} "
+                                 f"has {p.weight_bits}-bit weights in groups of {p.weight_group_size}, the budget "
+                                 f"counts groups of {budget.weight_group_size}")
 
     def _check_litert(self) -> None:
         """A fleet with LiteRT phones (docs/litert.md): the extra is installed (the preparation

@@ -261,7 +261,36 @@ def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams
             points = ranges_for_profile(merged, specs, prep.cfg.server.calibrator_for(p))
             out[p] = QParams({**qp.points, **points}, qp.model, qp.version, qp.smoothing,
                              {**qp.meta, "recipe": "centralized calibration, pooled training data"})
+            if p in prep.cfg.server.plans:
+                out[p] = centralized_plan(prep, p, out[p], merged)
     return out
+
+
+def centralized_plan(prep: Prepared, profile: str, qp: QParams, merged) -> QParams:
+    """The centralized recipe of a planned profile (``server.plans``): every client of the profile
+    runs the plan job (``client.plan``) on its training text at ``qp`` (the pooled calibration),
+    the sums are added (the pooled estimate), ``server.rounds.planned_qparams`` plans under the
+    profile's budget, and the activations are calibrated again on the pooled statistics at their
+    new specs. The plan is in the QParams' ``meta["plan"]``."""
+    from client.app import get_torch_model
+    from client.device import load_quant_config
+    from client.plan import plan_sensitivity
+    from quant.wire import Instruction
+    from server.aggregate import ranges_for_profile
+    from server.rounds import activation_keys, plan_keys, planned_qparams
+
+    model = get_torch_model(str(prep.device_dir), profile)
+    qc = load_quant_config(prep.device_dir, profile)
+    ins = Instruction(round=0, job="plan", qparams=qp, keys=tuple(plan_keys(qp)))
+    sens = dict.fromkeys(ins.keys, 0.0)
+    for c in prep.clients:
+        if c.profile == profile and len(c.train):
+            r, _ = plan_sensitivity(model, qp, ins, c.train, qc.activation, qc.weight)
+            sens = {k: sens[k] + r.sens[k] for k in sens}
+    planned, _ = planned_qparams(qp, sens, prep.cfg.server.plans[profile], server_weights(prep))
+    specs = {k: planned.points[k].spec for k in activation_keys(planned) if k in merged and merged[k].n > 0}
+    points = ranges_for_profile(merged, specs, prep.cfg.server.calibrator_for(profile))
+    return planned.with_points(points)
 
 
 def references(prep: Prepared, ev: ServerEval, progress) -> dict[str, dict]:

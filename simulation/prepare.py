@@ -71,7 +71,7 @@ def config_digest(cfg: SimulationConfig) -> str:
     d = cfg.model_dump(mode="json")
     d.pop("engine", None)
     d.pop("name", None)         # a label
-    for k in ("schedule", *AGGREGATION_RULES, *OPERATIONAL):
+    for k in ("schedule", "plans", *AGGREGATION_RULES, *OPERATIONAL):   # a plan is chosen in the run
         d.get("server", {}).pop(k, None)
     for k in LEARN_METHOD_FIELDS:   # which learned-range job the devices run prepares nothing
         (d.get("server", {}).get("learn") or {}).pop(k, None)

@@ -5,7 +5,6 @@ final QParams, QDQ ONNX model and AIMET/QNN encodings per profile, the centraliz
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +47,8 @@ def report(prep: Prepared, ev: "ServerEval", refs: dict, final: dict[str, QParam
             save_qparams(qp, prep.out / "qparams" / f"{p}.centralized.safetensors")
             r = ev(p, qp)
             refs[p]["centralized_ppl"], refs[p]["centralized"] = r["perplexity"], r
+            if "plan" in qp.meta:
+                refs[p]["centralized_plan"] = json.loads(qp.meta["plan"])
     summary = summarise(prep, refs, artifacts, wall_s if wall_s is not None else prep.prepare_s)
     summary["plots"] = plot_run(prep.out, summary)
     atomic_write_bytes(prep.out / "summary.json", json.dumps(summary, indent=1).encode())
@@ -72,7 +73,10 @@ def write_artifacts(prep: Prepared, ev: ServerEval, final: dict[str, QParams]) -
         rt.patch(qp)
         # int8 weights as exported, whatever this CPU runs; external data past 1 GB, atomically
         save_onnx(rt.canonical_model(), d / "model.onnx")
-        shutil.copyfile(names_path(rt.path), names_path(d / "model.onnx"))
+        # the runtime's own name map: a plan's QParams rebuilt its graph (client.runtime), so the
+        # bundle's file beside rt.path may describe the graph it started from
+        atomic_write_bytes(names_path(d / "model.onnx"), json.dumps(
+            {k: list(v) for k, v in sorted(rt.name_map.items())}, indent=1).encode())
         save_qparams(qp, prep.out / "qparams" / f"{p}.safetensors")
         write_encodings_json(qp, d / "encodings.json", names=names)
         out[p] = {"qparams": str(prep.out / "qparams" / f"{p}.safetensors"), "onnx": str(d / "model.onnx"),
@@ -119,6 +123,14 @@ def summarise(prep: Prepared, refs: dict, artifacts: dict, wall_s: float) -> dic
                        "bytes_up_per_client_round": up, "bytes_down_per_client_round": down,
                        "clients": sum(1 for c in prep.clients if c.profile == p),
                        "artifacts": artifacts.get(p, {})}
+        plan = next((m["plan"][p] for m in lines if (m.get("plan") or {}).get(p)), None)
+        if plan is not None:        # the fleet's mixed-precision plan (plan.json has it too)
+            profiles[p]["plan"] = {k: v for k, v in plan.items() if k != "sensitivity"}
+            if r.get("centralized_plan") is not None:
+                c = r["centralized_plan"]
+                profiles[p]["plan"]["centralized_overlap"] = {
+                    "weights8": len(set(c["weights8"]) & set(plan["weights8"])), "act16": len(set(c["act16"]) & set(plan["act16"])),
+                    "centralized_weights8": c["weights8"], "centralized_act16": c["act16"]}
     summary = {"format": RUN_FORMAT, "name": prep.cfg.name, "model": prep.cfg.model, "profiles": profiles,
                "clients": len(prep.clients), "rounds": len(lines), "data": prep.about,
                "wall_s": round(wall_s, 1), "prepare_s": round(prep.prepare_s, 1), "machine": machine_info()}

@@ -20,7 +20,7 @@ def test_quick_bench_writes_ratios(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     ratios = res["ratios"]
-    for job in ("stats", "learn", "learn_runtime"):
+    for job in ("stats", "learn", "learn_runtime", "plan"):
         for base in ("float", "int"):
             for q in ("time", "memory"):
                 r = ratios[f"{job}_{q}_vs_{base}"]
@@ -31,7 +31,7 @@ def test_quick_bench_writes_ratios(tmp_path):
     assert set(res["targets"]) == {"stats_time_vs_float", "stats_memory_vs_float", "learn_runtime_time_vs_int",
                                    "learn_runtime_memory_vs_int"}
     med = res["medians"]
-    for kind in ("float", "int", "stats", "learn", "learn_runtime", "patch"):
+    for kind in ("float", "int", "stats", "learn", "learn_runtime", "patch", "plan"):
         assert len(res["raw"][kind]) == res["reps"] == 1
         assert med[kind]["warm_wall_s"] > 0 and med[kind]["baseline_mb"] > 0
     # the patch split adds up, and every activation point was patched

@@ -12,7 +12,6 @@ import pytest
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from quant import private_scout as ps
-from quant.stats import grid_from_absmax
 from quant.wire import Instruction, ScoutReply
 from server.aggregate import clip_scouting, grids_from_scouting, max_absmax
 from server.config import SecureConfig, ServerConfig
@@ -197,14 +196,15 @@ def test_a_secure_schedule_scouts_privately_end_to_end(tmp_path):
     assert all(math.isfinite(m["eval_all"]["perplexity"]) for m in sm if m["job"] == "eval")
 
 
-def test_the_secure_configs_reuse_the_default_preparation_and_differ_in_scouting_only():
-    """configs/secure.toml and configs/secure-clear-scouting.toml: the default recipe (so
-    `--prepared-from runs/default` works), SecAgg+ with sums, scouting private in one only."""
+def test_the_secure_configs_reuse_the_hand_plan_preparation_and_differ_in_scouting_only():
+    """configs/secure.toml and configs/secure-clear-scouting.toml: the default recipe with the
+    hand-written mixed plan (configs/quality/handplan.toml, whose preparation they reuse: what
+    they were measured with), SecAgg+ with sums, scouting private in one only."""
     from simulation.prepare import config_digest, load_simulation_config
     from tests.test_simulate import ROOT
 
     base, sec, clear = (load_simulation_config(ROOT / "configs" / n)
-                        for n in ("default.toml", "secure.toml", "secure-clear-scouting.toml"))
+                        for n in ("quality/handplan.toml", "secure.toml", "secure-clear-scouting.toml"))
     assert config_digest(base) == config_digest(sec) == config_digest(clear)
     assert sec.server.secure.scout and not clear.server.secure.scout and sec.server.stats_rule == "sum"
     assert sec.server.model_copy(update={"secure": clear.server.secure}) == clear.server
