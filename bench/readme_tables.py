@@ -142,7 +142,15 @@ def secure_rounds_block(d: dict) -> str:
     m = d["machine"]
     return (f"`.venv/bin/python -m bench.secure_rounds` (tiny model, one 32-token sequence per client, 512 bins; "
             f"Flower {d['versions'].get('flwr')} simulation engine, 2 Ray actors; {_cpu(m)}, {m['cores']} cores shared "
-            f"with other jobs, {d['wall_s']:.0f} s). Source: `bench/results/secure_rounds.json`.\n\n" + table(d))
+            f"with other jobs, {_secure_walls(d)}). Source: `bench/results/secure_rounds.json`.\n\n" + table(d))
+
+
+def _secure_walls(d: dict) -> str:
+    """The bench's wall time; with rows merged from an earlier invocation (`--merge`), both."""
+    if not d.get("kept_wall_s"):
+        return f"{d['wall_s']:.0f} s"
+    rerun = ", ".join(str(r["clients"]) for r in d["rows"] if "row_wall_s" in r)
+    return f"{d['kept_wall_s']:.0f} s, and {d['wall_s']:.0f} s for the {rerun}-client row run later with `--merge`"
 
 
 def dp_quality_block(d: dict) -> str:

@@ -186,8 +186,8 @@ def table(res: dict) -> str:
         nb = max(3, round(r["num_shares"] * r["clients"])) if r["num_shares"] < 1 else r["clients"]
         for job in ("scout", "stats"):
             p, s = r[f"plain_{job}"], r[f"secure_{job}"]
-            lines.append(f"| {r['clients']} | {job} | {nb} | {p['wall_s']:.1f} ({p['rounds_per_min']:.1f}) | "
-                         f"{s['wall_s']:.1f} ({s['rounds_per_min']:.1f}) | {r[f'secure_vs_plain_time_{job}']:.1f}x | "
+            lines.append(f"| {r['clients']} | {job} | {nb} | {p['wall_s']:.1f} ({p['rounds_per_min']:.2g}) | "
+                         f"{s['wall_s']:.1f} ({s['rounds_per_min']:.2g}) | {r[f'secure_vs_plain_time_{job}']:.1f}x | "
                          f"{p['bytes_down_per_client'] / 1e3:.1f} + {p['bytes_up_per_client'] / 1e3:.1f} kB | "
                          f"{s['bytes_down_per_client'] / 1e3:.1f} + {s['bytes_up_per_client'] / 1e3:.1f} kB |")
     checks = [f"N={r['clients']}: same counts {'yes' if r['same_counts'] else 'NO'}, grids cover "
@@ -219,8 +219,10 @@ def main(argv=None) -> dict:
            "rows": []}
     kept = []
     if args.merge and out.is_file():    # rows of this format only: an older file's rows lack the scouting round
-        kept = [r for r in json.loads(out.read_text()).get("rows", [])
-                if r.get("clients") not in args.clients and "secure_scout" in r]
+        before = json.loads(out.read_text())
+        kept = [r for r in before.get("rows", []) if r.get("clients") not in args.clients and "secure_scout" in r]
+        if kept:                        # the wall time of the invocation(s) that measured the kept rows
+            res["kept_wall_s"] = before.get("kept_wall_s", 0) + before.get("wall_s", 0)
     with tempfile.TemporaryDirectory(prefix="secure-rounds-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         new = []
