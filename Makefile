@@ -12,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export RAY_USAGE_STATS_ENABLED=0
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo test test-fast lock bench bench-quality clean venv-litert test-litert bench-litert
+.PHONY: venv demo test test-fast lock bench bench-quality bench-splits clean venv-litert test-litert bench-litert
 
 venv: $(VENV)/.installed
 
@@ -58,6 +58,11 @@ bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/quality/handplan.toml --out runs/q-handplan
 	$(PY) -m bench.quality --runs $(QUALITY_RUNS)
 	$(PY) -m bench.readme_tables
+
+# Issue 19, goal 3: the main job on three role splits (data.seed 0 1 2), one run at a time (about 35 min
+# and 17.5 GB each); finished runs in runs/splits/ are read again, an unfinished one resumes.
+bench-splits: venv
+	$(PY) -m bench.splits
 
 # The optional LiteRT extra (issue 18) in its own venv: the base lock, then requirements-litert.txt with
 # --no-deps (its one conflicting pin is explained there), torch held at 2.13.0 throughout.
