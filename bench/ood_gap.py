@@ -97,6 +97,11 @@ class FloatLogits:
         return logits
 
 
+def part_of(row: dict) -> str:
+    """Which part of the bench (``--only``) measured a row."""
+    return "decomposition" if row["group"] == "decomposition" else "targeted" if "kinds" in row else "remedies"
+
+
 def patch(rt, qp) -> None:
     """Load ``qp`` whatever the runtime holds (a newer version; spec changes named as a plan)."""
     from quant.qparams import QParams
@@ -196,7 +201,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="the prepared run directory (default runs/ood-gap[-quick])")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--only", choices=("decomposition", "remedies"), default=None)
+    ap.add_argument("--only", choices=("decomposition", "remedies", "targeted"), default=None,
+                    help="one part; its rows replace that part's in an existing --json, the others are kept")
     args = ap.parse_args(argv)
     quiet_env()
     import onnxruntime
@@ -258,15 +264,19 @@ def main(argv=None) -> dict:
             print(f"recipe alpha {alpha} {absmax_rule}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         return recipes[(alpha, absmax_rule)]
 
-    def calibrated(alpha, absmax_rule, cal: CalibratorConfig, headroom: float = 1.0) -> QParams:
+    def calibrated(alpha, absmax_rule, cal: CalibratorConfig, headroom: float = 1.0, kinds=None) -> QParams:
+        """The recipe's ranges by ``cal`` widened ``headroom`` times; with ``kinds``, only the points
+        of those kinds, the others by the profile's own rule."""
+        from quant.affine import range_to_qparams
+
         init, merged = recipe(alpha, absmax_rule)
         specs = {k: init.points[k].spec for k in keys if k in merged and merged[k].n > 0}
-        pts = ranges_for_profile(merged, specs, cal)
-        if headroom != 1.0:
-            from quant.affine import range_to_qparams
-
-            pts = {k: PointParams(p.spec, *range_to_qparams(*(headroom * v for v in point_range(p)), p.spec))
-                   for k, p in pts.items()}
+        mine = {k: v for k, v in specs.items() if kinds is None or kind_of(k) in kinds}
+        pts = {**ranges_for_profile(merged, {k: v for k, v in specs.items() if k not in mine}, cal0),
+               **ranges_for_profile(merged, mine, cal)}
+        pts.update({k: PointParams(pts[k].spec, *range_to_qparams(*(headroom * v for v in point_range(pts[k])),
+                                                                   pts[k].spec))
+                    for k in mine if headroom != 1.0})
         return respecified(init, pts, base_specs)
 
     result = {"format": "fedquant.ood_gap/1", "machine": machine(onnxruntime=onnxruntime.__version__),
@@ -283,14 +293,18 @@ def main(argv=None) -> dict:
     def row(group: str, name: str, qp: QParams, **about) -> dict:
         r = {"group": group, "name": name, **about, **evaluate(rt, qp, sets, floats, bs, seed)}
         result["rows"].append(r)
+        result.setdefault("float_perplexity", {t: r[t]["float_perplexity"] for t in sets})
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
         write_json(json_path, result)
         print(f"{group} {name}: " + "; ".join(f"{t} {r[t]['vs_float_pct']:+.2f}% KL {r[t]['kl']:.4f}"
                                              for t in sets) + f" ({r['seconds']} s)", file=sys.stderr, flush=True)
         return r
 
+    if args.only and json_path.is_file():      # the other parts' rows and findings, as measured before
+        before = json.loads(json_path.read_text())
+        result["rows"] = [r for r in before.get("rows", []) if part_of(r) != args.only]
+        result.update({k: before[k] for k in ("clipping", "float_perplexity") if k in before})
     ref = calibrated(alpha0, "max", cal0)
-    result["float_perplexity"] = {}
     if args.only in (None, "decomposition"):
         clip = clipping(rt, ref, {"train": train, "heldout": sets["heldout"], "ood": sets["ood"]}, keys, bs)
         result["clipping"] = clipping_summary(clip, ref, keys)
@@ -302,8 +316,7 @@ def main(argv=None) -> dict:
                                                                                               np.float32)),
                                                     weight_spec(16))
                for p in weights if f"{p}:weight" in ref.points}
-        r = row("decomposition", "A8W8: the reference recipe", ref)
-        result["float_perplexity"] = {t: r[t]["float_perplexity"] for t in sets}
+        row("decomposition", "A8W8: the reference recipe", ref)
         row("decomposition", "control: all int16 (activations over every text's range, weights per channel)",
             respecified(ref, {**int16_points(wide), **w16}, base_specs))
         row("decomposition", "W8 only: activations int16 over every text's range", respecified(ref, int16_points(wide),
@@ -332,7 +345,23 @@ def main(argv=None) -> dict:
                                             for k, v in kw.items())
             row("remedy", name, calibrated(alpha, rule, cal, room), alpha=alpha, absmax_rule=rule,
                 calibrator=cal.model_dump(), headroom=room)
-        candidates = [r for r in result["rows"] if r["group"] == "remedy"]     # the reference among them
+    if args.only in (None, "targeted"):
+        # the decomposition's finding: the down_proj inputs carry the out-of-domain error (clipping)
+        dp = ("down_proj",)
+        targeted = [("down_proj inputs min-max", {"cal": CalibratorConfig(method="minmax")}),
+                    ("down_proj inputs headroom 2", {"headroom": 2.0}),
+                    ("down_proj inputs headroom 4", {"headroom": 4.0}),
+                    ("down_proj inputs headroom 8", {"headroom": 8.0}),
+                    ("down_proj inputs min-max, headroom 2", {"cal": CalibratorConfig(method="minmax"),
+                                                              "headroom": 2.0}),
+                    ("down_proj inputs headroom 4, abs-max clipped (the default run's scouting rule)",
+                     {"headroom": 4.0, "absmax_rule": "clipped"})]
+        for name, kw in targeted:
+            cal, room, rule = kw.get("cal", cal0), kw.get("headroom", 1.0), kw.get("absmax_rule", "max")
+            row("remedy", name, calibrated(alpha0, rule, cal, room, dp), alpha=alpha0, absmax_rule=rule,
+                calibrator=cal.model_dump(), headroom=room, kinds=list(dp))
+    candidates = [r for r in result["rows"] if r["group"] == "remedy"]     # the reference among them
+    if candidates:
         best = min(candidates, key=lambda r: r["clients_test"]["kl"])
         result["chosen_on_clients_text"] = {"rule": "lowest KL to float on the clients' own held-out text",
                                             "name": best["name"]}
