@@ -1,8 +1,10 @@
 """Where the int8 profile's out-of-domain error comes from, and what a fleet could choose against it
 (issue 19, goal 3).
 
-    .venv/bin/python -m bench.ood_gap            # SmolLM2, configs/default.toml's clients: about 40 min
+    .venv/bin/python -m bench.ood_gap            # SmolLM2, configs/default.toml's clients: about 27 min, plus 7 for --only targeted
     .venv/bin/python -m bench.ood_gap --quick    # the tiny random-init model (configs/smoke.toml): seconds
+    .venv/bin/python -m bench.ood_gap --only targeted   # one part again, into the same results file
+    .venv/bin/python -m bench.ood_gap --table    # the README's table from bench/results/ood_gap.json
 
 Like ``bench/smoothing_sweep.py``, the federation's own functions run centrally on every default
 client's training text (scouting with per-channel abs-max, SmoothQuant factors, statistics summed,
@@ -195,15 +197,33 @@ def clipping_summary(clip: dict, qp, keys: list[str]) -> dict:
     return out
 
 
+def markdown_table(result: dict) -> str:
+    """The README's table: every row on the three texts (change vs float [95%], KL), in order."""
+    texts = ("clients_test", "heldout", "ood")
+
+    def cell(e):
+        return "{:+.1f}% [{:+.1f}, {:+.1f}], {:.3f}".format(e["vs_float_pct"], *e["vs_float_pct_ci"], e["kl"])
+    lines = ["| part | variant | clients' own text: vs float [95%], KL | held-out roles | out of domain (Factbook) |",
+             "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {part_of(r)} | {r['name']} | " + " | ".join(cell(r[t]) for t in texts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the tiny random-init model of configs/smoke.toml")
     ap.add_argument("--out", type=Path, default=None, help="the prepared run directory (default runs/ood-gap[-quick])")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--table", action="store_true", help="only print the README table of --json (no run)")
     ap.add_argument("--only", choices=("decomposition", "remedies", "targeted"), default=None,
                     help="one part; its rows replace that part's in an existing --json, the others are kept")
     args = ap.parse_args(argv)
+    if args.table:
+        res = json.loads((args.json or RESULTS / "ood_gap.json").read_text())
+        print(markdown_table(res))
+        return res
     quiet_env()
     import onnxruntime
 
@@ -367,6 +387,7 @@ def main(argv=None) -> dict:
                                             "name": best["name"]}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_json(json_path, result)
+    print(markdown_table(result))
     print(f"wrote {json_path} in {result['wall_s']} s", file=sys.stderr)
     return result
 
