@@ -39,6 +39,7 @@ variant compares against the same float reference without running it again. Writ
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -71,8 +72,6 @@ class FloatLogits:
         self.sets, self.files = sets, {}
         sess = None
         for name, ids in sets.items():
-            import hashlib
-
             tag = hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest()[:12]
             f = folder / f"{name}-{tag}.npy"
             if not f.is_file():
@@ -127,6 +126,7 @@ def respecified(qp, points: dict, base_specs: dict):
     in ``meta["plan"]`` (how a device is told to rebuild its graph, ``client.runtime``)."""
     new = qp.with_points(points)
     changed = sorted(k for k, p in new.points.items() if p.spec != base_specs[k])
+    # the runtime reads the plan as the names whose spec may change (its int16 weights included)
     new.meta = {**new.meta, "plan": json.dumps({"weights8": [k for k in changed if k.endswith(":weight")],
                                                 "act16": [k for k in changed if not k.endswith(":weight")]})}
     return new
