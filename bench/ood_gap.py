@@ -308,7 +308,8 @@ def main(argv=None) -> dict:
               "reference_recipe": {"alpha": alpha0, "absmax_rule": "max", "calibrator": cal0.model_dump(),
                                    "statistics": "summed over every client (exact)"},
               "rows": [],
-              "command": "python -m bench.ood_gap" + (" --quick" if args.quick else "")}
+              "command": "python -m bench.ood_gap" + (" --quick" if args.quick else "") +
+                         (f" --only {args.only}" if args.only else "")}
 
     def row(group: str, name: str, qp: QParams, **about) -> dict:
         r = {"group": group, "name": name, **about, **evaluate(rt, qp, sets, floats, bs, seed)}
@@ -324,6 +325,7 @@ def main(argv=None) -> dict:
         before = json.loads(json_path.read_text())
         result["rows"] = [r for r in before.get("rows", []) if part_of(r) != args.only]
         result.update({k: before[k] for k in ("clipping", "float_perplexity") if k in before})
+        result["earlier_commands"] = [*before.get("earlier_commands", []), before.get("command")]
     ref = calibrated(alpha0, "max", cal0)
     if args.only in (None, "decomposition"):
         clip = clipping(rt, ref, {"train": train, "heldout": sets["heldout"], "ood": sets["ood"]}, keys, bs)
