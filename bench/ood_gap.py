@@ -1,7 +1,7 @@
 """Where the int8 profile's out-of-domain error comes from, and what a fleet could choose against it
 (issue 19, goal 3).
 
-    .venv/bin/python -m bench.ood_gap            # SmolLM2, configs/default.toml's clients: about 27 min, plus 7 for --only targeted
+    .venv/bin/python -m bench.ood_gap            # SmolLM2, configs/default.toml's clients: about 30 min
     .venv/bin/python -m bench.ood_gap --quick    # the tiny random-init model (configs/smoke.toml): seconds
     .venv/bin/python -m bench.ood_gap --only targeted   # one part again, into the same results file
     .venv/bin/python -m bench.ood_gap --table    # the README's table from bench/results/ood_gap.json
@@ -30,6 +30,11 @@ Factbook (``ood``). The last two only report: no choice is made on them.
   (``clipped`` at 4x the clients' lower median, the default run's, vs plain max), headroom on the
   ranges. ``chosen_on_clients_text`` is the remedy with the lowest KL to float on the clients'
   own text (fidelity: it cannot improve by fitting Shakespeare).
+- **Targeted** (``--only targeted``): the same rules on the ``down_proj`` inputs alone, the part
+  of the model the decomposition found to carry the out-of-domain error.
+
+The statistics pool all 24 clients (the run's int8 profile takes its smoothed inputs' statistics
+from its own 16; its reference differs by a tenth of a point in domain, half a point out of it).
 
 Float logits of each text are computed once and kept on disk (``--out``/float-logits) so every
 variant compares against the same float reference without running it again. Writes
@@ -150,7 +155,8 @@ def point_range(p) -> tuple[float, float]:
 
 def clipping(rt, qp, texts: dict[str, np.ndarray], keys: list[str], batch_size: int) -> dict[str, dict]:
     """Per text and point: the share of the float activations that ``qp``'s range clips (more than
-    half a step beyond either end: rounding alone errs less), and the text's (min, max), from ``rt.float_activations`` (patched to ``qp``: smoothed inputs divided)."""
+    half a step beyond either end: rounding alone errs less) and the text's (min, max), from
+    ``rt.float_activations`` (patched to ``qp``: smoothed inputs divided by their factors)."""
     patch(rt, qp)
     rng = {}
     for k in keys:            # beyond half a step past either end: where saturation adds error
