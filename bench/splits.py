@@ -1,7 +1,7 @@
 """The main recipe on several role splits (issue 19, goal 3): does the quality hold on any split?
 
     .venv/bin/python -m bench.splits                          # configs/default.toml, seeds 0 1 2: ~35 min a seed
-    .venv/bin/python -m bench.splits --quick --out /tmp/s.json   # the smoke config's tiny model, seeds 0 1
+    .venv/bin/python -m bench.splits --quick --out runs/splits-quick.json   # the smoke config's tiny model, seeds 0 1
 
 Each seed is ``fedquant simulate`` of the config with ``data.seed`` changed, which draws another
 set of held-out roles (and so other clients and another evaluation set; the out-of-domain text is
