@@ -246,6 +246,24 @@ class _WeightsOnly(Mapping):
         return len(self.linears)
 
 
+class _Restricted(Mapping):
+    """``linears`` restricted to ``paths``, still read on access (a patch of a few Linears)."""
+
+    def __init__(self, linears: Mapping, paths):
+        self.linears, self.paths = linears, list(paths)
+
+    def __getitem__(self, path: str):
+        if path not in self.paths:
+            raise KeyError(path)
+        return self.linears[path]
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
 def load_float_linears(path) -> FloatLinears:
     """The float weights of a bundle (``weights_path``), read on access (``FloatLinears``)."""
     return FloatLinears(path)
@@ -374,10 +392,10 @@ class DeviceRuntime:
             out[key] = smoothed_weight_point(self.linears[path][0], m, self.qparams.points[key].spec)
         return out
 
-    def _affected(self, merged: QParams) -> tuple[QParams, dict]:
+    def _affected(self, merged: QParams) -> tuple[QParams, "Mapping"]:
         """The part of ``merged`` that differs from the held QParams, widened to whole Linears
         (a changed ``s_x`` moves the int32 bias, a changed ``s_w`` the weight and the bias), and
-        those Linears' float weights: what ``qdq_values`` must recompute."""
+        those Linears' float weights, read on access: what ``iter_qdq_values`` must recompute."""
         held = self.qparams
 
         def same(a, b):
@@ -390,57 +408,76 @@ class DeviceRuntime:
         points = {k: p for k, p in merged.points.items() if k.rsplit(":", 1)[0] in paths}
         sub = QParams(points, merged.model, merged.version,
                       {n: m for n, m in merged.smoothing.items() if n in paths}, dict(merged.meta))
-        return sub, {p: self.linears[p] for p in paths if p in self.linears}
+        return sub, _Restricted(self.linears, [p for p in self.linears if p in paths])
+
+    def _changed_initializers(self, sub: QParams, linears) -> dict:
+        """``{name: TensorProto}`` of the initializers whose values ``sub`` changes, computed one
+        Linear at a time (its float weight read, its values compared with the model's, only the
+        changed ones kept), so a patch never holds every float weight, nor every integer one
+        twice. PatchRefused for values the model has no place for."""
+        from onnx import numpy_helper
+
+        from quant.qdq import iter_qdq_values
+
+        changed, missing = {}, []
+        try:
+            for values, _ in iter_qdq_values(sub, linears, self.u8_weights):
+                for n, v in values.items():
+                    if n not in self._index:
+                        missing.append(n)
+                        continue
+                    old = self._initializer(n)
+                    if v.shape != old.shape:
+                        raise PatchRefused(f"QParams refused: {n}: shape {v.shape} != {old.shape}")
+                    v = np.asarray(v).astype(old.dtype)
+                    if not np.array_equal(v, old):
+                        changed[n] = numpy_helper.from_array(v, n)
+                del values
+        except PatchRefused:
+            raise
+        except ValueError as e:
+            raise PatchRefused(f"QParams refused: {e}") from None
+        if missing:
+            raise PatchRefused(f"QParams refused: they need initializers the model lacks: {sorted(missing)[:5]}")
+        return changed
 
     def patch(self, qparams: QParams) -> dict:
         """Load ``qparams`` (all points or some; keys must be the model's, version not older):
         overwrite the changed scales/zero-points and re-quantize the weights and int32 biases
         that depend on them, then rebuild the session. All checks run first and a failure while
-        rebuilding restores the old initializers, so a refused patch changes nothing. Returns
-        timings ``{changed, compute_s, patch_s, session_s, total_s}`` (also ``last_patch``)."""
-        from quant.qdq import patch_initializers, qdq_values
+        rebuilding keeps the old model and session, so a refused patch changes nothing. Returns
+        timings ``{changed, compute_s, patch_s, session_s, total_s}`` (also ``last_patch``).
+
+        Memory: the new model is built beside the old one (``quant.qdq.with_initializers``), one
+        Linear's float weight at a time; the old session goes before the new one is made."""
+        from quant.qdq import with_initializers
 
         t0 = time.perf_counter()
         merged = self._check(qparams)
         if any(p.spec != self.qparams.points[k].spec for k, p in merged.points.items() if k in self.qparams.points):
             return self._rebuild(merged, t0)
         sub, linears = self._affected(merged)
-        try:  # only the Linears (and attention operands) whose parameters changed are recomputed
-            values, _ = qdq_values(sub, linears, self.u8_weights)
-        except ValueError as e:
-            raise PatchRefused(f"QParams refused: {e}") from None
-        missing = sorted(set(values) - set(self._index))
-        if missing:
-            raise PatchRefused(f"QParams refused: they need initializers the model lacks: {missing[:5]}")
-        diff = {}
-        for n, v in values.items():
-            old = self._initializer(n)
-            if v.shape != old.shape:
-                raise PatchRefused(f"QParams refused: {n}: shape {v.shape} != {old.shape}")
-            v = np.asarray(v).astype(old.dtype)
-            if not np.array_equal(v, old):
-                diff[n] = v
+        changed = self._changed_initializers(sub, linears)
         t1 = time.perf_counter()
-        if not diff:  # same values (e.g. a version bump only): keep the session
+        n_changed = len(changed)
+        if not changed:  # same values (e.g. a version bump only): keep the session
             self.qparams = merged
             self.last_patch = {"changed": 0, "compute_s": t1 - t0, "patch_s": 0.0,
                                "session_s": 0.0, "total_s": t1 - t0}
             return self.last_patch
-        saved = {n: self._initializer(n) for n in diff}
-        patch_initializers(self.model, diff)
-        self.model = compact(self.model)  # else every patch keeps the replaced weights (protobuf)
+        model = with_initializers(self.model, changed)   # same initializers in the same order: _index holds
+        del changed
         t2 = time.perf_counter()
         self.session = None  # the old session goes before the new one is built: one at a time in memory
         try:
-            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
+            self.session = ort_session(model, threads=self.threads, weight_storage=None)
         except Exception:
-            patch_initializers(self.model, saved)
-            self.model = compact(self.model)
             self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
             raise
+        self.model = model
         t3 = time.perf_counter()
         self.qparams = merged
-        self.last_patch = {"changed": len(diff), "compute_s": t1 - t0, "patch_s": t2 - t1,
+        self.last_patch = {"changed": n_changed, "compute_s": t1 - t0, "patch_s": t2 - t1,
                            "session_s": t3 - t2, "total_s": t3 - t0}
         return self.last_patch
 
