@@ -121,7 +121,7 @@ def copy_fields(src, dst, skip=()) -> None:
     for fd, value in src.ListFields():
         if fd.name in skip:
             continue
-        if fd.label == fd.LABEL_REPEATED:
+        if fd.is_repeated:
             getattr(dst, fd.name).extend(value)
         elif fd.type == fd.TYPE_MESSAGE:
             getattr(dst, fd.name).CopyFrom(value)
