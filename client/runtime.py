@@ -83,6 +83,19 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
         return ort.InferenceSession(str(path), _options(so, no_prepack), providers=providers)
 
 
+def release_memory() -> None:
+    """Collect what was dropped and give the freed heap back to the system: glibc keeps freed
+    pages otherwise, and a process then carries its largest step's memory to the end."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _options(so, entries: dict):
     for k, v in entries.items():
         so.add_session_config_entry(k, v)
@@ -338,9 +351,9 @@ class DeviceRuntime:
         # where the patchable initializers are; their values are read from the model when a patch
         # compares them (a second copy of every integer weight cost W/4 per runtime)
         self._index = {t.name: i for i, t in enumerate(self.model.graph.initializer) if t.name in self.name_map}
-        self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
+        self._session = None   # built on first use (``session``): statistics jobs never need it
         # the float graph is the same for every profile of a model: a process can share one
-        # FloatCapture between its runtimes (it holds the float graph and its session: ~1 GB on SmolLM2)
+        # FloatCapture between its runtimes (it holds the float graph and its session)
         self._capture = capture
         self.last_patch: dict = {}
 
@@ -444,8 +457,9 @@ class DeviceRuntime:
     def patch(self, qparams: QParams) -> dict:
         """Load ``qparams`` (all points or some; keys must be the model's, version not older):
         overwrite the changed scales/zero-points and re-quantize the weights and int32 biases
-        that depend on them, then rebuild the session. All checks run first and a failure while
-        rebuilding keeps the old model and session, so a refused patch changes nothing. Returns
+        that depend on them, then rebuild the session if the runtime has one (else it is built
+        on first use). All checks run first and a failure while rebuilding keeps the old model
+        and session, so a refused patch changes nothing. Returns
         timings ``{changed, compute_s, patch_s, session_s, total_s}`` (also ``last_patch``).
 
         Memory: the new model is built beside the old one (``quant.qdq.with_initializers``), one
@@ -468,12 +482,7 @@ class DeviceRuntime:
         model = with_initializers(self.model, changed)   # same initializers in the same order: _index holds
         del changed
         t2 = time.perf_counter()
-        self.session = None  # the old session goes before the new one is built: one at a time in memory
-        try:
-            self.session = ort_session(model, threads=self.threads, weight_storage=None)
-        except Exception:
-            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
-            raise
+        self._swap_session(model)
         self.model = model
         t3 = time.perf_counter()
         self.qparams = merged
@@ -500,20 +509,43 @@ class DeviceRuntime:
         if set_weight_storage(model, self.u8_weights):
             model = compact(model)
         t1 = time.perf_counter()
-        old_session, self.session = self.session, None     # one session at a time in memory
-        del old_session
-        try:
-            session = ort_session(model, threads=self.threads, weight_storage=None)
-        except Exception:
-            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
-            raise
-        self.model, self.session, self.qparams = model, session, merged
+        self._swap_session(model)
+        self.model, self.qparams = model, merged
         self.name_map = {k: tuple(v) for k, v in name_map.items()}
         self._index = {t.name: i for i, t in enumerate(self.model.graph.initializer) if t.name in self.name_map}
         t2 = time.perf_counter()
         self.last_patch = {"changed": len(self._index), "rebuilt": 1, "compute_s": t1 - t0, "patch_s": 0.0,
                            "session_s": t2 - t1, "total_s": t2 - t0}
         return self.last_patch
+
+    def _swap_session(self, model) -> None:
+        """The session of ``model`` in place of the current one, built only if there is one (a
+        runtime that has only served statistics has none to rebuild). The old session goes before
+        the new one is built, one at a time in memory; if ORT cannot build it, the old one comes
+        back and the error is raised (the caller then keeps its old model)."""
+        if self._session is None:
+            return
+        self._session = None
+        try:
+            self._session = ort_session(model, threads=self.threads, weight_storage=None)
+        except Exception:
+            self._session = ort_session(self.model, threads=self.threads, weight_storage=None)
+            raise
+
+    @property
+    def session(self):
+        """The ORT session of the integer model, built on first use."""
+        if self._session is None:
+            self._session = ort_session(self.model, threads=self.threads, weight_storage=None)
+        return self._session
+
+    def release(self, session: bool = False, capture: bool = False) -> None:
+        """Drop the integer session and/or this runtime's reference to the float capture (both are
+        built again on use): what a process running another kind of job does not need to hold."""
+        if session:
+            self._session = None
+        if capture:
+            self._capture = None
 
     def _initializer(self, name: str) -> np.ndarray:
         from onnx import numpy_helper
