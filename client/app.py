@@ -131,12 +131,14 @@ def clear_caches() -> None:
             c.clear()
 
 
-def release_for(job: str, learn_method: str | None = None) -> None:
+def release_for(job: str, learn_method: str | None = None, runtime_key: tuple[str, str] | None = None) -> None:
     """Drop what a ``job`` does not use (issue 19, goal 6: a simulation actor serving nodes of two
     profiles held both integer sessions, the float graph's capture session and a torch model at
     once, 7 GB on SmolLM2): the torch model unless the job is plan or torch lsq, the float
-    captures unless it is scout, stats or runtime lsq, the integer sessions unless it is eval.
-    Rounds run one job kind, so a process rebuilds each at most once per round."""
+    captures unless it is scout, stats or runtime lsq, the integer sessions unless it is eval,
+    and then every session but that of ``runtime_key`` (device dir, profile), the job's own.
+    Rounds run one job kind, so a process rebuilds the capture and the torch model at most once
+    per round; an eval round rebuilds a session when its nodes change profile."""
     torch_job = job == "plan" or (job == "lsq" and learn_method != "runtime")
     capture_job = job in ("scout", "stats") or (job == "lsq" and learn_method == "runtime")
     freed = False
@@ -144,14 +146,16 @@ def release_for(job: str, learn_method: str | None = None) -> None:
         if not torch_job and _TORCH:
             _TORCH.clear()
             freed = True
-        runtimes = [rt for rt in _RUNTIMES.values() if isinstance(rt, DeviceRuntime)]
         if not capture_job and any(isinstance(c, FloatCapture) for c in _CAPTURES.values()):
             for key in [k for k, c in _CAPTURES.items() if isinstance(c, FloatCapture)]:
                 del _CAPTURES[key]
             freed = True
-        for rt in runtimes:
-            freed |= (not capture_job and rt._capture is not None) or (job != "eval" and rt._session is not None)
-            rt.release(session=job != "eval", capture=not capture_job)
+        for key, rt in _RUNTIMES.items():
+            if not isinstance(rt, DeviceRuntime):
+                continue
+            session = job != "eval" or key != runtime_key
+            freed |= (not capture_job and rt._capture is not None) or (session and rt._session is not None)
+            rt.release(session=session, capture=not capture_job)
     if freed:
         release_memory()
 
@@ -475,7 +479,7 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
     data = node_data(node)
     seqs = _sequences(data, "test" if ins.job == "eval" else "train", node)
 
-    release_for(ins.job, learn.method if learn is not None else None)
+    release_for(ins.job, learn.method if learn is not None else None, (node.device_dir, node.profile))
     rt = get_runtime(node.device_dir, node.profile)
     if ins.job == "lsq" and learn.method == "runtime":
         if profile.runtime != "onnxruntime":

@@ -337,8 +337,9 @@ def test_model_loaded_once(dd, monkeypatch):
 
 def test_a_process_holds_only_what_the_current_job_needs_and_the_replies_do_not_change(dd):
     """release_for (issue 19): an lsq job drops the float capture and the integer session, a
-    statistics job the torch model and the integer session, an eval job the capture; each is
-    built again when a job needs it, and the same instructions give the same bits."""
+    statistics job the torch model and the integer session, an eval job the capture and the other
+    profiles' sessions; each is built again when a job needs it, and the same instructions give
+    the same bits."""
     qp = dd["qp"]["int8"]
     d = str(dd["dir"].resolve())
     stats = job_content(stats_ins(qp, version=1), "int8")
@@ -355,6 +356,10 @@ def test_a_process_holds_only_what_the_current_job_needs_and_the_replies_do_not_
     again_stats = payload(send(dd, "0", "train", stats, RecordDict()))
     assert not capp._TORCH and rt._capture is not None and rt._session is None
     again_eval = send(dd, "0", "evaluate", ev, RecordDict())["metrics"]
+    qa = dd["qp"]["a16"]                                   # an eval of another profile: one session at a time
+    assert "error" not in send(dd, "2", "evaluate", job_content(Instruction(2, "eval", qa.with_points({}, version=1)),
+                                                                "a16"), RecordDict())
+    assert rt._session is None and capp.get_runtime(d, "a16")._session is not None
     again_lsq = payload(send(dd, "1", "train", lsq, RecordDict()))
     assert capp.get_runtime(d, "int8") is rt                                   # the runtime itself stays
     for a, b in ((first_stats, again_stats), (first_lsq, again_lsq)):
