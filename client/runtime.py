@@ -30,8 +30,8 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
 
     import onnxruntime as ort
 
-    from quant.onnxfile import (EXTERNAL_THRESHOLD, data_file, has_external_data, load_onnx, save_onnx,
-                                tensor_bytes)
+    from quant.onnxfile import (EXTERNAL_THRESHOLD, data_file, external_bytes, has_external_data, load_onnx,
+                                save_onnx, tensor_bytes)
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -63,11 +63,16 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
     # A model with external data is mapped from its file by ORT: without prepacking (which copies
     # every weight into private memory) its weights stay file pages, shared by every process that
     # maps the same file and reclaimable. Measured on a 1 GiB MatMul: 1.05 GB private with
-    # prepacking, 1.02 GB of clean file pages without. Small one-file models keep prepacking.
+    # prepacking, 1.02 GB of clean file pages without. Only past EXTERNAL_THRESHOLD bytes of
+    # weights: below it (SmolLM2's float graph, which the device directory always keeps with
+    # external data) a session prepacks as a one-file session does, since without prepacking
+    # MLAS sums in another order (SmolLM2's float perplexity moved in its 7th digit, and a run's
+    # statistics with it): the same bits as before, the graph's weights still shared.
     no_prepack = {"session.disable_prepacking": "1"}
     if not isinstance(model, onnx.ModelProto):
-        external = data_file(model).is_file()
-        return ort.InferenceSession(os.fspath(model), _options(so, no_prepack if external else {}),
+        data = data_file(model)
+        large = data.is_file() and data.stat().st_size > EXTERNAL_THRESHOLD
+        return ort.InferenceSession(os.fspath(model), _options(so, no_prepack if large else {}),
                                     providers=providers)
     if has_external_data(model):
         if external_dir is None:
@@ -75,7 +80,9 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
                              "pass external_dir, the directory that holds them")
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     os.fspath(external_dir))
-        return ort.InferenceSession(model.SerializeToString(), _options(so, no_prepack), providers=providers)
+        large = external_bytes(model) > EXTERNAL_THRESHOLD
+        return ort.InferenceSession(model.SerializeToString(), _options(so, no_prepack if large else {}),
+                                    providers=providers)
     if tensor_bytes(model) <= EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="fedquant-ort-") as tmp:  # ORT keeps its mapping of

@@ -52,6 +52,11 @@ def tensor_bytes(mp: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in _tensors(mp))
 
 
+def external_bytes(mp: onnx.ModelProto) -> int:
+    """Bytes of the model's tensors that live in data files (their ``length`` entries)."""
+    return sum(int(e.value) for t in _tensors(mp) if is_external(t) for e in t.external_data if e.key == "length")
+
+
 def is_external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL
 
