@@ -133,8 +133,8 @@ def measure(model: str, config: Path, out: Path, interval: float = 0.25, limit_g
     """Run the child on ``model`` and return its stages, peaks and the processes at the peak.
     The child's process group is killed when the tree passes ``limit_gb`` (PSS) or the machine
     has less than 1 GB available: the machine is shared, and the OOM killer chooses no sides."""
-    from simulation.memory import estimate_peak_bytes, model_size
-    from simulation.prepare import load_simulation_config
+    from simulation.memory import model_size
+    from simulation.prepare import check_run_fits, load_simulation_config
 
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDQUANT_MEMORY_CHECK="off")  # measure past the estimate
@@ -189,8 +189,8 @@ def measure(model: str, config: Path, out: Path, interval: float = 0.25, limit_g
     size = model_size(model)
     params = size.params
     cfg = load_simulation_config(config)
-    est = estimate_peak_bytes(size, batch=cfg.server.batch_size, seq_len=cfg.data.seq_len,
-                              client_actors=max(1, int(cfg.engine.num_cpus // cfg.engine.client_cpus)))
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "model": model})
+    est = check_run_fits(cfg, memory=10**15)     # the estimate the run's own check makes
     by_kind: dict[str, list] = {}
     for kind, rss, pss in peak["procs"]:
         by_kind.setdefault(kind, []).append(round(pss / GB, 2))
