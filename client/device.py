@@ -29,10 +29,11 @@ Both ``.tflite`` files have a fixed input shape ``[LITERT_BATCH, seq_len]`` (``f
 ``fleet.json`` is written last and atomically, so a directory with a fleet.json is complete.
 The float graph is linked into the directory (``float-onnx``; a hard link, a copy across
 filesystems), or written there with external data when it is one file: ONNX Runtime maps an
-external data file without copying the weights (client.runtime.ort_session), so every process
-of a simulation -- the client actors, the server -- shares one copy of the float weights in
-memory instead of holding its own (the graph in Python, the session's copy and its prepacked
-copy; 1.3 GB per actor on SmolLM2, README "Large models"). The directory can be moved or installed elsewhere: readers pass it to ``DeviceRuntime`` explicitly instead of trusting the
+external data file, so every process of a simulation -- the client actors, the server -- shares
+one copy of the float weights in page cache instead of parsing its own into Python and copying
+it for its session (below 1 GB of weights a session still keeps a private prepacked copy:
+client.runtime.ort_session). The directory can be moved or installed elsewhere: readers pass it
+to ``DeviceRuntime`` explicitly instead of trusting the
 absolute path recorded in the bundle. Readers need numpy, json and pydantic only (torch is
 imported by ``write_device_dir`` and ``load_quant_config``, both off the scout/stats/eval path).
 """
