@@ -31,8 +31,8 @@ GB = 1e9
 #   both: RUN_BASE 4.6 GB + 1.7 W, split as on 0.5B between SERVER and ACTOR. Preparation peaked at
 #   6.7 and 16.7 GB (the estimate 7.8 and 22.2, on the safe side).
 # - SmolLM2 (W 0.54 GB), configs/memory.toml (two profiles, two actors, the default's plan and
-#   learned-range torch jobs): the run peaked at 10.8 GB in the plan round, each actor about 5 GB
-#   running the torch job: ACTOR_TORCH 5 per W. Fitted on this one small model, where the
+#   learned-range torch jobs): the run peaked at 10.0 GB in the plan round, the actors at 4.9 and
+#   4.1 GB running the torch job: ACTOR_TORCH 5 per W. Fitted on this one small model, where the
 #   libraries' fixed cost is most of it: not checked on a larger model.
 BASE_BYTES = 2.0 * GB          # interpreters, torch/ORT libraries
 PREPARE_WEIGHTS = 2.8          # torch model + the tidy float graph, then calibration and QDQ export
