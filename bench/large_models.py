@@ -133,8 +133,8 @@ def measure(model: str, config: Path, out: Path, interval: float = 0.25, limit_g
     """Run the child on ``model`` and return its stages, peaks and the processes at the peak.
     The child's process group is killed when the tree passes ``limit_gb`` (PSS) or the machine
     has less than 1 GB available: the machine is shared, and the OOM killer chooses no sides."""
-    from simulation.memory import estimate_peak_bytes, model_size
-    from simulation.prepare import load_simulation_config
+    from simulation.memory import model_size
+    from simulation.prepare import check_run_fits, load_simulation_config
 
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDQUANT_MEMORY_CHECK="off")  # measure past the estimate
@@ -189,8 +189,8 @@ def measure(model: str, config: Path, out: Path, interval: float = 0.25, limit_g
     size = model_size(model)
     params = size.params
     cfg = load_simulation_config(config)
-    est = estimate_peak_bytes(size, batch=cfg.server.batch_size, seq_len=cfg.data.seq_len,
-                              client_actors=max(1, int(cfg.engine.num_cpus // cfg.engine.client_cpus)))
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "model": model})
+    est = check_run_fits(cfg, memory=10**15)     # the estimate the run's own check makes
     by_kind: dict[str, list] = {}
     for kind, rss, pss in peak["procs"]:
         by_kind.setdefault(kind, []).append(round(pss / GB, 2))
@@ -230,6 +230,22 @@ def table(doc: dict) -> str:
     return "\n".join(rows)
 
 
+def stage_table(doc: dict, key: str, before: dict | None = None) -> str:
+    """Peak memory of the process tree (PSS) and wall time per stage of one run of a results
+    file (README "Large models"), beside the same stage of the same run in ``before`` when given.
+    A stage runs from its progress message to the next one: "round N job done" is round N+1."""
+    def stages(d):
+        return {st["stage"]: st for st in reversed(d["models"][key]["stages"])} if d else {}
+    old = stages(before)
+    rows = [f"| stage of {key} | " + ("before | " if before else "") + "peak (PSS) | wall |",
+            "|---|" + ("---|" if before else "") + "---|---|"]
+    for st in doc["models"][key]["stages"]:
+        was = old.get(st["stage"])
+        prev = (f"{was['peak_pss_gb']:.2f} GB | " if was else "- | ") if before else ""
+        rows.append(f"| {st['stage']} | {prev}{st['peak_pss_gb']:.2f} GB | {st['wall_s']:.0f} s |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     quiet_env()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -242,9 +258,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "large_models.json")
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
     ap.add_argument("--table", action="store_true", help="print the README table of --out and stop")
+    ap.add_argument("--stages", metavar="MODEL@CONFIG", help="with --table: that run's table of stages instead")
+    ap.add_argument("--before", type=Path, help="with --stages: a results file whose same run goes beside it")
     args = ap.parse_args(argv)
     if args.table:
-        return print(table(json.loads(args.out.read_text())))
+        doc = json.loads(args.out.read_text())
+        before = json.loads(args.before.read_text()) if args.before else None
+        return print(stage_table(doc, args.stages, before) if args.stages else table(doc))
     if args.child:
         config, out, model = args.child
         return child(Path(config), Path(out), model)

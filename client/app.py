@@ -68,7 +68,10 @@ Error reply (nothing patched, nothing changed): ``{"error": ConfigRecord({"code"
 Caches (module level, so a process serving many nodes loads each model once): DeviceRuntime and
 DeviceProfile per (device-dir, profile), the instrumented torch model per (device-dir, profile)
 (built only when a torch lsq job arrives: torch is imported only then), node data per (device-dir,
-data file). The device path (query, scout, stats, eval, runtime lsq) imports no torch.
+data file). The device path (query, scout, stats, eval, runtime lsq) imports no torch. A process
+holds only what the current job needs (:func:`release_for`): the float capture for scout, stats
+and runtime lsq, the integer sessions for eval, the torch model for plan and torch lsq; the rest
+is dropped when a job of another kind arrives and built again when needed.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ from flwr.clientapp import ClientApp
 from client import device, jobs
 from client.profiles import DeviceProfile, MemoryBudgetError, plan_batch
 from client.learn_runtime import learn_ranges_runtime, runtime_keys
-from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_path
+from client.runtime import DeviceRuntime, FloatCapture, PatchRefused, qparams_path, release_memory
 from quant.learn_config import LearnConfig
 from quant.qparams import load_qparams
 from quant import dp, private_scout
@@ -126,6 +129,35 @@ def clear_caches() -> None:
     with _LOCK:
         for c in (_RUNTIMES, _CAPTURES, _PROFILES, _INSTALLED, _TORCH, _DATA):
             c.clear()
+
+
+def release_for(job: str, learn_method: str | None = None, runtime_key: tuple[str, str] | None = None) -> None:
+    """Drop what a ``job`` does not use (issue 19, goal 6: a simulation actor serving nodes of two
+    profiles held both integer sessions, the float graph's capture session and a torch model at
+    once, 7 GB on SmolLM2): the torch model unless the job is plan or torch lsq, the float
+    captures unless it is scout, stats or runtime lsq, the integer sessions unless it is eval,
+    and then every session but that of ``runtime_key`` (device dir, profile), the job's own.
+    Rounds run one job kind, so a process rebuilds the capture and the torch model at most once
+    per round; an eval round rebuilds a session when its nodes change profile."""
+    torch_job = job == "plan" or (job == "lsq" and learn_method != "runtime")
+    capture_job = job in ("scout", "stats") or (job == "lsq" and learn_method == "runtime")
+    freed = False
+    with _LOCK:
+        if not torch_job and _TORCH:
+            _TORCH.clear()
+            freed = True
+        if not capture_job and any(isinstance(c, FloatCapture) for c in _CAPTURES.values()):
+            for key in [k for k, c in _CAPTURES.items() if isinstance(c, FloatCapture)]:
+                del _CAPTURES[key]
+            freed = True
+        for key, rt in _RUNTIMES.items():
+            if not isinstance(rt, DeviceRuntime):
+                continue
+            session = job != "eval" or key != runtime_key
+            freed |= (not capture_job and rt._capture is not None) or (session and rt._session is not None)
+            rt.release(session=session, capture=not capture_job)
+    if freed:
+        release_memory()
 
 
 def _cached(cache: dict, key, load):
@@ -447,6 +479,7 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
     data = node_data(node)
     seqs = _sequences(data, "test" if ins.job == "eval" else "train", node)
 
+    release_for(ins.job, learn.method if learn is not None else None, (node.device_dir, node.profile))
     rt = get_runtime(node.device_dir, node.profile)
     if ins.job == "lsq" and learn.method == "runtime":
         if profile.runtime != "onnxruntime":

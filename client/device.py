@@ -4,8 +4,8 @@ one writer on the export side, and the readers a node uses to find its profile, 
     <device-dir>/fleet.json                 {"format": "fedquant.fleet/1", "nodes": {"<pid>": {"profile",
                                              "data": "clients/<pid>.npz"}}, "profiles": [...],
                                              "torch-model": "torch", "float-onnx": "float.onnx"}
-    <device-dir>/float.onnx                 the float graph statistics are captured on (shared; with
-                                             float.onnx.data past 1 GB, quant.onnxfile)
+    <device-dir>/float.onnx                 the float graph statistics are captured on (shared), its
+                                             weights always in float.onnx.data (quant.onnxfile)
     <device-dir>/clients/<pid>.npz          "train" and "test": int64 token ids [N, T], no pickle
     <device-dir>/<profile>/model.onnx       client.runtime device bundle (+ .names.json, .weights.npz,
                                              .qparams.safetensors, .device.json)
@@ -28,7 +28,12 @@ Both ``.tflite`` files have a fixed input shape ``[LITERT_BATCH, seq_len]`` (``f
 
 ``fleet.json`` is written last and atomically, so a directory with a fleet.json is complete.
 The float graph is linked into the directory (``float-onnx``; a hard link, a copy across
-filesystems) so that the directory can be moved or installed elsewhere: readers pass it to ``DeviceRuntime`` explicitly instead of trusting the
+filesystems), or written there with external data when it is one file: ONNX Runtime maps an
+external data file, so every process of a simulation -- the client actors, the server -- shares
+one copy of the float weights in page cache instead of parsing its own into Python and copying
+it for its session (below 1 GB of weights a session still keeps a private prepacked copy:
+client.runtime.ort_session). The directory can be moved or installed elsewhere: readers pass it
+to ``DeviceRuntime`` explicitly instead of trusting the
 absolute path recorded in the bundle. Readers need numpy, json and pydantic only (torch is
 imported by ``write_device_dir`` and ``load_quant_config``, both off the scout/stats/eval path).
 """
@@ -138,7 +143,7 @@ def write_device_dir(out, *, model, profiles: Mapping[str, DeviceProfile], quant
 
     from client.runtime import save_device_bundle
     from quant.instrument import QuantConfig, quant_points
-    from quant.onnxfile import link_onnx, save_onnx
+    from quant.onnxfile import data_file, link_onnx, load_onnx, save_onnx
 
     out = Path(out)
     names = sorted(profiles)
@@ -186,9 +191,12 @@ def write_device_dir(out, *, model, profiles: Mapping[str, DeviceProfile], quant
     stale.unlink(missing_ok=True)  # a half-rewritten directory must not look complete
     fl = out / FLOAT_ONNX
     if isinstance(float_onnx, onnx.ModelProto):
-        save_onnx(float_onnx, fl)
+        save_onnx(float_onnx, fl, external_threshold=0)
     elif Path(float_onnx).resolve() != fl.resolve():
-        link_onnx(float_onnx, fl)  # hard links: the float graph is stored once (2-7 GB)
+        if data_file(float_onnx).is_file():
+            link_onnx(float_onnx, fl)  # hard links: the float graph is stored once (2-7 GB)
+        else:                          # one file: its weights go to a data file, to be mapped
+            save_onnx(load_onnx(float_onnx), fl, external_threshold=0)
     for i, name in enumerate(names):  # the float weights once, linked by the other profiles
         save_device_bundle(model, qparams[name], model_path(out, name), float_onnx=fl,
                            weights_from=model_path(out, names[0]) if i else None)

@@ -30,8 +30,8 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
 
     import onnxruntime as ort
 
-    from quant.onnxfile import (EXTERNAL_THRESHOLD, data_file, has_external_data, load_onnx, save_onnx,
-                                tensor_bytes)
+    from quant.onnxfile import (EXTERNAL_THRESHOLD, data_file, external_bytes, has_external_data, load_onnx,
+                                save_onnx, tensor_bytes)
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -63,11 +63,16 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
     # A model with external data is mapped from its file by ORT: without prepacking (which copies
     # every weight into private memory) its weights stay file pages, shared by every process that
     # maps the same file and reclaimable. Measured on a 1 GiB MatMul: 1.05 GB private with
-    # prepacking, 1.02 GB of clean file pages without. Small one-file models keep prepacking.
+    # prepacking, 1.02 GB of clean file pages without. Only past EXTERNAL_THRESHOLD bytes of
+    # weights: below it (SmolLM2's float graph, which the device directory always keeps with
+    # external data) a session prepacks as a one-file session does, since without prepacking
+    # MLAS sums in another order (SmolLM2's float perplexity moved in its 7th digit, and a run's
+    # statistics with it): the same bits as before, the graph's weights still shared.
     no_prepack = {"session.disable_prepacking": "1"}
     if not isinstance(model, onnx.ModelProto):
-        external = data_file(model).is_file()
-        return ort.InferenceSession(os.fspath(model), _options(so, no_prepack if external else {}),
+        data = data_file(model)
+        large = data.is_file() and data.stat().st_size > EXTERNAL_THRESHOLD
+        return ort.InferenceSession(os.fspath(model), _options(so, no_prepack if large else {}),
                                     providers=providers)
     if has_external_data(model):
         if external_dir is None:
@@ -75,12 +80,27 @@ def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all"
                              "pass external_dir, the directory that holds them")
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                     os.fspath(external_dir))
-        return ort.InferenceSession(model.SerializeToString(), _options(so, no_prepack), providers=providers)
+        large = external_bytes(model) > EXTERNAL_THRESHOLD
+        return ort.InferenceSession(model.SerializeToString(), _options(so, no_prepack if large else {}),
+                                    providers=providers)
     if tensor_bytes(model) <= EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="fedquant-ort-") as tmp:  # ORT keeps its mapping of
         path = save_onnx(model, Path(tmp) / "model.onnx")                  # the removed file
         return ort.InferenceSession(str(path), _options(so, no_prepack), providers=providers)
+
+
+def release_memory() -> None:
+    """Collect what was dropped and give the freed heap back to the system: glibc keeps freed
+    pages otherwise, and a process then carries its largest step's memory to the end."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _options(so, entries: dict):
@@ -246,6 +266,24 @@ class _WeightsOnly(Mapping):
         return len(self.linears)
 
 
+class _Restricted(Mapping):
+    """``linears`` restricted to ``paths``, still read on access (a patch of a few Linears)."""
+
+    def __init__(self, linears: Mapping, paths):
+        self.linears, self.paths = linears, list(paths)
+
+    def __getitem__(self, path: str):
+        if path not in self.paths:
+            raise KeyError(path)
+        return self.linears[path]
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
 def load_float_linears(path) -> FloatLinears:
     """The float weights of a bundle (``weights_path``), read on access (``FloatLinears``)."""
     return FloatLinears(path)
@@ -320,9 +358,9 @@ class DeviceRuntime:
         # where the patchable initializers are; their values are read from the model when a patch
         # compares them (a second copy of every integer weight cost W/4 per runtime)
         self._index = {t.name: i for i, t in enumerate(self.model.graph.initializer) if t.name in self.name_map}
-        self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
+        self._session = None   # built on first use (``session``): statistics jobs never need it
         # the float graph is the same for every profile of a model: a process can share one
-        # FloatCapture between its runtimes (it holds the float graph and its session: ~1 GB on SmolLM2)
+        # FloatCapture between its runtimes (it holds the float graph and its session)
         self._capture = capture
         self.last_patch: dict = {}
 
@@ -374,10 +412,10 @@ class DeviceRuntime:
             out[key] = smoothed_weight_point(self.linears[path][0], m, self.qparams.points[key].spec)
         return out
 
-    def _affected(self, merged: QParams) -> tuple[QParams, dict]:
+    def _affected(self, merged: QParams) -> tuple[QParams, "Mapping"]:
         """The part of ``merged`` that differs from the held QParams, widened to whole Linears
         (a changed ``s_x`` moves the int32 bias, a changed ``s_w`` the weight and the bias), and
-        those Linears' float weights: what ``qdq_values`` must recompute."""
+        those Linears' float weights, read on access: what ``iter_qdq_values`` must recompute."""
         held = self.qparams
 
         def same(a, b):
@@ -390,57 +428,72 @@ class DeviceRuntime:
         points = {k: p for k, p in merged.points.items() if k.rsplit(":", 1)[0] in paths}
         sub = QParams(points, merged.model, merged.version,
                       {n: m for n, m in merged.smoothing.items() if n in paths}, dict(merged.meta))
-        return sub, {p: self.linears[p] for p in paths if p in self.linears}
+        return sub, _Restricted(self.linears, [p for p in self.linears if p in paths])
+
+    def _changed_initializers(self, sub: QParams, linears) -> dict:
+        """``{name: TensorProto}`` of the initializers whose values ``sub`` changes, computed one
+        Linear at a time (its float weight read, its values compared with the model's, only the
+        changed ones kept), so a patch never holds every float weight, nor every integer one
+        twice. PatchRefused for values the model has no place for."""
+        from onnx import numpy_helper
+
+        from quant.qdq import iter_qdq_values
+
+        changed, missing = {}, []
+        try:
+            for values, _ in iter_qdq_values(sub, linears, self.u8_weights):
+                for n, v in values.items():
+                    if n not in self._index:
+                        missing.append(n)
+                        continue
+                    old = self._initializer(n)
+                    if v.shape != old.shape:
+                        raise PatchRefused(f"QParams refused: {n}: shape {v.shape} != {old.shape}")
+                    v = np.asarray(v).astype(old.dtype)
+                    if not np.array_equal(v, old):
+                        changed[n] = numpy_helper.from_array(v, n)
+                del values
+        except PatchRefused:
+            raise
+        except ValueError as e:
+            raise PatchRefused(f"QParams refused: {e}") from None
+        if missing:
+            raise PatchRefused(f"QParams refused: they need initializers the model lacks: {sorted(missing)[:5]}")
+        return changed
 
     def patch(self, qparams: QParams) -> dict:
         """Load ``qparams`` (all points or some; keys must be the model's, version not older):
         overwrite the changed scales/zero-points and re-quantize the weights and int32 biases
-        that depend on them, then rebuild the session. All checks run first and a failure while
-        rebuilding restores the old initializers, so a refused patch changes nothing. Returns
-        timings ``{changed, compute_s, patch_s, session_s, total_s}`` (also ``last_patch``)."""
-        from quant.qdq import patch_initializers, qdq_values
+        that depend on them, then rebuild the session if the runtime has one (else it is built
+        on first use). All checks run first and a failure while rebuilding keeps the old model
+        and session, so a refused patch changes nothing. Returns
+        timings ``{changed, compute_s, patch_s, session_s, total_s}`` (also ``last_patch``).
+
+        Memory: the new model is built beside the old one (``quant.qdq.with_initializers``), one
+        Linear's float weight at a time; the old session goes before the new one is made."""
+        from quant.qdq import with_initializers
 
         t0 = time.perf_counter()
         merged = self._check(qparams)
         if any(p.spec != self.qparams.points[k].spec for k, p in merged.points.items() if k in self.qparams.points):
             return self._rebuild(merged, t0)
         sub, linears = self._affected(merged)
-        try:  # only the Linears (and attention operands) whose parameters changed are recomputed
-            values, _ = qdq_values(sub, linears, self.u8_weights)
-        except ValueError as e:
-            raise PatchRefused(f"QParams refused: {e}") from None
-        missing = sorted(set(values) - set(self._index))
-        if missing:
-            raise PatchRefused(f"QParams refused: they need initializers the model lacks: {missing[:5]}")
-        diff = {}
-        for n, v in values.items():
-            old = self._initializer(n)
-            if v.shape != old.shape:
-                raise PatchRefused(f"QParams refused: {n}: shape {v.shape} != {old.shape}")
-            v = np.asarray(v).astype(old.dtype)
-            if not np.array_equal(v, old):
-                diff[n] = v
+        changed = self._changed_initializers(sub, linears)
         t1 = time.perf_counter()
-        if not diff:  # same values (e.g. a version bump only): keep the session
+        n_changed = len(changed)
+        if not changed:  # same values (e.g. a version bump only): keep the session
             self.qparams = merged
             self.last_patch = {"changed": 0, "compute_s": t1 - t0, "patch_s": 0.0,
                                "session_s": 0.0, "total_s": t1 - t0}
             return self.last_patch
-        saved = {n: self._initializer(n) for n in diff}
-        patch_initializers(self.model, diff)
-        self.model = compact(self.model)  # else every patch keeps the replaced weights (protobuf)
+        model = with_initializers(self.model, changed)   # same initializers in the same order: _index holds
+        del changed
         t2 = time.perf_counter()
-        self.session = None  # the old session goes before the new one is built: one at a time in memory
-        try:
-            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
-        except Exception:
-            patch_initializers(self.model, saved)
-            self.model = compact(self.model)
-            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
-            raise
+        self._swap_session(model)
+        self.model = model
         t3 = time.perf_counter()
         self.qparams = merged
-        self.last_patch = {"changed": len(diff), "compute_s": t1 - t0, "patch_s": t2 - t1,
+        self.last_patch = {"changed": n_changed, "compute_s": t1 - t0, "patch_s": t2 - t1,
                            "session_s": t3 - t2, "total_s": t3 - t0}
         return self.last_patch
 
@@ -463,20 +516,43 @@ class DeviceRuntime:
         if set_weight_storage(model, self.u8_weights):
             model = compact(model)
         t1 = time.perf_counter()
-        old_session, self.session = self.session, None     # one session at a time in memory
-        del old_session
-        try:
-            session = ort_session(model, threads=self.threads, weight_storage=None)
-        except Exception:
-            self.session = ort_session(self.model, threads=self.threads, weight_storage=None)
-            raise
-        self.model, self.session, self.qparams = model, session, merged
+        self._swap_session(model)
+        self.model, self.qparams = model, merged
         self.name_map = {k: tuple(v) for k, v in name_map.items()}
         self._index = {t.name: i for i, t in enumerate(self.model.graph.initializer) if t.name in self.name_map}
         t2 = time.perf_counter()
         self.last_patch = {"changed": len(self._index), "rebuilt": 1, "compute_s": t1 - t0, "patch_s": 0.0,
                            "session_s": t2 - t1, "total_s": t2 - t0}
         return self.last_patch
+
+    def _swap_session(self, model) -> None:
+        """The session of ``model`` in place of the current one, built only if there is one (a
+        runtime that has only served statistics has none to rebuild). The old session goes before
+        the new one is built, one at a time in memory; if ORT cannot build it, the old one comes
+        back and the error is raised (the caller then keeps its old model)."""
+        if self._session is None:
+            return
+        self._session = None
+        try:
+            self._session = ort_session(model, threads=self.threads, weight_storage=None)
+        except Exception:
+            self._session = ort_session(self.model, threads=self.threads, weight_storage=None)
+            raise
+
+    @property
+    def session(self):
+        """The ORT session of the integer model, built on first use."""
+        if self._session is None:
+            self._session = ort_session(self.model, threads=self.threads, weight_storage=None)
+        return self._session
+
+    def release(self, session: bool = False, capture: bool = False) -> None:
+        """Drop the integer session and/or this runtime's reference to the float capture (both are
+        built again on use): what a process running another kind of job does not need to hold."""
+        if session:
+            self._session = None
+        if capture:
+            self._capture = None
 
     def _initializer(self, name: str) -> np.ndarray:
         from onnx import numpy_helper

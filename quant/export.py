@@ -241,7 +241,7 @@ def export_float_onnx(model, path, *, seq_len: int = 16, batch: int = 2, dynamic
     is written with external data (``quant.onnxfile``).
     """
     mp = float_graph(model, seq_len=seq_len, batch=batch, dynamic=dynamic, opset=opset, optimize=optimize)
-    return save_onnx(mp, path, external_threshold=external_threshold, keep=False)
+    return save_onnx(mp, path, external_threshold=external_threshold)
 
 
 def embedding_gathers(mp: onnx.ModelProto) -> list[tuple[object, str]]:

@@ -52,6 +52,11 @@ def tensor_bytes(mp: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in _tensors(mp))
 
 
+def external_bytes(mp: onnx.ModelProto) -> int:
+    """Bytes of the model's tensors that live in data files (their ``length`` entries)."""
+    return sum(int(e.value) for t in _tensors(mp) if is_external(t) for e in t.external_data if e.key == "length")
+
+
 def is_external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL
 
@@ -61,17 +66,17 @@ def has_external_data(mp: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in _tensors(mp))
 
 
-def save_onnx(mp: onnx.ModelProto, path, *, external_threshold: int = EXTERNAL_THRESHOLD,
-              keep: bool = True) -> Path:
+def save_onnx(mp: onnx.ModelProto, path, *, external_threshold: int = EXTERNAL_THRESHOLD) -> Path:
     """Write ``mp`` to ``path`` atomically: one file when its tensors take at most
     ``external_threshold`` bytes, else the graph plus ``data_file(path)`` (module docstring).
 
-    ``mp`` is left as it was: each tensor's bytes are moved to the data file one at a time and put
-    back from it after the graph is written, so the extra memory is one tensor, not the model.
-    ``keep=False`` (the caller drops ``mp`` next) leaves it referring to the written data file
-    instead: putting the bytes back costs the model's size again (protobuf does not reuse the
-    memory a cleared field held), which killed a 1.5B export. A stale data file of an earlier,
-    larger write is removed when the model now fits in one file.
+    ``mp`` is not changed, and the extra memory is one tensor, not the model: the data file is
+    written from ``mp``'s initializers one at a time, the graph file from a copy of ``mp`` whose
+    large initializers only name their place in it. (Moving each tensor's bytes out of ``mp`` and
+    back, as this did before, cost the model's size again: protobuf does not reuse the memory a
+    cleared field held, which killed a 1.5B export.) Initializers of subgraphs stay in the graph
+    file. A stale data file of an earlier, larger write is removed when the model now fits in
+    one file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,50 +89,49 @@ def save_onnx(mp: onnx.ModelProto, path, *, external_threshold: int = EXTERNAL_T
         data.unlink(missing_ok=True)
         return path
 
-    moved: list[tuple[TensorProto, int, int]] = []
+    graph = onnx.ModelProto()
+    copy_fields(mp, graph, skip=("graph",))
+    copy_fields(mp.graph, graph.graph, skip=("initializer",))
 
     def write_data(f) -> None:
         offset = 0
-        for t in _tensors(mp):
+        for t in mp.graph.initializer:
+            ref = graph.graph.initializer.add()
             if not t.HasField("raw_data") or t.ByteSize() < EXTERNAL_MIN_TENSOR:
+                ref.CopyFrom(t)
                 continue
             raw = t.raw_data
             pad = -offset % ALIGN
             f.write(b"\0" * pad)
             offset += pad
             f.write(raw)
-            moved.append((t, offset, len(raw)))
+            copy_fields(t, ref, skip=("raw_data",))
+            ref.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                ref.external_data.add(key=k, value=v)
             offset += len(raw)
-            t.ClearField("raw_data")
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", data.name), ("offset", str(offset - len(raw))), ("length", str(len(raw)))):
-                t.external_data.add(key=k, value=v)
             del raw
 
-    try:
-        atomic_write_with(data, write_data)
-        blob = mp.SerializeToString()
-        if len(blob) > PROTOBUF_LIMIT:
-            raise ValueError(f"{path}: the graph alone is {len(blob)} bytes, past protobuf's limit")
-        atomic_write_bytes(path, blob)
-    except BaseException:
-        _restore(moved, data)
-        raise
-    if keep:
-        _restore(moved, data)
+    atomic_write_with(data, write_data)
+    blob = graph.SerializeToString()
+    if len(blob) > PROTOBUF_LIMIT:
+        raise ValueError(f"{path}: the graph alone is {len(blob)} bytes, past protobuf's limit")
+    atomic_write_bytes(path, blob)
     return path
 
 
-def _restore(moved, data: Path) -> None:
-    """Put the bytes ``save_onnx`` moved out back into their tensors (from the file it wrote)."""
-    if not moved:
-        return
-    with open(data, "rb") as f:
-        for t, offset, length in moved:
-            f.seek(offset)
-            del t.external_data[:]
-            t.ClearField("data_location")
-            t.raw_data = f.read(length)
+def copy_fields(src, dst, skip=()) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` but those named in ``skip``
+    (a model without its weights, to add them one at a time)."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
 def compact(mp: onnx.ModelProto) -> onnx.ModelProto:

@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
 from quant.export import (MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
                           linear_paths, matmul_paths, node_tag, prune_unused)
-from quant.onnxfile import EXTERNAL_THRESHOLD, load_external, load_onnx, save_onnx
+from quant.onnxfile import EXTERNAL_THRESHOLD, copy_fields, load_external, load_onnx, save_onnx
 from quant.qparams import QParams, atomic_write_bytes
 from quant.spec import QuantSpec, weight_spec
 
@@ -135,15 +135,29 @@ def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = False
     overwrites the initializers by name (``patch_initializers``): weights and the int32 bias
     follow every change of ``s_x`` or ``s_w`` (a stale bias drifts, design.md section 3)."""
     values, names = {}, {}
-    for path, (w, b) in linears.items():
+    for v, n in iter_qdq_values(qparams, linears, u8_weights):
+        values.update(v)
+        names.update(n)
+    return values, names
+
+
+def iter_qdq_values(qparams: QParams, linears, u8_weights: bool = False):
+    """``qdq_values`` one Linear at a time: yields ``(values, names)`` of each Linear of
+    ``linears`` (a mapping read on access: ``client.runtime.FloatLinears`` reads a weight from
+    its file only then), then of the attention operands. A patch that consumes them as they come
+    never holds every float or integer weight of the model at once (a 1.5B model's float
+    weights are 7 GB)."""
+    for path in linears:
+        w, b = linears[path]
         p = _plan(path, w, b, qparams, u8_weights)
-        values.update(p.values)
-        names.update(p.names)
+        del w, b
+        yield p.values, p.names
+    values, names = {}, {}
     for key in qparams.points:  # attention matmul operands
         path, kind = key.rsplit(":", 1)
         if path not in linears:
             _act_point(f"{path}.{kind}", key, qparams, values, names)
-    return values, names
+    yield values, names
 
 
 # ------------------------------------------------------------------------ token embedding
@@ -395,7 +409,7 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding, nbits_barrier)
     if float_onnx is not None and not isinstance(float_onnx, onnx.ModelProto):
         load_external(mp, Path(float_onnx).parent)  # the weights of Linears left float, if any
-    save_onnx(mp, path, external_threshold=external_threshold, keep=False)
+    save_onnx(mp, path, external_threshold=external_threshold)
     atomic_write_bytes(names_path(path), json.dumps(
         {k: list(v) for k, v in sorted(name_map.items())}, indent=1).encode())
     return name_map
@@ -471,6 +485,27 @@ def patch_initializers(mp: onnx.ModelProto, values: dict[str, np.ndarray]) -> No
         if a.shape != ref.shape:
             raise ValueError(f"{name}: shape {a.shape} != {ref.shape}")
         mp.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(a.astype(ref.dtype), name))
+
+
+def with_initializers(mp: onnx.ModelProto, values: dict[str, TensorProto]) -> onnx.ModelProto:
+    """A new model: ``mp`` with the initializers named in ``values`` replaced by them (their
+    ONNX data type and shape checked), ``mp`` untouched. Built one tensor at a time into a fresh
+    message, so a patch costs the new model, not the old one twice: replacing tensors inside
+    ``mp`` keeps the replaced ones' memory until ``mp`` is freed (protobuf's arena), and a
+    copy to shed it is the model once more. ``values`` is emptied as the tensors move in."""
+    out = onnx.ModelProto()
+    copy_fields(mp, out, skip=("graph",))
+    copy_fields(mp.graph, out.graph, skip=("initializer",))
+    for t in mp.graph.initializer:
+        new = values.pop(t.name, None)
+        if new is not None and (new.data_type != t.data_type or list(new.dims) != list(t.dims)):
+            raise ValueError(f"{t.name}: {list(new.dims)} of type {new.data_type} replaces "
+                             f"{list(t.dims)} of type {t.data_type}")
+        out.graph.initializer.add().CopyFrom(t if new is None else new)
+        del new
+    if values:
+        raise KeyError(f"no initializers named {sorted(values)[:5]}")
+    return out
 
 
 def activation_inputs(mp: onnx.ModelProto) -> dict[str, str]:

@@ -119,7 +119,9 @@ class ServerEval:
     (``fidelity_summary``) on the held-out roles, and on the out-of-domain text under ``"ood"``
     when ``ood`` ids are given. The float graph runs in lockstep with the quantized model, a batch
     at a time (exact KL; a cached top-k reference was 12% low on SmolLM2, README "Fidelity"); its
-    session lives for one call, so the server does not hold a second model between evaluations."""
+    session lives for one call, so the server does not hold a second model between evaluations.
+    Memory (issue 19): one profile's runtime at a time (another profile's evaluation loads its own
+    from the device directory), and no integer session between calls."""
 
     def __init__(self, device_dir: Path, evals: np.ndarray, threads: int, batch_size: int = 8,
                  ood: np.ndarray | None = None, seed: int = 0):
@@ -129,9 +131,12 @@ class ServerEval:
         self._float, self.float_onnx = None, None
 
     def runtime(self, profile: str):
-        from client.runtime import DeviceRuntime
+        from client.runtime import DeviceRuntime, release_memory
 
         if profile not in self.runtimes:
+            if self.runtimes:
+                self.runtimes.clear()
+                release_memory()
             self.runtimes[profile] = DeviceRuntime(self.device_dir / profile / "model.onnx", threads=self.threads)
             self.float_onnx = self.float_onnx or self.runtimes[profile].float_onnx
         return self.runtimes[profile]
@@ -150,6 +155,8 @@ class ServerEval:
         return {"heldout": self.evals, **({"ood": self.ood} if self.ood is not None and len(self.ood) else {})}
 
     def __call__(self, profile: str, qparams: QParams) -> dict:
+        from client.runtime import release_memory
+
         rt = self.runtime(profile)
         if int(qparams.version) < int(rt.qparams.version):   # a reference evaluated after the run
             qparams = QParams(qparams.points, qparams.model, rt.qparams.version, qparams.smoothing, qparams.meta)
@@ -165,6 +172,8 @@ class ServerEval:
                     out[name] = res
         finally:
             self._float = None                     # the float session lives for one evaluation
+            rt.release(session=True)               # and the integer one too
+            release_memory()
         return out
 
 

@@ -7,8 +7,8 @@ tree of ``fedquant simulate`` (server, Ray, client actors); ``check_fits`` refus
 estimate passes the machine's memory, with the estimate and the reason.
 
 The coefficients are measured, not derived: ``bench/large_models.py`` on Qwen2.5 0.5B and
-DeepSeek-R1-Distill-Qwen-1.5B of real sizes (random weights; ``bench/results/large_models.json``,
-README "Large models"). They are float32 bytes of weights (``4 * params``) per process role,
+DeepSeek-R1-Distill-Qwen-1.5B of real sizes (random weights) and on SmolLM2 with the default's
+jobs (``bench/results/large_models.json``, README "Large models"). They are float32 bytes of weights (``4 * params``) per process role,
 plus the logits of a batch, plus a fixed base (Python, torch, ONNX Runtime and Ray's processes).
 """
 
@@ -20,21 +20,26 @@ from pathlib import Path
 
 GB = 1e9
 
-# Peak of the process tree = BASE + weight bytes x (PREPARE or RUN) + logits bytes x LOGITS, the
-# larger of preparation and run. Fitted on bench/results/large_models.json (configs/large.toml:
-# one profile, one client actor at a time, no learned-range round), weights W = 4 x parameters:
-# - Qwen2.5-0.5B (W 1.98 GB), complete: preparation peaked at 7.6 GB (the export), the run at
-#   13.7 GB during the evaluation round (server 7.9 GB, its evaluation runtime being patched;
-#   the client actor 5.4 GB): PREPARE 2.8, SERVER 3.0, ACTOR 2.75 (per W, over BASE).
-# - DeepSeek-R1-Distill-Qwen-1.5B (W 7.1 GB): preparation peaked at 16.6 GB (2.1 W + BASE: the
-#   estimate says 21.9, on the safe side); the run was killed by the bench past 21.0 GB in its
-#   evaluation round (the actor alone 16.3 GB): the estimate, 43 GB, refuses it on this 25 GB
-#   machine, which the measurement agrees with, though by how much is unmeasured.
-# A config with several profiles per actor or learned-range (torch) rounds needs more: not fitted.
-BASE_BYTES = 2.0 * GB          # interpreters, torch/ORT libraries, Ray's raylet/GCS/dashboard
+# Peak of the process tree: preparation BASE + PREPARE x W, the run RUN_BASE + (SERVER + ACTOR x
+# actors) x W, each + LOGITS x the logits of a batch; the larger of the two. W = 4 x parameters
+# (float32 weights). Fitted on bench/results/large_models.json, after issue 19's runtime cuts (an
+# actor holds only its current job's models, the float graph mapped from one file, a patch one
+# Linear at a time):
+# - Qwen2.5-0.5B (W 1.98 GB) and DeepSeek-R1-Distill-Qwen-1.5B (W 7.1 GB), configs/large.toml (one
+#   profile, one client actor at a time, no torch job): the runs peaked at 8.3 and 16.1 GB in the
+#   evaluation round (on 0.5B the server 5.8 GB, evaluating, the actor 2.1 GB), a line through
+#   both: RUN_BASE 4.6 GB + 1.7 W, split as on 0.5B between SERVER and ACTOR. Preparation peaked at
+#   6.7 and 16.7 GB (the estimate 7.8 and 22.2, on the safe side).
+# - SmolLM2 (W 0.54 GB), configs/memory.toml (two profiles, two actors, the default's plan and
+#   learned-range torch jobs): the run peaked at 10.0 GB in the plan round, the actors at 4.9 and
+#   4.1 GB running the torch job: ACTOR_TORCH 5 per W. Fitted on this one small model, where the
+#   libraries' fixed cost is most of it: not checked on a larger model.
+BASE_BYTES = 2.0 * GB          # interpreters, torch/ORT libraries
 PREPARE_WEIGHTS = 2.8          # torch model + the tidy float graph, then calibration and QDQ export
-SERVER_WEIGHTS = 3.0           # server: evaluation runtime per profile while it is patched
-ACTOR_WEIGHTS = 2.75           # per client actor: float capture session + integer runtime + patch
+RUN_BASE_BYTES = 4.6 * GB      # the server, Ray's raylet/GCS and the actors' interpreters and arenas
+SERVER_WEIGHTS = 1.2           # server: float session + the evaluation runtime being patched
+ACTOR_WEIGHTS = 0.55           # per client actor: the integer runtime being patched, or the capture
+ACTOR_TORCH_WEIGHTS = 5.0      # per client actor in a torch job (plan, torch lsq): model, FIT/LSQ state
 LOGITS_COPIES = 4.0            # logits of a batch: ORT output, log-softmax, gathers (not fitted)
 RAY_KILL_FRACTION = 0.95       # Ray's memory monitor kills workers past this share of the machine
 
@@ -110,14 +115,17 @@ def model_size(name: str) -> ModelSize:
     raise FileNotFoundError(f"no model {name!r} to size (see simulation.models.load_model)")
 
 
-def estimate_peak_bytes(size: ModelSize, *, batch: int, seq_len: int, client_actors: int) -> dict:
+def estimate_peak_bytes(size: ModelSize, *, batch: int, seq_len: int, client_actors: int,
+                        torch_jobs: bool = False) -> dict:
     """``{"peak", "prepare", "run", "logits_batch"}`` in bytes: the peak of the process tree of a
     simulation of ``size`` with evaluation/statistics batches of ``batch`` x ``seq_len`` tokens and
-    ``client_actors`` Ray actors at once (module docstring for the coefficients)."""
+    ``client_actors`` Ray actors at once, ``torch_jobs`` when its schedule has plan or torch
+    learned-range rounds (module docstring for the coefficients)."""
     w = size.weight_bytes
     logits = 4 * batch * seq_len * size.vocab
+    actor = ACTOR_TORCH_WEIGHTS if torch_jobs else ACTOR_WEIGHTS
     prepare = BASE_BYTES + PREPARE_WEIGHTS * w + LOGITS_COPIES * logits
-    run = BASE_BYTES + (SERVER_WEIGHTS + ACTOR_WEIGHTS * client_actors) * w + LOGITS_COPIES * logits
+    run = RUN_BASE_BYTES + (SERVER_WEIGHTS + actor * client_actors) * w + LOGITS_COPIES * logits
     return {"peak": int(max(prepare, run)), "prepare": int(prepare), "run": int(run), "logits_batch": int(logits)}
 
 
@@ -130,11 +138,12 @@ def machine_memory() -> int:
 
 
 def check_fits(size: ModelSize, *, batch: int, seq_len: int, client_actors: int,
-               memory: int | None = None) -> dict:
+               memory: int | None = None, torch_jobs: bool = False) -> dict:
     """The estimate (``estimate_peak_bytes``), or ModelTooLarge when it passes
     ``RAY_KILL_FRACTION`` of ``memory`` (default: this machine's), saying what would need to change."""
     memory = machine_memory() if memory is None else memory
-    est = estimate_peak_bytes(size, batch=batch, seq_len=seq_len, client_actors=client_actors)
+    est = estimate_peak_bytes(size, batch=batch, seq_len=seq_len, client_actors=client_actors,
+                              torch_jobs=torch_jobs)
     limit = RAY_KILL_FRACTION * memory
     if est["peak"] > limit:
         stage = "preparation" if est["prepare"] >= est["run"] else "the run"

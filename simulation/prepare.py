@@ -11,7 +11,6 @@ config refuses to reuse the directory.
 from __future__ import annotations
 
 import copy
-import gc
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from client.device import FLOAT_ONNX
+from client.runtime import release_memory
 from quant.qparams import QParams, atomic_write_bytes, load_qparams, save_qparams
 from server.config import OPERATIONAL
 from simulation.config import SimulationConfig, quant_config_for
@@ -245,31 +245,21 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
         float_onnx = device_dir / FLOAT_ONNX
     check_float_graph(device_dir, str(out))
     del model, tokenizer   # the run reads the device directory: the float model must not outlive this
-    gc.collect()
-    release_freed_memory()
+    release_memory()       # else the server process carries the export's heap through the whole run
     return Prepared(cfg, out, device_dir, float_onnx, initial, evals, clients, about,
                     time.perf_counter() - t0, ood=ood)
 
 
-def release_freed_memory() -> None:
-    """Give the heap pages freed by preparation back to the system (glibc keeps them otherwise, and
-    the server process then carries the export's memory through the whole run)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-def check_run_fits(cfg: SimulationConfig) -> dict:
+def check_run_fits(cfg: SimulationConfig, memory: int | None = None) -> dict:
     """``simulation.memory.check_fits`` for this config, before anything is loaded: a model that
     cannot fit is refused in a second, with the estimate and the reason, not killed after minutes."""
     from simulation.memory import check_fits, model_size
 
     actors = max(1, int(cfg.engine.num_cpus // cfg.engine.client_cpus))
+    torch_jobs = any(s.job == "plan" or (s.job == "lsq" and cfg.server.learn.method != "runtime")
+                     for s in cfg.server.schedule)
     return check_fits(model_size(cfg.model), batch=cfg.server.batch_size, seq_len=cfg.data.seq_len,
-                      client_actors=min(actors, cfg.data.clients))
+                      client_actors=min(actors, cfg.data.clients), torch_jobs=torch_jobs, memory=memory)
 
 
 def check_float_graph(device_dir: Path, where: str) -> None:

@@ -335,6 +335,38 @@ def test_model_loaded_once(dd, monkeypatch):
     assert len(capp._DATA) == 3 and not capp._TORCH  # no torch model without an lsq job
 
 
+def test_a_process_holds_only_what_the_current_job_needs_and_the_replies_do_not_change(dd):
+    """release_for (issue 19): an lsq job drops the float capture and the integer session, a
+    statistics job the torch model and the integer session, an eval job the capture and the other
+    profiles' sessions; each is built again when a job needs it, and the same instructions give
+    the same bits."""
+    qp = dd["qp"]["int8"]
+    d = str(dd["dir"].resolve())
+    stats = job_content(stats_ins(qp, version=1), "int8")
+    ev = job_content(Instruction(2, "eval", qp.with_points({}, version=1)), "int8")
+    lsq = job_content(Instruction(3, "lsq", qp.with_points({}, version=1), keys=tuple(act_keys(qp)[:4])),
+                      "int8", batch=2, learn={"steps": 2})
+    first_stats = payload(send(dd, "0", "train", stats, RecordDict()))
+    rt = capp.get_runtime(d, "int8")
+    assert rt._capture is not None and rt._session is None and capp._CAPTURES   # statistics: no integer session
+    first_eval = send(dd, "0", "evaluate", ev, RecordDict())["metrics"]
+    assert rt._capture is None and not capp._CAPTURES and rt._session is not None
+    first_lsq = payload(send(dd, "1", "train", lsq, RecordDict()))
+    assert capp._TORCH and rt._session is None and rt._capture is None
+    again_stats = payload(send(dd, "0", "train", stats, RecordDict()))
+    assert not capp._TORCH and rt._capture is not None and rt._session is None
+    again_eval = send(dd, "0", "evaluate", ev, RecordDict())["metrics"]
+    qa = dd["qp"]["a16"]                                   # an eval of another profile: one session at a time
+    assert "error" not in send(dd, "2", "evaluate", job_content(Instruction(2, "eval", qa.with_points({}, version=1)),
+                                                                "a16"), RecordDict())
+    assert rt._session is None and capp.get_runtime(d, "a16")._session is not None
+    again_lsq = payload(send(dd, "1", "train", lsq, RecordDict()))
+    assert capp.get_runtime(d, "int8") is rt                                   # the runtime itself stays
+    for a, b in ((first_stats, again_stats), (first_lsq, again_lsq)):
+        assert a[1] == b[1] and a[0].keys() == b[0].keys() and all(np.array_equal(a[0][k], b[0][k]) for k in a[0])
+    assert first_eval["nll_sum"] == again_eval["nll_sum"] and first_eval["tokens"] == again_eval["tokens"]
+
+
 def delivered(content, message_type, mid):
     """A Message as a SuperNode hands it to the ClientApp (metadata set by the SuperLink)."""
     return Message(content=content, metadata=Metadata(

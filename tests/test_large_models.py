@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from quant.onnxfile import data_file, onnx_files
 from simulation.prepare import load_simulation_config, prepare, seed_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +33,8 @@ def test_float_graph_and_float_weights_are_stored_once_per_run(prepared):
     out = prep.out
     assert prep.float_onnx == out / "device" / "float.onnx" and prep.float_onnx.is_file()
     assert not (out / "float").exists()        # the export directory was linked in, then removed
-    graphs = [p for p in out.rglob("*.onnx*") if p.name.startswith("float.onnx")]
-    assert graphs == [prep.float_onnx]
+    graphs = sorted(p for p in out.rglob("*.onnx*") if p.name.startswith("float.onnx"))
+    assert graphs == sorted(onnx_files(prep.float_onnx)) == [prep.float_onnx, data_file(prep.float_onnx)]
     profiles = sorted(prep.initial)
     weights = {_inode(out / "device" / p / "model.weights.npz") for p in profiles}
     assert len(profiles) == 2 and len(weights) == 1  # one copy of the float weights, linked

@@ -75,9 +75,8 @@ def test_save_leaves_the_model_in_memory_as_it_was(float_pair, tmp_path):
     save_onnx(mp, tmp_path / "m.onnx")
     assert not data_file(tmp_path / "m.onnx").exists()
     assert load_onnx(tmp_path / "m.onnx").SerializeToString() == before
-    # keep=False (the caller drops the model): it is left referring to the file it was written to
-    save_onnx(mp, tmp_path / "d.onnx", external_threshold=0, keep=False)
-    assert onnxfile.has_external_data(mp) and load_onnx(tmp_path / "d.onnx").SerializeToString() == before
+    save_onnx(mp, tmp_path / "d.onnx", external_threshold=0)
+    assert mp.SerializeToString() == before and load_onnx(tmp_path / "d.onnx").SerializeToString() == before
 
 
 def test_sessions_on_external_data_equal_the_one_file_session_bit_for_bit(float_pair, monkeypatch):
