@@ -49,8 +49,10 @@ Patching and the held version
     ``context.state["held"]`` (ConfigRecord ``{"version": int}``) is the QParams version the node
     last accepted; before the first it is the version the device bundle was installed with.
     eval always patches the instruction's QParams into the runtime first; scout/stats/lsq patch
-    them when their version is newer than the held one (statistics are then taken on the float
-    graph with the instruction's smoothing, which the patch installs). An instruction older than
+    them when their version is newer than the held one or than the process's runtime (which the
+    nodes an actor serves share, and which a new process loads at the installed version):
+    statistics are then taken on the float graph with the instruction's smoothing, which the patch
+    installs. An instruction older than
     the held version is refused. Every check (profile, decoding, job, version, data, memory
     budget, keys) runs before the patch, and the runtime's patch is atomic, so an error reply
     means nothing was patched and ``held`` is unchanged. (A failure of the job itself *after* an
@@ -526,7 +528,10 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
         _precheck_budget(rt, ins, seqs, batch_size, profile)
 
     patch_s = None
-    if ins.qparams.points and (ins.job == "eval" or ins.version > held):
+    # The node's held version says what it accepted; the process's runtime, shared by the nodes an
+    # actor serves (or new after a restart), may still be behind it: patch that too.
+    runtime_behind = int(rt.qparams.version) < ins.version
+    if ins.qparams.points and (ins.job == "eval" or ins.version > held or runtime_behind):
         try:
             patch_s = rt.patch(ins.qparams)["total_s"]
         except PatchRefused as e:

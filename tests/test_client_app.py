@@ -191,6 +191,22 @@ def test_scout_stats_eval_round_trip(dd):
         assert state["held"]["version"] == 3 and "arrays" not in r
 
 
+def test_a_runtime_behind_the_nodes_held_version_is_patched(dd):
+    """A node that accepted version 2 in one process, then served by another whose runtime is still
+    at the installed version (another simulation actor, or a restart), gets the same QParams in: its
+    held version alone would skip the patch and take statistics on the old ones."""
+    qp = dd["qp"]["int8"]
+    state = RecordDict()
+    first = send(dd, "0", "train", job_content(stats_ins(qp, version=2), "int8"), state)
+    assert state["held"]["version"] == 2
+    capp.clear_caches()                                   # the next job runs in another process
+    rt = capp.get_runtime(str(dd["dir"].resolve()), "int8")
+    assert rt.qparams.version < 2
+    again = send(dd, "0", "train", job_content(stats_ins(qp, version=2), "int8"), state)
+    assert rt.qparams.version == 2 and "patch_s" in again["metrics"]
+    assert payload(again)[1] == payload(first)[1]
+
+
 def test_stats_through_app_equals_direct(dd):
     ins = stats_ins(dd["qp"]["int8"])
     r = send(dd, "0", "train", job_content(ins, "int8", batch=4), RecordDict())
