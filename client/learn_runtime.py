@@ -119,9 +119,9 @@ def learn_ranges_runtime(rt: DeviceRuntime, ins: Instruction, data, config: Lear
                 hists[k] = rc.merge_weighted(hists[k], h) if k in hists else h
             del acts
         d_log_s, d_beta, before, after = {}, {}, [], []
+        found = rc.reconstruct_points(hists, pts)
         for k in keys:
-            p = pts[k]
-            r = rc.reconstruct_point(hists[k], p.scale, p.zero_point, p.spec)
+            r = found[k]
             d_log_s[k], d_beta[k] = r["delta_log_s"], r["delta_beta"]
             if not (np.isfinite(d_log_s[k]).all() and np.isfinite(d_beta[k]).all()):
                 raise FloatingPointError(f"{k}: learned delta is not finite")
