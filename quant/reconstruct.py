@@ -49,6 +49,7 @@ DEFAULT_GROUPS = 16
 DEFAULT_MARGIN = 1.0
 DEFAULT_TAIL_CAP = 4096
 _CHUNK = 1 << 20
+_HIST_VALUES = 1 << 16   # values binned at a time by observe_grouped (~800 KB of temporaries)
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,22 +147,32 @@ def observe_grouped(x, groups: tuple[np.ndarray, np.ndarray], grid: Grid,
         raise ValueError("activation has NaN values")
     k, bins = gw.shape[0], grid.bins
     energy = float(np.einsum("ij,ij->j", x2, x2).astype(np.float64) @ gw[g])
-    # bin indices in float32 (exact integers below 2^24), class offsets added before one cast
-    t = np.subtract(x2, np.float32(grid.lo))
-    t *= np.float32(bins / (grid.hi - grid.lo))
-    np.clip(t, 0, bins - 1, out=t)              # (float32 rounding at the edges; tails below)
-    np.floor(t, out=t)
-    t += (g * bins).astype(np.float32)[None, :]
-    tails_x = tails_w = np.zeros(0, np.float64)
-    if mn < grid.lo or mx >= grid.hi:
-        out = (x2 < grid.lo) | (x2 >= grid.hi)
-        r, ch = np.nonzero(out)
-        tails_x, tails_w = x2[r, ch].astype(np.float64), gw[g[ch]]
-        t[out] = k * bins                       # one extra bin, dropped
-    idx = t.astype(np.intp)
-    del t
-    counts = np.bincount(idx.reshape(-1), minlength=k * bins + 1)[:k * bins].reshape(k, bins)
-    mass = gw @ counts
+    tails = mn < grid.lo or mx >= grid.hi
+    tails_x, tails_w = [np.zeros(0, np.float64)], [np.zeros(0, np.float64)]
+    # bin indices in float32 (exact integers below 2^24), class offsets added before one cast;
+    # a few rows at a time, so that the temporaries stay in the CPU's cache (measured 1.1-1.2x
+    # faster than all at once on SmolLM2's shapes; the counts, hence the result, are the same)
+    offsets = (g * bins).astype(np.float32)[None, :]
+    lo, per_bin = np.float32(grid.lo), np.float32(bins / (grid.hi - grid.lo))
+    rows = max(1, _HIST_VALUES // c)
+    buf = np.empty((min(rows, x2.shape[0]), c), np.float32)
+    counts = np.zeros(k * bins + 1, np.intp)
+    for i in range(0, x2.shape[0], rows):
+        xb = x2[i:i + rows]
+        t = np.subtract(xb, lo, out=buf[:xb.shape[0]])
+        t *= per_bin
+        np.clip(t, 0, bins - 1, out=t)          # (float32 rounding at the edges; tails below)
+        np.floor(t, out=t)
+        t += offsets
+        if tails:
+            out = (xb < grid.lo) | (xb >= grid.hi)
+            r, ch = np.nonzero(out)
+            tails_x.append(xb[r, ch].astype(np.float64))
+            tails_w.append(gw[g[ch]])
+            t[out] = k * bins                   # one extra bin, dropped
+        counts += np.bincount(t.astype(np.intp).reshape(-1), minlength=k * bins + 1)
+    mass = gw @ counts[:k * bins].reshape(k, bins)
+    tails_x, tails_w = np.concatenate(tails_x), np.concatenate(tails_w)
     h = WeightedHist(grid, mass, *_sorted(tails_x, tails_w), mn, mx, int(x2.size), energy)
     return _capped(h, tail_cap)
 
