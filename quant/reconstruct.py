@@ -464,10 +464,10 @@ def reconstruct_points(hists: dict[str, WeightedHist], points: dict) -> dict[str
             raise ValueError(f"{k}: no values observed")
         by_spec.setdefault(points[k].spec, []).append(k)
     for spec, keys in by_spec.items():
-        keys.sort(key=lambda k: _cell_count(hists[k]))   # similar sizes pad little
+        keys.sort(key=lambda k: -_cell_count(hists[k]))  # largest first: it sizes its block; similar sizes pad little
         i = 0
         while i < len(keys):
-            per = max(1, _BLOCK_ELEMENTS // (14 * (_cell_count(hists[keys[i]]) + 1)))
+            per = max(1, _BLOCK_ELEMENTS // (14 * (_cell_count(hists[keys[i]]) + 1)))   # <= 14 candidates a sweep
             block = keys[i:i + per]
             i += len(block)
             out.update(_reconstruct_block(block, [hists[k] for k in block], [points[k] for k in block], spec))

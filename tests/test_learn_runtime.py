@@ -165,7 +165,8 @@ def _same_search(hists, points):
         ref = rc.reconstruct_point(h, p.scale, p.zero_point, p.spec)
         got = batched[k]
         assert got["range"] == ref["range"], k
-        assert np.array_equal(got["delta_log_s"], ref["delta_log_s"]) and np.array_equal(got["delta_beta"], ref["delta_beta"]), k
+        assert np.array_equal(got["delta_log_s"], ref["delta_log_s"]), k
+        assert np.array_equal(got["delta_beta"], ref["delta_beta"]), k
         assert got["rel_before"] == pytest.approx(ref["rel_before"], rel=1e-9, abs=1e-300), k
         assert got["rel_after"] == pytest.approx(ref["rel_after"], rel=1e-9, abs=1e-300), k
     return batched
