@@ -17,8 +17,9 @@ the move is found (``quant.reconstruct``, layer-wise reconstruction):
 3. ``delta = learned(new) - learned(instruction's)`` with ``learned = (log s, -z s)``, as the
    server's ``learned_from_qparams`` has it.
 
-Cost: one float pass plus a bincount per point and batch and one search per point (numpy); the
-column norms are computed once per runtime, streaming each weight from the bundle's npz (the
+Cost: one float pass plus a bincount per point and batch (a few rows at a time) and one search
+over all points (``quant.reconstruct.reconstruct_points``: the points' candidates evaluated
+together, numpy); the column norms are computed once per runtime, streaming each weight from the bundle's npz (the
 largest, ``lm_head``, is never held whole). Only Linear inputs can be learned (``which =
 "activations"``); every SmolLM2 activation point is one.
 

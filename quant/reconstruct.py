@@ -16,7 +16,10 @@ exactly with their weights. It is additive (sums of batches, of clients) and one
 data fills it, one batch's activations at a time, like the statistics job's histograms. The search
 over ranges is the MSE calibrator's (``quant.calibrate``: the exact integral of the rounding error
 of the spec's own ``(s, z)`` over uniform bins, a geometric sweep then finer linear ones,
-coordinate descent on ``lo`` and ``hi``), on these weights instead of counts.
+coordinate descent on ``lo`` and ``hi``), on these weights instead of counts. The device runs the
+local form of it (``local_range``: about 45 candidate ranges around the current one) for all its
+points at once (``reconstruct_points``: one numpy evaluation per sweep, the same picks as
+``reconstruct_point`` one point at a time).
 
 The grid of a point is placed around the range it is asked to improve (the instruction's QParams):
 ``margin`` widths of that range on each side, ``bins`` bins. Values outside it are rare (the range
