@@ -350,7 +350,7 @@ def reconstruct_point(h: WeightedHist, scale, zero_point, spec: QuantSpec, searc
 # ---------------------------------------------------------------------------------------------
 # The same local search for many points at once (what the device runs)
 
-_BLOCK_ELEMENTS = 1 << 18   # points x candidates x cells per step of the batched search: ~2 MB a temporary
+_BLOCK_ELEMENTS = 1 << 16   # points x candidates x cells per step of the batched search: 0.5 MB a temporary
 
 
 @dataclass(frozen=True)
