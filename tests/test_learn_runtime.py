@@ -247,6 +247,8 @@ def test_runtime_job_reply_validates_and_moves_the_integer_model_toward_float(bu
         metrics.append(m)
         assert m["loss_after"] < 0.5 * m["loss_before"] and m["points"] == len(ins.keys)
         assert m["num-examples"] == 6 and m["batch_size"] == 4 and m["wall_s"] > 0
+        parts = m["capture_s"] + m["histogram_s"] + m["search_s"]
+        assert min(m["capture_s"], m["histogram_s"], m["search_s"]) > 0 and parts <= m["wall_s"]
     # every range was 4x too wide: the job narrows them
     d_ls = np.array([[float(r.delta_log_s[k]) for k in ins.keys] for r in replies])
     assert (d_ls < 0).mean() > 0.9
