@@ -136,7 +136,7 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
                 m["reply_bytes"] = int(sum(np.asarray(a).nbytes for a in flat.values()))
                 replies.append(reply)
                 jobs.append({"round": r, "pid": c["pid"], "wall_s": m["wall_s"],
-                             "numpy_peak_mb": m["numpy_peak_mb"], "reply_bytes": m["reply_bytes"],
+                             "numpy_peak_mb": m.get("numpy_peak_mb"), "reply_bytes": m["reply_bytes"],
                              "loss_before": m["loss_before"],
                              "loss_after": m["loss_after"]})
             x = _aggregate(x, replies, keys, scfg.round_factor)

@@ -23,8 +23,9 @@ together, numpy); the column norms are computed once per runtime, streaming each
 largest, ``lm_head``, is never held whole). Only Linear inputs can be learned (``which =
 "activations"``); every SmolLM2 activation point is one.
 
-Metrics as the other jobs (``num-examples``, ``wall_s``, ``batch_size``, ``numpy_peak_mb``,
-``max_rss_mb``), where the time went (``capture_s``: the float graph's runs, ``histogram_s``,
+Metrics as the other jobs (``num-examples``, ``wall_s``, ``batch_size``, ``max_rss_mb``; not
+``numpy_peak_mb``: tracing the thousands of numpy temporaries of the histograms and the search
+slowed the job by about a fifth on SmolLM2, ``bench/results/client_jobs_runtime.json``), where the time went (``capture_s``: the float graph's runs, ``histogram_s``,
 ``search_s``), ``tokens`` (values seen per point / width), ``points``, and ``loss_before`` /
 ``loss_after``: the mean over points of the relative output error (weighted squared error /
 weighted energy) with the instruction's ranges and with the new ones, on the local data.
@@ -114,7 +115,7 @@ def learn_ranges_runtime(rt: DeviceRuntime, ins: Instruction, data, config: Lear
     metrics = {"num-examples": int(len(seqs)), "points": len(keys)}
     hists: dict[str, rc.WeightedHist] = {}
     spent = {"capture_s": 0.0, "histogram_s": 0.0}
-    with _measured(metrics):
+    with _measured(metrics, trace=False):
         observe = _observer(rt, keys, config)
         b = batch_size
         t = time.perf_counter()
