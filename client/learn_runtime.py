@@ -19,18 +19,18 @@ the move is found (``quant.reconstruct``, layer-wise reconstruction):
 
 Cost: one float pass plus a bincount per point and batch (a few rows at a time) and one search
 over all points (``quant.reconstruct.reconstruct_points``: the points' candidates evaluated
-together, numpy); the column norms are computed once per runtime, streaming each weight from the bundle's npz (the
-largest, ``lm_head``, is never held whole). Only Linear inputs can be learned (``which =
-"activations"``); every SmolLM2 activation point is one.
+together, numpy); the column norms are computed once per runtime, streaming each weight from the
+bundle's npz (the largest, ``lm_head``, is never held whole). Only Linear inputs can be learned
+(``which = "activations"``); every SmolLM2 activation point is one.
 
 Metrics as the other jobs (``num-examples``, ``wall_s``, ``batch_size``, ``max_rss_mb``; not
 ``numpy_peak_mb``: tracing the thousands of numpy temporaries of the histograms and the search
 slowed the job on SmolLM2 from 2.44 s to 2.93 s: bench/results/client_jobs_runtime_v4.json
-against client_jobs_runtime.json),
-where the time went (``capture_s``: the float graph's runs, ``histogram_s``, ``search_s``),
-``tokens`` (values seen per point / width), ``points``, and ``loss_before`` /
-``loss_after``: the mean over points of the relative output error (weighted squared error /
-weighted energy) with the instruction's ranges and with the new ones, on the local data.
+against client_jobs_runtime.json), where the time went (``capture_s``: the float graph's runs,
+``histogram_s``, ``search_s``), ``tokens`` (values seen per point / width), ``points``, and
+``loss_before`` / ``loss_after``: the mean over points of the relative output error (weighted
+squared error / weighted energy) with the instruction's ranges and with the new ones, on the local
+data.
 """
 
 from __future__ import annotations

@@ -467,10 +467,11 @@ def reconstruct_points(hists: dict[str, WeightedHist], points: dict) -> dict[str
             raise ValueError(f"{k}: no values observed")
         by_spec.setdefault(points[k].spec, []).append(k)
     for spec, keys in by_spec.items():
-        keys.sort(key=lambda k: -_cell_count(hists[k]))  # largest first: it sizes its block; similar sizes pad little
+        # largest first: a block's first point sizes it (<= 14 candidates a sweep); similar sizes pad little
+        keys.sort(key=lambda k: -_cell_count(hists[k]))
         i = 0
         while i < len(keys):
-            per = max(1, _BLOCK_ELEMENTS // (14 * (_cell_count(hists[keys[i]]) + 1)))   # <= 14 candidates a sweep
+            per = max(1, _BLOCK_ELEMENTS // (14 * (_cell_count(hists[keys[i]]) + 1)))
             block = keys[i:i + per]
             i += len(block)
             out.update(_reconstruct_block(block, [hists[k] for k in block], [points[k] for k in block], spec))

@@ -153,7 +153,6 @@ def test_reconstruct_point_is_never_worse_and_its_delta_is_the_servers():
     assert abs(float(again["delta_log_s"])) < 0.05  # at the optimum: (almost) nothing left to move
 
 
-
 def _same_search(hists, points):
     """reconstruct_points (the device's batched search) against reconstruct_point (one point at a
     time, the reference): the same range and delta bit for bit, the costs to 1e-9 (they are summed
@@ -199,6 +198,7 @@ def test_batched_search_chooses_what_the_per_point_search_chooses():
         _same_search(hists, points)
     finally:
         rc._BLOCK_ELEMENTS = small
+
 
 # ------------------------------------------------------------------------------ the device job
 
