@@ -136,7 +136,7 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
                 m["reply_bytes"] = int(sum(np.asarray(a).nbytes for a in flat.values()))
                 replies.append(reply)
                 jobs.append({"round": r, "pid": c["pid"], "wall_s": m["wall_s"],
-                             "numpy_peak_mb": m["numpy_peak_mb"], "reply_bytes": m["reply_bytes"],
+                             "numpy_peak_mb": m.get("numpy_peak_mb"), "reply_bytes": m["reply_bytes"],
                              "loss_before": m["loss_before"],
                              "loss_after": m["loss_after"]})
             x = _aggregate(x, replies, keys, scfg.round_factor)
@@ -151,11 +151,9 @@ def run(run_dir: Path, rounds: int, objective: str, profiles=None, log=print) ->
         for c in clients:
             h = local_histograms(rt, ins, c["train"], learn, batch_size=scfg.batch_size)
             pooled = h if pooled is None else {k: rc.merge_weighted(pooled[k], h[k]) for k in keys}
-        pooled_ls, pooled_b = {}, {}
-        for k in keys:
-            p = start.points[k]
-            r = rc.reconstruct_point(pooled[k], p.scale, p.zero_point, p.spec)   # the device's own search
-            pooled_ls[k], pooled_b[k] = r["log_s"], r["beta"]
+        found = rc.reconstruct_points(pooled, {k: start.points[k] for k in keys})   # the device's own search
+        pooled_ls = {k: found[k]["log_s"] for k in keys}
+        pooled_b = {k: found[k]["beta"] for k in keys}
         pts = to_integer_qparams(pooled_ls, pooled_b, {k: start.points[k].spec for k in keys})
         evaluate("pooled", start.with_points(pts, version=start.version + 1))
         out[prof] = res

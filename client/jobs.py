@@ -30,18 +30,22 @@ from quant.wire import Instruction, ScoutReply, StatsReply
 
 
 @contextmanager
-def _measured(metrics: dict):
-    started = not tracemalloc.is_tracing()
+def _measured(metrics: dict, trace: bool = True):
+    """wall_s, max_rss_mb and, with ``trace``, numpy_peak_mb (tracemalloc traces every
+    allocation: a job of many small numpy temporaries pays for it in time)."""
+    started = trace and not tracemalloc.is_tracing()
     if started:
         tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
+    if trace:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
     t0 = time.perf_counter()
     try:
         yield metrics
     finally:
         metrics["wall_s"] = time.perf_counter() - t0
-        metrics["numpy_peak_mb"] = (tracemalloc.get_traced_memory()[1] - base) / 2**20
+        if trace:
+            metrics["numpy_peak_mb"] = (tracemalloc.get_traced_memory()[1] - base) / 2**20
         if started:
             tracemalloc.stop()
         metrics["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

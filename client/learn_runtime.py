@@ -17,19 +17,25 @@ the move is found (``quant.reconstruct``, layer-wise reconstruction):
 3. ``delta = learned(new) - learned(instruction's)`` with ``learned = (log s, -z s)``, as the
    server's ``learned_from_qparams`` has it.
 
-Cost: one float pass plus a bincount per point and batch and one search per point (numpy); the
-column norms are computed once per runtime, streaming each weight from the bundle's npz (the
-largest, ``lm_head``, is never held whole). Only Linear inputs can be learned (``which =
-"activations"``); every SmolLM2 activation point is one.
+Cost: one float pass plus a bincount per point and batch (a few rows at a time) and one search
+over all points (``quant.reconstruct.reconstruct_points``: the points' candidates evaluated
+together, numpy); the column norms are computed once per runtime, streaming each weight from the
+bundle's npz (the largest, ``lm_head``, is never held whole). Only Linear inputs can be learned
+(``which = "activations"``); every SmolLM2 activation point is one.
 
-Metrics as the other jobs (``num-examples``, ``wall_s``, ``batch_size``, ``numpy_peak_mb``,
-``max_rss_mb``), ``tokens`` (values seen per point / width), ``points``, and ``loss_before`` /
-``loss_after``: the mean over points of the relative output error (weighted squared error /
-weighted energy) with the instruction's ranges and with the new ones, on the local data.
+Metrics as the other jobs (``num-examples``, ``wall_s``, ``batch_size``, ``max_rss_mb``; not
+``numpy_peak_mb``: tracing the thousands of numpy temporaries of the histograms and the search
+slowed the job on SmolLM2 from 2.44 s to 2.93 s: bench/results/client_jobs_runtime_v4.json
+against client_jobs_runtime.json), where the time went (``capture_s``: the float graph's runs,
+``histogram_s``, ``search_s``), ``tokens`` (values seen per point / width), ``points``, and
+``loss_before`` / ``loss_after``: the mean over points of the relative output error (weighted
+squared error / weighted energy) with the instruction's ranges and with the new ones, on the local
+data.
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 
 import numpy as np
@@ -110,24 +116,32 @@ def learn_ranges_runtime(rt: DeviceRuntime, ins: Instruction, data, config: Lear
     grids = {k: rc.grid_for(p.scale, p.zero_point, p.spec, config.bins) for k, p in pts.items()}
     metrics = {"num-examples": int(len(seqs)), "points": len(keys)}
     hists: dict[str, rc.WeightedHist] = {}
-    with _measured(metrics):
+    spent = {"capture_s": 0.0, "histogram_s": 0.0}
+    with _measured(metrics, trace=False):
         observe = _observer(rt, keys, config)
         b = batch_size
+        t = time.perf_counter()
         for b, _, acts in _batches(rt, seqs, keys, batch_size, profile, "lsq"):
+            t1 = time.perf_counter()
+            spent["capture_s"] += t1 - t
             for k in keys:
                 h = observe(k, acts[k], grids[k])
                 hists[k] = rc.merge_weighted(hists[k], h) if k in hists else h
             del acts
+            t = time.perf_counter()
+            spent["histogram_s"] += t - t1
         d_log_s, d_beta, before, after = {}, {}, [], []
+        found = rc.reconstruct_points(hists, pts)
+        spent["search_s"] = time.perf_counter() - t
         for k in keys:
-            p = pts[k]
-            r = rc.reconstruct_point(hists[k], p.scale, p.zero_point, p.spec)
+            r = found[k]
             d_log_s[k], d_beta[k] = r["delta_log_s"], r["delta_beta"]
             if not (np.isfinite(d_log_s[k]).all() and np.isfinite(d_beta[k]).all()):
                 raise FloatingPointError(f"{k}: learned delta is not finite")
             before.append(r["rel_before"])
             after.append(r["rel_after"])
         metrics["batch_size"] = b
+    metrics.update(spent)
     metrics["tokens"] = int(seqs.shape[0] * seqs.shape[1])
     metrics["loss_before"], metrics["loss_after"] = float(np.mean(before)), float(np.mean(after))
     return LsqReply(d_log_s, d_beta, metrics["loss_before"], metrics["loss_after"]), metrics

@@ -241,6 +241,11 @@ class FloatLinears(Mapping):
         b = f"b:{path}"
         return self._npz[f"w:{path}"], (self._npz[b] if b in self._npz.files else None)
 
+    def __contains__(self, path) -> bool:
+        # Mapping's own __contains__ reads the weight (self[path]): lm_head is 113 MB on SmolLM2,
+        # and the runtime learned-range job asks for every point (422 reads a job, before this)
+        return path in self._shapes
+
     def __iter__(self):
         return iter(self._shapes)
 
@@ -258,6 +263,9 @@ class _WeightsOnly(Mapping):
 
     def __getitem__(self, path: str) -> np.ndarray:
         return self.linears[path][0]
+
+    def __contains__(self, path) -> bool:
+        return path in self.linears
 
     def __iter__(self):
         return iter(self.linears)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.learn_runtime import column_sq_norms, consumer_weights, learn_ranges_runtime, runtime_keys
+from client.learn_runtime import (column_sq_norms, consumer_weights, learn_ranges_runtime, local_histograms,
+                                  runtime_keys)
 from client.runtime import DeviceRuntime, save_device_bundle
 from quant import reconstruct as rc
 from quant.affine import range_to_qparams
@@ -109,6 +110,14 @@ def test_grouped_weights_equal_exact_ones_when_the_classes_are_exact():
     approx = rc.observe_grouped(x, rc.channel_groups(spread, 4), g)
     total = float(spread.sum() * x.shape[0])
     assert approx.mass.sum() + approx.tail_w.sum() == pytest.approx(total)
+    whole = rc._HIST_VALUES
+    try:
+        rc._HIST_VALUES = 3 * 16                # three rows at a time: the same counts and tails
+        rows = rc.observe_grouped(x, rc.channel_groups(spread, 4), g)
+    finally:
+        rc._HIST_VALUES = whole
+    assert np.array_equal(rows.mass, approx.mass) and np.array_equal(rows.tail_x, approx.tail_x)
+    assert np.array_equal(rows.tail_w, approx.tail_w) and rows.tail_x.size > 0
 
 
 def test_local_search_finds_what_the_full_search_finds():
@@ -142,6 +151,53 @@ def test_reconstruct_point_is_never_worse_and_its_delta_is_the_servers():
                                  new.scale, new.zero_point, U8)
     assert again["rel_after"] <= again["rel_before"]
     assert abs(float(again["delta_log_s"])) < 0.05  # at the optimum: (almost) nothing left to move
+
+
+def _same_search(hists, points):
+    """reconstruct_points (the device's batched search) against reconstruct_point (one point at a
+    time, the reference): the same range and delta bit for bit, the costs to 1e-9 (they are summed
+    in another order)."""
+    batched = rc.reconstruct_points(hists, points)
+    assert set(batched) == set(hists)
+    for k, h in hists.items():
+        p = points[k]
+        ref = rc.reconstruct_point(h, p.scale, p.zero_point, p.spec)
+        got = batched[k]
+        assert got["range"] == ref["range"], k
+        assert np.array_equal(got["delta_log_s"], ref["delta_log_s"]), k
+        assert np.array_equal(got["delta_beta"], ref["delta_beta"]), k
+        assert got["rel_before"] == pytest.approx(ref["rel_before"], rel=1e-9, abs=1e-300), k
+        assert got["rel_after"] == pytest.approx(ref["rel_after"], rel=1e-9, abs=1e-300), k
+    return batched
+
+
+def test_batched_search_chooses_what_the_per_point_search_chooses():
+    """Asymmetric and symmetric (int16) specs, outlier tails (some capped), a point whose values
+    are all one number, ranges too narrow and too wide, one block and many (tiny blocks)."""
+    rng = np.random.default_rng(5)
+    hists, points = {}, {}
+    for i in range(40):
+        spec = activation_spec(16) if i % 3 == 0 else U8
+        c = int(rng.choice([8, 64]))
+        x = (rng.standard_t(3, size=(50, c)) * rng.uniform(0.1, 10) + rng.uniform(-1, 1)).astype(np.float32)
+        if i % 7 == 0:
+            x = np.abs(x)
+        if i % 11 == 0:
+            x[:] = 1.5
+        f = rng.uniform(0.15, 0.3) if i % 4 == 1 else rng.uniform(0.3, 3)   # some ranges far too narrow
+        s, z = range_to_qparams(min(float(x.min()), 0) * f, max(float(x.max()), 0) * f + 1e-3, spec)
+        hists[f"p{i}"] = rc.observe_grouped(x, rc.channel_groups(rng.lognormal(0, 1, c), 16), rc.grid_for(s, z, spec),
+                                            tail_cap=int(rng.choice([5, 4096])))
+        points[f"p{i}"] = PointParams(spec, s, z)
+    assert sum(h.tail_x.size > 0 for h in hists.values()) >= 5
+    moved = _same_search(hists, points)
+    assert sum(float(r["delta_log_s"]) != 0 for r in moved.values()) >= 20
+    small = rc._BLOCK_ELEMENTS
+    try:
+        rc._BLOCK_ELEMENTS = 1          # one point per block
+        _same_search(hists, points)
+    finally:
+        rc._BLOCK_ELEMENTS = small
 
 
 # ------------------------------------------------------------------------------ the device job
@@ -191,6 +247,8 @@ def test_runtime_job_reply_validates_and_moves_the_integer_model_toward_float(bu
         metrics.append(m)
         assert m["loss_after"] < 0.5 * m["loss_before"] and m["points"] == len(ins.keys)
         assert m["num-examples"] == 6 and m["batch_size"] == 4 and m["wall_s"] > 0
+        parts = m["capture_s"] + m["histogram_s"] + m["search_s"]
+        assert min(m["capture_s"], m["histogram_s"], m["search_s"]) > 0 and parts <= m["wall_s"]
     # every range was 4x too wide: the job narrows them
     d_ls = np.array([[float(r.delta_log_s[k]) for k in ins.keys] for r in replies])
     assert (d_ls < 0).mean() > 0.9
@@ -207,6 +265,16 @@ def test_runtime_job_reply_validates_and_moves_the_integer_model_toward_float(bu
     rt.patch(new)
     after = _float_gap(rt, held_out)
     assert after < 0.7 * before, (before, after)
+
+
+def test_batched_search_on_the_tiny_models_histograms(bundle):
+    """The device's histograms of every Linear input of the tiny model: the batched search picks
+    the per-point search's ranges."""
+    rt = DeviceRuntime(bundle["dir"] / "qdq.onnx", threads=1)
+    ins = _ins(rt.qparams)
+    hists = local_histograms(rt, ins, ids(3, (6, 32)), LearnConfig(method="runtime"), batch_size=4)
+    moved = _same_search(hists, {k: ins.qparams.points[k] for k in ins.keys})
+    assert all(float(r["delta_log_s"]) < 0 for r in moved.values())  # every range was 4x too wide
 
 
 def test_runtime_job_refuses_what_it_cannot_learn(bundle):
@@ -228,6 +296,26 @@ def test_column_norms_stream_from_the_bundle(bundle):
         assert np.allclose(column_sq_norms(rt.linears, path), (w.astype(np.float64) ** 2).sum(0), rtol=1e-6)
     k = "lm_head:input"
     assert np.allclose(consumer_weights(rt, k), rc.output_weights(rt.linears["lm_head"][0]), rtol=1e-6)
+
+
+def test_asking_whether_a_linear_exists_reads_no_weight(bundle):
+    """runtime_keys asks it for every point: a read per point cost the job on SmolLM2 0.6 s (211
+    points, lm_head's 113 MB among them)."""
+    rt = DeviceRuntime(bundle["dir"] / "qdq.onnx", threads=1)
+    lin, real = rt.linears, rt.linears._npz
+
+    class NoReads:
+        files, zip = real.files, real.zip
+
+        def __getitem__(self, name):
+            raise AssertionError(f"read {name}")
+
+    lin._npz = NoReads()
+    try:
+        assert "lm_head" in lin and "lm_head" in lin.weights() and "nothing" not in lin
+        assert runtime_keys(rt, _ins(rt.qparams)) and rt.activation_widths()
+    finally:
+        lin._npz = real
 
 
 def test_runtime_job_imports_no_torch(bundle):
