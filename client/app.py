@@ -155,9 +155,7 @@ def release_for(job: str, learn_method: str | None = None, runtime_key: tuple[st
         for key, rt in _RUNTIMES.items():
             if not isinstance(rt, DeviceRuntime):
                 continue
-            session = job != "eval" or key != runtime_key
-            freed |= (not capture_job and rt._capture is not None) or (session and rt._session is not None)
-            rt.release(session=session, capture=not capture_job)
+            freed |= rt.release(session=job != "eval" or key != runtime_key, capture=not capture_job)
     if freed:
         release_memory()
 

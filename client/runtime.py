@@ -554,13 +554,16 @@ class DeviceRuntime:
             self._session = ort_session(self.model, threads=self.threads, weight_storage=None)
         return self._session
 
-    def release(self, session: bool = False, capture: bool = False) -> None:
+    def release(self, session: bool = False, capture: bool = False) -> bool:
         """Drop the integer session and/or this runtime's reference to the float capture (both are
-        built again on use): what a process running another kind of job does not need to hold."""
+        built again on use): what a process running another kind of job does not need to hold.
+        True if something was held."""
+        held = (session and self._session is not None) or (capture and self._capture is not None)
         if session:
             self._session = None
         if capture:
             self._capture = None
+        return held
 
     def _initializer(self, name: str) -> np.ndarray:
         from onnx import numpy_helper
