@@ -57,7 +57,11 @@ def run_federation(prep: Prepared, evaluate_fn, on_round=None) -> dict[str, QPar
                          on_finish=lambda final: result.update(qparams=final), device_dir=prep.device_dir)
 
     faults = unreliable_for(prep)
-    client_app = make_app({"device-dir": str(prep.device_dir.resolve())}, mods=[faults] if faults else [])
+    # The actors share this machine: their torch jobs (plan, torch lsq) take turns, each on all of
+    # Ray's CPUs (client.app.torch_turn), so that one such job's memory is in use at a time.
+    client_app = make_app({"device-dir": str(prep.device_dir.resolve()),
+                           "torch-lock": str((prep.out / "torch-jobs.lock").resolve()),
+                           "torch-threads": prep.cfg.engine.num_cpus}, mods=[faults] if faults else [])
     quiet_flower()
     run_simulation(make_server_app(setup), client_app, num_supernodes=len(prep.clients),
                    backend_config=backend_config(prep.cfg))
