@@ -170,7 +170,8 @@ def torch_turn(lock_path: str | None, threads: int | None = None):
     ``threads`` torch threads (run_config ``torch-threads``; the others wait, idle). A phone runs
     one job anyway; a simulation's actors share one machine, and two torch jobs at once, 3-4 GB
     each on SmolLM2, were the default run's peak (issue 19, goal 6). Taken after
-    :func:`release_for`, so a waiting process holds no capture. Without a path, nothing."""
+    :func:`release_for`, so a waiting process holds no capture; the heap is trimmed before the
+    turn passes on. Without a path, nothing."""
     if not lock_path:
         yield
         return
@@ -187,6 +188,7 @@ def torch_turn(lock_path: str | None, threads: int | None = None):
             yield
         finally:
             torch.set_num_threads(before)
+            release_memory()      # the job's freed heap goes back before the next process's turn
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
