@@ -172,9 +172,11 @@ def splits_block(d: dict) -> str:
 
     m = d["machine"]
     walls = [v["wall_s"] for v in d["seeds"].values() if v.get("wall_s")]
+    took = f"{min(walls) / 60:.0f}-{max(walls) / 60:.0f} min each" if walls else "time not recorded"
     return (f"`.venv/bin/python -m bench.splits` (`{d['config']}`, `data.seed` {', '.join(d['seeds'])}; one "
-            f"`fedquant simulate` each, {sum(walls) / 60:.0f} min in all; {_cpu(m)}, {m['cores']} cores shared "
-            f"with other jobs). Source: `bench/results/splits.json`.\n\n" + table(d))
+            f"`fedquant simulate` each, {took} up to its report (`summary.json`'s `wall_s`: without the "
+            f"centralized reference); {_cpu(m)}, {m['cores']} cores shared with other jobs). Source: "
+            f"`bench/results/splits.json`.\n\n" + table(d))
 
 
 def replace_block(text: str, name: str, body: str) -> str:
