@@ -95,6 +95,14 @@ def named(procs) -> list[tuple[str, int, int]]:
     return [(_name(p), rss, pss) for p, rss, pss in procs]
 
 
+def by_kind(procs) -> dict[str, list[float]]:
+    """GB of PSS per process, grouped by the kind of process (``named``'s first field)."""
+    out: dict[str, list] = {}
+    for kind, _rss, pss in procs:
+        out.setdefault(kind, []).append(round(pss / GB, 2))
+    return out
+
+
 # ------------------------------------------------------------------------------ the child: one run
 
 def child(config: Path, out: Path, model: str) -> None:
@@ -170,7 +178,8 @@ def measure(model: str, config: Path, out: Path, interval: float = 0.25, limit_g
             cur = stages[-1] if stages else None
             if cur is not None:
                 cur["peak_rss"] = max(cur["peak_rss"], s["rss"])
-                cur["peak_pss"] = max(cur["peak_pss"], s["pss"])
+                if s["pss"] > cur["peak_pss"]:
+                    cur["peak_pss"], cur["procs"] = s["pss"], named(s["procs"])
         if s["pss"] > peak["pss"]:
             peak = {**s, "procs": named(s["procs"]), "stage": cur["stage"] if cur else None,
                     "at_s": time.perf_counter() - t0}
@@ -186,20 +195,18 @@ def measure(model: str, config: Path, out: Path, interval: float = 0.25, limit_g
         a["start_s"] = round(a["start_s"], 1)
         a["peak_rss_gb"] = round(a.pop("peak_rss") / GB, 2)
         a["peak_pss_gb"] = round(a.pop("peak_pss") / GB, 2)
+        a["processes_at_peak_pss_gb"] = by_kind(a.pop("procs", []))
     size = model_size(model)
     params = size.params
     cfg = load_simulation_config(config)
     cfg = type(cfg).model_validate({**cfg.model_dump(), "model": model})
     est = check_run_fits(cfg, memory=10**15)     # the estimate the run's own check makes
-    by_kind: dict[str, list] = {}
-    for kind, rss, pss in peak["procs"]:
-        by_kind.setdefault(kind, []).append(round(pss / GB, 2))
     res = {"model": model, "config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
            "params": params, "returncode": proc.returncode, "wall_s": round(wall, 1),
            "peak_rss_gb": round(max([st["peak_rss_gb"] for st in stages] or [0]), 2),
            "peak_pss_gb": round(peak["pss"] / GB, 2), "peak_stage": peak["stage"],
            "peak_pss_gb_per_billion_params": round(peak["pss"] / GB / (params / 1e9), 2) if params else None,
-           "processes_at_peak_pss_gb": by_kind, "stages": stages, "disk_gb": disk_gb(out),
+           "processes_at_peak_pss_gb": by_kind(peak["procs"]), "stages": stages, "disk_gb": disk_gb(out),
            "summary": summary, "killed": killed, "vocab": size.vocab, "tied": size.tied,
            "estimate_gb": {k: round(v / GB, 2) for k, v in est.items()}}
     if proc.returncode != 0:

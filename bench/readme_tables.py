@@ -166,6 +166,19 @@ def dp_quality_block(d: dict) -> str:
             f"Source: `bench/results/dp_quality.json`.\n\n" + table(d))
 
 
+def splits_block(d: dict) -> str:
+    """Issue 19's any-split table, from bench/splits.py's splits.json."""
+    from bench.splits import table
+
+    m = d["machine"]
+    walls = [v["wall_s"] for v in d["seeds"].values() if v.get("wall_s")]
+    took = f"{min(walls) / 60:.0f}-{max(walls) / 60:.0f} min each" if walls else "time not recorded"
+    return (f"`.venv/bin/python -m bench.splits` (`{d['config']}`, `data.seed` {', '.join(d['seeds'])}; one "
+            f"`fedquant simulate` each, {took} up to its report (`summary.json`'s `wall_s`: without the "
+            f"centralized reference); {_cpu(m)}, {m['cores']} cores shared with other jobs). Source: "
+            f"`bench/results/splits.json`.\n\n" + table(d))
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
     new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
@@ -216,6 +229,8 @@ def main() -> None:
         readme = replace_block(readme, "poisoning", poisoning_block(json.loads((RESULTS / "poisoning.json").read_text())))
     if (RESULTS / "dp_quality.json").is_file() and "<!-- dp-quality:begin -->" in readme:
         readme = replace_block(readme, "dp-quality", dp_quality_block(json.loads((RESULTS / "dp_quality.json").read_text())))
+    if (RESULTS / "splits.json").is_file() and "<!-- splits:begin -->" in readme:
+        readme = replace_block(readme, "splits", splits_block(json.loads((RESULTS / "splits.json").read_text())))
     if (RESULTS / "runtime_ranges_output.json").is_file() and "<!-- runtime-ranges:begin -->" in readme:
         from bench.runtime_ranges import readme_block as runtime_ranges_block
 

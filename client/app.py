@@ -11,7 +11,9 @@ Where a node finds things
     (set by Flower in simulation, by the operator in a fleet) picks the node's entry in fleet.json;
     node_config ``profile`` and ``data-path`` (absolute, or relative to the device dir), when
     present, win over that entry. The node's ``client-id`` is its partition id (else the stem of
-    its data path).
+    its data path). run_config ``torch-lock`` (a file path) and ``torch-threads``: the processes
+    that share the file run their torch jobs (plan, torch lsq) one at a time, on that many threads
+    (:func:`torch_turn`; ``fedquant simulate`` sets them: its actors share one machine's memory).
 
 Messages (server -> client) and OK replies
     ``query``, config ``{"fedquant": "hello"}``
@@ -78,6 +80,7 @@ is dropped when a job of another kind arrives and built again when needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from dataclasses import dataclass
@@ -158,6 +161,35 @@ def release_for(job: str, learn_method: str | None = None, runtime_key: tuple[st
             freed |= rt.release(session=job != "eval" or key != runtime_key, capture=not capture_job)
     if freed:
         release_memory()
+
+
+@contextlib.contextmanager
+def torch_turn(lock_path: str | None, threads: int | None = None):
+    """A torch job's turn: with ``lock_path`` (run_config ``torch-lock``, which ``fedquant
+    simulate`` sets), at most one process that shares the file runs a torch job at a time, on
+    ``threads`` torch threads (run_config ``torch-threads``; the others wait, idle). A phone runs
+    one job anyway; a simulation's actors share one machine, and two torch jobs at once, 3-4 GB
+    each on SmolLM2, were the default run's peak (issue 19, goal 6). Taken after
+    :func:`release_for`, so a waiting process holds no capture; the heap is trimmed before the
+    turn passes on. Without a path, nothing."""
+    if not lock_path:
+        yield
+        return
+    import fcntl
+
+    import torch
+
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        before = torch.get_num_threads()
+        try:
+            if threads:
+                torch.set_num_threads(int(threads))
+            yield
+        finally:
+            torch.set_num_threads(before)
+            release_memory()      # the job's freed heap goes back before the next process's turn
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _cached(cache: dict, key, load):
@@ -372,7 +404,8 @@ def handle(message_type: str, content: RecordDict, node_config, run_config, stat
         if message_type == "query":
             return _hello(node, content, state)
         if message_type in ("train", "evaluate"):
-            return _job(message_type, node, content, state)
+            with contextlib.ExitStack() as turn:     # a torch job's turn (torch_turn) ends with the reply
+                return _job(message_type, node, content, state, turn, run_config)
         raise Refused("unknown_job", f"message type {message_type!r} (this client answers query, train, evaluate)")
     except Refused as e:
         return error_reply(e.code, e.reason)
@@ -458,7 +491,8 @@ def _precheck_budget(rt: DeviceRuntime, ins: Instruction, seqs, batch_size: int,
     plan_batch(batch_size, seqs.shape[1], widths, profile, ins.job)
 
 
-def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) -> RecordDict:
+def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict, turn: contextlib.ExitStack,
+         run_config) -> RecordDict:
     cfg = _config(content)
     profile_name = cfg.get("profile")
     if profile_name != node.profile:
@@ -480,6 +514,8 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict) 
     seqs = _sequences(data, "test" if ins.job == "eval" else "train", node)
 
     release_for(ins.job, learn.method if learn is not None else None, (node.device_dir, node.profile))
+    if ins.job == "plan" or (ins.job == "lsq" and learn.method != "runtime"):
+        turn.enter_context(torch_turn(run_config.get("torch-lock"), run_config.get("torch-threads")))
     rt = get_runtime(node.device_dir, node.profile)
     if ins.job == "lsq" and learn.method == "runtime":
         if profile.runtime != "onnxruntime":

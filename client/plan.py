@@ -35,6 +35,24 @@ from quant.spec import QuantSpec, weight_spec
 from quant.wire import Instruction, PlanReply
 
 
+class _Tap(torch.autograd.Function):
+    """The identity, whose backward hands the gradient at a point to ``on_grad``. FIT needs each
+    gradient once, not kept: the frozen weights used to enter the graph as leaves, and every
+    leaf kept its ``.grad`` to the end of the backward pass (the size of the model again). The
+    scalar ``anchor`` puts the output in the graph when ``x`` (a frozen weight, the first
+    activation) is not."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, on_grad):
+        ctx.on_grad = on_grad
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.on_grad(g)
+        return (g if ctx.needs_input_grad[0] else None), None, None
+
+
 def plan_keys_problems(model: nn.Module, ins: Instruction) -> list[str]:
     """Keys of a plan instruction this model does not have (the ClientApp checks before patching)."""
     points = quant_points(model)
@@ -74,13 +92,13 @@ def plan_sensitivity(model: nn.Module, qparams: QParams | None, ins: Instruction
             low[k] = (torch.as_tensor(np.asarray(s, np.float32)), torch.as_tensor(np.asarray(z)), low_activation)
     w_delta: dict[str, torch.Tensor] = {}
     acc = {k: 0.0 for k in keys}
+    anchor = torch.zeros((), requires_grad=True)    # makes every tapped tensor part of the graph
 
     def hook(module, inputs, output):
         k = module.key
         if k not in acc:
             return None
         x = inputs[0]
-        out = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
         with torch.no_grad():
             if module.kind == "weights":
                 if k not in w_delta:
@@ -91,8 +109,7 @@ def plan_sensitivity(model: nn.Module, qparams: QParams | None, ins: Instruction
 
         def add(g, k=k, d=d):
             acc[k] += fit_term(g, d)
-        out.register_hook(add)
-        return out
+        return _Tap.apply(x, anchor, add)
 
     saved_modes = [(q, q.mode) for q in points.values()]
     grads = [(p, p.requires_grad) for p in model.parameters()]

@@ -30,16 +30,18 @@ GB = 1e9
 #   evaluation round (on 0.5B the server 5.8 GB, evaluating, the actor 2.1 GB), a line through
 #   both: RUN_BASE 4.6 GB + 1.7 W, split as on 0.5B between SERVER and ACTOR. Preparation peaked at
 #   6.7 and 16.7 GB (the estimate 7.8 and 22.2, on the safe side).
-# - SmolLM2 (W 0.54 GB), configs/memory.toml (two profiles, two actors, the default's plan and
-#   learned-range torch jobs): the run peaked at 10.0 GB in the plan round, the actors at 4.9 and
-#   4.1 GB running the torch job: ACTOR_TORCH 5 per W. Fitted on this one small model, where the
+# - SmolLM2 (W 0.54 GB), the default run (two profiles, two actors, plan and torch learned-range
+#   jobs): since the actors' torch jobs take turns (client.app.torch_turn), one at a time, the run
+#   peaked at 6.45 GB (bench/results/large_models_default.json; 10.7 GB when every actor ran one at
+#   once, ACTOR_TORCH was then 5 W per actor), the actor in its torch job at 2.7-3.7 GB. One actor's
+#   torch job adds ACTOR_TORCH 1 W over the others'. Fitted on this one small model, where the
 #   libraries' fixed cost is most of it: not checked on a larger model.
 BASE_BYTES = 2.0 * GB          # interpreters, torch/ORT libraries
 PREPARE_WEIGHTS = 2.8          # torch model + the tidy float graph, then calibration and QDQ export
 RUN_BASE_BYTES = 4.6 * GB      # the server, Ray's raylet/GCS and the actors' interpreters and arenas
 SERVER_WEIGHTS = 1.2           # server: float session + the evaluation runtime being patched
 ACTOR_WEIGHTS = 0.55           # per client actor: the integer runtime being patched, or the capture
-ACTOR_TORCH_WEIGHTS = 5.0      # per client actor in a torch job (plan, torch lsq): model, FIT/LSQ state
+ACTOR_TORCH_WEIGHTS = 1.0      # once: the one actor in a torch job (plan, torch lsq): model, FIT/LSQ state
 LOGITS_COPIES = 4.0            # logits of a batch: ORT output, log-softmax, gathers (not fitted)
 RAY_KILL_FRACTION = 0.95       # Ray's memory monitor kills workers past this share of the machine
 
@@ -123,9 +125,9 @@ def estimate_peak_bytes(size: ModelSize, *, batch: int, seq_len: int, client_act
     learned-range rounds (module docstring for the coefficients)."""
     w = size.weight_bytes
     logits = 4 * batch * seq_len * size.vocab
-    actor = ACTOR_TORCH_WEIGHTS if torch_jobs else ACTOR_WEIGHTS
+    torch_job = ACTOR_TORCH_WEIGHTS if torch_jobs else 0.0      # one at a time: client.app.torch_turn
     prepare = BASE_BYTES + PREPARE_WEIGHTS * w + LOGITS_COPIES * logits
-    run = RUN_BASE_BYTES + (SERVER_WEIGHTS + actor * client_actors) * w + LOGITS_COPIES * logits
+    run = RUN_BASE_BYTES + (SERVER_WEIGHTS + ACTOR_WEIGHTS * client_actors + torch_job) * w + LOGITS_COPIES * logits
     return {"peak": int(max(prepare, run)), "prepare": int(prepare), "run": int(run), "logits_batch": int(logits)}
 
 

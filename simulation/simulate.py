@@ -57,7 +57,14 @@ def run_federation(prep: Prepared, evaluate_fn, on_round=None) -> dict[str, QPar
                          on_finish=lambda final: result.update(qparams=final), device_dir=prep.device_dir)
 
     faults = unreliable_for(prep)
-    client_app = make_app({"device-dir": str(prep.device_dir.resolve())}, mods=[faults] if faults else [])
+    # The actors share this machine: their torch jobs (plan, torch lsq) take turns
+    # (client.app.torch_turn), so that one such job's memory is in use at a time. Each keeps its
+    # actor's one torch thread: on two threads the learned ranges' float sums change order, and on
+    # configs/memory.toml the final perplexity moved by 0.6% (int8) -- a run's figures would then
+    # depend on how many CPUs Ray has. One thread gives the same bits as before, in more time.
+    client_app = make_app({"device-dir": str(prep.device_dir.resolve()),
+                           "torch-lock": str((prep.out / "torch-jobs.lock").resolve())},
+                          mods=[faults] if faults else [])
     quiet_flower()
     run_simulation(make_server_app(setup), client_app, num_supernodes=len(prep.clients),
                    backend_config=backend_config(prep.cfg))

@@ -41,6 +41,10 @@ def test_quick_bench_runs_two_splits_and_reads_finished_runs_again(tmp_path):
         assert set(s["profiles"]) == {"int8", "int16"}
         assert s["profiles"]["int8"]["final"]["ood"]["vs_float_pct"] is not None
     assert json.loads(out.read_text())["across_seeds"]["int8"]["heldout_vs_float_pct"]["n"] == 2
+    from bench.readme_tables import splits_block
+
+    block = splits_block(res)                      # what the README shows of it
+    assert "`data.seed` 0, 1" in block and block.count("| int8 |") == 3   # two seeds' rows and the spread's
     stamp = (work / "seed-0" / "summary.json").stat().st_mtime_ns
     again = splits.main(["--quick", "--out", str(out), "--work", str(work)])
     assert (work / "seed-0" / "summary.json").stat().st_mtime_ns == stamp

@@ -428,3 +428,60 @@ def test_one_torch_model_per_process(dd):
     assert capp.get_torch_model(str(dd["dir"]), "int8") is a and list(capp._TORCH) == [(str(dd["dir"]), "int8")]
     b = capp.get_torch_model(str(dd["dir"]), "a16")
     assert b is not a and list(capp._TORCH) == [(str(dd["dir"]), "a16")]
+
+
+def test_torch_jobs_take_turns(dd, tmp_path):
+    """With run_config ``torch-lock``, a torch job waits while another process (here: this test)
+    holds the lock, then runs on ``torch-threads`` threads and answers as without the lock; the
+    torch thread count is restored after it. Jobs that are not torch ones never wait."""
+    import fcntl
+    import threading
+
+    lock = tmp_path / "torch-jobs.lock"
+    qp = dd["qp"]["int8"].with_points({}, version=1)
+    ins = Instruction(round=3, job="lsq", qparams=qp, keys=tuple(act_keys(qp)[:4]))
+    content = job_content(ins, "int8", batch=2, learn={"steps": 2})
+    expected = payload(send(dd, "1", "train", content, RecordDict()))[0]
+    seen: dict = {}
+
+    def job():
+        cfg = {**run_cfg(dd), "torch-lock": str(lock), "torch-threads": 2}
+        seen["reply"] = capp.handle("train", content, node_cfg("1"), cfg, RecordDict())
+
+    threads_before = torch.get_num_threads()
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        t = threading.Thread(target=job)
+        t.start()
+        t.join(timeout=3.0)
+        assert t.is_alive() and "reply" not in seen        # waiting for its turn
+        eval_ins = Instruction(round=4, job="eval", qparams=qp)
+        ev = capp.handle("evaluate", job_content(eval_ins, "int8"), node_cfg("1"),
+                         {**run_cfg(dd), "torch-lock": str(lock)}, RecordDict())
+        assert "metrics" in ev, ev                         # not a torch job: no wait
+        fcntl.flock(f, fcntl.LOCK_UN)
+    t.join(timeout=120)
+    assert not t.is_alive()
+    got = payload(seen["reply"])[0]
+    # two torch threads may sum in another order: equal up to that
+    assert set(got) == set(expected) and all(np.allclose(got[k], expected[k], rtol=1e-4, atol=1e-7) for k in expected)
+    assert torch.get_num_threads() == threads_before
+
+    spans = []
+
+    def turn():
+        with capp.torch_turn(str(lock), 2):
+            spans.append((time.monotonic(), torch.get_num_threads()))
+            time.sleep(0.3)
+            spans.append((time.monotonic(), None))
+
+    ts = [threading.Thread(target=turn) for _ in range(3)]
+    for x in ts:
+        x.start()
+    for x in ts:
+        x.join()
+    # each enter is followed by its own exit: no two turns overlap
+    assert [n is None for _, n in spans] == [False, True] * 3
+    assert all(n == 2 for _, n in spans[::2])
+    with capp.torch_turn(None, 2):
+        assert torch.get_num_threads() == threads_before   # no lock: nothing changes

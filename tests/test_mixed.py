@@ -110,3 +110,20 @@ def test_sensitivity_on_the_tiny_model():
     with pytest.raises(ValueError, match="not quantization points"):
         sensitivity(model, batches, loss_fn, ["nope:input"], low4)
 
+
+
+def test_fit_term_sums_in_chunks_as_in_one_piece():
+    """The plan job's FIT term is summed a chunk at a time (no float64 copy of a whole lm_head):
+    the same sum, in float64, as the product of the whole tensors; shapes must match."""
+    import torch
+
+    from quant.mixed import fit_term
+
+    rng = np.random.default_rng(3)
+    g = torch.from_numpy(rng.standard_normal((37, 53)).astype(np.float32))
+    d = torch.from_numpy((rng.standard_normal((37, 53)) * 1e-3).astype(np.float32))
+    whole = float(((g.double() * d.double()) ** 2).sum())
+    for chunk in (1, 7, 100, 37 * 53, 1 << 20):
+        assert fit_term(g, d, chunk=chunk) == pytest.approx(whole, rel=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        fit_term(g, d[:, :5])
