@@ -13,7 +13,7 @@ Where a node finds things
     present, win over that entry. The node's ``client-id`` is its partition id (else the stem of
     its data path). run_config ``torch-lock`` (a file path) and ``torch-threads``: the processes
     that share the file run their torch jobs (plan, torch lsq) one at a time, on that many threads
-    (:func:`torch_turn`; ``fedquant simulate`` sets them: its actors share one machine's memory).
+    (:func:`torch_turn`; ``fedquant simulate`` sets the lock: its actors share one machine's memory).
 
 Messages (server -> client) and OK replies
     ``query``, config ``{"fedquant": "hello"}``
