@@ -136,7 +136,8 @@ def main(argv=None) -> dict:
     res = {"bench": "splits", "config": args.config.resolve().relative_to(ROOT).as_posix()
            if args.config.resolve().is_relative_to(ROOT) else args.config.name,
            "goals_pct": GOALS, "machine": machine(), "seeds": {}}
-    for seed in seeds:
+    ran: dict[int, float] = {}        # this invocation's wall per seed it ran (summary.json's wall_s stops
+    for seed in seeds:                # before the centralized reference)
         run = work / f"seed-{seed}"
         if not (run / "summary.json").is_file():
             t0 = time.perf_counter()
@@ -146,10 +147,12 @@ def main(argv=None) -> dict:
             if done.returncode != 0:
                 raise SystemExit(f"bench.splits: the run of seed {seed} failed (exit {done.returncode}); its "
                                  f"directory {run} resumes when the bench is started again")
-            print(f"[splits] seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+            ran[seed] = round(time.perf_counter() - t0, 1)
+            print(f"[splits] seed {seed}: {ran[seed]:.0f} s", flush=True)
         summary = json.loads((run / "summary.json").read_text())
-        res["seeds"][str(seed)] = {"wall_s": summary.get("wall_s"), "float_ppl": next(iter(summary["profiles"].values()))
-                                   ["float_ppl"], "eval_documents": summary.get("data", {}).get("eval_documents"),
+        res["seeds"][str(seed)] = {"wall_s": summary.get("wall_s"), "bench_wall_s": ran.get(seed),
+                                   "float_ppl": next(iter(summary["profiles"].values()))["float_ppl"],
+                                   "eval_documents": summary.get("data", {}).get("eval_documents"),
                                    "profiles": seed_figures(summary), "run_machine": summary.get("machine")}
     res["across_seeds"] = across_seeds({int(k): v["profiles"] for k, v in res["seeds"].items()})
     write_json(args.out, res)

@@ -41,6 +41,7 @@ def test_quick_bench_runs_two_splits_and_reads_finished_runs_again(tmp_path):
         assert set(s["profiles"]) == {"int8", "int16"}
         assert s["profiles"]["int8"]["final"]["ood"]["vs_float_pct"] is not None
     assert json.loads(out.read_text())["across_seeds"]["int8"]["heldout_vs_float_pct"]["n"] == 2
+    assert all(s["bench_wall_s"] > 0 for s in res["seeds"].values())      # this call ran both
     from bench.readme_tables import splits_block
 
     block = splits_block(res)                      # what the README shows of it
@@ -49,3 +50,4 @@ def test_quick_bench_runs_two_splits_and_reads_finished_runs_again(tmp_path):
     again = splits.main(["--quick", "--out", str(out), "--work", str(work)])
     assert (work / "seed-0" / "summary.json").stat().st_mtime_ns == stamp
     assert again["across_seeds"] == res["across_seeds"]
+    assert all(s["bench_wall_s"] is None for s in again["seeds"].values())  # read, not run
