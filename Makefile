@@ -60,7 +60,7 @@ bench-quality: venv
 	$(PY) -m bench.readme_tables
 
 # Issue 19, goal 3: the main job on three role splits (data.seed 0 1 2), one run at a time (about 30-35 min
-# and 10.7 GB each); finished runs in runs/splits/ are read again, an unfinished one resumes.
+# and 6.5 GB each); finished runs in runs/splits/ are read again, an unfinished one resumes.
 bench-splits: venv
 	$(PY) -m bench.splits
 

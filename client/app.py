@@ -11,9 +11,9 @@ Where a node finds things
     (set by Flower in simulation, by the operator in a fleet) picks the node's entry in fleet.json;
     node_config ``profile`` and ``data-path`` (absolute, or relative to the device dir), when
     present, win over that entry. The node's ``client-id`` is its partition id (else the stem of
-    its data path). run_config ``torch-lock`` (a file path) and ``torch-threads``: the processes
-    that share the file run their torch jobs (plan, torch lsq) one at a time, on that many threads
-    (:func:`torch_turn`; ``fedquant simulate`` sets the lock: its actors share one machine's memory).
+    its data path). run_config ``torch-lock`` (a file path): the processes that share the file
+    run their torch jobs (plan, torch lsq) one at a time (:func:`torch_turn`; ``fedquant
+    simulate`` sets it: its actors share one machine's memory).
 
 Messages (server -> client) and OK replies
     ``query``, config ``{"fedquant": "hello"}``
@@ -144,7 +144,7 @@ def release_for(job: str, learn_method: str | None = None, runtime_key: tuple[st
     and then every session but that of ``runtime_key`` (device dir, profile), the job's own.
     Rounds run one job kind, so a process rebuilds the capture and the torch model at most once
     per round; an eval round rebuilds a session when its nodes change profile."""
-    torch_job = job == "plan" or (job == "lsq" and learn_method != "runtime")
+    torch_job = is_torch_job(job, learn_method)
     capture_job = job in ("scout", "stats") or (job == "lsq" and learn_method == "runtime")
     freed = False
     with _LOCK:
@@ -163,31 +163,30 @@ def release_for(job: str, learn_method: str | None = None, runtime_key: tuple[st
         release_memory()
 
 
+def is_torch_job(job: str, learn_method: str | None) -> bool:
+    """Jobs that run on the instrumented torch model (autograd): plan, and lsq unless its method
+    is ``runtime``."""
+    return job == "plan" or (job == "lsq" and learn_method != "runtime")
+
+
 @contextlib.contextmanager
-def torch_turn(lock_path: str | None, threads: int | None = None):
+def torch_turn(lock_path: str | None):
     """A torch job's turn: with ``lock_path`` (run_config ``torch-lock``, which ``fedquant
-    simulate`` sets), at most one process that shares the file runs a torch job at a time, on
-    ``threads`` torch threads (run_config ``torch-threads``; the others wait, idle). A phone runs
-    one job anyway; a simulation's actors share one machine, and two torch jobs at once, 3-4 GB
-    each on SmolLM2, were the default run's peak (issue 19, goal 6). Taken after
-    :func:`release_for`, so a waiting process holds no capture; the heap is trimmed before the
-    turn passes on. Without a path, nothing."""
+    simulate`` sets), at most one process that shares the file runs a torch job at a time; the
+    others wait, idle. A phone runs one job anyway; a simulation's actors share one machine, and
+    two torch jobs at once, 3-4 GB each on SmolLM2, were the default run's peak (issue 19, goal 6).
+    Taken after :func:`release_for`, so a waiting process holds no capture; the heap is trimmed
+    before the turn passes on. Without a path, nothing."""
     if not lock_path:
         yield
         return
     import fcntl
 
-    import torch
-
     with open(lock_path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        before = torch.get_num_threads()
         try:
-            if threads:
-                torch.set_num_threads(int(threads))
             yield
         finally:
-            torch.set_num_threads(before)
             release_memory()      # the job's freed heap goes back before the next process's turn
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -514,8 +513,8 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict, 
     seqs = _sequences(data, "test" if ins.job == "eval" else "train", node)
 
     release_for(ins.job, learn.method if learn is not None else None, (node.device_dir, node.profile))
-    if ins.job == "plan" or (ins.job == "lsq" and learn.method != "runtime"):
-        turn.enter_context(torch_turn(run_config.get("torch-lock"), run_config.get("torch-threads")))
+    if is_torch_job(ins.job, learn.method if learn is not None else None):
+        turn.enter_context(torch_turn(run_config.get("torch-lock")))
     rt = get_runtime(node.device_dir, node.profile)
     if ins.job == "lsq" and learn.method == "runtime":
         if profile.runtime != "onnxruntime":

@@ -253,11 +253,11 @@ def prepare(cfg: SimulationConfig, out: Path, progress: Callable[[str], None] | 
 def check_run_fits(cfg: SimulationConfig, memory: int | None = None) -> dict:
     """``simulation.memory.check_fits`` for this config, before anything is loaded: a model that
     cannot fit is refused in a second, with the estimate and the reason, not killed after minutes."""
+    from client.app import is_torch_job
     from simulation.memory import check_fits, model_size
 
     actors = max(1, int(cfg.engine.num_cpus // cfg.engine.client_cpus))
-    torch_jobs = any(s.job == "plan" or (s.job == "lsq" and cfg.server.learn.method != "runtime")
-                     for s in cfg.server.schedule)
+    torch_jobs = any(is_torch_job(s.job, cfg.server.learn.method) for s in cfg.server.schedule)
     return check_fits(model_size(cfg.model), batch=cfg.server.batch_size, seq_len=cfg.data.seq_len,
                       client_actors=min(actors, cfg.data.clients), torch_jobs=torch_jobs, memory=memory)
 

@@ -59,9 +59,10 @@ def run_federation(prep: Prepared, evaluate_fn, on_round=None) -> dict[str, QPar
     faults = unreliable_for(prep)
     # The actors share this machine: their torch jobs (plan, torch lsq) take turns
     # (client.app.torch_turn), so that one such job's memory is in use at a time. Each keeps its
-    # actor's one torch thread: on two threads the learned ranges' float sums change order, and on
-    # configs/memory.toml the final perplexity moved by 0.6% (int8) -- a run's figures would then
-    # depend on how many CPUs Ray has. One thread gives the same bits as before, in more time.
+    # actor's one torch thread: with two per turn (commit c2e35f9) the learned ranges' float sums
+    # changed order and configs/memory.toml's final int8 perplexity moved by 0.6%
+    # (bench/results/large_models_memory_two_threads.json): a run's figures would depend on Ray's
+    # CPUs. One thread gives the same bits as before, in more time.
     client_app = make_app({"device-dir": str(prep.device_dir.resolve()),
                            "torch-lock": str((prep.out / "torch-jobs.lock").resolve())},
                           mods=[faults] if faults else [])
