@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 from typing import Callable, Iterator, Literal
 
 import numpy as np
@@ -35,7 +36,7 @@ from torch import nn
 
 from quant import lsq
 from quant.affine import broadcast_param, fake_quant, range_to_qparams, tensor_range
-from quant.qparams import PointParams, QParams, model_fingerprint
+from quant.qparams import PER_TOKEN_META, PointParams, QParams, model_fingerprint
 from quant.spec import QuantSpec, activation_spec, weight_spec
 
 Mode = Literal["float", "quant", "learn"]
@@ -48,6 +49,9 @@ class QuantConfig(BaseModel):
     ``overrides`` maps a point key or an fnmatch pattern over keys (``"*.down_proj:input"``) to a
     spec: an exact key wins, otherwise the last matching pattern (later entries refine earlier ones).
     ``skip`` lists fnmatch patterns over module paths (``"lm_head"``) left in float.
+    ``per_token`` lists fnmatch patterns over Linear paths (``"*.down_proj"``) whose input is
+    quantized per token at run time (``PerTokenQuantizer``) instead of at a QParams point: no
+    statistics, no range, nothing learned there (``quant.qdq.per_token_inputs`` says why).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -56,6 +60,7 @@ class QuantConfig(BaseModel):
     weight: QuantSpec = weight_spec(8)
     overrides: dict[str, QuantSpec] = {}
     skip: list[str] = []
+    per_token: list[str] = []
     attention_matmuls: bool = False
     embedding: Literal["int8", "float"] = Field("int8", description="the token embedding as the QDQ "
                                                 "graph stores it (quant.qdq.embedding_table)")
@@ -68,12 +73,12 @@ class QuantConfig(BaseModel):
             raise ValueError(f"override keys are '<module pattern>:input', ':other' or ':weight', got {bad}")
         return v
 
-    @field_validator("skip")
+    @field_validator("skip", "per_token")
     @classmethod
-    def _skip_names_modules(cls, v: list[str]) -> list[str]:
+    def _names_modules(cls, v: list[str], info) -> list[str]:
         bad = [p for p in v if ":" in p]
         if bad:
-            raise ValueError(f"skip takes module patterns, without ':input' and the like, got {bad}")
+            raise ValueError(f"{info.field_name} takes module patterns, without ':input' and the like, got {bad}")
         return v
 
     def spec_for(self, key: str) -> QuantSpec:
@@ -182,6 +187,33 @@ class FakeQuantizer(nn.Module):
         return fake_quant(x, self.scale, self.zero_point, self.spec)
 
 
+PER_TOKEN_QMAX = 127
+
+
+def per_token_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """``round(x / s_t) * s_t`` with ``s_t = max_k |x_tk| / 127`` per token (last axis): what
+    ``quant.qdq.per_token_inputs`` computes in integers. Straight-through gradient."""
+    s = torch.clamp(x.detach().abs().amax(-1, keepdim=True) / PER_TOKEN_QMAX, min=torch.finfo(torch.float32).tiny)
+    q = torch.round(x.detach() / s) * s
+    return x + (q - x.detach()) if x.requires_grad else q
+
+
+class PerTokenQuantizer(nn.Module):
+    """The input of a Linear quantized per token at run time: not a QParams point (``quant_points``
+    does not list it), it follows the activations' mode (float: identity)."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+        self.mode: Mode = "float"
+
+    def extra_repr(self) -> str:
+        return f"{self.key}, s8 sym per token (dynamic), mode={self.mode}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.mode == "float" else per_token_fake_quant(x)
+
+
 class QuantLinear(nn.Module):
     """An nn.Linear with fake-quantized input and weight: ``F.linear(fq(x / m), fq(W * m), b)``.
 
@@ -197,10 +229,12 @@ class QuantLinear(nn.Module):
 
     cache_weight = True
 
-    def __init__(self, linear: nn.Linear, path: str, act_spec: QuantSpec, w_spec: QuantSpec):
+    def __init__(self, linear: nn.Linear, path: str, act_spec: QuantSpec, w_spec: QuantSpec,
+                 per_token: bool = False):
         super().__init__()
         self.linear = linear
-        self.input_quantizer = FakeQuantizer(f"{path}:input", act_spec, act_spec.param_shape(()))
+        self.input_quantizer = PerTokenQuantizer(f"{path}:input") if per_token else \
+            FakeQuantizer(f"{path}:input", act_spec, act_spec.param_shape(()))
         self.weight_quantizer = FakeQuantizer(f"{path}:weight", w_spec,
                                               w_spec.param_shape(tuple(linear.weight.shape)))
         self.register_buffer("smooth", None)
@@ -389,7 +423,20 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> list[str]:
 
     chosen = [(n, m) for n, m in linears if not skipped(n)]
     matmuls = [(m, op, p) for m, op, p in matmuls if not skipped(p)]
-    keys = [f"{n}:{kind}" for n, _ in chosen for kind in ("input", "weight")]
+    per_token = set()
+    for pat in config.per_token:
+        hit = {n for n, _ in chosen if fnmatch.fnmatchcase(n, pat)}
+        if not hit:
+            raise ValueError(f"per_token pattern {pat!r} matches no quantized nn.Linear of the model")
+        per_token |= hit
+    for n in sorted(per_token):
+        w = config.spec_for(f"{n}:weight")
+        if not (w.bits == 8 and w.signed and (w.granularity == "per_tensor" or
+                                              (w.granularity == "per_channel" and w.axis in (0, -2)))):
+            raise ValueError(f"{n}: a per-token input needs an int8 weight per tensor or per output channel "
+                             f"(ONNX Runtime's MatMulInteger), got {w.short()}")
+    keys = [f"{n}:{kind}" for n, _ in chosen for kind in ("input", "weight") if (n, kind) not in
+            {(p, "input") for p in per_token}]
     keys += [f"{p}:{kind}" for _, _, p in matmuls for kind in ("input", "other")]
     for key in keys:
         spec = config.spec_for(key)
@@ -406,7 +453,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> list[str]:
             w_spec.param_shape(tuple(linear.weight.shape))
         except ValueError as e:
             raise ValueError(f"{name}:weight: {e}") from None
-        replacements.append((name, QuantLinear(linear, name, a_spec, w_spec)))
+        replacements.append((name, QuantLinear(linear, name, a_spec, w_spec, per_token=name in per_token)))
     qmatmuls = [(m, op, QuantMatMul(p, config.spec_for(f"{p}:input"), config.spec_for(f"{p}:other")))
                 for m, op, p in matmuls]
     for name, ql in replacements:
@@ -464,6 +511,15 @@ def set_mode(model: nn.Module, mode: Mode, which: Which = "all") -> None:
                 p.requires_grad_(False)
     for q in points:
         q.set_mode(mode)
+    if which in ("activations", "all"):
+        for m in model.modules():
+            if isinstance(m, PerTokenQuantizer):
+                m.mode = mode
+
+
+def per_token_paths(model: nn.Module) -> list[str]:
+    """The Linears whose input is quantized per token (``QuantConfig.per_token``)."""
+    return sorted(n for n, m in _quant_linears(model).items() if isinstance(m.input_quantizer, PerTokenQuantizer))
 
 
 def learned_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -484,7 +540,9 @@ def get_qparams(model: nn.Module) -> QParams:
             points[key] = PointParams(q.spec, s, z)
     smoothing = {n: m.smooth.detach().cpu().numpy().copy() for n, m in _quant_linears(model).items()
                  if m.smooth is not None}
-    return QParams(points, model=fingerprint(model), smoothing=smoothing)
+    per_token = per_token_paths(model)
+    meta = {PER_TOKEN_META: json.dumps(per_token)} if per_token else {}
+    return QParams(points, model=fingerprint(model), smoothing=smoothing, meta=meta)
 
 
 def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool = False) -> None:

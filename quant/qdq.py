@@ -31,10 +31,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
-from quant.export import (MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
+from quant.export import (LINEAR_TAG, MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
                           linear_paths, matmul_paths, node_tag, prune_unused)
 from quant.onnxfile import EXTERNAL_THRESHOLD, copy_fields, load_external, load_onnx, save_onnx
-from quant.qparams import QParams, atomic_write_bytes
+from quant.qparams import QParams, atomic_write_bytes, per_token_linears
 from quant.spec import QuantSpec, weight_spec
 
 # what a name map entry ``(qparams key, kind)`` says an initializer holds
@@ -78,7 +78,8 @@ def dequantized_weight(path: str, qparams: QParams, w: np.ndarray) -> np.ndarray
     return dequantize(quantize(w, p.scale, p.zero_point, p.spec), p.scale, p.zero_point, p.spec)
 
 
-def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weights: bool) -> _Plan:
+def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weights: bool,
+          per_token: bool = False) -> _Plan:
     values, names, w_attrs, b_attrs = {}, {}, {}, {}
     ki, kw = f"{path}:input", f"{path}:weight"
     pi, pw = qp.points.get(ki), qp.points.get(kw)
@@ -103,8 +104,8 @@ def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weight
             w_attrs["block_size"] = spec.group_size
             s, z = s.T, z.T
         q, z = _storage(np.ascontiguousarray(q.T), spec), _storage(np.ascontiguousarray(z), spec)
-        if u8_weights and spec.bits == 8 and spec.signed and pi is not None and not pi.spec.signed \
-                and pi.spec.bits == 8:
+        if u8_weights and spec.bits == 8 and spec.signed and (per_token or (
+                pi is not None and not pi.spec.signed and pi.spec.bits == 8)):
             # Same real values on the uint8 grid (q + 128, z + 128): ORT's x86 u8s8 kernels
             # (AVX2 without VNNI) saturate int16 pair sums, its u8u8 kernels are exact.
             q, z = (q.astype(np.int16) + 128).astype(np.uint8), (z.astype(np.int16) + 128).astype(np.uint8)
@@ -147,9 +148,10 @@ def iter_qdq_values(qparams: QParams, linears, u8_weights: bool = False):
     its file only then), then of the attention operands. A patch that consumes them as they come
     never holds every float or integer weight of the model at once (a 1.5B model's float
     weights are 7 GB)."""
+    per_token = set(per_token_linears(qparams))
     for path in linears:
         w, b = linears[path]
-        p = _plan(path, w, b, qparams, u8_weights)
+        p = _plan(path, w, b, qparams, u8_weights, path in per_token)
         del w, b
         yield p.values, p.names
     values, names = {}, {}
@@ -263,7 +265,8 @@ def _qdq_nodes(prefix: str, x: str) -> list:
 def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights: bool,
                embedding: str = "int8", nbits_barrier: bool = True) -> dict:
     g = mp.graph
-    plans = {path: _plan(path, *linears[path], qparams, u8_weights) for path in linear_paths(mp)}
+    per_token = set(per_token_linears(qparams))
+    plans = {path: _plan(path, *linears[path], qparams, u8_weights, path in per_token) for path in linear_paths(mp)}
     name_map, mm_values = {}, {}
     embeds = {}
     if embedding == "int8":
@@ -364,7 +367,9 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     ``{path: (weight, bias)}``: a device rebuilds its graph torch-free) and ``qparams`` to ``path``
     and its name map to ``names_path(path)``; return the name map.
 
-    Linears without a ``:input`` / ``:weight`` key keep a float input / weight; a Linear with
+    Linears without a ``:input`` / ``:weight`` key keep a float input / weight, except those
+    ``qparams.meta`` names per-token (``quant.qparams.per_token_linears``), whose input is
+    quantized per token at run time (``per_token_inputs``); a Linear with
     SmoothQuant factors ``m`` in ``qparams.smoothing`` gets its input divided by ``m`` (a Div
     before the QuantizeLinear) and its weight multiplied by ``m``, as QuantLinear does. ``float_onnx``
     (a path or ModelProto from ``export_float_onnx`` of the same model) skips the slow torch
@@ -407,6 +412,7 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     if unknown:
         raise ValueError(f"QParams keys name no Linear of this graph: {unknown[:5]}")
     name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding, nbits_barrier)
+    per_token_inputs(mp, per_token_linears(qparams))
     if float_onnx is not None and not isinstance(float_onnx, onnx.ModelProto):
         load_external(mp, Path(float_onnx).parent)  # the weights of Linears left float, if any
     save_onnx(mp, path, external_threshold=external_threshold)
@@ -418,8 +424,8 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
 def u8_storable(mp: onnx.ModelProto) -> list[tuple[str, str]]:
     """``(weight, zero point)`` initializer names of the 8-bit weights that may live on either
     grid: an int8/uint8 weight behind a DequantizeLinear that feeds only MatMuls whose activation
-    comes from a DequantizeLinear with a uint8 zero point (what ``_plan`` moves with
-    ``u8_weights``). Found from the graph alone, so it works on any QDQ model of this shape."""
+    comes from a DequantizeLinear with a uint8 zero point, or the weight of a per-token Linear's
+    MatMulInteger (uint8 input) (what ``_plan`` moves with ``u8_weights``). Found from the graph alone, so it works on any QDQ model of this shape."""
     dtypes = {t.name: t.data_type for t in mp.graph.initializer}
     producer = {o: n for n in mp.graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -427,6 +433,12 @@ def u8_storable(mp: onnx.ModelProto) -> list[tuple[str, str]]:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     out = []
+    for n in mp.graph.node:  # per-token Linears (per_token_inputs): the weight feeds MatMulInteger itself
+        if n.op_type == "MatMulInteger" and len(n.input) == 4 and dtypes.get(n.input[2]) == TensorProto.UINT8 \
+                and dtypes.get(n.input[1]) in (TensorProto.INT8, TensorProto.UINT8) \
+                and dtypes.get(n.input[3]) == dtypes[n.input[1]] \
+                and all(u.op_type == "MatMulInteger" and u.input[1] == n.input[1] for u in consumers[n.input[1]]):
+            out.append((n.input[1], n.input[3]))
     for n in mp.graph.node:
         if n.op_type != "DequantizeLinear" or len(n.input) < 3:
             continue
@@ -542,3 +554,101 @@ def count_matmuls(optimized: onnx.ModelProto) -> dict[str, int]:
         if n.op_type in INTEGER_MATMULS + ("MatMul", "Gemm", "FusedMatMul"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
+
+
+# --------------------------------------------------------------------------- per-token inputs
+
+PER_TOKEN_ZERO = "fedquant.per_token.zero_point"   # uint8 128: symmetric per-token grid on uint8
+PER_TOKEN_CONSTS = {PER_TOKEN_ZERO: np.array(128, np.uint8), "fedquant.per_token.qmax": np.array(127.0, np.float32),
+                    "fedquant.per_token.floor": np.array(np.finfo(np.float32).tiny, np.float32),
+                    "fedquant.per_token.axes": np.array([-1], np.int64),
+                    "fedquant.per_token.zero_f": np.array(128.0, np.float32),
+                    "fedquant.per_token.lo": np.array(0.0, np.float32),
+                    "fedquant.per_token.hi": np.array(255.0, np.float32)}
+
+
+def per_token_inputs(mp: onnx.ModelProto, paths) -> list[str]:
+    """Rewrite, in place, the Linears ``paths`` of a QDQ model so their input is quantized per
+    token at run time instead of with the static per-tensor (s, z) of its QParams point.
+
+    Why: static 8-bit ranges calibrated on the fleet's text clip the massive activations other
+    text brings to the ``down_proj`` inputs of small LLMs (``bench/ood_gap.py``: those 30 points
+    carry the int8 profile's out-of-domain error). A per-token scale ``s_t = max_k |x_tk| / 127``
+    follows each token (ZeroQuant, Yao et al., NeurIPS 2022; LLM.int8(), Dettmers et al., 2022;
+    what XNNPACK's qd8 kernels do on phones). The arithmetic stays integer: the input goes to the
+    uint8 grid ``q = round(x / s_t) + 128`` (ONNX round, half to even) and ONNX Runtime's
+    MatMulInteger sums ``(q - 128)(w_q - z_w)`` exactly in int32 with the weight as the runtime
+    stores it (int8, or uint8 where u8 x s8 saturates: ``set_weight_storage``); the int32 sum
+    times ``s_t`` times the weight scale is the output. A SmoothQuant Div before the point stays.
+
+    Each path must have the exported shape (``_qdq_graph``): a float input, or a static input
+    Q -> DQ, into a MatMul <- weight DQ of an 8-bit weight per tensor or per output channel.
+    ``export_qdq`` calls this on the Linears QParams name per-token (they have no input point);
+    ``bench/per_token.py`` also rewrites static ones of a finished run's model. Returns the paths
+    rewritten. Raises ValueError naming the Linear, before changing anything, otherwise."""
+    g = mp.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+    matmuls = {node_tag(n): n for n in g.node if n.op_type == "MatMul" and node_tag(n) is not None}
+    drop, new_at, done = set(), {}, []
+    for path in paths:
+        mm = matmuls.get(path)
+        dq = producer.get(mm.input[0]) if mm is not None else None
+        if dq is not None and dq.op_type != "DequantizeLinear":
+            dq = None                                   # a float input (the export's form)
+        q = producer.get(dq.input[0]) if dq is not None else None
+        wdq = producer.get(mm.input[1]) if mm is not None else None
+        if mm is None or (dq is not None and (q is None or q.op_type != "QuantizeLinear")) \
+                or wdq is None or wdq.op_type != "DequantizeLinear":
+            raise ValueError(f"{path}: not a QDQ Linear ([input Q -> DQ ->] MatMul <- weight DQ)")
+        wq, ws, wz = wdq.input[0], wdq.input[1], wdq.input[2] if len(wdq.input) > 2 else ""
+        w = inits.get(wq)
+        if w is None or w.data_type not in (TensorProto.INT8, TensorProto.UINT8) or not wz:
+            raise ValueError(f"{path}: per-token inputs need an 8-bit weight with a zero point, got "
+                             f"{onnx.TensorProto.DataType.Name(w.data_type) if w is not None else 'no initializer'}")
+        s_shape = tuple(inits[ws].dims)
+        if len(s_shape) > 1 or (len(s_shape) == 1 and next((a.i for a in wdq.attribute if a.name == "axis"), 1) != 1):
+            raise ValueError(f"{path}: per-token inputs need weights per tensor or per output channel, "
+                             f"got a scale of shape {s_shape}")
+        if dq is not None and (len(consumers.get(dq.output[0], [])) != 1 or len(consumers.get(q.output[0], [])) != 1):
+            raise ValueError(f"{path}: its quantized input feeds more than its MatMul")
+        x, p = (q.input[0] if dq is not None else mm.input[0]), f"{path}.input.per_token"
+        c = lambda k: f"fedquant.per_token.{k}"
+        mmi = helper.make_node("MatMulInteger", [f"{p}.q", wq, PER_TOKEN_ZERO, wz], [f"{p}.acc"],
+                               name=f"{path}/MatMulInteger")
+        mmi.metadata_props.add(key=LINEAR_TAG, value=path)   # still the Linear's product
+        new_at[id(mm)] = [
+            helper.make_node("Abs", [x], [f"{p}.abs"], name=f"{p}.Abs"),
+            helper.make_node("ReduceMax", [f"{p}.abs", c("axes")], [f"{p}.absmax"], name=f"{p}.ReduceMax", keepdims=1),
+            helper.make_node("Div", [f"{p}.absmax", c("qmax")], [f"{p}.scale0"], name=f"{p}.ScaleDiv"),
+            helper.make_node("Max", [f"{p}.scale0", c("floor")], [f"{p}.scale"], name=f"{p}.ScaleFloor"),
+            helper.make_node("Div", [x, f"{p}.scale"], [f"{p}.x_s"], name=f"{p}.Div"),
+            helper.make_node("Round", [f"{p}.x_s"], [f"{p}.rounded"], name=f"{p}.Round"),
+            helper.make_node("Add", [f"{p}.rounded", c("zero_f")], [f"{p}.shifted"], name=f"{p}.Shift"),
+            helper.make_node("Clip", [f"{p}.shifted", c("lo"), c("hi")], [f"{p}.clipped"], name=f"{p}.Clip"),
+            helper.make_node("Cast", [f"{p}.clipped"], [f"{p}.q"], name=f"{p}.Cast", to=TensorProto.UINT8),
+            mmi,
+            helper.make_node("Cast", [f"{p}.acc"], [f"{p}.acc_f"], name=f"{p}.AccCast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{p}.acc_f", f"{p}.scale"], [f"{p}.y_x"], name=f"{p}.MulTokenScale"),
+            helper.make_node("Mul", [f"{p}.y_x", ws], [mm.output[0]], name=f"{p}.MulWeightScale")]
+        drop |= {id(mm)} | ({id(q), id(dq)} if dq is not None else set())
+        if len(consumers.get(wdq.output[0], [])) == 1:
+            drop.add(id(wdq))
+        done.append(path)
+    if not done:
+        return done
+    nodes = []
+    for n in g.node:
+        nodes.extend(new_at.get(id(n), []))
+        if id(n) not in drop:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    have = {t.name for t in g.initializer}
+    g.initializer.extend(_to_tensor(n, a) for n, a in PER_TOKEN_CONSTS.items() if n not in have)
+    prune_unused(g)
+    return done

@@ -72,6 +72,25 @@ class PointParams:
             raise ValueError(f"{key}: symmetric spec needs zero_point {self.spec.symmetric_zero_point}")
 
 
+PER_TOKEN_META = "per_token"   # meta key: JSON list of the Linears whose input is quantized per token
+
+
+def per_token_linears(qp: "QParams") -> list[str]:
+    """The Linears whose input is quantized per token at run time (``meta["per_token"]``, set by
+    ``quant.instrument.get_qparams``): they have a ``:weight`` point and no ``:input`` point, and
+    the QDQ graph quantizes their input per token (``quant.qdq.per_token_inputs``)."""
+    raw = qp.meta.get(PER_TOKEN_META)
+    if not raw:
+        return []
+    try:
+        paths = json.loads(raw)
+    except ValueError:
+        paths = None
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p and ":" not in p for p in paths):
+        raise ValueError(f"meta[{PER_TOKEN_META!r}] must be a JSON list of Linear paths, got {raw[:80]!r}")
+    return sorted(paths)
+
+
 @dataclass
 class QParams:
     """All quantization parameters of one model for one device profile."""
@@ -91,6 +110,9 @@ class QParams:
             f = np.asarray(f)
             if f.ndim != 1 or not np.all(np.isfinite(f)) or not np.all(f > 0):
                 raise ValueError(f"smoothing {key}: factors must be a 1-D finite positive array")
+        both = [p for p in per_token_linears(self) if f"{p}:input" in self.points]
+        if both:
+            raise ValueError(f"{both[0]}: its input is quantized per token and also has a point ({both[0]}:input)")
 
     def with_points(self, updates: dict[str, PointParams], version: int | None = None) -> "QParams":
         """A copy with some points replaced; the original is untouched."""
@@ -136,6 +158,9 @@ def qparams_problems(qp: "QParams", held: "QParams | None" = None,
             errors.append(f"version {qp.version} is older than the held version {held.version}")
         if qp.model and held.model and qp.model != held.model:
             errors.append(f"QParams are for model {qp.model!r}, this runtime holds {held.model!r}")
+        if PER_TOKEN_META in qp.meta and per_token_linears(qp) != per_token_linears(held):
+            errors.append(f"per-token inputs {per_token_linears(qp)[:3]} differ from the runtime's "
+                          f"{per_token_linears(held)[:3]} (a different graph)")
         unknown = sorted(set(qp.points) - set(held.points))
         if unknown:
             errors.append(f"unknown keys (not quantization points of this model): {unknown[:5]}")

@@ -54,6 +54,9 @@ class FleetEntry(BaseModel):
                                             description="per-point specs (fnmatch keys), e.g. 16-bit "
                                                         "down_proj inputs: quant.instrument.QuantConfig")
     skip: list[str] = Field(default_factory=list, description="module patterns left float")
+    per_token: list[str] = Field(default_factory=list, description="Linear patterns whose input is quantized "
+                                 "per token at run time (int8 weights only), e.g. [\"*.down_proj\"]: "
+                                 "quant.qdq.per_token_inputs")
     availability: float = Field(1.0, gt=0, le=1, description="probability that a device is online in a round")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability that an online device drops out of a job")
 
@@ -147,6 +150,9 @@ class SimulationConfig(BaseModel):
             if p.runtime != "onnxruntime":
                 raise ValueError(f"server.plans[{p.name!r}]: fleet[{i}] runs {p.runtime}, whose model cannot be "
                                  "rebuilt for a plan's specs in a run: only ONNX Runtime profiles take a plan")
+            if e.per_token:
+                raise ValueError(f"server.plans[{p.name!r}]: fleet[{i}] also has per_token inputs: a plan changes "
+                                 "weight specs and a per-token input needs int8 weights; drop one or the other")
             if e.overrides:
                 raise ValueError(f"server.plans[{p.name!r}]: fleet[{i}] also has hand-written overrides "
                                  f"({len(e.overrides)}): the plan picks every point's spec, drop one or the other")
@@ -168,6 +174,9 @@ class SimulationConfig(BaseModel):
             return
         sm = self.server.smoothing
         for i, e, p in litert:
+            if e.per_token:
+                raise ValueError(f"fleet[{i}].per_token: profile {p.name!r} runs LiteRT, whose .tflite has "
+                                 "static per-tensor activations only (quant.tflite)")
             if sm is not None and sm.alpha_for(p.name) is not None:
                 raise ValueError(f"server.smoothing: fleet[{i}] profile {p.name!r} runs LiteRT, whose "
                                  "SmoothQuant factors are constants of its .tflite (a run cannot patch "
@@ -200,4 +209,4 @@ def quant_config_for(profile: DeviceProfile, entry: FleetEntry) -> QuantConfig:
                              f"has int16_activations = false")
     return QuantConfig(activation=activation_spec(profile.activation_bits, profile.activation_signed),
                        weight=weight_spec(profile.weight_bits, profile.weight_group_size, profile.weight_symmetric),
-                       overrides=dict(entry.overrides), skip=list(entry.skip))
+                       overrides=dict(entry.overrides), skip=list(entry.skip), per_token=list(entry.per_token))

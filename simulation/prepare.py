@@ -170,7 +170,7 @@ def random_calibration(model, qcfg, cfg: SimulationConfig, vocab: int, name: str
     points = calibrate_activations(m, batches, cfg.server.bins, cfg.server.calibrator_for(name))
     set_qparams(m, QParams(points, model=fingerprint(m)))
     qp = get_qparams(m)
-    return QParams(qp.points, qp.model, 0, qp.smoothing, {"recipe": "random-token calibration"})
+    return QParams(qp.points, qp.model, 0, qp.smoothing, {**qp.meta, "recipe": "random-token calibration"})
 
 
 def with_unit_smoothing(qp: QParams, model) -> QParams:

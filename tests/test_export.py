@@ -18,12 +18,12 @@ import torch
 from onnx import numpy_helper
 
 from quant.affine import fake_quant, quantize, range_to_qparams, tensor_range
-from client.runtime import ort_session
+from client.runtime import choose_weight_storage, ort_session
 from quant.encodings import onnx_encoding_names, read_encodings_json, write_encodings_json
 from quant.export import export_float_onnx, float_linears, linear_paths, matmul_paths
-from quant.qdq import (activation_inputs, add_outputs, bias_quant, count_matmuls, dequantized_weight,
+from quant.qdq import (activation_inputs, add_outputs, bias_quant, count_matmuls, dequantized_weight, per_token_inputs,
                        embedding_table, export_qdq, load_name_map, names_path, patch_initializers,
-                       qdq_values)
+                       qdq_values, set_weight_storage)
 from quant.qparams import PointParams, QParams
 from quant.spec import QuantSpec, activation_spec, weight_spec
 
@@ -243,6 +243,85 @@ def test_integer_kernels_on_tiny(exported):
     n_lin = len(float_linears(exported["model"]))
     print(f"\n{exported['kind']}: {counts}")
     assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) >= n_lin
+
+
+def test_per_token_inputs_match_torch(exported, tmp_path):
+    """Every down_proj of the exported model rewritten to per-token inputs: one MatMulInteger
+    each, and the logits of torch with those inputs quantized per token (the rest as exported)."""
+    model, ids, qp, d = exported["model"], exported["ids"], exported["qp"], exported["dir"]
+    downs = sorted(p for p in float_linears(model) if p.endswith("down_proj"))
+    mp = onnx.load(d / "qdq.onnx")
+    assert per_token_inputs(mp, downs) == downs
+    opt = tmp_path / "opt.onnx"
+    ort_session(mp, optimized_path=opt)
+    assert count_matmuls(onnx.load(opt)).get("MatMulInteger", 0) == len(downs)
+    logits, _ = ort_run(mp, ids)
+
+    def per_token(mod, args):
+        x = args[0]
+        s = torch.clamp(x.abs().amax(-1, keepdim=True) / 127, min=float(np.finfo(np.float32).tiny))
+        return (torch.round(x / s) * s,)
+    handles = [model.get_submodule(p).register_forward_pre_hook(per_token) for p in downs]
+    try:
+        rest = {k: v for k, v in qp.points.items() if k not in {f"{p}:input" for p in downs}}
+        ref, _ = fake_quant_reference(model, QParams(rest, qp.model, qp.version, qp.smoothing, qp.meta), ids)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        float_err = float(np.abs(model(input_ids=ids, use_cache=False).logits.numpy() - ref).max())
+    err = float(np.abs(logits - ref).max())
+    print(f"\n{exported['kind']}: per-token down_proj: max|ORT - torch| = {err:.2e} (vs float {float_err:.2e})")
+    assert err < 0.05 * float_err + 1e-4
+
+
+def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_path):
+    """``QuantConfig.per_token``: the down_proj inputs have no QParams point (meta names them), the
+    export quantizes them per token with MatMulInteger, every other Linear keeps its fused integer
+    kernel, and ORT's logits are the instrumented model's, in either weight storage."""
+    from quant.instrument import QuantConfig, capture_inputs, get_qparams, per_token_paths, quantize_, set_mode, \
+        set_qparams
+    from quant.qparams import per_token_linears
+
+    model, f, ids = exported["model"], exported["dir"] / "float.onnx", exported["ids"]
+    downs = sorted(p for p in float_linears(model) if p.endswith("down_proj"))
+    qm = copy.deepcopy(model)
+    quantize_(qm, QuantConfig(per_token=["*.down_proj"]))
+    assert per_token_paths(qm) == downs
+    ranges = {}
+
+    def seen(key, x):
+        lo, hi = x.min().item(), x.max().item()
+        old = ranges.get(key, (lo, hi))
+        ranges[key] = (min(old[0], lo), max(old[1], hi))
+    with capture_inputs(qm, seen), torch.no_grad():
+        qm(input_ids=batch(seed=2, shape=(4, 16)), use_cache=False)
+    act = activation_spec(8)
+    qp = get_qparams(qm).with_points({k: PointParams(act, *range_to_qparams(*r, act)) for k, r in ranges.items()})
+    assert per_token_linears(qp) == downs and not any(f"{p}:input" in qp.points for p in downs)
+    set_qparams(qm, qp)
+    set_mode(qm, "quant")
+    with torch.no_grad():
+        ref = qm(input_ids=ids, use_cache=False).logits.numpy()
+        float_err = float(np.abs(model(input_ids=ids, use_cache=False).logits.numpy() - ref).max())
+    names = export_qdq(model, qp, tmp_path / "p.onnx", float_onnx=f)
+    assert {k for k, _ in names.values()} == set(qp.points)
+    opt = tmp_path / "p.opt.onnx"
+    ort_session(tmp_path / "p.onnx", optimized_path=opt)
+    counts = count_matmuls(onnx.load(opt))
+    assert counts.get("MatMulInteger", 0) == len(downs), counts
+    assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) == \
+        len(float_linears(model)) - len(downs), counts
+    mp = onnx.load(tmp_path / "p.onnx")
+    for u8 in (False, True):
+        moved = set_weight_storage(mp, u8)
+        assert moved >= (len(float_linears(model)) if u8 else 0)
+        logits, _ = ort_run(mp, ids)
+        err = float(np.abs(logits - ref).max())
+        print(f"\n{exported['kind']}: per-token down_proj, u8 weights {u8}: max|ORT - instrument| = {err:.2e} "
+              f"(vs float {float_err:.2e})")
+        if u8 or choose_weight_storage() == "int8":    # the int8 form saturates on x86 without VNNI
+            assert err < 0.05 * float_err + 1e-4
 
 
 def test_patch_equals_reexport(exported, tmp_path):
