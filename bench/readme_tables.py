@@ -166,8 +166,8 @@ def dp_quality_block(d: dict) -> str:
             f"Source: `bench/results/dp_quality.json`.\n\n" + table(d))
 
 
-def splits_block(d: dict) -> str:
-    """Issue 19's any-split table, from bench/splits.py's splits.json."""
+def splits_block(d: dict, source: str = "splits.json") -> str:
+    """Issue 19's any-split table, from bench/splits.py's splits.json (or another run of it)."""
     from bench.splits import table
 
     m = d["machine"]
@@ -176,7 +176,19 @@ def splits_block(d: dict) -> str:
     return (f"`.venv/bin/python -m bench.splits` (`{d['config']}`, `data.seed` {', '.join(d['seeds'])}; one "
             f"`fedquant simulate` each, {took} up to its report (`summary.json`'s `wall_s`: without the "
             f"centralized reference); {_cpu(m)}, {m['cores']} cores shared with other jobs). Source: "
-            f"`bench/results/splits.json`.\n\n" + table(d))
+            f"`bench/results/{source}`.\n\n" + table(d))
+
+
+def per_token_block(d: dict) -> str:
+    """Per-token down_proj inputs on finished runs' models, from bench/per_token.py's JSON."""
+    from bench.per_token import markdown_table
+
+    m = d["machine"]
+    runs = ", ".join(f"`{r['run']}`" for r in d["runs"])
+    return (f"`.venv/bin/python -m bench.per_token` (the {d['profile']} model and final QParams of {runs}; "
+            f"each run's held-out roles and the Factbook windows, as its server evaluates them; ONNX Runtime {m.get('onnxruntime')}, {d['threads']} threads; {_cpu(m)}, "
+            f"{m['cores']} cores shared with other jobs; {d['wall_s']:.0f} s). Source: `bench/results/per_token.json`."
+            f"\n\n" + markdown_table(d))
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -231,6 +243,11 @@ def main() -> None:
         readme = replace_block(readme, "dp-quality", dp_quality_block(json.loads((RESULTS / "dp_quality.json").read_text())))
     if (RESULTS / "splits.json").is_file() and "<!-- splits:begin -->" in readme:
         readme = replace_block(readme, "splits", splits_block(json.loads((RESULTS / "splits.json").read_text())))
+    if (RESULTS / "splits_static.json").is_file() and "<!-- splits-static:begin -->" in readme:
+        readme = replace_block(readme, "splits-static", splits_block(
+            json.loads((RESULTS / "splits_static.json").read_text()), "splits_static.json"))
+    if (RESULTS / "per_token.json").is_file() and "<!-- per-token:begin -->" in readme:
+        readme = replace_block(readme, "per-token", per_token_block(json.loads((RESULTS / "per_token.json").read_text())))
     if (RESULTS / "runtime_ranges_output.json").is_file() and "<!-- runtime-ranges:begin -->" in readme:
         from bench.runtime_ranges import readme_block as runtime_ranges_block
 

@@ -1,0 +1,58 @@
+"""bench/per_token.py on a tiny-model run directory: the static row is the server's own evaluation,
+the rewritten model runs one MatMulInteger per down_proj, and the run directory is left alone."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import per_token
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pertoken") / "smoke"
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, "-c", "from simulation.cli import main; main()", "simulate", "--config",
+                           str(ROOT / "configs" / "smoke.toml"), "--out", str(out), "--rounds", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_per_token_rows_on_a_run(smoke_run, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file()}
+    res = per_token.main(["--runs", str(smoke_run), "--eval-sequences", "8", "--ood-sequences", "6",
+                          "--threads", "1", "--reps", "2", "--out", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(res))
+    assert {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file()} == before
+    (row,) = res["runs"]
+    assert row["linears"] == 2                                   # tiny-llama: two layers
+    assert row["kernels"]["per_token"].get("MatMulInteger") == 2
+    assert "MatMulInteger" not in row["kernels"]["static"]
+    fused = lambda k: k.get("MatMulIntegerToFloat", 0) + k.get("QLinearMatMul", 0)
+    assert fused(row["kernels"]["static"]) - fused(row["kernels"]["per_token"]) == 2
+    for v in ("static", "per_token"):
+        for text in ("heldout", "ood"):
+            e = row["variants"][v][text]
+            assert e["kl"] >= 0 and 0 < e["top1"] <= 1 and e["vs_float_pct_ci"][0] <= e["vs_float_pct_ci"][1]
+    # the two variants are different models (the down_proj inputs changed), on the same float reference
+    assert row["variants"]["static"]["heldout"]["perplexity"] != row["variants"]["per_token"]["heldout"]["perplexity"]
+    assert row["variants"]["static"]["heldout"]["float_perplexity"] == \
+        row["variants"]["per_token"]["heldout"]["float_perplexity"]
+    assert row["latency_s"]["per_token_over_static"] > 0
+    assert "inputs per token" in per_token.markdown_table(res)
+
+
+def test_refuses_what_is_not_a_run_or_matches_nothing(smoke_run, tmp_path):
+    with pytest.raises(SystemExit, match="no run.json"):
+        per_token.main(["--runs", str(tmp_path), "--out", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit, match="match no Linear"):
+        per_token.main(["--runs", str(smoke_run), "--linears", "*.nope", "--eval-sequences", "4",
+                        "--ood-sequences", "4", "--threads", "1", "--out", str(tmp_path / "p.json")])
+    assert not (tmp_path / "p.json").exists()
