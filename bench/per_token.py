@@ -3,7 +3,7 @@ run time, instead of at their static per-tensor ranges, does to fidelity and spe
 
     .venv/bin/python -m bench.per_token        # runs/splits/static/seed-{0,1,2} (configs/quality/static.toml
                                                # through bench.splits): about 4 min a run
-    .venv/bin/python -m bench.per_token --runs runs/smoke --out /tmp/per_token.json   # any run with the profile
+    .venv/bin/python -m bench.per_token --runs runs/smoke --out per_token.json   # any run with the profile
 
 For each run directory: the profile's final federated QParams in the run's own ONNX Runtime integer
 model (``static``), and the same model with the Linears ``--linears`` (default ``*.down_proj``)

@@ -209,8 +209,8 @@ def main() -> None:
     readme = (ROOT / "README.md").read_text()
     if args.quality.is_file() and args.quality.resolve() != (RESULTS / "quality.json").resolve():
         shutil.copyfile(args.quality, RESULTS / "quality.json")
-    if args.simulate.is_file():
-        shutil.copyfile(args.simulate, RESULTS / "simulate_default.json")
+    if args.simulate.is_file():   # paths inside the checkout kept relative to it (no machine's path in the repo)
+        (RESULTS / "simulate_default.json").write_text(args.simulate.read_text().replace(f'"{ROOT}/', '"'))
     if (RESULTS / "simulate_default.json").is_file():
         readme = replace_block(readme, "simulate",
                                simulate_block(json.loads((RESULTS / "simulate_default.json").read_text())))
