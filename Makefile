@@ -37,13 +37,14 @@ bench: venv
 	$(PY) -m bench.calibrators
 
 # Issue 5's quality table: the main run, the runs of its variants (each resumes if already done),
-# then the peer tools on the same data and the README table. About 2.5 hours on 2 cores with the peer
+# then the peer tools on the same data and the README table. About 3 hours on 2 cores with the peer
 # calibrations cached: the sum of the runs' wall_s (summary.json) and bench/quality.py's wall_s.
 QUALITY_RUNS := runs/default=fedquant runs/q-nosmooth="fedquant, no smoothing" \
 	runs/q-sample10="fedquant, 10% per round" runs/q-sample30="fedquant, 30% per round" runs/q-iid="fedquant, IID" \
 	runs/q-w8a16="fedquant, 8/16" runs/q-lsq4="fedquant, lsq by profile" \
 	runs/q-distill="fedquant, lsq by profile, distill" runs/q-exact="fedquant, exact rules" \
-	runs/q-runtime="fedquant, lsq on the runtime" runs/q-handplan="fedquant, hand-written mixed plan"
+	runs/q-runtime="fedquant, lsq on the runtime" runs/q-handplan="fedquant, hand-written mixed plan" \
+	runs/q-static="fedquant, static down_proj inputs"
 bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/default.toml --out runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/nosmooth.toml --out runs/q-nosmooth
@@ -56,6 +57,7 @@ bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/quality/exact.toml --out runs/q-exact --prepared-from runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/runtime.toml --out runs/q-runtime --prepared-from runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/handplan.toml --out runs/q-handplan
+	$(VENV)/bin/fedquant simulate --config configs/quality/static.toml --out runs/q-static
 	$(PY) -m bench.quality --runs $(QUALITY_RUNS)
 	$(PY) -m bench.readme_tables
 
