@@ -190,12 +190,23 @@ class FakeQuantizer(nn.Module):
 PER_TOKEN_QMAX = 127
 
 
+class _PerTokenSTE(torch.autograd.Function):
+    """The per-token values forward (bit exact), the gradient passed straight through."""
+
+    @staticmethod
+    def forward(ctx, x):
+        s = torch.clamp(x.abs().amax(-1, keepdim=True) / PER_TOKEN_QMAX, min=torch.finfo(torch.float32).tiny)
+        return torch.round(x / s) * s
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out
+
+
 def per_token_fake_quant(x: torch.Tensor) -> torch.Tensor:
     """``round(x / s_t) * s_t`` with ``s_t = max_k |x_tk| / 127`` per token (last axis): what
     ``quant.qdq.per_token_inputs`` computes in integers. Straight-through gradient."""
-    s = torch.clamp(x.detach().abs().amax(-1, keepdim=True) / PER_TOKEN_QMAX, min=torch.finfo(torch.float32).tiny)
-    q = torch.round(x.detach() / s) * s
-    return x + (q - x.detach()) if x.requires_grad else q
+    return _PerTokenSTE.apply(x)
 
 
 class PerTokenQuantizer(nn.Module):

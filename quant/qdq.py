@@ -425,7 +425,8 @@ def u8_storable(mp: onnx.ModelProto) -> list[tuple[str, str]]:
     """``(weight, zero point)`` initializer names of the 8-bit weights that may live on either
     grid: an int8/uint8 weight behind a DequantizeLinear that feeds only MatMuls whose activation
     comes from a DequantizeLinear with a uint8 zero point, or the weight of a per-token Linear's
-    MatMulInteger (uint8 input) (what ``_plan`` moves with ``u8_weights``). Found from the graph alone, so it works on any QDQ model of this shape."""
+    MatMulInteger (uint8 input) (what ``_plan`` moves with ``u8_weights``). Found from the graph
+    alone, so it works on any QDQ model of this shape."""
     dtypes = {t.name: t.data_type for t in mp.graph.initializer}
     producer = {o: n for n in mp.graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -616,6 +617,11 @@ def per_token_inputs(mp: onnx.ModelProto, paths) -> list[str]:
                              f"got a scale of shape {s_shape}")
         if dq is not None and (len(consumers.get(dq.output[0], [])) != 1 or len(consumers.get(q.output[0], [])) != 1):
             raise ValueError(f"{path}: its quantized input feeds more than its MatMul")
+        if any(c is not wdq for c in consumers.get(wq, [])):
+            # a tied embedding reads lm_head's integer weights: the runtime could not move them to
+            # the uint8 grid that keeps MatMulInteger exact on x86 without VNNI (u8_storable)
+            raise ValueError(f"{path}: its integer weight is shared (a tied embedding?); per-token inputs "
+                             "need a Linear whose weight only it reads")
         x, p = (q.input[0] if dq is not None else mm.input[0]), f"{path}.input.per_token"
         c = lambda k: f"fedquant.per_token.{k}"
         mmi = helper.make_node("MatMulInteger", [f"{p}.q", wq, PER_TOKEN_ZERO, wz], [f"{p}.acc"],

@@ -251,6 +251,8 @@ def test_per_token_inputs_match_torch(exported, tmp_path):
     model, ids, qp, d = exported["model"], exported["ids"], exported["qp"], exported["dir"]
     downs = sorted(p for p in float_linears(model) if p.endswith("down_proj"))
     mp = onnx.load(d / "qdq.onnx")
+    with pytest.raises(ValueError, match="lm_head: its integer weight is shared"):   # the tied embedding reads it
+        per_token_inputs(mp, [downs[0], "lm_head"])
     assert per_token_inputs(mp, downs) == downs
     opt = tmp_path / "opt.onnx"
     ort_session(mp, optimized_path=opt)
