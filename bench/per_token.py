@@ -82,13 +82,6 @@ def evaluate_run(run: Path, profile: str, patterns: list[str], eval_sequences: i
     ood, _ = ood_windows(cfg.data, tokenizer)
     sets = {"heldout": evals, "ood": ood}
     ev = ServerEval(run / "device", evals, threads, batch_size, ood=ood, seed=cfg.data.seed)
-    own_float = run / "device" / "float.onnx"   # a run directory moved since: its bundles name the old path
-    if own_float.is_file():
-        from client.runtime import DeviceRuntime
-
-        ev.runtimes[profile] = DeviceRuntime(run / "device" / profile / "model.onnx", threads=threads,
-                                             float_onnx=own_float)
-        ev.float_onnx = own_float
     rt = ev.runtime(profile)
     qp = load_qparams(final)
     if per_token_linears(qp):

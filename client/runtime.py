@@ -351,6 +351,12 @@ class DeviceRuntime:
         if meta.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{bundle_path(self.path)}: not a {BUNDLE_FORMAT} bundle")
         self.float_onnx = Path(float_onnx or meta["float_onnx"])
+        if float_onnx is None and not self.float_onnx.is_file():
+            # the bundle names the float graph by absolute path; a device directory moved since
+            # still holds it beside its profiles (``<device-dir>/float.onnx``)
+            own = self.path.parent.parent / self.float_onnx.name
+            if own.is_file():
+                self.float_onnx = own
         self.name_map = load_name_map(names_path(self.path))
         self.linears = load_float_linears(weights_path(self.path))
         self.qparams = load_qparams(qparams_path(self.path))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import per_token
@@ -56,3 +57,22 @@ def test_refuses_what_is_not_a_run_or_matches_nothing(smoke_run, tmp_path):
         per_token.main(["--runs", str(smoke_run), "--linears", "*.nope", "--eval-sequences", "4",
                         "--ood-sequences", "4", "--threads", "1", "--out", str(tmp_path / "p.json")])
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_moved_run_directory_still_finds_its_float_graph(smoke_run, tmp_path):
+    """A bundle names the float graph by absolute path; a device directory moved since uses its own
+    ``float.onnx`` (the static runs of the splits bench were moved to runs/splits/static)."""
+    import shutil
+
+    from client.runtime import DeviceRuntime, bundle_path
+
+    moved = tmp_path / "moved"
+    shutil.copytree(smoke_run / "device", moved / "device")
+    doc = json.loads(bundle_path(moved / "device" / "int8" / "model.onnx").read_text())
+    doc["float_onnx"] = str(tmp_path / "gone" / "device" / "float.onnx")      # where it was
+    bundle_path(moved / "device" / "int8" / "model.onnx").write_text(json.dumps(doc))
+    rt = DeviceRuntime(moved / "device" / "int8" / "model.onnx")
+    assert rt.float_onnx == moved / "device" / "float.onnx"
+    key = rt.activation_keys()[0]
+    acts = rt.float_activations(np.array([[1, 2, 3, 4]], np.int64), [key])   # the float graph runs from there
+    assert acts[key].shape[:2] == (1, 4)
