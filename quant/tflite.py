@@ -38,7 +38,7 @@ import numpy as np
 
 from quant.affine import quantize
 from quant.qdq import bias_quant, embedding_table
-from quant.qparams import QParams, atomic_write_bytes
+from quant.qparams import QParams, atomic_write_bytes, per_token_linears
 
 EXTRA_HINT = "the LiteRT packages are missing: pip install -e '.[litert]' (see README, LiteRT)"
 LITERT_MODULES = ("ai_edge_litert", "litert_torch")     # the interpreter (+ schema), the converter
@@ -291,6 +291,10 @@ def quantize_points(float_path, weights: dict[str, np.ndarray], qparams: QParams
     calibrate (required for every such Linear). ``embedding="int8"``: the token embedding table
     becomes int8 rows (``_int8_embedding``), as in the ONNX model; ``"float"`` keeps its values
     in float32."""
+    per_token = per_token_linears(qparams)
+    if per_token:   # a float input here would pass for the device's int8 one without a word
+        raise ValueError(f"QParams quantize the inputs of {len(per_token)} Linears per token at run time "
+                         f"({per_token[0]}, ...): the LiteRT export has static per-tensor activations only")
     schema, fu = _schema()
     model = fu.read_model(str(float_path))
     if len(model.subgraphs) != 1:

@@ -81,6 +81,31 @@ def test_export_refuses_qparams_of_another_model(tmp_path):
 
 
 
+def test_export_of_per_token_qparams(tmp_path):
+    """QParams whose meta names per-token Linears export to ONNX with MatMulInteger for them; the
+    LiteRT export, static per-tensor only, refuses them before any work."""
+    import numpy as np
+    import onnx
+
+    from client.runtime import DeviceRuntime
+    from quant.instrument import QuantConfig, get_qparams, quantize_
+    from quant.qparams import save_qparams
+    from simulation.models import tiny_llama
+
+    m = tiny_llama()
+    quantize_(m, QuantConfig(per_token=["*.down_proj"]))
+    save_qparams(get_qparams(m), tmp_path / "q.safetensors")
+    args = ["export", "--model", "tiny-llama", "--qparams", str(tmp_path / "q.safetensors")]
+    result = runner.invoke(app, args + ["--out", str(tmp_path / "t"), "--format", "tflite"])
+    assert result.exit_code == 2 and "take their input per token" in result.output
+    assert not (tmp_path / "t").exists()
+    result = runner.invoke(app, args + ["--out", str(tmp_path / "bundle")])
+    assert result.exit_code == 0, result.output
+    mp = onnx.load(tmp_path / "bundle" / "model.qdq.onnx")
+    assert sum(n.op_type == "MatMulInteger" for n in mp.graph.node) == 2      # tiny-llama: two layers
+    logits = DeviceRuntime(tmp_path / "bundle" / "model.qdq.onnx").logits(np.zeros((1, 8), dtype=np.int64))
+    assert np.all(np.isfinite(logits))
+
 def test_export_tflite_names_the_missing_extra_and_a_bad_format(tmp_path):
     """Without the fedquant[litert] extra (the default install) --format tflite says how to get
     it; tests/test_litert.py covers the export where the extra is installed."""
