@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, ROOT, machine, quiet_env, write_json
+from bench.evaluate_run import shown_run
 
 DEFAULT_RUNS = [ROOT / "runs" / "splits" / "static" / f"seed-{s}" for s in (0, 1, 2)]
 KEEP = ("perplexity", "float_perplexity", "vs_float_pct", "vs_float_pct_ci", "kl", "kl_ci", "top1", "top1_ci")
@@ -105,7 +106,7 @@ def evaluate_run(run: Path, profile: str, patterns: list[str], eval_sequences: i
         finally:
             for f in run.parent.glob(f".per_token.{run.name}.{name}.opt.onnx*"):
                 f.unlink()
-    out = {"run": _shown(run), "config": cfg.name, "seed": cfg.data.seed, "profile": profile,
+    out = {"run": shown_run(run), "config": cfg.name, "seed": cfg.data.seed, "profile": profile,
            "linears": len(paths), "weight_storage": rt.weight_storage, "kernels": kernels, "variants": {}}
     float_logits = ev.float_logits
     for name, sess in sessions.items():
@@ -127,11 +128,6 @@ def evaluate_run(run: Path, profile: str, patterns: list[str], eval_sequences: i
                         "per_token_over_static": round(lat["per_token"] / lat["static"], 3)}
     rt.release(session=True)
     return out
-
-
-def _shown(run: Path) -> str:
-    p = run.resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else f"runs/{p.name}"
 
 
 def summary(rows: list[dict]) -> dict:
@@ -185,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
               "profile": args.profile, "linears": args.linears, "threads": args.threads,
               "runs": rows, "summary": summary(rows), "wall_s": round(time.perf_counter() - t0, 1),
               "command": "python -m bench.per_token " + " ".join(
-                  _shown(Path(a)) if Path(a).is_absolute() else a for a in (argv if argv is not None else sys.argv[1:]))}
+                  shown_run(Path(a)) if Path(a).is_absolute() else a for a in (argv if argv is not None else sys.argv[1:]))}
     write_json(args.out, result)
     print(markdown_table(result))
     print(f"wrote {args.out} in {result['wall_s']} s", file=sys.stderr)
