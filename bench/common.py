@@ -1,10 +1,12 @@
 """What several benchmarks share: where they write, the machine a timing was taken on, a quiet
-environment for Flower/Ray/Hugging Face, min-max QParams, and atomic JSON results."""
+environment for Flower/Ray/Hugging Face, min-max QParams, paths and command lines as a results file
+shows them, and atomic JSON results."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 # The CPU's model and the SIMD flags an integer kernel's speed depends on: a latency without them
@@ -38,6 +40,22 @@ def shown_path(path) -> str:
     committed result names no developer's machine (the cache lives in ``~/.cache/fedquant``)."""
     p, home = Path(path), Path.home()
     return f"~/{p.relative_to(home).as_posix()}" if p.is_absolute() and p.is_relative_to(home) else str(p)
+
+
+def shown_run(run: Path) -> str:
+    """The run directory as a results file records it: ``runs/NAME`` for a run in any checkout's
+    runs/ folder (no developer's absolute path), else relative to this checkout or ``~/...``."""
+    p = run.resolve()
+    if p.is_relative_to(ROOT):
+        return str(p.relative_to(ROOT))
+    return f"runs/{p.name}" if p.parent.name == "runs" else shown_path(p)
+
+
+def command_line(module: str, argv) -> str:
+    """The command that made a results file: ``python -m MODULE ARGS``, absolute run paths shown as
+    `shown_run` shows them (``argv`` None means this process's own arguments)."""
+    args = argv if argv is not None else sys.argv[1:]
+    return " ".join(["python -m", module, *(shown_run(Path(a)) if Path(a).is_absolute() else a for a in args)])
 
 
 def versions(packages) -> dict[str, str | None]:

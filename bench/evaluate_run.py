@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, machine, quiet_env, shown_path, write_json
+from bench.common import RESULTS, ROOT, command_line, machine, quiet_env, shown_run, write_json
 
 
 def timed(fn, seconds: list):
@@ -61,15 +61,6 @@ def both_columns(quant_logits, float_logits, ids: np.ndarray, batch_size: int, r
         kl_c, agree_c = top_k_fidelity(q, reference["top_ids"][rows], reference["top_logp"][rows])
         cached[rows] = np.stack([nq, reference["nll"][rows], kl_c, agree_c, n], axis=1)
     return exact, cached
-
-
-def shown_run(run: Path) -> str:
-    """The run directory as a results file records it: ``runs/NAME`` for a run in any checkout's
-    runs/ folder (no developer's absolute path), else relative to this checkout or ``~/...``."""
-    p = run.resolve()
-    if p.is_relative_to(ROOT):
-        return str(p.relative_to(ROOT))
-    return f"runs/{p.name}" if p.parent.name == "runs" else shown_path(p)
 
 
 def qparams_to_evaluate(run: Path, profile: str) -> list[tuple[str, Path]]:
@@ -207,8 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
               "ood": {"source": "CIA World Factbook, Introduction/Background (simulation.factbook)",
                       "sequences": int(len(ood)), "documents": len({w["id"] for w in ood_ids}), "ids": ood_ids},
               "rows": rows, "wall_s": round(time.perf_counter() - t_start, 1),
-              "command": "python -m bench.evaluate_run " + " ".join(
-                  shown_run(Path(a)) if Path(a).is_absolute() else a for a in (argv if argv is not None else sys.argv[1:]))}
+              "command": command_line("bench.evaluate_run", argv)}
     write_json(args.out, result)
     print(markdown_table(result))
     print(f"wrote {args.out} in {result['wall_s']} s", file=sys.stderr)

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, machine, quiet_env, write_json
-from bench.evaluate_run import shown_run
+from bench.common import RESULTS, ROOT, command_line, machine, quiet_env, shown_run, write_json
 
 DEFAULT_RUNS = [ROOT / "runs" / "splits" / "static" / f"seed-{s}" for s in (0, 1, 2)]
 KEEP = ("perplexity", "float_perplexity", "vs_float_pct", "vs_float_pct_ci", "kl", "kl_ci", "top1", "top1_ci")
@@ -180,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"format": "fedquant.per_token/1", "machine": machine(onnxruntime=onnxruntime.__version__),
               "profile": args.profile, "linears": args.linears, "threads": args.threads,
               "runs": rows, "summary": summary(rows), "wall_s": round(time.perf_counter() - t0, 1),
-              "command": "python -m bench.per_token " + " ".join(
-                  shown_run(Path(a)) if Path(a).is_absolute() else a for a in (argv if argv is not None else sys.argv[1:]))}
+              "command": command_line("bench.per_token", argv)}
     write_json(args.out, result)
     print(markdown_table(result))
     print(f"wrote {args.out} in {result['wall_s']} s", file=sys.stderr)

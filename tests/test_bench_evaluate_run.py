@@ -2,27 +2,10 @@
 roles and the out-of-domain text, exact and cached-reference fidelity, and the run left untouched."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from bench import evaluate_run
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("evalrun") / "smoke"
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run([sys.executable, "-c", "from simulation.cli import main; main()", "simulate", "--config",
-                           str(ROOT / "configs" / "smoke.toml"), "--out", str(out), "--rounds", "4"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
 
 
 def test_evaluates_every_profile_on_both_texts_and_leaves_the_run_alone(smoke_run, tmp_path):

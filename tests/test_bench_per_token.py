@@ -2,28 +2,11 @@
 the rewritten model runs one MatMulInteger per down_proj, and the run directory is left alone."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench import per_token
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pertoken") / "smoke"
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run([sys.executable, "-c", "from simulation.cli import main; main()", "simulate", "--config",
-                           str(ROOT / "configs" / "smoke.toml"), "--out", str(out), "--rounds", "4"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
 
 
 def test_per_token_rows_on_a_run(smoke_run, tmp_path):

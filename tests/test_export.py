@@ -277,19 +277,11 @@ def test_per_token_inputs_match_torch(exported, tmp_path):
     assert err < 0.05 * float_err + 1e-4
 
 
-def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_path):
-    """``QuantConfig.per_token``: the down_proj inputs have no QParams point (meta names them), the
-    export quantizes them per token with MatMulInteger, every other Linear keeps its fused integer
-    kernel, and ORT's logits are the instrumented model's, in either weight storage."""
-    from quant.instrument import QuantConfig, capture_inputs, get_qparams, per_token_paths, quantize_, set_mode, \
-        set_qparams
-    from quant.qparams import per_token_linears
+def int8_minmax_qparams(qm):
+    """The instrumented model's QParams with every activation point at int8 over the min-max range
+    it sees on a fixed batch (what the statistics round would give on that batch)."""
+    from quant.instrument import capture_inputs, get_qparams
 
-    model, f, ids = exported["model"], exported["dir"] / "float.onnx", exported["ids"]
-    downs = sorted(p for p in float_linears(model) if p.endswith("down_proj"))
-    qm = copy.deepcopy(model)
-    quantize_(qm, QuantConfig(per_token=["*.down_proj"]))
-    assert per_token_paths(qm) == downs
     ranges = {}
 
     def seen(key, x):
@@ -299,7 +291,22 @@ def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_pat
     with capture_inputs(qm, seen), torch.no_grad():
         qm(input_ids=batch(seed=2, shape=(4, 16)), use_cache=False)
     act = activation_spec(8)
-    qp = get_qparams(qm).with_points({k: PointParams(act, *range_to_qparams(*r, act)) for k, r in ranges.items()})
+    return get_qparams(qm).with_points({k: PointParams(act, *range_to_qparams(*r, act)) for k, r in ranges.items()})
+
+
+def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_path):
+    """``QuantConfig.per_token``: the down_proj inputs have no QParams point (meta names them), the
+    export quantizes them per token with MatMulInteger, every other Linear keeps its fused integer
+    kernel, and ORT's logits are the instrumented model's, in either weight storage."""
+    from quant.instrument import QuantConfig, per_token_paths, quantize_, set_mode, set_qparams
+    from quant.qparams import per_token_linears
+
+    model, f, ids = exported["model"], exported["dir"] / "float.onnx", exported["ids"]
+    downs = sorted(p for p in float_linears(model) if p.endswith("down_proj"))
+    qm = copy.deepcopy(model)
+    quantize_(qm, QuantConfig(per_token=["*.down_proj"]))
+    assert per_token_paths(qm) == downs
+    qp = int8_minmax_qparams(qm)
     assert per_token_linears(qp) == downs and not any(f"{p}:input" in qp.points for p in downs)
     set_qparams(qm, qp)
     set_mode(qm, "quant")
@@ -403,24 +410,13 @@ def test_attention_matmuls_match_instrument(exported, tmp_path):
     ``<attn>.av_matmul:...``) the two attention matmuls get QDQ on both operands too, every
     MatMul of the graph runs as an integer kernel, and ORT agrees with instrument's fake-quant
     model (the torch side of the project) within 2 LSB."""
-    from quant.instrument import (QuantConfig, capture_inputs, get_qparams, quantize_, set_mode,
-                                  set_qparams)
+    from quant.instrument import QuantConfig, capture_inputs, quantize_, set_mode, set_qparams
 
     model, f, ids = exported["model"], exported["dir"] / "float.onnx", exported["ids"]
     assert len(matmul_paths(onnx.load(f))) == 2 * DIMS["num_hidden_layers"]
     qm = copy.deepcopy(model)
     quantize_(qm, QuantConfig(attention_matmuls=True))
-    ranges = {}
-
-    def seen(key, x):
-        lo, hi = x.min().item(), x.max().item()
-        old = ranges.get(key, (lo, hi))
-        ranges[key] = (min(old[0], lo), max(old[1], hi))
-    with capture_inputs(qm, seen), torch.no_grad():
-        qm(input_ids=batch(seed=2, shape=(4, 16)), use_cache=False)
-    act = activation_spec(8)
-    qp = get_qparams(qm)
-    qp = qp.with_points({k: PointParams(act, *range_to_qparams(*r, act)) for k, r in ranges.items()})
+    qp = int8_minmax_qparams(qm)
     assert any(k.endswith(":other") for k in qp.points)
     set_qparams(qm, qp)
     set_mode(qm, "quant")
