@@ -236,13 +236,13 @@ def main(argv=None) -> dict:
     from client.jobs import scout, statistics
     from client.runtime import DeviceRuntime
     from quant.calibrate import CalibratorConfig
-    from quant.qparams import PointParams, QParams
+    from quant.qparams import PointParams, QParams, per_token_linears
     from quant.smoothing import smoothed_weight_point
     from quant.spec import weight_spec
     from quant.wire import Instruction
     from server.aggregate import clip_scouting, grids_from_scouting, ranges_for_profile, sum_statistics
-    from server.rounds import (activation_keys, smoothable_paths, smoothed_qparams, smoothed_scouting,
-                               smoothing_from_scouting)
+    from server.rounds import (activation_keys, scout_instruction, smoothable_paths, smoothed_qparams,
+                               smoothed_scouting, smoothing_from_scouting)
     from simulation.prepare import load_simulation_config, prepare, server_weights
 
     onnxruntime.set_default_logger_severity(3)
@@ -264,8 +264,7 @@ def main(argv=None) -> dict:
             "heldout": prep.evals, "ood": prep.ood}
     bs, seed = args.batch_size, cfg.data.seed
     floats = FloatLogits(prep.float_onnx, sets, out / "float-logits", cfg.threads, bs)
-    ins = Instruction(round=0, job="scout", qparams=held, keys=tuple(keys),
-                      absmax={f"{p}:input": int(weights[p].shape[1]) for p in paths})
+    ins = scout_instruction(0, held, {f"{p}:input": int(weights[p].shape[1]) for p in paths})
     scouting = [scout(rt, ins, c.train, batch_size=scfg.batch_size)[0] for c in prep.clients]
     print(f"scouted {len(scouting)} clients", file=sys.stderr)
     alpha0 = scfg.smoothing.alpha_for(PROFILE)
@@ -340,10 +339,11 @@ def main(argv=None) -> dict:
         wide = {k: (WIDE_MARGIN * min(min(c[k]["min"] for c in clip.values()), 0.0),
                     WIDE_MARGIN * max(max(c[k]["max"] for c in clip.values()), 0.0)) for k in keys}
         at_ranges = {k: point_range(ref.points[k]) for k in keys}
+        per_token = set(per_token_linears(ref))     # their weights stay 8-bit: MatMulInteger's
         w16 = {f"{p}:weight": smoothed_weight_point(weights[p], ref.smoothing.get(p, np.ones(weights[p].shape[1],
                                                                                               np.float32)),
                                                     weight_spec(16))
-               for p in weights if f"{p}:weight" in ref.points}
+               for p in weights if f"{p}:weight" in ref.points and p not in per_token}
         row("decomposition", "A8W8: the reference recipe", ref)
         row("decomposition", "control: all int16 (activations over every text's range, weights per channel)",
             respecified(ref, {**int16_points(wide), **w16}, base_specs))

@@ -35,8 +35,8 @@ def main(argv=None) -> dict:
     from quant.wire import Instruction
     from server.aggregate import grids_from_scouting, ranges_for_profile, sum_statistics
     from server.config import SmoothingConfig
-    from server.rounds import (activation_keys, smoothable_paths, smoothed_qparams, smoothed_scouting,
-                               smoothing_from_scouting)
+    from server.rounds import (activation_keys, scout_instruction, smoothable_paths, smoothed_qparams,
+                               smoothed_scouting, smoothing_from_scouting)
     from simulation.evaluation import ServerEval, float_perplexity
     from simulation.prepare import load_simulation_config, prepare, server_weights
 
@@ -56,8 +56,7 @@ def main(argv=None) -> dict:
     weights = server_weights(prep)
     paths = smoothable_paths(prep.initial, server, weights)
     held = prep.initial[name]
-    ins = Instruction(round=0, job="scout", qparams=held, keys=tuple(activation_keys(held)),
-                      absmax={f"{p}:input": int(weights[p].shape[1]) for p in paths})
+    ins = scout_instruction(0, held, {f"{p}:input": int(weights[p].shape[1]) for p in paths})
     scouting = [scout(rt, ins, c.train, batch_size=4)[0] for c in prep.clients]
     res: dict = {"float": float_perplexity(prep.float_onnx, prep.evals, cfg.threads), "alphas": args.alphas}
     tests = np.concatenate([c.test for c in prep.clients if len(c.test)])

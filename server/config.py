@@ -25,6 +25,7 @@ clients each samples and how many valid replies it needs to change anything. Exa
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import json
@@ -68,12 +69,18 @@ class SmoothingConfig(BaseModel):
     profiles: dict[str, float] = Field(default_factory=dict,
                                        description="per-profile alpha (a 4-bit weight takes less of the outliers)")
     skip_profiles: list[str] = Field(default_factory=list, description="profiles left unsmoothed")
+    skip: dict[str, list[str]] = Field(default_factory=dict,
+                                       description="per profile, Linear patterns (fnmatch) it leaves unsmoothed")
     min_factor: float = Field(1e-5, gt=0)
     max_factor: float = Field(1e5, gt=0)
 
     def alpha_for(self, profile: str) -> float | None:
         """The profile's migration strength, or None when it is not smoothed."""
         return None if profile in self.skip_profiles else self.profiles.get(profile, self.alpha)
+
+    def skips(self, profile: str, path: str) -> bool:
+        """Whether ``profile`` leaves the Linear ``path`` unsmoothed (``skip``)."""
+        return any(fnmatch.fnmatchcase(path, pat) for pat in self.skip.get(profile, ()))
 
     @model_validator(mode="after")
     def _bounds(self) -> "SmoothingConfig":
@@ -85,6 +92,12 @@ class SmoothingConfig(BaseModel):
         both = sorted(set(self.profiles) & set(self.skip_profiles))
         if both:
             raise ValueError(f"profiles {both} are both given an alpha and skipped")
+        both = sorted(set(self.skip) & set(self.skip_profiles))
+        if both:
+            raise ValueError(f"profiles {both} are skipped whole and by Linear")
+        bad = sorted(pat for pats in self.skip.values() for pat in pats if ":" in pat or not pat)
+        if bad:
+            raise ValueError(f"skip takes Linear patterns such as '*.down_proj', not point keys: {bad}")
         return self
 
 

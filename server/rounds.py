@@ -46,6 +46,7 @@ like a round with too few replies, with the reason in ``metrics["skipped"]``.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import zlib
@@ -58,7 +59,7 @@ from quant import dp, private_scout
 from quant.affine import qparams_to_range, range_to_qparams
 from quant.mixed import plan_mixed_precision, robust_sensitivity
 from quant.spec import activation_spec, weight_spec
-from quant.qparams import PointParams, QParams, qparams_problems
+from quant.qparams import PointParams, QParams, per_token_linears, qparams_problems
 from quant.smoothing import smoothed_absmax, smoothed_weight_point
 from quant.stats import ActivationStats, needs_widening, widen
 from quant.wire import Instruction, ScoutReply
@@ -160,15 +161,37 @@ def smoothing_groups(profiles, config: ServerConfig) -> dict[float, list[str]]:
 
 def smoothable_paths(qparams: Mapping[str, QParams], config: ServerConfig, weights: Mapping[str, np.ndarray]
                      ) -> list[str]:
-    """The Linears a run smooths: those with a float weight whose input is a point of every
-    smoothed profile (``qparams`` may be all profiles or one group's)."""
-    smoothed = [qp for prof, qp in qparams.items()
-                if config.smoothing is not None and config.smoothing.alpha_for(prof) is not None]
+    """The Linears a group of profiles smooths: those with a float weight whose input every
+    smoothed profile of ``qparams`` quantizes, at a point or per token (``QuantConfig.per_token``:
+    per-token scales follow each token, the factors still even out the channels within one), and
+    none of them leaves unsmoothed (``smoothing.skip``)."""
+    sc = config.smoothing
+    smoothed = {prof: qp for prof, qp in qparams.items() if sc is not None and sc.alpha_for(prof) is not None}
     paths = None
-    for qp in smoothed:
-        ok = {k.rsplit(":", 1)[0] for k in qp.points if k.endswith(":input")}
+    for prof, qp in smoothed.items():
+        for pat in sc.skip.get(prof, ()) if weights else ():
+            if not any(fnmatch.fnmatchcase(p, pat) for p in weights):
+                raise ValueError(f"smoothing.skip.{prof}: {pat!r} matches no Linear of the model")
+        ok = {k.rsplit(":", 1)[0] for k in qp.points if k.endswith(":input")} | set(per_token_linears(qp))
+        ok = {p for p in ok if not sc.skips(prof, p)}
         paths = ok if paths is None else paths & ok
     return sorted(p for p in (paths or ()) if p in weights)
+
+
+def absmax_request(qparams: Mapping[str, QParams], config: ServerConfig, weights: Mapping[str, np.ndarray]
+                   ) -> dict[str, int]:
+    """What a scouting round asks every client for: the per-channel abs-max (channel count) of the
+    inputs any smoothing group smooths. Every client can answer for every Linear (the float
+    activations are the same graph's), so each group gets its own paths, not only the shared ones."""
+    paths = sorted({p for profs in smoothing_groups(qparams, config).values()
+                    for p in smoothable_paths({q: qparams[q] for q in profs}, config, weights)})
+    return {f"{p}:input": int(np.shape(weights[p])[1]) for p in paths}
+
+
+def scout_instruction(round: int, qp: QParams, absmax: Mapping[str, int]) -> Instruction:
+    """A scouting instruction: the profile's activation points, and the inputs of ``absmax`` too (a
+    per-token input has no point; its abs-max is still the float graph's)."""
+    return Instruction(round, "scout", qp, keys=tuple(sorted({*activation_keys(qp), *absmax})), absmax=absmax)
 
 
 def stat_key(profile: str, qp: QParams, key: str, config: ServerConfig) -> str:
@@ -186,13 +209,12 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
     """One instruction per profile for this round (docs/protocol.md): the profile's global QParams and
     the points of the job (activation points; their grids in a stats round; with smoothing, the
     scouting round asks for the smoothable inputs' per-channel abs-max)."""
-    absmax = {f"{p}:input": int(np.shape(weights[p])[1])   # asked of every client: the float activations are the same
-              for p in smoothable_paths(state.qparams, config, weights or {})} if spec.job == "scout" else {}
+    absmax = absmax_request(state.qparams, config, weights or {}) if spec.job == "scout" else {}
     out = {}
     for prof, full in sorted(state.qparams.items()):
         qp = movable_qparams(full, config)
         if spec.job == "scout":
-            out[prof] = Instruction(round, "scout", qp, keys=tuple(activation_keys(qp)), absmax=absmax)
+            out[prof] = scout_instruction(round, qp, absmax)
         elif spec.job == "stats":
             sk = {k: stat_key(prof, full, k, config) for k in activation_keys(qp)}
             grids = {k: state.grids[sk[k]] for k in sk if sk[k] in state.grids}

@@ -208,8 +208,8 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
     from client.runtime import DeviceRuntime
     from quant.wire import Instruction
     from server.aggregate import grids_from_scouting
-    from server.rounds import (activation_keys, smoothable_paths, smoothed_qparams, smoothed_scouting,
-                               smoothing_from_scouting, smoothing_groups)
+    from server.rounds import (absmax_request, scout_instruction, smoothable_paths, smoothed_qparams,
+                               smoothed_scouting, smoothing_from_scouting, smoothing_groups)
 
     scfg, bs = prep.cfg.server, prep.cfg.server.batch_size
     clients = prep.clients if clients is None else clients
@@ -219,9 +219,7 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
     first = next(iter(sorted(prep.initial)))
     rt = DeviceRuntime(prep.device_dir / first / "model.onnx", threads=prep.cfg.threads)
     held = prep.initial[first]
-    ins = Instruction(round=0, job="scout", qparams=held, keys=tuple(activation_keys(held)),
-                      absmax={f"{p}:input": int(weights[p].shape[1])
-                              for p in smoothable_paths(prep.initial, scfg, weights)})
+    ins = scout_instruction(0, held, absmax_request(prep.initial, scfg, weights))
     scouting = [scout(rt, ins, c.train, batch_size=bs)[0] for c in prep.clients]
     if scouting_view is not None:
         scouting = scouting_view(scouting)
@@ -231,13 +229,14 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
         rt.patch(initial[profiles[0]])
         grids = grids_from_scouting(replies, scfg.bins, scfg.grid_margin, scfg.grid_quantile)
         qp0 = initial[profiles[0]]
-        keys = tuple(k for k in sorted(grids) if k in rt.capture.tensors and k in qp0.points)
+        held = {p: set(prep.initial[p].points) for p in prep.initial}    # a client reports its own points
+        keys = tuple(k for k in sorted(grids) if k in rt.capture.tensors and any(k in held[p] for p in profiles))
         sins = Instruction(round=0, job="stats", qparams=qp0, keys=keys, grids={k: grids[k] for k in keys})
         own = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
                and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
         per_client = [{} if own_group_only and c.profile not in profiles else
                       {k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
-                       if k not in own or c.profile in profiles} for c in clients]
+                       if (k not in own or c.profile in profiles) and k in held[c.profile]} for c in clients]
         return profiles, initial, per_client
 
     wanted = set(prep.initial if profiles is None else profiles)

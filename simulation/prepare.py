@@ -24,7 +24,7 @@ import numpy as np
 
 from client.device import FLOAT_ONNX
 from client.runtime import release_memory
-from quant.qparams import QParams, atomic_write_bytes, load_qparams, save_qparams
+from quant.qparams import QParams, atomic_write_bytes, load_qparams, per_token_linears, save_qparams
 from server.config import OPERATIONAL
 from simulation.config import SimulationConfig, quant_config_for
 
@@ -174,13 +174,14 @@ def random_calibration(model, qcfg, cfg: SimulationConfig, vocab: int, name: str
 
 
 def with_unit_smoothing(qp: QParams, model) -> QParams:
-    """``qp`` with factors 1 on every Linear that has an input point: the exported model then has
-    the Div node each Linear's SmoothQuant factors go into (x / 1 is x, bit for bit), so the
-    factors a run learns are a patch of initializers, not a new graph."""
+    """``qp`` with factors 1 on every Linear that has an input point or a per-token input: the
+    exported model then has the Div node each Linear's SmoothQuant factors go into (x / 1 is x, bit
+    for bit), so the factors a run learns are a patch of initializers, not a new graph."""
     from quant.export import float_linears
 
+    per_token = set(per_token_linears(qp))
     ones = {p: np.ones(w.shape[1], np.float32) for p, (w, _) in float_linears(model).items()
-            if f"{p}:input" in qp.points}
+            if f"{p}:input" in qp.points or p in per_token}
     return QParams(qp.points, qp.model, qp.version, {**ones, **qp.smoothing}, qp.meta)
 
 

@@ -276,6 +276,58 @@ def test_new_smoothing_without_weight_points_is_folded_on_the_device(bundle, tmp
         rt.patch(QParams({}, qp.model, 2, {path: m[:-1]}))
 
 
+def test_a_per_token_input_takes_smoothing_factors_on_the_device(bundle, tmp_path):
+    """A per-token Linear has a SmoothQuant Div too (``simulation.prepare.with_unit_smoothing``):
+    factors sent without a weight point are folded on the device, the rewritten MatMulInteger reads
+    the new integer weights, and the logits are a fresh export's bit for bit and the torch
+    instrument's (x / m, then per token) within the kernels' rounding."""
+    import json
+
+    from quant.instrument import QuantConfig, get_qparams, set_qparams
+    from quant.qparams import QParams, per_token_linears
+    from quant.smoothing import smoothed_weight_point
+    from simulation.prepare import with_unit_smoothing
+
+    model, qp = bundle["model"], bundle["qp"]
+    linears = float_linears(model)
+    downs = sorted(p for p in linears if p.endswith("mlp.down_proj"))
+    pt = QParams({k: v for k, v in qp.points.items() if k not in {f"{p}:input" for p in downs}}, qp.model, 0,
+                 {}, {"per_token": json.dumps(downs)})
+    unit = with_unit_smoothing(pt, model)
+    assert set(downs) <= set(unit.smoothing) and per_token_linears(unit) == downs
+    save_device_bundle(model, unit, tmp_path / "s.onnx", float_onnx=bundle["dir"] / "float.onnx")
+    rt = DeviceRuntime(tmp_path / "s.onnx")
+    path = downs[0]
+    m = np.random.default_rng(4).uniform(0.2, 5.0, linears[path][0].shape[1]).astype(np.float32)
+    m[7] = 40.0                                                     # an outlier channel taken into the weight
+    rt_unit = rt.logits(ids(8, (2, 32)))
+    t = rt.patch(QParams({}, qp.model, 1, {path: m}))
+    assert t["changed"] >= 2                                        # the factors and the integer weight
+    wk = f"{path}:weight"
+    expect = smoothed_weight_point(linears[path][0], m, qp.points[wk].spec)
+    np.testing.assert_array_equal(rt.qparams.points[wk].scale, expect.scale)
+    full = QParams({**pt.points, wk: expect}, qp.model, 1, {**unit.smoothing, path: m}, pt.meta)
+    export_qdq(model, full, tmp_path / "re.onnx", float_onnx=bundle["dir"] / "float.onnx")
+    x = ids(8, (2, 32))
+    got = rt.logits(x)
+    re = ort_session(tmp_path / "re.onnx", weight_storage=rt.weight_storage)
+    np.testing.assert_array_equal(got, re.run(["logits"], {"input_ids": x})[0])
+    tm = copy.deepcopy(model)
+    quantize_(tm, QuantConfig(per_token=["*.down_proj"]))
+    set_qparams(tm, QParams(full.points, get_qparams(tm).model, 1, full.smoothing, full.meta))
+    set_mode(tm, "quant")
+    with torch.no_grad():
+        ref = tm(input_ids=torch.from_numpy(x), use_cache=False).logits.numpy()
+        float_err = float(np.abs(model(input_ids=torch.from_numpy(x), use_cache=False).logits.numpy() - ref).max())
+    # the same model on both sides: most logits agree to float rounding (a value at a rounding
+    # tie of a static point may land one step apart, and attention carries that to the later
+    # positions: about a third of them on this tiny model), while the factors move every logit
+    diff, moved = np.abs(got - ref), np.abs(rt_unit - ref)
+    print(f"\nper-token down_proj smoothed: max|ORT - instrument| {diff.max():.2e} (vs float {float_err:.2e}), "
+          f"median {np.median(diff):.1e}; the unsmoothed model's median {np.median(moved):.1e}")
+    assert np.median(diff) < 1e-6 < 1e-4 < np.median(moved)
+
+
 def test_weight_storage_is_chosen_at_load_and_patches_stay_exact(bundle, tmp_path):
     """The runtime runs the int8 bundle on either grid (design.md section 3): the same logits bit
     for bit on this CPU when its u8 x s8 kernel is exact, a patch under uint8 storage equals a

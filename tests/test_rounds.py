@@ -477,6 +477,69 @@ def test_scouting_with_smoothing_folds_exact_factors_into_every_profile():
         apply_round(state, 1, cfg.schedule[0], replies, [], cfg)
 
 
+def test_a_per_token_input_is_smoothed_and_each_group_scouts_its_own_inputs():
+    """A Linear whose input one profile quantizes per token (no point: ``meta["per_token"]``) is
+    still smoothed: the scouting round asks every client for its abs-max (a key of the instruction
+    though not a point of that profile), and the profile gets the factors and the folded weight
+    point, at its own strength, without an input point appearing. The abs-max asked for is the
+    union of what each smoothing group smooths, not only what every profile shares."""
+    import json
+
+    from quant.smoothing import smoothed_weight_point, smoothing_factors
+    from server.rounds import absmax_request, smoothable_paths
+
+    cfg = config(smoothing={"alpha": 0.8, "profiles": {"u4": 0.5}, "skip_profiles": ["s16"]},
+                 schedule=[{"job": "scout"}, {"job": "stats"}])
+    data = client_data(6)
+    for i, c in enumerate(sorted(data)):
+        data[c][KEYS[0]][:, 5] *= 40.0 + i                              # an outlier channel
+    w = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    weights = {"blk.q": w}
+    initial = make_initial()
+    per_token = {"per_token": json.dumps(["blk.q"])}
+    u8 = {k: v for k, v in initial["u8"].points.items() if k != KEYS[0]}
+    initial["u8"] = QParams(u8, "fp-test", 0, {"blk.q": np.ones(8, np.float32)}, per_token)
+    initial["u4"] = QParams(initial["u4"].points, "fp-test", 0, {"blk.q": np.ones(8, np.float32)})
+    assert smoothable_paths({"u8": initial["u8"]}, cfg, weights) == ["blk.q"]
+    state = initial_state(initial, "d")
+    ins = instructions_for(state, 1, cfg.schedule[0], cfg, weights)
+    assert all(i.absmax == {"blk.q:input": 8} and KEYS[0] in i.keys for i in ins.values())
+    assert KEYS[0] not in activation_keys(ins["u8"].qparams)
+    replies = scout_replies(data, sorted(data))
+    for accepted in replies.values():
+        for a in accepted:
+            a.reply.channel_absmax["blk.q:input"] = np.abs(data[a.client_id][KEYS[0]]).max(axis=0)
+    new, m = apply_round(state, 1, cfg.schedule[0], replies, [], cfg, weights)
+    assert m["smoothed"] == {"u8": 1, "u4": 1}
+    pooled = np.abs(np.concatenate([data[c][KEYS[0]] for c in sorted(data)])).max(axis=0)
+    for prof, alpha in (("u8", 0.8), ("u4", 0.5)):
+        qp = new.qparams[prof]
+        np.testing.assert_array_equal(qp.smoothing["blk.q"], smoothing_factors(pooled, w, alpha))
+        expect = smoothed_weight_point(w, qp.smoothing["blk.q"], qp.points["blk.q:weight"].spec)
+        np.testing.assert_array_equal(qp.points["blk.q:weight"].scale, expect.scale)
+    assert KEYS[0] not in new.qparams["u8"].points and new.qparams["u8"].meta == per_token
+    # a Linear only one group quantizes is still asked for (the intersection would drop it)
+    only_u8 = dict(initial, u4=QParams({k: v for k, v in initial["u4"].points.items() if k != KEYS[0]}, "fp-test", 0))
+    assert absmax_request(only_u8, cfg, weights) == {"blk.q:input": 8}
+    assert smoothable_paths(only_u8, cfg, weights) == []
+    # ``smoothing.skip``: a profile leaves the Linears it names unsmoothed, the others still smooth them
+    skip = config(smoothing={"alpha": 0.8, "profiles": {"u4": 0.5}, "skip_profiles": ["s16"],
+                             "skip": {"u4": ["blk.*"]}}, schedule=[{"job": "scout"}])
+    assert smoothable_paths({"u4": initial["u4"]}, skip, weights) == []
+    assert absmax_request(initial, skip, weights) == {"blk.q:input": 8}
+    new, m = apply_round(state, 1, skip.schedule[0], replies, [], skip, weights)
+    assert m["smoothed"] == {"u8": 1, "u4": 0}
+    assert np.all(new.qparams["u4"].smoothing["blk.q"] == 1)
+    assert new.qparams["u4"].points["blk.q:weight"] is state.qparams["u4"].points["blk.q:weight"]
+    typo = config(smoothing={"alpha": 0.8, "skip": {"u4": ["*.nope"]}}, schedule=[{"job": "scout"}])
+    with pytest.raises(ValueError, match=r"smoothing.skip.u4: '\*.nope' matches no Linear"):
+        instructions_for(state, 1, typo.schedule[0], typo, weights)
+    for bad, says in (({"skip": {"u4": ["blk.q:input"]}}, "not point keys"),
+                      ({"skip": {"s16": ["blk.q"]}, "skip_profiles": ["s16"]}, "skipped whole and by Linear")):
+        with pytest.raises(ValueError, match=says):
+            config(smoothing={"alpha": 0.8, **bad})
+
+
 def test_smoothing_needs_exactly_one_scouting_round():
     with pytest.raises(ValueError, match="one scouting round"):
         config(smoothing={}, schedule=[{"job": "scout", "repeat": 2}, {"job": "stats"}])
