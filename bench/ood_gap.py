@@ -31,7 +31,13 @@ Factbook (``ood``). The last two only report: no choice is made on them.
   ranges. ``chosen_on_clients_text`` is the remedy with the lowest KL to float on the clients'
   own text (fidelity: it cannot improve by fitting Shakespeare).
 - **Targeted** (``--only targeted``): the same rules on the ``down_proj`` inputs alone, the part
-  of the model the decomposition found to carry the out-of-domain error.
+  of the model the decomposition found to carry the out-of-domain error (a config with static
+  ``down_proj`` inputs, ``--config configs/quality/static.toml``; the default's are per token).
+
+``--config``: another run config's int8 recipe; ``--unsmoothed '*.down_proj'``: the default's
+recipe before its per-token inputs were smoothed (``bench/results/ood_gap_per_token.json``; give it
+its own ``--out``). Per-token inputs (the default's ``down_proj``) have no point: no row lifts
+them, and their weights stay 8-bit in the int16 rows (``MatMulInteger``'s).
 
 The statistics pool all 24 clients (the run's int8 profile takes its smoothed inputs' statistics
 from its own 16; its reference differs by a tenth of a point in domain, half a point out of it).
@@ -52,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, machine, quiet_env, write_json
+from bench.common import RESULTS, ROOT, command_line, machine, quiet_env, shown_run, write_json
 
 PROFILE = "int8"
 # Kinds of activation point, by the Linear the point feeds (Llama-style names; others: "other").
@@ -216,9 +222,35 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the three int8 recipes the README compares: the results file, and what its recipe is
+RECIPES = (("ood_gap.json", "static `down_proj` inputs"),
+           ("ood_gap_per_token.json", "per token, unsmoothed"),
+           ("ood_gap_per_token_smoothed.json", "per token, smoothed"))
+
+
+def recipes_table(results: dict[str, dict]) -> str:
+    """The decomposition rows several results files share, one column per recipe: held-out roles
+    and out of domain, change vs float and KL (``results``: recipe label -> results JSON)."""
+    rows = [r["name"] for r in next(iter(results.values()))["rows"] if r["group"] == "decomposition"]
+    by = {label: {r["name"]: r for r in res["rows"] if r["group"] == "decomposition"} for label, res in results.items()}
+    rows = [n for n in rows if all(n in b for b in by.values())]
+
+    def cell(r):
+        h, o = r["heldout"], r["ood"]
+        return f"{h['vs_float_pct']:+.1f}%, KL {h['kl']:.3f} / {o['vs_float_pct']:+.1f}%, KL {o['kl']:.3f}"
+    lines = ["| variant (held-out roles / out of domain) | " + " | ".join(results) + " |",
+             "|---|" + "---|" * len(results)]
+    lines += [f"| {n} | " + " | ".join(cell(by[label][n]) for label in results) + " |" for n in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the tiny random-init model of configs/smoke.toml")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="the run config whose int8 recipe is taken apart (default configs/default.toml)")
+    ap.add_argument("--unsmoothed", nargs="+", default=[], metavar="PATTERN",
+                    help="int8 Linears left unsmoothed (smoothing.skip), e.g. '*.down_proj'")
     ap.add_argument("--out", type=Path, default=None, help="the prepared run directory (default runs/ood-gap[-quick])")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -247,10 +279,14 @@ def main(argv=None) -> dict:
 
     onnxruntime.set_default_logger_severity(3)
     t_start = time.perf_counter()
-    config = ROOT / "configs" / ("smoke.toml" if args.quick else "default.toml")
+    config = (args.config or ROOT / "configs" / ("smoke.toml" if args.quick else "default.toml")).resolve()
     out = args.out or ROOT / "runs" / ("ood-gap-quick" if args.quick else "ood-gap")
     json_path = args.json or (out / "ood_gap.json" if args.quick else RESULTS / "ood_gap.json")
     cfg = load_simulation_config(config)
+    if args.unsmoothed and cfg.server.smoothing is not None:
+        sm = cfg.server.smoothing
+        sm = type(sm).model_validate({**sm.model_dump(), "skip": {**sm.skip, PROFILE: args.unsmoothed}})
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"smoothing": sm})})
     scfg = cfg.server
     prep = prepare(cfg, out, progress=lambda m: print(m, file=sys.stderr))
     weights = server_weights(prep)
@@ -306,15 +342,14 @@ def main(argv=None) -> dict:
 
     result = {"format": "fedquant.ood_gap/1", "machine": machine(onnxruntime=onnxruntime.__version__),
               "shared_machine": "other jobs ran beside this one (timings are indicative)",
-              "model": cfg.model, "config": str(config.relative_to(ROOT)), "profile": PROFILE,
+              "model": cfg.model, "config": shown_run(config), "profile": PROFILE,
               "seq_len": cfg.data.seq_len,
               "texts": {"train": {"sequences": int(len(train)), "clients": len(prep.clients)},
                         **{n: {"sequences": int(len(v))} for n, v in sets.items()}},
               "reference_recipe": {"alpha": alpha0, "absmax_rule": "max", "calibrator": cal0.model_dump(),
                                    "statistics": "summed over every client (exact)"},
               "rows": [],
-              "command": "python -m bench.ood_gap" + (" --quick" if args.quick else "") +
-                         (f" --only {args.only}" if args.only else "")}
+              "command": command_line("bench.ood_gap", argv)}
 
     def row(group: str, name: str, qp: QParams, **about) -> dict:
         r = {"group": group, "name": name, **about, **evaluate(rt, qp, sets, floats, bs, seed)}
@@ -373,7 +408,10 @@ def main(argv=None) -> dict:
                                             for k, v in kw.items())
             row("remedy", name, calibrated(alpha, rule, cal, room), alpha=alpha, absmax_rule=rule,
                 calibrator=cal.model_dump(), headroom=room)
-    if args.only in (None, "targeted"):
+    if args.only in (None, "targeted") and not any(kind_of(k) == "down_proj" for k in keys):
+        print("no down_proj input points (per token?): the targeted rows would all be the reference's",
+              file=sys.stderr)
+    elif args.only in (None, "targeted"):
         # the decomposition's finding: the down_proj inputs carry the out-of-domain error (clipping)
         dp = ("down_proj",)
         targeted = [("down_proj inputs min-max", {"cal": CalibratorConfig(method="minmax")}),

@@ -191,12 +191,36 @@ def per_token_block(d: dict) -> str:
             f"\n\n" + markdown_table(d))
 
 
+def ood_gap_recipes_block(results: dict[str, dict]) -> str:
+    """bench/ood_gap.py's decomposition of three int8 recipes side by side."""
+    from bench.ood_gap import recipes_table
+
+    m = next(iter(results.values()))["machine"]
+    return (f"`.venv/bin/python -m bench.ood_gap` on three int8 recipes ({_cpu(m)}, {m['cores']} cores shared "
+            "with other jobs). Sources: " + ", ".join(f"`bench/results/{f}`" for f, _ in OOD_RECIPES)
+            + ".\n\n" + recipes_table(results))
+
+
+def weight_ranges_block(d: dict) -> str:
+    """bench/weight_ranges.py: the final QParams of runs with their weight points searched."""
+    from bench.weight_ranges import markdown_table
+
+    m = d["machine"]
+    runs = ", ".join(f"`{r['run']}`" for r in d["runs"])
+    return (f"`{d['command']}` (the final QParams of {runs}, evaluated as the server evaluates them; "
+            f"ONNX Runtime {m.get('onnxruntime')}, {d['threads']} threads; {_cpu(m)}, {m['cores']} cores shared "
+            f"with other jobs; {d['wall_s']:.0f} s). Source: `bench/results/weight_ranges.json`.\n\n" + markdown_table(d))
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
     new = f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->"
     if not pat.search(text):
         raise SystemExit(f"README.md has no <!-- {name}:begin --> block")
     return pat.sub(lambda _: new, text)
+
+
+from bench.ood_gap import RECIPES as OOD_RECIPES  # noqa: E402
 
 
 def main() -> None:
@@ -248,6 +272,12 @@ def main() -> None:
             json.loads((RESULTS / "splits_static.json").read_text()), "splits_static.json"))
     if (RESULTS / "per_token.json").is_file() and "<!-- per-token:begin -->" in readme:
         readme = replace_block(readme, "per-token", per_token_block(json.loads((RESULTS / "per_token.json").read_text())))
+    if (RESULTS / "weight_ranges.json").is_file() and "<!-- weight-ranges:begin -->" in readme:
+        readme = replace_block(readme, "weight-ranges",
+                               weight_ranges_block(json.loads((RESULTS / "weight_ranges.json").read_text())))
+    if all((RESULTS / f).is_file() for f, _ in OOD_RECIPES) and "<!-- ood-gap-recipes:begin -->" in readme:
+        readme = replace_block(readme, "ood-gap-recipes", ood_gap_recipes_block(
+            {label: json.loads((RESULTS / f).read_text()) for f, label in OOD_RECIPES}))
     if (RESULTS / "runtime_ranges_output.json").is_file() and "<!-- runtime-ranges:begin -->" in readme:
         from bench.runtime_ranges import readme_block as runtime_ranges_block
 

@@ -64,3 +64,24 @@ def test_the_choice_reads_the_clients_text_only(result):
     chosen = result["chosen_on_clients_text"]["name"]
     candidates = [r for r in result["rows"] if r["group"] == "remedy"]
     assert chosen == min(candidates, key=lambda r: r["clients_test"]["kl"])["name"]
+
+
+def test_a_per_token_config_and_its_unsmoothed_recipe(tmp_path):
+    """``--config`` with per-token down_proj inputs (as the default): no row lifts them, the int16
+    rows keep their 8-bit weights (MatMulInteger's), and ``--unsmoothed`` gives another recipe."""
+    from pathlib import Path
+
+    smoke = Path(ood_gap.__file__).resolve().parents[1] / "configs" / "smoke.toml"
+    cfg = tmp_path / "pt.toml"
+    cfg.write_text(smoke.read_text().replace('profile = "int8"\nshare = 2\n',
+                                             'profile = "int8"\nshare = 2\nper_token = ["*.down_proj"]\n'))
+    res = {}
+    for name, extra in (("smoothed", []), ("unsmoothed", ["--unsmoothed", "*.down_proj"])):
+        res[name] = ood_gap.main(["--config", str(cfg), "--only", "decomposition", *extra,
+                                  "--out", str(tmp_path / name), "--json", str(tmp_path / f"{name}.json")])
+        kinds = {r["kind"] for r in res[name]["rows"] if "kind" in r}
+        assert "down_proj" not in kinds and "qkv" in kinds
+        assert any(r["name"].startswith("control: all int16") for r in res[name]["rows"])
+        assert "--config" in res[name]["command"]
+    ref = {n: next(r for r in v["rows"] if r["name"] == "A8W8: the reference recipe") for n, v in res.items()}
+    assert ref["smoothed"]["heldout"]["perplexity"] != ref["unsmoothed"]["heldout"]["perplexity"]
