@@ -229,14 +229,14 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
         rt.patch(initial[profiles[0]])
         grids = grids_from_scouting(replies, scfg.bins, scfg.grid_margin, scfg.grid_quantile)
         qp0 = initial[profiles[0]]
-        held = {p: set(prep.initial[p].points) for p in prep.initial}    # a client reports its own points
-        keys = tuple(k for k in sorted(grids) if k in rt.capture.tensors and any(k in held[p] for p in profiles))
+        points_of = {p: set(prep.initial[p].points) for p in prep.initial}    # a client reports its own points
+        keys = tuple(k for k in sorted(grids) if k in rt.capture.tensors and any(k in points_of[p] for p in profiles))
         sins = Instruction(round=0, job="stats", qparams=qp0, keys=keys, grids={k: grids[k] for k in keys})
         own = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
                and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
         per_client = [{} if own_group_only and c.profile not in profiles else
                       {k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
-                       if (k not in own or c.profile in profiles) and k in held[c.profile]} for c in clients]
+                       if (k not in own or c.profile in profiles) and k in points_of[c.profile]} for c in clients]
         return profiles, initial, per_client
 
     wanted = set(prep.initial if profiles is None else profiles)
