@@ -58,6 +58,31 @@ def command_line(module: str, argv) -> str:
     return " ".join(["python -m", module, *(shown_run(Path(a)) if Path(a).is_absolute() else a for a in args)])
 
 
+def finished_run(run: Path, eval_sequences: int, ood_sequences: int):
+    """A ``fedquant simulate`` run directory's config with its evaluation text sizes replaced, and
+    its texts as its server builds them: ``(cfg, clients, held-out ids, out-of-domain ids,
+    (the run's own eval_sequences, ood_sequences))``. SystemExit for what is not a run directory."""
+    from simulation.config import SimulationConfig
+    from simulation.fleet import build_fleet, ood_sequences as ood_windows
+    from simulation.models import load_model
+    from simulation.prepare import RUN_FORMAT
+
+    meta_file = run / "run.json"
+    if not meta_file.is_file():
+        raise SystemExit(f"{run}: no run.json: not a fedquant simulate run directory")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != RUN_FORMAT:
+        raise SystemExit(f"{meta_file}: format {meta.get('format')!r}, expected {RUN_FORMAT!r}")
+    conf = meta["config"]
+    own = (conf["data"].get("eval_sequences"), conf["data"].get("ood_sequences"))
+    conf["data"] = {**conf["data"], "eval_sequences": eval_sequences, "ood_sequences": ood_sequences}
+    cfg = SimulationConfig.model_validate(conf)
+    _, tokenizer = load_model(cfg.model)
+    clients, evals, _ = build_fleet(cfg.data, tokenizer, [(e.load().name, e.share) for e in cfg.fleet])
+    ood, _ = ood_windows(cfg.data, tokenizer)
+    return cfg, clients, evals, ood, own
+
+
 def versions(packages) -> dict[str, str | None]:
     """Installed version of each package (None when missing)."""
     import importlib.metadata as md

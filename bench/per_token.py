@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, command_line, machine, quiet_env, shown_run, write_json
+from bench.common import RESULTS, ROOT, command_line, finished_run, machine, quiet_env, shown_run, write_json
 
 DEFAULT_RUNS = [ROOT / "runs" / "splits" / "static" / f"seed-{s}" for s in (0, 1, 2)]
 KEEP = ("perplexity", "float_perplexity", "vs_float_pct", "vs_float_pct_ci", "kl", "kl_ci", "top1", "top1_ci")
@@ -59,27 +58,12 @@ def evaluate_run(run: Path, profile: str, patterns: list[str], eval_sequences: i
     from quant.export import linear_paths
     from quant.qdq import count_matmuls, per_token_inputs
     from quant.qparams import QParams, load_qparams, per_token_linears
-    from simulation.config import SimulationConfig
     from simulation.evaluation import ServerEval, fidelity_columns, fidelity_summary
-    from simulation.fleet import build_fleet, ood_sequences as ood_windows
-    from simulation.models import load_model
-    from simulation.prepare import RUN_FORMAT
 
-    meta_file = run / "run.json"
-    if not meta_file.is_file():
-        raise SystemExit(f"{run}: no run.json: not a fedquant simulate run directory")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != RUN_FORMAT:
-        raise SystemExit(f"{meta_file}: format {meta.get('format')!r}, expected {RUN_FORMAT!r}")
-    conf = meta["config"]
-    conf["data"] = {**conf["data"], "eval_sequences": eval_sequences, "ood_sequences": ood_sequences}
-    cfg = SimulationConfig.model_validate(conf)
+    cfg, _, evals, ood, _ = finished_run(run, eval_sequences, ood_sequences)
     final = run / "qparams" / f"{profile}.safetensors"
     if not final.is_file():
         raise SystemExit(f"{run}: no final QParams of profile {profile!r} ({final.name})")
-    _, tokenizer = load_model(cfg.model)
-    _, evals, _ = build_fleet(cfg.data, tokenizer, [(e.load().name, e.share) for e in cfg.fleet])
-    ood, _ = ood_windows(cfg.data, tokenizer)
     sets = {"heldout": evals, "ood": ood}
     ev = ServerEval(run / "device", evals, threads, batch_size, ood=ood, seed=cfg.data.seed)
     rt = ev.runtime(profile)

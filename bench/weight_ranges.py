@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, command_line, machine, quiet_env, shown_run, write_json
+from bench.common import RESULTS, ROOT, command_line, finished_run, machine, quiet_env, shown_run, write_json
 
 KEEP = ("perplexity", "float_perplexity", "vs_float_pct", "vs_float_pct_ci", "kl", "kl_ci", "top1", "top1_ci")
 VARIANTS = ("min-max", "mse", "importance")
@@ -53,27 +53,11 @@ def input_importance(rt, smoothing, seqs: np.ndarray, paths: list[str], batch_si
 
 
 def evaluate_run(run: Path, eval_sequences: int, ood_sequences: int, batch_size: int, threads: int) -> dict:
-    from quant.qparams import QParams, load_qparams
+    from quant.qparams import load_qparams
     from quant.weight_ranges import weight_point
-    from simulation.config import SimulationConfig
     from simulation.evaluation import ServerEval
-    from simulation.fleet import build_fleet, ood_sequences as ood_windows
-    from simulation.models import load_model
-    from simulation.prepare import RUN_FORMAT
 
-    meta_file = run / "run.json"
-    if not meta_file.is_file():
-        raise SystemExit(f"{run}: no run.json: not a fedquant simulate run directory")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != RUN_FORMAT:
-        raise SystemExit(f"{meta_file}: format {meta.get('format')!r}, expected {RUN_FORMAT!r}")
-    conf = meta["config"]
-    run_texts = (conf["data"].get("eval_sequences"), conf["data"].get("ood_sequences"))
-    conf["data"] = {**conf["data"], "eval_sequences": eval_sequences, "ood_sequences": ood_sequences}
-    cfg = SimulationConfig.model_validate(conf)
-    _, tokenizer = load_model(cfg.model)
-    clients, evals, _ = build_fleet(cfg.data, tokenizer, [(e.load().name, e.share) for e in cfg.fleet])
-    ood, _ = ood_windows(cfg.data, tokenizer)
+    cfg, clients, evals, ood, run_texts = finished_run(run, eval_sequences, ood_sequences)
     train = np.concatenate([c.train for c in clients if len(c.train)])
     ev = ServerEval(run / "device", evals, threads, batch_size, ood=ood, seed=cfg.data.seed)
     out = {"run": shown_run(run), "config": cfg.name, "seed": cfg.data.seed, "train_sequences": int(len(train)),

@@ -406,6 +406,18 @@ def test_bad_learn_tables_name_the_key():
         assert says in str(e.value), str(e.value)
 
 
+def smoothing_case():
+    """Smoothing at 0.8 (u4: 0.5; s16 unsmoothed), clients whose ``blk.q`` input has an outlier
+    channel, and ``blk.q``'s float weight."""
+    cfg = config(smoothing={"alpha": 0.8, "profiles": {"u4": 0.5}, "skip_profiles": ["s16"]},
+                 schedule=[{"job": "scout"}, {"job": "stats"}])
+    data = client_data(6)
+    for i, c in enumerate(sorted(data)):
+        data[c][KEYS[0]][:, 5] *= 40.0 + i                              # an outlier channel
+    w = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    return cfg, data, w, {"blk.q": w}
+
+
 def test_scouting_with_smoothing_folds_exact_factors_into_every_profile():
     """With ``smoothing`` the scouting round asks for the Linear inputs' per-channel abs-max; the
     server merges them by max (the pooled data's abs-max, exactly), computes factors from them and
@@ -416,13 +428,7 @@ def test_scouting_with_smoothing_folds_exact_factors_into_every_profile():
     from quant.smoothing import smoothed_weight_point, smoothing_factors
     from server.aggregate import grids_from_scouting, ranges_for_profile
 
-    cfg = config(smoothing={"alpha": 0.8, "profiles": {"u4": 0.5}, "skip_profiles": ["s16"]},
-                 schedule=[{"job": "scout"}, {"job": "stats"}])
-    data = client_data(6)
-    for i, c in enumerate(sorted(data)):
-        data[c][KEYS[0]][:, 5] *= 40.0 + i                              # an outlier channel
-    w = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
-    weights = {"blk.q": w}                                              # blk.o has no weight here: not smoothed
+    cfg, data, w, weights = smoothing_case()                          # blk.o has no weight here: not smoothed
     initial = make_initial()
     for prof in ("u8", "u4"):                                           # what prepare gives smoothed profiles
         initial[prof] = QParams(initial[prof].points, "fp-test", 0, {"blk.q": np.ones(8, np.float32)})
@@ -488,13 +494,7 @@ def test_a_per_token_input_is_smoothed_and_each_group_scouts_its_own_inputs():
     from quant.smoothing import smoothed_weight_point, smoothing_factors
     from server.rounds import absmax_request, smoothable_paths
 
-    cfg = config(smoothing={"alpha": 0.8, "profiles": {"u4": 0.5}, "skip_profiles": ["s16"]},
-                 schedule=[{"job": "scout"}, {"job": "stats"}])
-    data = client_data(6)
-    for i, c in enumerate(sorted(data)):
-        data[c][KEYS[0]][:, 5] *= 40.0 + i                              # an outlier channel
-    w = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
-    weights = {"blk.q": w}
+    cfg, data, w, weights = smoothing_case()
     initial = make_initial()
     per_token = {"per_token": json.dumps(["blk.q"])}
     u8 = {k: v for k, v in initial["u8"].points.items() if k != KEYS[0]}
