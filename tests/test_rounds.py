@@ -62,12 +62,14 @@ def config(**kw) -> ServerConfig:
     return ServerConfig(**{**base, **kw})
 
 
-def scout_replies(data, cids):
+def scout_replies(data, cids, absmax: bool = False):
+    """Scouting replies by profile; with ``absmax``, each carries its ``blk.q`` input's per-channel abs-max."""
     out = {}
     for c in cids:
         ranges = {k: (float(x.min()), float(x.max())) for k, x in data[c].items()}
+        channels = {"blk.q:input": np.abs(data[c][KEYS[0]]).max(axis=0)} if absmax else {}
         out.setdefault(profile_of(c), []).append(
-            Accepted(c, 12, ScoutReply(ranges, {k: x.size for k, x in data[c].items()})))
+            Accepted(c, 12, ScoutReply(ranges, {k: x.size for k, x in data[c].items()}, channels)))
     return out
 
 
@@ -435,10 +437,7 @@ def test_scouting_with_smoothing_folds_exact_factors_into_every_profile():
     state = initial_state(initial, "d")
     ins = instructions_for(state, 1, cfg.schedule[0], cfg, weights)
     assert all(i.absmax == {"blk.q:input": 8} for i in ins.values())
-    replies = scout_replies(data, sorted(data))
-    for accepted in replies.values():
-        for a in accepted:
-            a.reply.channel_absmax["blk.q:input"] = np.abs(data[a.client_id][KEYS[0]]).max(axis=0)
+    replies = scout_replies(data, sorted(data), absmax=True)
     new, m = apply_round(state, 1, cfg.schedule[0], replies, [], cfg, weights)
     assert m["smoothed"] == {"u8": 1, "u4": 1}
     pooled = np.concatenate([data[c][KEYS[0]] for c in sorted(data)])
@@ -505,10 +504,7 @@ def test_a_per_token_input_is_smoothed_and_each_group_scouts_its_own_inputs():
     ins = instructions_for(state, 1, cfg.schedule[0], cfg, weights)
     assert all(i.absmax == {"blk.q:input": 8} and KEYS[0] in i.keys for i in ins.values())
     assert KEYS[0] not in activation_keys(ins["u8"].qparams)
-    replies = scout_replies(data, sorted(data))
-    for accepted in replies.values():
-        for a in accepted:
-            a.reply.channel_absmax["blk.q:input"] = np.abs(data[a.client_id][KEYS[0]]).max(axis=0)
+    replies = scout_replies(data, sorted(data), absmax=True)
     new, m = apply_round(state, 1, cfg.schedule[0], replies, [], cfg, weights)
     assert m["smoothed"] == {"u8": 1, "u4": 1}
     pooled = np.abs(np.concatenate([data[c][KEYS[0]] for c in sorted(data)])).max(axis=0)
