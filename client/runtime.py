@@ -126,7 +126,7 @@ import numpy as np  # noqa: E402
 
 from quant.metrics import nll_sum_and_count  # noqa: E402
 from quant.onnxfile import compact, link_file, load_onnx  # noqa: E402
-from quant.qparams import (QParams, atomic_write_bytes, atomic_write_with, load_qparams,  # noqa: E402
+from quant.qparams import (QParams, rotation_block, atomic_write_bytes, atomic_write_with, load_qparams,  # noqa: E402
                            qparams_problems, save_qparams)
 from quant.smoothing import smoothed_weight_point  # noqa: E402
 
@@ -423,7 +423,8 @@ class DeviceRuntime:
             if key in qp.points or key not in self.qparams.points or path not in self.linears \
                     or (held is not None and np.array_equal(held, m)):
                 continue
-            out[key] = smoothed_weight_point(self.linears[path][0], m, self.qparams.points[key].spec)
+            out[key] = smoothed_weight_point(self.linears[path][0], m, self.qparams.points[key].spec,
+                                             rotation_block(self.qparams, path))
         return out
 
     def _affected(self, merged: QParams) -> tuple[QParams, "Mapping"]:

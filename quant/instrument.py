@@ -37,6 +37,7 @@ from torch import nn
 from quant import lsq
 from quant.affine import broadcast_param, fake_quant, range_to_qparams, tensor_range
 from quant.qparams import PER_TOKEN_META, PointParams, QParams, model_fingerprint
+from quant.rotation import ROTATION_META, check_block, rotate_torch
 from quant.spec import QuantSpec, activation_spec, weight_spec
 
 Mode = Literal["float", "quant", "learn"]
@@ -52,6 +53,8 @@ class QuantConfig(BaseModel):
     ``per_token`` lists fnmatch patterns over Linear paths (``"*.down_proj"``) whose input is
     quantized per token at run time (``PerTokenQuantizer``) instead of at a QParams point: no
     statistics, no range, nothing learned there (``quant.qdq.per_token_inputs`` says why).
+    ``per_token_rotation`` (a power of two; 0: none) rotates those inputs and their weights by a
+    block Hadamard transform first (``quant.rotation``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -61,6 +64,7 @@ class QuantConfig(BaseModel):
     overrides: dict[str, QuantSpec] = {}
     skip: list[str] = []
     per_token: list[str] = []
+    per_token_rotation: int = 0
     attention_matmuls: bool = False
     embedding: Literal["int8", "float"] = Field("int8", description="the token embedding as the QDQ "
                                                 "graph stores it (quant.qdq.embedding_table)")
@@ -80,6 +84,11 @@ class QuantConfig(BaseModel):
         if bad:
             raise ValueError(f"{info.field_name} takes module patterns, without ':input' and the like, got {bad}")
         return v
+
+    @field_validator("per_token_rotation")
+    @classmethod
+    def _rotation_block(cls, v: int) -> int:
+        return check_block(v)
 
     def spec_for(self, key: str) -> QuantSpec:
         if key in self.overrides:
@@ -230,7 +239,9 @@ class QuantLinear(nn.Module):
 
     ``smooth`` (default None) is the per-input-channel SmoothQuant factor m (Xiao et al., 2023):
     dividing the input and multiplying the weight columns leaves the float output unchanged and
-    moves activation outliers into the weights. The Linear is kept as it is (no copy), so a tied
+    moves activation outliers into the weights. ``rotation`` (per-token inputs only): the input
+    after the Div and the weight ``W * m`` are both rotated by ``quant.rotation.rotate`` (same float
+    product), and those are what is quantized. The Linear is kept as it is (no copy), so a tied
     ``lm_head`` keeps sharing the embedding's Parameter and is quantized in the forward only.
 
     ``cache_weight``: in quant mode the fake-quantized weight is kept between forwards (one extra
@@ -241,9 +252,10 @@ class QuantLinear(nn.Module):
     cache_weight = True
 
     def __init__(self, linear: nn.Linear, path: str, act_spec: QuantSpec, w_spec: QuantSpec,
-                 per_token: bool = False):
+                 per_token: bool = False, rotation: int = 0):
         super().__init__()
         self.linear = linear
+        self.rotation = rotation if per_token else 0   # quant.rotation: per-token inputs only
         self.input_quantizer = PerTokenQuantizer(f"{path}:input") if per_token else \
             FakeQuantizer(f"{path}:input", act_spec, act_spec.param_shape(()))
         self.weight_quantizer = FakeQuantizer(f"{path}:weight", w_spec,
@@ -261,7 +273,8 @@ class QuantLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         w = self.linear.weight
-        return w if self.smooth is None else w * self.smooth.to(w.dtype)
+        w = w if self.smooth is None else w * self.smooth.to(w.dtype)
+        return rotate_torch(w, self.rotation) if self.rotation else w
 
     def calibrate_weight(self) -> None:
         """Min-max weight qparams at the spec's granularity (what a weight needs: no data)."""
@@ -295,6 +308,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
+        if self.rotation:
+            x = rotate_torch(x, self.rotation)
         return F.linear(self.input_quantizer(x), self.quantized_weight(), self.linear.bias)
 
 
@@ -464,7 +479,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> list[str]:
             w_spec.param_shape(tuple(linear.weight.shape))
         except ValueError as e:
             raise ValueError(f"{name}:weight: {e}") from None
-        replacements.append((name, QuantLinear(linear, name, a_spec, w_spec, per_token=name in per_token)))
+        replacements.append((name, QuantLinear(linear, name, a_spec, w_spec, per_token=name in per_token,
+                                               rotation=config.per_token_rotation)))
     qmatmuls = [(m, op, QuantMatMul(p, config.spec_for(f"{p}:input"), config.spec_for(f"{p}:other")))
                 for m, op, p in matmuls]
     for name, ql in replacements:
@@ -553,6 +569,9 @@ def get_qparams(model: nn.Module) -> QParams:
                  if m.smooth is not None}
     per_token = per_token_paths(model)
     meta = {PER_TOKEN_META: json.dumps(per_token)} if per_token else {}
+    blocks = {m.rotation for m in _quant_linears(model).values() if m.rotation}
+    if blocks:
+        meta[ROTATION_META] = str(max(blocks))
     return QParams(points, model=fingerprint(model), smoothing=smoothing, meta=meta)
 
 

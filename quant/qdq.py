@@ -34,7 +34,8 @@ from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
 from quant.export import (LINEAR_TAG, MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
                           linear_paths, matmul_paths, node_tag, prune_unused)
 from quant.onnxfile import EXTERNAL_THRESHOLD, copy_fields, load_external, load_onnx, save_onnx
-from quant.qparams import QParams, atomic_write_bytes, per_token_linears
+from quant.qparams import QParams, atomic_write_bytes, per_token_linears, rotation_block
+from quant.rotation import block_for, hadamard, rotate, rotation_of, signs
 from quant.spec import QuantSpec, weight_spec
 
 # what a name map entry ``(qparams key, kind)`` says an initializer holds
@@ -91,6 +92,8 @@ def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weight
         w = w * m
         values[f"{path}.input.smooth"] = m
         names[f"{path}.input.smooth"] = (path, "smoothing")
+    if per_token and rotation_block(qp, path):   # quant.rotation: W * m, then R (per_token_inputs rotates x)
+        w = rotate(w, rotation_block(qp, path))
     if pi is not None:
         _act_point(f"{path}.input", ki, qp, values, names)
     if pw is not None:
@@ -412,7 +415,7 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     if unknown:
         raise ValueError(f"QParams keys name no Linear of this graph: {unknown[:5]}")
     name_map = _qdq_graph(mp, qparams, linears, u8_weights, embedding, nbits_barrier)
-    per_token_inputs(mp, per_token_linears(qparams))
+    per_token_inputs(mp, per_token_linears(qparams), rotation_of(qparams.meta))
     if float_onnx is not None and not isinstance(float_onnx, onnx.ModelProto):
         load_external(mp, Path(float_onnx).parent)  # the weights of Linears left float, if any
     save_onnx(mp, path, external_threshold=external_threshold)
@@ -568,7 +571,7 @@ PER_TOKEN_CONSTS = {PER_TOKEN_ZERO: np.array(128, np.uint8), "fedquant.per_token
                     "fedquant.per_token.hi": np.array(255.0, np.float32)}
 
 
-def per_token_inputs(mp: onnx.ModelProto, paths) -> list[str]:
+def per_token_inputs(mp: onnx.ModelProto, paths, rotation: int = 0) -> list[str]:
     """Rewrite, in place, the Linears ``paths`` of a QDQ model so their input is quantized per
     token at run time instead of with the static per-tensor (s, z) of its QParams point.
 
@@ -586,7 +589,12 @@ def per_token_inputs(mp: onnx.ModelProto, paths) -> list[str]:
     Q -> DQ, into a MatMul <- weight DQ of an 8-bit weight per tensor or per output channel.
     ``export_qdq`` calls this on the Linears QParams name per-token (they have no input point);
     ``bench/per_token.py`` also rewrites static ones of a finished run's model. Returns the paths
-    rewritten. Raises ValueError naming the Linear, before changing anything, otherwise."""
+    rewritten. Raises ValueError naming the Linear, before changing anything, otherwise.
+
+    ``rotation`` (a block, ``quant.rotation``): the input (after the Div) is rotated first,
+    ``x R`` = Reshape to blocks, MatMul by the Hadamard block, Reshape back, with the signs ``D``
+    a Mul before; the weight must then already be ``W R`` (``export_qdq``'s ``_plan`` stores it so).
+    0: the input as it is."""
     g = mp.graph
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -595,7 +603,7 @@ def per_token_inputs(mp: onnx.ModelProto, paths) -> list[str]:
             consumers.setdefault(i, []).append(n)
     inits = {t.name: t for t in g.initializer}
     matmuls = {node_tag(n): n for n in g.node if n.op_type == "MatMul" and node_tag(n) is not None}
-    drop, new_at, done = set(), {}, []
+    drop, new_at, done, rot_consts = set(), {}, [], {}
     for path in paths:
         mm = matmuls.get(path)
         dq = producer.get(mm.input[0]) if mm is not None else None
@@ -624,10 +632,26 @@ def per_token_inputs(mp: onnx.ModelProto, paths) -> list[str]:
                              "need a Linear whose weight only it reads")
         x, p = (q.input[0] if dq is not None else mm.input[0]), f"{path}.input.per_token"
         c = lambda k: f"fedquant.per_token.{k}"
+        rot_nodes = []
+        b = block_for(int(w.dims[0]), rotation) if rotation else 0
+        if b:
+            n, r = int(w.dims[0]), f"fedquant.rotation.{int(w.dims[0])}x{b}"
+            rot_consts[f"{r}.signs"] = signs(n)
+            rot_consts[f"{r}.hadamard"] = hadamard(b).astype(np.float32)
+            rot_consts[f"{r}.blocks"] = np.array([-1, n // b, b], np.int64)
+            rot_nodes = [
+                helper.make_node("Shape", [x], [f"{p}.shape"], name=f"{p}.Shape"),
+                helper.make_node("Mul", [x, f"{r}.signs"], [f"{p}.signed"], name=f"{p}.Signs"),
+                helper.make_node("Reshape", [f"{p}.signed", f"{r}.blocks"], [f"{p}.blocks"], name=f"{p}.ToBlocks"),
+                helper.make_node("MatMul", [f"{p}.blocks", f"{r}.hadamard"], [f"{p}.rotated_blocks"],
+                                 name=f"{p}.Hadamard"),
+                helper.make_node("Reshape", [f"{p}.rotated_blocks", f"{p}.shape"], [f"{p}.rotated"],
+                                 name=f"{p}.FromBlocks")]
+            x = f"{p}.rotated"
         mmi = helper.make_node("MatMulInteger", [f"{p}.q", wq, PER_TOKEN_ZERO, wz], [f"{p}.acc"],
                                name=f"{path}/MatMulInteger")
         mmi.metadata_props.add(key=LINEAR_TAG, value=path)   # still the Linear's product
-        new_at[id(mm)] = [
+        new_at[id(mm)] = rot_nodes + [
             helper.make_node("Abs", [x], [f"{p}.abs"], name=f"{p}.Abs"),
             helper.make_node("ReduceMax", [f"{p}.abs", c("axes")], [f"{p}.absmax"], name=f"{p}.ReduceMax", keepdims=1),
             helper.make_node("Div", [f"{p}.absmax", c("qmax")], [f"{p}.scale0"], name=f"{p}.ScaleDiv"),
@@ -655,6 +679,6 @@ def per_token_inputs(mp: onnx.ModelProto, paths) -> list[str]:
     del g.node[:]
     g.node.extend(nodes)
     have = {t.name for t in g.initializer}
-    g.initializer.extend(_to_tensor(n, a) for n, a in PER_TOKEN_CONSTS.items() if n not in have)
+    g.initializer.extend(_to_tensor(n, a) for n, a in {**PER_TOKEN_CONSTS, **rot_consts}.items() if n not in have)
     prune_unused(g)
     return done

@@ -23,6 +23,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from quant.rotation import ROTATION_META, rotation_of
 from quant.spec import SCALE_FLOOR, QuantSpec
 
 FORMAT = "fedquant.qparams/1"
@@ -89,6 +90,12 @@ def per_token_linears(qp: "QParams") -> list[str]:
     if not isinstance(paths, list) or not all(isinstance(p, str) and p and ":" not in p for p in paths):
         raise ValueError(f"meta[{PER_TOKEN_META!r}] must be a JSON list of Linear paths, got {raw[:80]!r}")
     return sorted(paths)
+
+
+def rotation_block(qp: "QParams", path: str) -> int:
+    """The block ``quant.rotation`` rotates Linear ``path``'s input and weight in (its width
+    decides the block actually used): ``meta["per_token_rotation"]`` for a per-token Linear, else 0."""
+    return rotation_of(qp.meta) if path in per_token_linears(qp) else 0
 
 
 @dataclass
@@ -161,6 +168,15 @@ def qparams_problems(qp: "QParams", held: "QParams | None" = None,
         if PER_TOKEN_META in qp.meta and per_token_linears(qp) != per_token_linears(held):
             errors.append(f"per-token inputs {per_token_linears(qp)[:3]} differ from the runtime's "
                           f"{per_token_linears(held)[:3]} (a different graph)")
+        if ROTATION_META in qp.meta:
+            try:
+                mine, theirs = rotation_of(qp.meta), rotation_of(held.meta)
+            except ValueError as e:
+                errors.append(str(e))
+            else:
+                if mine != theirs:
+                    errors.append(f"per-token rotation block {mine} differs from the runtime's {theirs} "
+                                  "(a different graph)")
         unknown = sorted(set(qp.points) - set(held.points))
         if unknown:
             errors.append(f"unknown keys (not quantization points of this model): {unknown[:5]}")

@@ -16,6 +16,7 @@ import numpy as np
 
 from quant.affine import range_to_qparams, tensor_range
 from quant.qparams import PointParams
+from quant.rotation import rotate
 from quant.spec import QuantSpec
 
 
@@ -42,15 +43,18 @@ def smoothing_factors(act_absmax, weight, alpha: float = 0.5,
     return np.clip(m, *bounds).astype(np.float32)
 
 
-def fold_weight(weight, factors) -> np.ndarray:
-    """``W * m`` (columns scaled) in float32: what a smoothed Linear quantizes."""
-    return np.asarray(weight, dtype=np.float32) * np.asarray(factors, dtype=np.float32)
+def fold_weight(weight, factors, rotation: int = 0) -> np.ndarray:
+    """``W * m`` (columns scaled) in float32: what a smoothed Linear quantizes; a per-token
+    Linear's rotated by ``quant.rotation`` when ``rotation`` is a block (``W * m`` then ``R``)."""
+    w = np.asarray(weight, dtype=np.float32) * np.asarray(factors, dtype=np.float32)
+    return rotate(w, rotation) if rotation else w
 
 
-def smoothed_weight_point(weight, factors, spec: QuantSpec) -> PointParams:
-    """Min-max qparams of ``W * m`` at the spec's granularity: the weight point of a smoothed
-    Linear (``QuantLinear.calibrate_weight`` derives the same from the same float32 product)."""
-    s, z = range_to_qparams(*tensor_range(fold_weight(weight, factors), spec), spec)
+def smoothed_weight_point(weight, factors, spec: QuantSpec, rotation: int = 0) -> PointParams:
+    """Min-max qparams of ``W * m`` (rotated: ``fold_weight``) at the spec's granularity: the
+    weight point of a smoothed Linear (``QuantLinear.calibrate_weight`` derives the same from the
+    same float32 product)."""
+    s, z = range_to_qparams(*tensor_range(fold_weight(weight, factors, rotation), spec), spec)
     return PointParams(spec, s, z)
 
 

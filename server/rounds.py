@@ -59,7 +59,7 @@ from quant import dp, private_scout
 from quant.affine import qparams_to_range, range_to_qparams
 from quant.mixed import plan_mixed_precision, robust_sensitivity
 from quant.spec import activation_spec, weight_spec
-from quant.qparams import PointParams, QParams, per_token_linears, qparams_problems
+from quant.qparams import PointParams, QParams, per_token_linears, qparams_problems, rotation_block
 from quant.smoothing import smoothed_absmax, smoothed_weight_point
 from quant.stats import ActivationStats, needs_widening, widen
 from quant.wire import Instruction, ScoutReply
@@ -399,7 +399,7 @@ def smoothed_qparams(qp: QParams, factors: Mapping[str, np.ndarray], weights: Ma
     for path, m in factors.items():
         wk, xk = f"{path}:weight", f"{path}:input"
         if wk in qp.points:
-            points[wk] = smoothed_weight_point(weights[path], m, qp.points[wk].spec)
+            points[wk] = smoothed_weight_point(weights[path], m, qp.points[wk].spec, rotation_block(qp, path))
         seen = [r.ranges[xk] for r in scouting if r.n.get(xk, 0) > 0]
         if xk in qp.points and seen:
             spec = qp.points[xk].spec
@@ -538,7 +538,7 @@ def planned_qparams(qp: QParams, sens: Mapping[str, float], budget, weights: Map
         path = k.rsplit(":", 1)[0]
         m = qp.smoothing.get(path)
         m = np.ones(np.shape(weights[path])[1], np.float32) if m is None else m
-        pts[k] = smoothed_weight_point(weights[path], m, weight_spec(8))
+        pts[k] = smoothed_weight_point(weights[path], m, weight_spec(8), rotation_block(qp, path))
     s16 = activation_spec(16)
     for k in a16:
         p = qp.points[k]

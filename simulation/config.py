@@ -8,7 +8,7 @@ import importlib.util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from client.profiles import DeviceProfile
 from quant.instrument import QuantConfig
@@ -57,8 +57,18 @@ class FleetEntry(BaseModel):
     per_token: list[str] = Field(default_factory=list, description="Linear patterns whose input is quantized "
                                  "per token at run time (int8 weights only), e.g. [\"*.down_proj\"]: "
                                  "quant.qdq.per_token_inputs")
+    per_token_rotation: int = Field(128, description="the block of the Hadamard rotation of those inputs "
+                                    "and their weights (quant.rotation: the largest power of two dividing the "
+                                    "width, at most this); 0: not rotated")
     availability: float = Field(1.0, gt=0, le=1, description="probability that a device is online in a round")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability that an online device drops out of a job")
+
+    @field_validator("per_token_rotation")
+    @classmethod
+    def _rotation_block(cls, v: int) -> int:
+        from quant.rotation import check_block
+
+        return check_block(v)
 
     def load(self, base: Path | None = None) -> DeviceProfile:
         from client.profiles import load_profile
@@ -209,4 +219,5 @@ def quant_config_for(profile: DeviceProfile, entry: FleetEntry) -> QuantConfig:
                              f"has int16_activations = false")
     return QuantConfig(activation=activation_spec(profile.activation_bits, profile.activation_signed),
                        weight=weight_spec(profile.weight_bits, profile.weight_group_size, profile.weight_symmetric),
-                       overrides=dict(entry.overrides), skip=list(entry.skip), per_token=list(entry.per_token))
+                       overrides=dict(entry.overrides), skip=list(entry.skip), per_token=list(entry.per_token),
+                       per_token_rotation=entry.per_token_rotation if entry.per_token else 0)

@@ -276,11 +276,13 @@ def test_new_smoothing_without_weight_points_is_folded_on_the_device(bundle, tmp
         rt.patch(QParams({}, qp.model, 2, {path: m[:-1]}))
 
 
-def test_a_per_token_input_takes_smoothing_factors_on_the_device(bundle, tmp_path):
+@pytest.mark.parametrize("rotation", [0, 64])
+def test_a_per_token_input_takes_smoothing_factors_on_the_device(bundle, tmp_path, rotation):
     """A per-token Linear has a SmoothQuant Div too (``simulation.prepare.with_unit_smoothing``):
     factors sent without a weight point are folded on the device, the rewritten MatMulInteger reads
     the new integer weights, and the logits are a fresh export's bit for bit and the torch
-    instrument's (x / m, then per token) within the kernels' rounding."""
+    instrument's (x / m, then per token) within the kernels' rounding. With a rotation
+    (``quant.rotation``) the device folds ``W * m`` then rotates, as the server does."""
     import json
 
     from quant.instrument import QuantConfig, get_qparams, set_qparams
@@ -292,7 +294,7 @@ def test_a_per_token_input_takes_smoothing_factors_on_the_device(bundle, tmp_pat
     linears = float_linears(model)
     downs = sorted(p for p in linears if p.endswith("mlp.down_proj"))
     pt = QParams({k: v for k, v in qp.points.items() if k not in {f"{p}:input" for p in downs}}, qp.model, 0,
-                 {}, {"per_token": json.dumps(downs)})
+                 {}, {"per_token": json.dumps(downs), **({"per_token_rotation": str(rotation)} if rotation else {})})
     unit = with_unit_smoothing(pt, model)
     assert set(downs) <= set(unit.smoothing) and per_token_linears(unit) == downs
     save_device_bundle(model, unit, tmp_path / "s.onnx", float_onnx=bundle["dir"] / "float.onnx")
@@ -304,7 +306,7 @@ def test_a_per_token_input_takes_smoothing_factors_on_the_device(bundle, tmp_pat
     t = rt.patch(QParams({}, qp.model, 1, {path: m}))
     assert t["changed"] >= 2                                        # the factors and the integer weight
     wk = f"{path}:weight"
-    expect = smoothed_weight_point(linears[path][0], m, qp.points[wk].spec)
+    expect = smoothed_weight_point(linears[path][0], m, qp.points[wk].spec, rotation)
     np.testing.assert_array_equal(rt.qparams.points[wk].scale, expect.scale)
     full = QParams({**pt.points, wk: expect}, qp.model, 1, {**unit.smoothing, path: m}, pt.meta)
     export_qdq(model, full, tmp_path / "re.onnx", float_onnx=bundle["dir"] / "float.onnx")
@@ -313,7 +315,7 @@ def test_a_per_token_input_takes_smoothing_factors_on_the_device(bundle, tmp_pat
     re = ort_session(tmp_path / "re.onnx", weight_storage=rt.weight_storage)
     np.testing.assert_array_equal(got, re.run(["logits"], {"input_ids": x})[0])
     tm = copy.deepcopy(model)
-    quantize_(tm, QuantConfig(per_token=["*.down_proj"]))
+    quantize_(tm, QuantConfig(per_token=["*.down_proj"], per_token_rotation=rotation))
     set_qparams(tm, QParams(full.points, get_qparams(tm).model, 1, full.smoothing, full.meta))
     set_mode(tm, "quant")
     with torch.no_grad():

@@ -21,6 +21,7 @@ from quant.affine import fake_quant, quantize, range_to_qparams, tensor_range
 from client.runtime import choose_weight_storage, ort_session
 from quant.encodings import onnx_encoding_names, read_encodings_json, write_encodings_json
 from quant.export import export_float_onnx, float_linears, linear_paths, matmul_paths
+from quant.rotation import rotation_of
 from quant.qdq import (activation_inputs, add_outputs, bias_quant, count_matmuls, dequantized_weight, per_token_inputs,
                        embedding_table, export_qdq, load_name_map, names_path, patch_initializers,
                        qdq_values, set_weight_storage)
@@ -294,20 +295,24 @@ def int8_minmax_qparams(qm):
     return get_qparams(qm).with_points({k: PointParams(act, *range_to_qparams(*r, act)) for k, r in ranges.items()})
 
 
-def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_path):
+@pytest.mark.parametrize("rotation", [0, 64])
+def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_path, rotation):
     """``QuantConfig.per_token``: the down_proj inputs have no QParams point (meta names them), the
     export quantizes them per token with MatMulInteger, every other Linear keeps its fused integer
-    kernel, and ORT's logits are the instrumented model's, in either weight storage."""
+    kernel, and ORT's logits are the instrumented model's, in either weight storage; with
+    ``per_token_rotation`` the input is rotated first (one Hadamard MatMul per Linear, weights
+    stored as ``W R``) and the logits are still the instrument's."""
     from quant.instrument import QuantConfig, per_token_paths, quantize_, set_mode, set_qparams
     from quant.qparams import per_token_linears
 
     model, f, ids = exported["model"], exported["dir"] / "float.onnx", exported["ids"]
     downs = sorted(p for p in float_linears(model) if p.endswith("down_proj"))
     qm = copy.deepcopy(model)
-    quantize_(qm, QuantConfig(per_token=["*.down_proj"]))
+    quantize_(qm, QuantConfig(per_token=["*.down_proj"], per_token_rotation=rotation))
     assert per_token_paths(qm) == downs
     qp = int8_minmax_qparams(qm)
     assert per_token_linears(qp) == downs and not any(f"{p}:input" in qp.points for p in downs)
+    assert rotation_of(qp.meta) == rotation
     set_qparams(qm, qp)
     set_mode(qm, "quant")
     with torch.no_grad():
@@ -319,6 +324,8 @@ def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_pat
     ort_session(tmp_path / "p.onnx", optimized_path=opt)
     counts = count_matmuls(onnx.load(opt))
     assert counts.get("MatMulInteger", 0) == len(downs), counts
+    hadamards = [n for n in onnx.load(tmp_path / "p.onnx").graph.node if n.name.endswith(".per_token.Hadamard")]
+    assert len(hadamards) == (len(downs) if rotation else 0)
     assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) == \
         len(float_linears(model)) - len(downs), counts
     mp = onnx.load(tmp_path / "p.onnx")
@@ -327,10 +334,14 @@ def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_pat
         assert moved >= (len(float_linears(model)) if u8 else 0)
         logits, _ = ort_run(mp, ids)
         err = float(np.abs(logits - ref).max())
-        print(f"\n{exported['kind']}: per-token down_proj, u8 weights {u8}: max|ORT - instrument| = {err:.2e} "
+        print(f"\n{exported['kind']}: per-token down_proj (rotation {rotation}), u8 weights {u8}: "
+              f"max|ORT - instrument| = {err:.2e} "
               f"(vs float {float_err:.2e})")
         if u8 or choose_weight_storage() == "int8":    # the int8 form saturates on x86 without VNNI
-            assert err < 0.05 * float_err + 1e-4
+            # ORT rotates in float32, the instrument in float64: a value at a per-token rounding
+            # tie may land one step apart (one position of qwen2's batch here), the rest agree
+            assert np.median(np.abs(logits - ref)) < 1e-6
+            assert err < (0.5 if rotation else 0.05) * float_err + 1e-4
 
 
 def test_patch_equals_reexport(exported, tmp_path):
