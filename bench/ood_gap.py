@@ -225,7 +225,8 @@ def markdown_table(result: dict) -> str:
 # the three int8 recipes the README compares: the results file, and what its recipe is
 RECIPES = (("ood_gap.json", "static `down_proj` inputs"),
            ("ood_gap_per_token.json", "per token, unsmoothed"),
-           ("ood_gap_per_token_smoothed.json", "per token, smoothed"))
+           ("ood_gap_per_token_smoothed.json", "per token, smoothed"),
+           ("ood_gap_rotated.json", "per token, smoothed, rotated"))
 
 
 def recipes_table(results: dict[str, dict]) -> str:

@@ -192,11 +192,12 @@ def per_token_block(d: dict) -> str:
 
 
 def ood_gap_recipes_block(results: dict[str, dict]) -> str:
-    """bench/ood_gap.py's decomposition of three int8 recipes side by side."""
+    """bench/ood_gap.py's decomposition of the int8 recipes (``bench.ood_gap.RECIPES``) side by side."""
     from bench.ood_gap import recipes_table
 
     m = next(iter(results.values()))["machine"]
-    return (f"`.venv/bin/python -m bench.ood_gap` on three int8 recipes ({_cpu(m)}, {m['cores']} cores shared "
+    n = {2: "two", 3: "three", 4: "four", 5: "five"}.get(len(results), str(len(results)))
+    return (f"`.venv/bin/python -m bench.ood_gap` on {n} int8 recipes ({_cpu(m)}, {m['cores']} cores shared "
             "with other jobs). Sources: " + ", ".join(f"`bench/results/{f}`" for f, _ in OOD_RECIPES)
             + ".\n\n" + recipes_table(results))
 
