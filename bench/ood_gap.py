@@ -111,7 +111,9 @@ class FloatLogits:
 
 def part_of(row: dict) -> str:
     """Which part of the bench (``--only``) measured a row."""
-    return "decomposition" if row["group"] == "decomposition" else "targeted" if "kinds" in row else "remedies"
+    if row["group"] in ("decomposition", "weights"):
+        return row["group"]
+    return "targeted" if "kinds" in row else "remedies"
 
 
 def patch(rt, qp) -> None:
@@ -256,7 +258,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--table", action="store_true", help="only print the README table of --json (no run)")
-    ap.add_argument("--only", choices=("decomposition", "remedies", "targeted"), default=None,
+    ap.add_argument("--only", choices=("decomposition", "weights", "remedies", "targeted"), default=None,
                     help="one part; its rows replace that part's in an existing --json, the others are kept")
     args = ap.parse_args(argv)
     if args.table:
@@ -368,6 +370,11 @@ def main(argv=None) -> dict:
         result.update({k: before[k] for k in ("clipping", "float_perplexity") if k in before})
         result["earlier_commands"] = [*before.get("earlier_commands", []), before.get("command")]
     ref = calibrated(alpha0, "max", cal0)
+    per_token = set(per_token_linears(ref))     # their weights stay 8-bit: MatMulInteger's
+    w16 = {f"{p}:weight": smoothed_weight_point(weights[p], ref.smoothing.get(p, np.ones(weights[p].shape[1],
+                                                                                          np.float32)),
+                                                weight_spec(16))
+           for p in weights if f"{p}:weight" in ref.points and p not in per_token}
     if args.only in (None, "decomposition"):
         clip = clipping(rt, ref, {"train": train, "heldout": sets["heldout"], "ood": sets["ood"]}, keys, bs)
         result["clipping"] = clipping_summary(clip, ref, keys)
@@ -375,11 +382,6 @@ def main(argv=None) -> dict:
         wide = {k: (WIDE_MARGIN * min(min(c[k]["min"] for c in clip.values()), 0.0),
                     WIDE_MARGIN * max(max(c[k]["max"] for c in clip.values()), 0.0)) for k in keys}
         at_ranges = {k: point_range(ref.points[k]) for k in keys}
-        per_token = set(per_token_linears(ref))     # their weights stay 8-bit: MatMulInteger's
-        w16 = {f"{p}:weight": smoothed_weight_point(weights[p], ref.smoothing.get(p, np.ones(weights[p].shape[1],
-                                                                                              np.float32)),
-                                                    weight_spec(16))
-               for p in weights if f"{p}:weight" in ref.points and p not in per_token}
         row("decomposition", "A8W8: the reference recipe", ref)
         row("decomposition", "control: all int16 (activations over every text's range, weights per channel)",
             respecified(ref, {**int16_points(wide), **w16}, base_specs))
@@ -392,6 +394,12 @@ def main(argv=None) -> dict:
             lifted = {k: v for k, v in wide.items() if kind_of(k) == kind}
             row("decomposition", f"{kind} inputs int16 over every text's range, the rest A8W8",
                 respecified(ref, int16_points(lifted), base_specs), kind=kind, points=len(lifted))
+    if args.only in (None, "weights"):
+        # which Linears' 8-bit weights the error is in: one kind's weights at 16 bits at a time
+        for kind in sorted({kind_of(k) for k in w16}):
+            lifted = {k: v for k, v in w16.items() if kind_of(k) == kind}
+            row("weights", f"{kind} weights int16 per channel, the rest A8W8", respecified(ref, lifted, base_specs),
+                kind=kind, weights=len(lifted))
     if args.only in (None, "remedies"):
         remedies = [("range rule", {"cal": CalibratorConfig(method="percentile", percentile=99.9999)}),
                     ("range rule", {"cal": CalibratorConfig(method="mse")}),

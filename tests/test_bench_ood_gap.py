@@ -25,7 +25,10 @@ def test_every_variant_on_every_text_against_one_float_reference(result):
     assert len(names) == len(set(names))
     kinds = {r["kind"] for r in result["rows"] if "kind" in r}
     assert kinds == {"qkv", "o_proj", "gate_up", "down_proj", "lm_head"}      # the tiny Llama's Linears
-    assert {r["group"] for r in result["rows"]} == {"decomposition", "remedy"}
+    assert {r["group"] for r in result["rows"]} == {"decomposition", "weights", "remedy"}
+    lifted = [r for r in result["rows"] if r["group"] == "weights"]     # one kind's weights at 16 bits each
+    assert sorted(r["kind"] for r in lifted) == sorted({r["kind"] for r in lifted}) and len(lifted) >= 4
+    assert sum(r["weights"] for r in lifted) == 2 * 7 + 1               # every Linear of the tiny Llama's 2 layers
     for r in result["rows"]:
         for t in TEXTS:
             e = r[t]
