@@ -37,7 +37,7 @@ from torch import nn
 from quant import lsq
 from quant.affine import broadcast_param, fake_quant, range_to_qparams, tensor_range
 from quant.qparams import PER_TOKEN_META, PointParams, QParams, model_fingerprint
-from quant.rotation import ROTATION_META, check_block, rotate_torch
+from quant.rotation import ROTATION_META, check_block, rotate_torch, rotation_of
 from quant.spec import QuantSpec, activation_spec, weight_spec
 
 Mode = Literal["float", "quant", "learn"]
@@ -590,6 +590,10 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool
         raise ValueError(f"QParams are for model {qp.model!r}, this model is {fp!r}")
     points, linears = quant_points(model), _quant_linears(model)
     errors, updates, smooth = [], [], []
+    if ROTATION_META in qp.meta:
+        mine = max((m.rotation for m in linears.values()), default=0)
+        if rotation_of(qp.meta) != mine:
+            errors.append(f"per-token rotation block {rotation_of(qp.meta)} differs from the model's {mine}")
     for key, p in qp.points.items():
         q = points.get(key)
         if q is None:

@@ -73,3 +73,19 @@ def test_config_and_meta_carry_the_block():
     held = QParams({}, "m", 0, {}, {**meta, "per_token_rotation": "64"})
     assert any("rotation block 128 differs" in e for e in qparams_problems(qp, held))
     assert not qparams_problems(qp, QParams({}, "m", 0, {}, dict(meta)))
+
+
+def test_the_instrument_records_and_checks_the_block():
+    from quant.instrument import QuantConfig, get_qparams, quantize_, set_qparams
+    from simulation.models import tiny_llama
+
+    rotated, plain = tiny_llama(), tiny_llama()
+    quantize_(rotated, QuantConfig(per_token=["*.down_proj"], per_token_rotation=64))
+    quantize_(plain, QuantConfig(per_token=["*.down_proj"]))
+    qp = get_qparams(rotated)
+    assert rotation_of(qp.meta) == 64 and rotation_of(get_qparams(plain).meta) == 0
+    down = next(k for k in qp.points if k.endswith("down_proj:weight"))
+    assert not np.array_equal(qp.points[down].scale, get_qparams(plain).points[down].scale)   # W R's ranges
+    with pytest.raises(ValueError, match="rotation block 64 differs from the model's 0"):
+        set_qparams(plain, qp)
+    set_qparams(rotated, qp)
