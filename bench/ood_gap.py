@@ -224,7 +224,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# the three int8 recipes the README compares: the results file, and what its recipe is
+# the int8 recipes the README compares: the results file, and what its recipe is
 RECIPES = (("ood_gap.json", "static `down_proj` inputs"),
            ("ood_gap_per_token.json", "per token, unsmoothed"),
            ("ood_gap_per_token_smoothed.json", "per token, smoothed"),

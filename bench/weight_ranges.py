@@ -53,7 +53,8 @@ def input_importance(rt, smoothing, seqs: np.ndarray, paths: list[str], batch_si
 
 
 def evaluate_run(run: Path, eval_sequences: int, ood_sequences: int, batch_size: int, threads: int) -> dict:
-    from quant.qparams import load_qparams
+    from quant.qparams import load_qparams, rotation_block
+    from quant.smoothing import fold_weight
     from quant.weight_ranges import weight_point
     from simulation.evaluation import ServerEval
 
@@ -78,8 +79,12 @@ def evaluate_run(run: Path, eval_sequences: int, ood_sequences: int, batch_size:
             pts = {}
             for p in paths:
                 m = qp.smoothing.get(p)
-                w = rt.linears[p][0] if m is None else rt.linears[p][0] * np.asarray(m, np.float32)
-                pts[f"{p}:weight"] = weight_point(w, qp.points[f"{p}:weight"].spec, None if h is None else h[p])
+                w0 = rt.linears[p][0]
+                r = rotation_block(qp, p)       # a rotated per-token Linear quantizes (W * m) R
+                w = fold_weight(w0, np.ones(w0.shape[1], np.float32) if m is None else m, r)
+                # E[x_j^2] is of the unrotated channels: a rotated Linear's columns get none
+                pts[f"{p}:weight"] = weight_point(w, qp.points[f"{p}:weight"].spec,
+                                                  None if h is None or r else h[p])
             variants[name] = qp.with_points(pts)
         row = {"weight_points": len(paths), "variants": {}}
         for name, v in variants.items():
