@@ -331,9 +331,11 @@ class QuantEmbedding(nn.Module):
 
     def shared_head(self) -> "QuantLinear | None":
         """The tied head whose rows the table is, while its weight is 8-bit per row (a
-        mixed-precision plan may promote it to that in a run: the choice follows its spec)."""
+        mixed-precision plan may promote it to that in a run: the choice follows its spec) and its
+        input is static (a per-token head's weight is rotated: ``quant.qdq._shared_head``)."""
         head = self._head[0]
-        return head if head is not None and _shares_rows(head.weight_quantizer.spec) else None
+        return head if head is not None and _shares_rows(head.weight_quantizer.spec) and \
+            not isinstance(head.input_quantizer, PerTokenQuantizer) else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self._ref[0].mode == "float":

@@ -171,7 +171,7 @@ def iter_qdq_values(qparams: QParams, linears, u8_weights: bool = False):
 # embedding reads lm_head's own integer weights (one copy in the file, patched with lm_head):
 # row r of the table is ``(q_r - z_r) * s_r / m`` with lm_head's per-row int8 weight, scale, zero
 # point and SmoothQuant factors ``m`` (lm_head quantizes ``W * m``). An untied one (or a tied one
-# whose lm_head is not 8-bit per row) gets its own int8 table with per-row min-max scales from
+# whose lm_head is not 8-bit per row, or has per-token inputs) gets its own int8 table with per-row min-max scales from
 # the float weights: not a QParams point, since no round changes it.
 
 EMBEDDING_SPEC = weight_spec(8)
@@ -180,10 +180,12 @@ BARRIER_LOWEST = "fedquant.lowest_float"  # the float32 lowest value, for the Ma
 
 def _shared_head(table: np.ndarray, linears: dict, qp: QParams) -> str | None:
     """The Linear whose 8-bit per-row (int8 or uint8) quantized weight equals ``table`` (a tied
-    lm_head), or None."""
+    lm_head), or None. Not a per-token Linear: its weight moves to the uint8 grid and is rotated
+    (``per_token_inputs``), so the table gets its own rows."""
+    per_token = set(per_token_linears(qp))
     for path, (w, _) in linears.items():
         p = qp.points.get(f"{path}:weight")
-        if p is None or w.shape != table.shape or not np.array_equal(w, table):
+        if p is None or path in per_token or w.shape != table.shape or not np.array_equal(w, table):
             continue
         if p.spec.bits == 8 and p.spec.granularity == "per_channel" and p.spec.resolved_axis(2) == 0:
             return path

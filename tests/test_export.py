@@ -8,6 +8,7 @@ export modules (quant.export, quant.qdq, quant.encodings).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import time
 
@@ -295,20 +296,22 @@ def int8_minmax_qparams(qm):
     return get_qparams(qm).with_points({k: PointParams(act, *range_to_qparams(*r, act)) for k, r in ranges.items()})
 
 
-@pytest.mark.parametrize("rotation", [0, 64])
-def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_path, rotation):
+@pytest.mark.parametrize("rotation,patterns", [(0, ["*.down_proj"]), (64, ["*.down_proj"]),
+                                               (64, ["*.down_proj", "lm_head"])])
+def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_path, rotation, patterns):
     """``QuantConfig.per_token``: the down_proj inputs have no QParams point (meta names them), the
     export quantizes them per token with MatMulInteger, every other Linear keeps its fused integer
     kernel, and ORT's logits are the instrumented model's, in either weight storage; with
     ``per_token_rotation`` the input is rotated first (one Hadamard MatMul per Linear, weights
-    stored as ``W R``) and the logits are still the instrument's."""
+    stored as ``W R``) and the logits are still the instrument's. A tied lm_head with per-token
+    inputs leaves the embedding its own int8 rows (its weight is rotated), in both."""
     from quant.instrument import QuantConfig, per_token_paths, quantize_, set_mode, set_qparams
     from quant.qparams import per_token_linears
 
     model, f, ids = exported["model"], exported["dir"] / "float.onnx", exported["ids"]
-    downs = sorted(p for p in float_linears(model) if p.endswith("down_proj"))
+    downs = sorted(p for p in float_linears(model) if any(fnmatch.fnmatchcase(p, q) for q in patterns))
     qm = copy.deepcopy(model)
-    quantize_(qm, QuantConfig(per_token=["*.down_proj"], per_token_rotation=rotation))
+    quantize_(qm, QuantConfig(per_token=patterns, per_token_rotation=rotation))
     assert per_token_paths(qm) == downs
     qp = int8_minmax_qparams(qm)
     assert per_token_linears(qp) == downs and not any(f"{p}:input" in qp.points for p in downs)
