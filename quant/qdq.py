@@ -34,7 +34,7 @@ from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
 from quant.export import (LINEAR_TAG, MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
                           linear_paths, matmul_paths, node_tag, prune_unused)
 from quant.onnxfile import EXTERNAL_THRESHOLD, copy_fields, load_external, load_onnx, save_onnx
-from quant.qparams import QParams, atomic_write_bytes, per_token_linears, rotation_block
+from quant.qparams import QParams, atomic_write_bytes, per_token_linears
 from quant.rotation import block_for, hadamard, rotate, rotation_of, signs
 from quant.spec import QuantSpec, weight_spec
 
@@ -92,8 +92,8 @@ def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weight
         w = w * m
         values[f"{path}.input.smooth"] = m
         names[f"{path}.input.smooth"] = (path, "smoothing")
-    if per_token and rotation_block(qp, path):   # quant.rotation: W * m, then R (per_token_inputs rotates x)
-        w = rotate(w, rotation_block(qp, path))
+    if per_token and rotation_of(qp.meta):   # quant.rotation: W * m, then R (per_token_inputs rotates x)
+        w = rotate(w, rotation_of(qp.meta))
     if pi is not None:
         _act_point(f"{path}.input", ki, qp, values, names)
     if pw is not None:

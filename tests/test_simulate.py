@@ -100,15 +100,16 @@ def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path):
     over two sampled rounds) under the exact rules (sums and maxima; the bounded-influence defaults
     trade exactness for robustness): the global QParams -- smoothing factors, smoothed weight
     points, activation ranges -- equal the same recipe on the pooled training data, bit for bit.
-    The int8 profile quantizes its down_proj inputs per token, as the default run does: those
-    Linears are scouted and smoothed too, though they have no input point, and rotated (the
-    default ``per_token_rotation``: their weight points are of ``(W * m) R`` on both sides)."""
+    The int8 profile quantizes its down_proj and lm_head inputs per token, as the default run does:
+    those Linears are scouted and smoothed too, though they have no input point, and rotated (the
+    default ``per_token_rotation``: their weight points are of ``(W * m) R`` on both sides; the tied
+    embedding keeps its own rows)."""
     from quant.qparams import per_token_linears
     from quant.rotation import rotation_of
 
     exact = tmp_path / "exact.toml"
     text = SMOKE.read_text().replace("[server]\n", '[server]\nstats_rule = "sum"\nabsmax_rule = "max"\n', 1)
-    exact.write_text(text.replace('profile = "int8"\nshare = 2\n', 'profile = "int8"\nshare = 2\nper_token = ["*.down_proj"]\n'))
+    exact.write_text(text.replace('profile = "int8"\nshare = 2\n', 'profile = "int8"\nshare = 2\nper_token = ["*.down_proj", "lm_head"]\n'))
     out = tmp_path / "stats-only"
     simulate(out, "--rounds", "3", config=exact)
     for p in ("int8", "int16"):
@@ -120,6 +121,7 @@ def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path):
         assert all(np.all(start.smoothing[k] == 1) for k in start.smoothing)
         assert all(not np.all(fed.smoothing[k] == 1) for k in fed.smoothing)
         assert set(per_token_linears(fed)) <= set(fed.smoothing) and bool(per_token_linears(fed)) == (p == "int8")
+        assert ("lm_head" in per_token_linears(fed)) == (p == "int8") == ("lm_head:input" not in fed.points)
         assert rotation_of(fed.meta) == rotation_of(central.meta) == (128 if p == "int8" else 0)
         changed = [k for k in fed.points if not np.array_equal(fed.points[k].scale, start.points[k].scale)]
         assert len(changed) >= len([k for k in fed.points if k.endswith(":input")]) // 2
