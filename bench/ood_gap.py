@@ -228,7 +228,8 @@ def markdown_table(result: dict) -> str:
 RECIPES = (("ood_gap.json", "static `down_proj` inputs"),
            ("ood_gap_per_token.json", "per token, unsmoothed"),
            ("ood_gap_per_token_smoothed.json", "per token, smoothed"),
-           ("ood_gap_rotated.json", "per token, smoothed, rotated"))
+           ("ood_gap_rotated.json", "per token, smoothed, rotated"),
+           ("ood_gap_lmhead.json", "lm_head per token too"))
 
 
 def recipes_table(results: dict[str, dict]) -> str:
