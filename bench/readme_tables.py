@@ -268,6 +268,9 @@ def main() -> None:
         readme = replace_block(readme, "dp-quality", dp_quality_block(json.loads((RESULTS / "dp_quality.json").read_text())))
     if (RESULTS / "splits.json").is_file() and "<!-- splits:begin -->" in readme:
         readme = replace_block(readme, "splits", splits_block(json.loads((RESULTS / "splits.json").read_text())))
+    if (RESULTS / "splits_per_token.json").is_file() and "<!-- splits-per-token:begin -->" in readme:
+        readme = replace_block(readme, "splits-per-token", splits_block(
+            json.loads((RESULTS / "splits_per_token.json").read_text()), "splits_per_token.json"))
     if (RESULTS / "splits_static.json").is_file() and "<!-- splits-static:begin -->" in readme:
         readme = replace_block(readme, "splits-static", splits_block(
             json.loads((RESULTS / "splits_static.json").read_text()), "splits_static.json"))

@@ -51,11 +51,14 @@ def _figures(d: dict | None) -> dict | None:
 
 
 def seed_figures(summary: dict) -> dict:
-    """Per profile, the final federated evaluation and the centralized reference of one run."""
+    """Per profile, the final federated evaluation, the first one (the default schedule's: after the
+    statistics rounds, before the learned ranges) and the centralized reference of one run."""
     out = {}
     for p, d in summary["profiles"].items():
         evals = d.get("federated_eval") or []
         out[p] = {"final": _figures(evals[-1]) if evals else None, "round": evals[-1]["round"] if evals else None,
+                  "first": _figures(evals[0]) if len(evals) > 1 else None,
+                  "first_round": evals[0]["round"] if len(evals) > 1 else None,
                   "centralized": _figures(d.get("centralized")), "clients": d.get("clients")}
     return out
 
@@ -80,6 +83,13 @@ def across_seeds(seeds: dict[int, dict]) -> dict:
         if ood:
             row["ood_vs_float_pct"] = _spread([o["vs_float_pct"] for o in ood])
             row["ood_kl"] = _spread([o["kl"] for o in ood])
+        firsts = [s[p]["first"] for s in seeds.values() if p in s and s[p].get("first")]
+        if firsts:
+            row["first_heldout_vs_float_pct"] = _spread([f["vs_float_pct"] for f in firsts])
+            row["first_heldout_kl"] = _spread([f["kl"] for f in firsts])
+            if all(f.get("ood") for f in firsts):
+                row["first_ood_vs_float_pct"] = _spread([f["ood"]["vs_float_pct"] for f in firsts])
+                row["first_ood_kl"] = _spread([f["ood"]["kl"] for f in firsts])
         if p in GOALS:
             worst = max([f["vs_float_pct"] for f in finals] + [o["vs_float_pct"] for o in ood])
             row["goal_pct"] = GOALS[p]
@@ -106,6 +116,15 @@ def table(res: dict) -> str:
             lines.append(f"| {seed} | {p} | {f.get('float_perplexity', float('nan')):.2f} | {pct(f)} | "
                          f"{f.get('kl', float('nan')):.4f} | {100 * f.get('top1', float('nan')):.1f}% | {pct(o)} | "
                          f"{o.get('kl', float('nan')):.4f} |")
+    firsts = [(seed, p, d) for seed, s in res["seeds"].items() for p, d in s["profiles"].items() if d.get("first")]
+    if firsts:   # the first evaluation round: after the statistics rounds, before the learned ranges
+        lines += ["", "| seed | profile | first evaluation (round) vs float [95%] | KL | top-1 | out of domain vs float [95%] | KL |",
+                  "|---|---|---|---|---|---|---|"]
+        for seed, p, d in firsts:
+            f = d["first"]
+            o = f.get("ood") or {}
+            lines.append(f"| {seed} | {p} | {pct(f)} ({d.get('first_round')}) | {f.get('kl', float('nan')):.4f} | "
+                         f"{100 * f.get('top1', float('nan')):.1f}% | {pct(o)} | {o.get('kl', float('nan')):.4f} |")
     lines += ["", "| profile | held-out vs float: mean (min, max) | out of domain: mean (min, max) | goal | met on every split |",
               "|---|---|---|---|---|"]
     for p, r in res["across_seeds"].items():
@@ -137,7 +156,12 @@ def main(argv=None) -> dict:
            if args.config.resolve().is_relative_to(ROOT) else args.config.name,
            "goals_pct": GOALS, "machine": machine(), "seeds": {}}
     ran: dict[int, float] = {}        # this invocation's wall per seed it ran (summary.json's wall_s stops
-    for seed in seeds:                # before the centralized reference)
+    # before the centralized reference); a finished run read again keeps the wall an earlier
+    # invocation of the same config recorded in --out
+    prev = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    prev_wall = {k: v.get("bench_wall_s") for k, v in prev.get("seeds", {}).items()} \
+        if prev.get("config") == res["config"] else {}
+    for seed in seeds:
         run = work / f"seed-{seed}"
         if not (run / "summary.json").is_file():
             t0 = time.perf_counter()
@@ -150,7 +174,7 @@ def main(argv=None) -> dict:
             ran[seed] = round(time.perf_counter() - t0, 1)
             print(f"[splits] seed {seed}: {ran[seed]:.0f} s", flush=True)
         summary = json.loads((run / "summary.json").read_text())
-        res["seeds"][str(seed)] = {"wall_s": summary.get("wall_s"), "bench_wall_s": ran.get(seed),
+        res["seeds"][str(seed)] = {"wall_s": summary.get("wall_s"), "bench_wall_s": ran.get(seed, prev_wall.get(str(seed))),
                                    "float_ppl": next(iter(summary["profiles"].values()))["float_ppl"],
                                    "eval_documents": summary.get("data", {}).get("eval_documents"),
                                    "profiles": seed_figures(summary), "run_machine": summary.get("machine")}

@@ -24,6 +24,18 @@ def test_goal_holds_only_if_every_split_and_both_texts_are_within_it():
     assert r["mixed"]["ood_vs_float_pct"]["max"] == pytest.approx(2.9)
 
 
+def test_first_evaluation_is_spread_beside_the_final_one_and_not_judged():
+    """The statistics rounds' model (the first evaluation) is reported across seeds; the goal is
+    the final model's."""
+    seeds = {s: {"int8": {**_final(2.0, 2.0), "first": {"vs_float_pct": v, "kl": 0.01,
+                                                      "ood": {"vs_float_pct": v + 0.1, "kl": 0.02}}}}
+             for s, v in ((0, 0.5), (1, 0.7))}
+    r = splits.across_seeds(seeds)["int8"]
+    assert r["first_heldout_vs_float_pct"]["max"] == pytest.approx(0.7)
+    assert r["first_ood_vs_float_pct"]["mean"] == pytest.approx(0.7)
+    assert r["goal_met_on_every_split"] is False and r["worst_pct"] == pytest.approx(2.0)
+
+
 def test_a_split_without_out_of_domain_text_does_not_pass_the_goal():
     seeds = {0: {"int8": {"final": {"vs_float_pct": 0.1, "kl": 0.01, "ood": None}}}}
     assert splits.across_seeds(seeds)["int8"]["goal_met_on_every_split"] is False
@@ -45,9 +57,16 @@ def test_quick_bench_runs_two_splits_and_reads_finished_runs_again(tmp_path):
     from bench.readme_tables import splits_block
 
     block = splits_block(res)                      # what the README shows of it
-    assert "`data.seed` 0, 1" in block and block.count("| int8 |") == 3   # two seeds' rows and the spread's
+    firsts = sum(s["profiles"]["int8"]["first"] is not None for s in res["seeds"].values())
+    assert firsts == 2 and res["across_seeds"]["int8"]["first_heldout_vs_float_pct"]["n"] == 2   # smoke: two evals
+    # two seeds' final rows, their first evaluations' rows and the spread's
+    assert "`data.seed` 0, 1" in block and block.count("| int8 |") == 3 + firsts
     stamp = (work / "seed-0" / "summary.json").stat().st_mtime_ns
     again = splits.main(["--quick", "--out", str(out), "--work", str(work)])
     assert (work / "seed-0" / "summary.json").stat().st_mtime_ns == stamp
     assert again["across_seeds"] == res["across_seeds"]
-    assert all(s["bench_wall_s"] is None for s in again["seeds"].values())  # read, not run
+    # read, not run: the walls are the first call's, kept from --out
+    assert [s["bench_wall_s"] for s in again["seeds"].values()] == [s["bench_wall_s"] for s in res["seeds"].values()]
+    other = tmp_path / "other.json"
+    assert all(s["bench_wall_s"] is None for s in
+               splits.main(["--quick", "--out", str(other), "--work", str(work)])["seeds"].values())
