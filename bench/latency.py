@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from bench.common import RESULTS, cpu_fields, cpu_model, machine, shown_path, write_json
+from bench.common import RESULTS, cpu_fields, cpu_model, machine, shown_run, write_json
 from client.runtime import choose_weight_storage, ort_session, u8s8_saturates
 from quant.qdq import INTEGER_MATMULS, count_matmuls, export_qdq
 
@@ -245,7 +245,7 @@ def main(argv=None) -> dict:
 
     flags = cpu_fields().get("flags", "").split()
     result = {
-        "model": "SmolLM2-135M-Instruct", "run": f"runs/{run.name}" if run.parent.name == "runs" else shown_path(run.resolve()), "batch": [args.batch, args.seq],
+        "model": "SmolLM2-135M-Instruct", "run": shown_run(run), "batch": [args.batch, args.seq],
         "threads": args.threads, "runs": args.runs,
         "onnxruntime": __import__("onnxruntime").__version__,
         "cpu": {"model": cpu_model(), "flags": flags, "u8s8_saturates": u8s8_saturates(),
