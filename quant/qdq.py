@@ -171,8 +171,8 @@ def iter_qdq_values(qparams: QParams, linears, u8_weights: bool = False):
 # embedding reads lm_head's own integer weights (one copy in the file, patched with lm_head):
 # row r of the table is ``(q_r - z_r) * s_r / m`` with lm_head's per-row int8 weight, scale, zero
 # point and SmoothQuant factors ``m`` (lm_head quantizes ``W * m``). An untied one (or a tied one
-# whose lm_head is not 8-bit per row, or has per-token inputs) gets its own int8 table with per-row min-max scales from
-# the float weights: not a QParams point, since no round changes it.
+# whose lm_head is not 8-bit per row, or has per-token inputs) gets its own int8 table with per-row
+# min-max scales from the float weights: not a QParams point, since no round changes it.
 
 EMBEDDING_SPEC = weight_spec(8)
 BARRIER_LOWEST = "fedquant.lowest_float"  # the float32 lowest value, for the MatMulNBits barrier

@@ -327,7 +327,10 @@ def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_pat
     ort_session(tmp_path / "p.onnx", optimized_path=opt)
     counts = count_matmuls(onnx.load(opt))
     assert counts.get("MatMulInteger", 0) == len(downs), counts
-    hadamards = [n for n in onnx.load(tmp_path / "p.onnx").graph.node if n.name.endswith(".per_token.Hadamard")]
+    graph = onnx.load(tmp_path / "p.onnx").graph
+    hadamards = [n for n in graph.node if n.name.endswith(".per_token.Hadamard")]
+    # the tied embedding gathers lm_head's integer rows unless lm_head's input is per token
+    assert any(n.op_type == "Gather" and "lm_head.weight.q" in n.input for n in graph.node) == ("lm_head" not in downs)
     assert len(hadamards) == (len(downs) if rotation else 0)
     assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) == \
         len(float_linears(model)) - len(downs), counts
