@@ -56,6 +56,16 @@ class RoundSpec(BaseModel):
     min_replies: int = Field(1, ge=1, description="fewer valid replies: the round changes nothing")
     by_profile: bool = Field(False, description="sample fraction and min_clients within each device profile "
                                                 "(stratified), so a small profile is never left out of a round")
+    profiles: tuple[str, ...] | None = Field(None, min_length=1,
+                                              description="the device profiles this round asks (default all): the "
+                                                          "others sit it out and keep their parameters")
+
+    @field_validator("profiles")
+    @classmethod
+    def _distinct_profiles(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"profiles repeat: {list(v)}")
+        return v
 
 
 class SmoothingConfig(BaseModel):
@@ -259,6 +269,9 @@ class ServerConfig(BaseModel):
         scouted = stats_seen = False
         for i, spec in enumerate(self.schedule):
             if spec.job == "scout":
+                if spec.profiles is not None:
+                    raise ValueError(f"schedule[{i}]: a scout round asks every profile (profiles = "
+                                     f"{list(spec.profiles)}): the histogram grids and smoothing factors come from it")
                 if stats_seen:
                     raise ValueError(f"schedule[{i}]: scout after a stats round would discard the "
                                      f"running statistics (their grids come from scouting)")
@@ -358,6 +371,8 @@ class ServerConfig(BaseModel):
         for spec in data["schedule"]:   # added later: a schedule without it keeps its digest (and its runs)
             if not spec["by_profile"]:
                 del spec["by_profile"]
+            if spec["profiles"] is None:
+                del spec["profiles"]
         # the rules added later: a config naming the rules the code had before them keeps its digest
         if data["stats_rule"] == "sum" and data["lsq_rule"] == "mean":      # round_factor bounds neither
             del data["round_factor"]

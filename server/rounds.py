@@ -208,10 +208,13 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
                      weights: Mapping[str, np.ndarray] | None = None) -> dict[str, Instruction]:
     """One instruction per profile for this round (docs/protocol.md): the profile's global QParams and
     the points of the job (activation points; their grids in a stats round; with smoothing, the
-    scouting round asks for the smoothable inputs' per-channel abs-max)."""
+    scouting round asks for the smoothable inputs' per-channel abs-max). Only the profiles of
+    ``spec.profiles`` (default all), and in a plan round only the planned ones."""
     absmax = absmax_request(state.qparams, config, weights or {}) if spec.job == "scout" else {}
     out = {}
     for prof, full in sorted(state.qparams.items()):
+        if spec.profiles is not None and prof not in spec.profiles:
+            continue                    # sits the round out
         qp = movable_qparams(full, config)
         if spec.job == "scout":
             out[prof] = scout_instruction(round, qp, absmax)

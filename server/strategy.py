@@ -81,6 +81,10 @@ class FedQuant(Strategy):
                  on_round: Callable[[dict], None] | None = None):
         if config.smoothing is not None and weights is None:
             raise ValueError("config.smoothing is set: the strategy needs the float weights (weights=...)")
+        for i, spec in enumerate(config.schedule):
+            if spec.profiles is not None and set(spec.profiles) - set(initial):
+                raise ValueError(f"schedule[{i}].profiles: no profile named {sorted(set(spec.profiles) - set(initial))} "
+                                 f"(the run's: {sorted(initial)})")
         self.config, self.initial, self.out = config, dict(initial), Path(out_dir)
         self.weights, self.evaluate_fn, self.on_round = weights, evaluate_fn, on_round
         self.state: RunState | None = None
@@ -204,7 +208,7 @@ class FedQuant(Strategy):
                                     spec.min_clients, config.seed, rnd) if spec.by_profile else \
             sample_clients(online, used, spec.fraction, spec.min_clients, config.seed, rnd)
         inss = instructions_for(state, rnd, spec, config, self.weights)
-        sampled = [c for c in sampled if roster.members[c].profile in inss]     # a plan round: planned profiles
+        sampled = [c for c in sampled if roster.members[c].profile in inss]     # the round's profiles only
         profile = {c: roster.members[c].profile for c in sampled}
         encoded = {p: encode_instruction(inss[p]) for p in sorted(set(profile.values()))}
         shares = {}                 # a secure DP round: each client's noise share, per profile

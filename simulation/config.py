@@ -127,7 +127,9 @@ class SimulationConfig(BaseModel):
         named = {"server.profile_calibrators": set(self.server.profile_calibrators),
                  "server.smoothing.profiles": set(sm.profiles) if sm else set(),
                  "server.smoothing.skip_profiles": set(sm.skip_profiles) if sm else set(),
-                 "server.plans": set(self.server.plans)}
+                 "server.plans": set(self.server.plans),
+                 **{f"server.schedule[{i}].profiles": set(r.profiles) for i, r in enumerate(self.server.schedule)
+                    if r.profiles is not None}}
         for where, got in named.items():
             if got - set(names):
                 raise ValueError(f"{where}: no fleet profile named {sorted(got - set(names))} (fleet: {names})")

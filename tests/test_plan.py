@@ -291,6 +291,8 @@ def _sim_config(plans, fleet_extra="", schedule=None, **server):
     (dict(plans={"int8-litert": {"avg_weight_bits": 6.0}}, fleet_extra=[{"profile": "int8-litert"}, {"profile": "mixed"}],
           smoothing={"alpha": 0.5, "skip_profiles": ["int8-litert"]}), "only ONNX Runtime profiles take a plan"),
     (dict(plans={"nope": {}}), "no fleet profile named"),
+    (dict(schedule=[{"job": "scout"}, {"job": "stats"}, {"job": "plan"}, {"job": "lsq", "profiles": ["nope"]}]),
+     r"server.schedule\[3\].profiles: no fleet profile named \['nope'\]"),
 ])
 def test_config_refuses_plans_it_cannot_run(change, match):
     kw = dict(change)

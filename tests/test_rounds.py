@@ -327,6 +327,28 @@ def test_instructions_per_profile():
     assert set(lsq["u8"].qparams.points) == set(state.qparams["u8"].points)
 
 
+def test_a_round_for_some_profiles_asks_and_changes_only_them():
+    """``profiles`` on a schedule entry: the others get no instruction (so no client of theirs is
+    sampled) and keep their parameters; a scout round asks everyone; the digest of a schedule
+    without it is what it was."""
+    cfg = config(lsq_rule="mean")
+    state = initial_state(make_initial(), "d")
+    spec = RoundSpec(job="lsq", profiles=("u8",))
+    assert set(instructions_for(state, 1, spec, cfg)) == {"u8"}
+    assert set(instructions_for(state, 1, RoundSpec(job="eval", profiles=("s16", "u4")), cfg)) == {"s16", "u4"}
+    new, m = apply_round(state, 1, spec, _lsq_replies({"u8": [0.05, 0.05]}), [], cfg)
+    assert m["applied"] and set(m["lsq"]) == {"u8"}
+    assert new.qparams["u8"].version == 1 and new.qparams["u4"] is state.qparams["u4"]
+    with pytest.raises(ValueError, match=r"schedule\[0\]: a scout round asks every profile"):
+        ServerConfig(schedule=[{"job": "scout", "profiles": ["u8"]}])
+    for bad in ([], ["u8", "u8"]):
+        with pytest.raises(ValueError, match="profiles"):
+            ServerConfig(schedule=[{"job": "lsq", "profiles": bad}])
+    plain = ServerConfig(schedule=[{"job": "scout"}, {"job": "lsq", "fraction": 0.3}], **EXACT)
+    some = ServerConfig(schedule=[{"job": "scout"}, {"job": "lsq", "fraction": 0.3, "profiles": ["u8"]}], **EXACT)
+    assert plain.digest() == "eae493354fd4270f" and some.digest() != plain.digest()
+
+
 def test_config_rejects_impossible_schedules_naming_the_entry(tmp_path):
     with pytest.raises(ValueError, match="schedule is empty"):
         ServerConfig(schedule=[])

@@ -310,6 +310,25 @@ def test_rounds_sampled_by_profile_ask_each_profile_for_its_fraction(tmp_path):
         assert all(after[p] == before[p] + 1 for p in PROFILES), (before, after)
 
 
+def test_a_round_for_one_profile_asks_only_its_nodes_and_moves_only_its_ranges(tmp_path):
+    nodes = [FakeNode(n.cid, n.profile, n.acts) for n in fleet(12)]
+    grid = FakeGrid(nodes)
+    one = sorted(PROFILES)[0]
+    cfg = config(schedule=[{"job": "scout"}, {"job": "stats", "min_replies": 2},
+                           {"job": "lsq", "fraction": 1.0, "profiles": [one]}])
+    run_server(grid, cfg, make_initial(), tmp_path)
+    profile_of = {nid: n.profile for nid, n in grid.nodes.items()}
+    asked = [profile_of[s[1]] for s in grid.sent if s[0] == "train" and s[2] == "3"]
+    assert asked == [one] * 4
+    before, after = lines(tmp_path)[1]["versions"], lines(tmp_path)[2]["versions"]
+    assert after == {p: v + (p == one) for p, v in before.items()}
+
+    from server.strategy import FedQuant
+
+    with pytest.raises(ValueError, match=r"schedule\[1\].profiles: no profile named \['nope'\]"):
+        FedQuant(config(schedule=[{"job": "scout"}, {"job": "lsq", "profiles": ["nope"]}]), make_initial(), tmp_path)
+
+
 # --------------------------------------------------------------------------------- the Strategy
 
 def test_fedquant_is_a_flower_strategy_whose_hooks_run_a_round(tmp_path):
