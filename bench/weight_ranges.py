@@ -81,7 +81,7 @@ def evaluate_run(run: Path, eval_sequences: int, ood_sequences: int, batch_size:
                 m = qp.smoothing.get(p)
                 w0 = rt.linears[p][0]
                 r = rotation_block(qp, p)       # a rotated per-token Linear quantizes (W * m) R
-                w = fold_weight(w0, np.ones(w0.shape[1], np.float32) if m is None else m, r)
+                w = fold_weight(w0, m, r)
                 # E[x_j^2] is of the unrotated channels: a rotated Linear's columns get none
                 pts[f"{p}:weight"] = weight_point(w, qp.points[f"{p}:weight"].spec,
                                                   None if h is None or r else h[p])

@@ -270,6 +270,8 @@ class QuantLinear(nn.Module):
     bias = property(lambda self: self.linear.bias)
     in_features = property(lambda self: self.linear.in_features)
     out_features = property(lambda self: self.linear.out_features)
+    per_token = property(lambda self: isinstance(self.input_quantizer, PerTokenQuantizer),
+                         doc="whether the input is quantized per token at run time (no point)")
 
     def effective_weight(self) -> torch.Tensor:
         w = self.linear.weight
@@ -335,7 +337,7 @@ class QuantEmbedding(nn.Module):
         input is static (a per-token head's weight is rotated: ``quant.qdq._shared_head``)."""
         head = self._head[0]
         return head if head is not None and _shares_rows(head.weight_quantizer.spec) and \
-            not isinstance(head.input_quantizer, PerTokenQuantizer) else None
+            not head.per_token else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self._ref[0].mode == "float":
@@ -548,7 +550,7 @@ def set_mode(model: nn.Module, mode: Mode, which: Which = "all") -> None:
 
 def per_token_paths(model: nn.Module) -> list[str]:
     """The Linears whose input is quantized per token (``QuantConfig.per_token``)."""
-    return sorted(n for n, m in _quant_linears(model).items() if isinstance(m.input_quantizer, PerTokenQuantizer))
+    return sorted(n for n, m in _quant_linears(model).items() if m.per_token)
 
 
 def learned_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

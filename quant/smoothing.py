@@ -43,10 +43,13 @@ def smoothing_factors(act_absmax, weight, alpha: float = 0.5,
     return np.clip(m, *bounds).astype(np.float32)
 
 
-def fold_weight(weight, factors, rotation: int = 0) -> np.ndarray:
-    """``W * m`` (columns scaled) in float32: what a smoothed Linear quantizes; a per-token
-    Linear's rotated by ``quant.rotation`` when ``rotation`` is a block (``W * m`` then ``R``)."""
-    w = np.asarray(weight, dtype=np.float32) * np.asarray(factors, dtype=np.float32)
+def fold_weight(weight, factors=None, rotation: int = 0) -> np.ndarray:
+    """``W * m`` (columns scaled) in float32: what a smoothed Linear quantizes (``factors`` None:
+    an unsmoothed one, ``W``); a per-token Linear's rotated by ``quant.rotation`` when
+    ``rotation`` is a block (``W * m`` then ``R``)."""
+    w = np.asarray(weight, dtype=np.float32)
+    if factors is not None:
+        w = w * np.asarray(factors, dtype=np.float32)
     return rotate(w, rotation) if rotation else w
 
 
