@@ -52,7 +52,8 @@ def input_importance(rt, smoothing, seqs: np.ndarray, paths: list[str], batch_si
     return {k.rsplit(":", 1)[0]: v / count for k, v in sums.items()}
 
 
-def evaluate_run(run: Path, eval_sequences: int, ood_sequences: int, batch_size: int, threads: int) -> dict:
+def evaluate_run(run: Path, eval_sequences: int, ood_sequences: int, batch_size: int, threads: int,
+                 profiles: list[str] | None = None) -> dict:
     from quant.qparams import load_qparams, rotation_block
     from quant.smoothing import fold_weight
     from quant.weight_ranges import weight_point
@@ -65,7 +66,7 @@ def evaluate_run(run: Path, eval_sequences: int, ood_sequences: int, batch_size:
            "profiles": {}}
     for profile in sorted(p.name for p in (run / "device").iterdir() if (p / "model.onnx").is_file()):
         final = run / "qparams" / f"{profile}.safetensors"
-        if not final.is_file():
+        if not final.is_file() or (profiles is not None and profile not in profiles):
             continue
         t0 = time.perf_counter()
         qp = load_qparams(final)
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ood-sequences", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profiles", nargs="+", default=None, help="only these profiles (default: every one)")
     ap.add_argument("--out", type=Path, default=RESULTS / "weight_ranges.json")
     args = ap.parse_args(argv)
     quiet_env()
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     onnxruntime.set_default_logger_severity(3)
     t0 = time.perf_counter()
-    rows = [evaluate_run(r, args.eval_sequences, args.ood_sequences, args.batch_size, args.threads) for r in args.runs]
+    rows = [evaluate_run(r, args.eval_sequences, args.ood_sequences, args.batch_size, args.threads, args.profiles)
+            for r in args.runs]
     result = {"format": "fedquant.weight_ranges/1", "machine": machine(onnxruntime=onnxruntime.__version__),
               "threads": args.threads, "runs": rows, "wall_s": round(time.perf_counter() - t0, 1),
               "command": command_line("bench.weight_ranges", argv)}
