@@ -25,7 +25,7 @@ from client.runtime import DeviceRuntime
 from quant import dp
 from quant.affine import qparams_to_range
 from quant.calibrate import CalibratorConfig, calibrate
-from quant.stats import ActivationStats, channel_absmax, merge, merge_absmax, observe
+from quant.stats import ActivationStats, channel_absmax, channel_sqsum, merge, merge_absmax, observe
 from quant.wire import Instruction, ScoutReply, StatsReply
 
 
@@ -87,14 +87,16 @@ def _batches(rt, seqs, keys, batch_size, profile, what):
 
 def scout(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
           profile: DeviceProfile | None = None) -> tuple[ScoutReply, dict]:
-    """Observed (min, max) and value count per point of ``ins.keys`` on the float graph, and the
-    per-channel abs-max of the points in ``ins.absmax`` (SmoothQuant's statistic)."""
+    """Observed (min, max) and value count per point of ``ins.keys`` on the float graph, the
+    per-channel abs-max of the points in ``ins.absmax`` (SmoothQuant's statistic) and the
+    per-channel sum of squares of those in ``ins.sqsum`` (float64: the weight columns' importance)."""
     seqs = _sequences(data)
     keys = job_keys(rt, ins)
     lo = {k: math.inf for k in keys}
     hi = {k: -math.inf for k in keys}
     n = {k: 0 for k in keys}
     absmax: dict[str, np.ndarray] = {}
+    sqsum: dict[str, np.ndarray] = {}
     metrics = {"num-examples": len(seqs)}
     with _measured(metrics):
         for b, _, acts in _batches(rt, seqs, keys, batch_size, profile, "scout"):
@@ -106,18 +108,22 @@ def scout(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
                 if k in ins.absmax:
                     m = channel_absmax(x, axis=-1)
                     absmax[k] = merge_absmax(absmax[k], m) if k in absmax else m
+                if k in ins.sqsum:
+                    q = channel_sqsum(x)
+                    sqsum[k] = sqsum[k] + q if k in sqsum else q
             del acts
         metrics["batch_size"] = b
     _check_channels(absmax, ins)
-    return ScoutReply({k: (lo[k], hi[k]) for k in keys}, n, absmax), metrics
+    _check_channels(sqsum, ins, "sqsum")
+    return ScoutReply({k: (lo[k], hi[k]) for k in keys}, n, absmax, sqsum), metrics
 
 
-def _check_channels(absmax: dict[str, np.ndarray], ins: Instruction) -> None:
-    for k, c in ins.absmax.items():
-        if k not in absmax:
-            raise ValueError(f"{k}: abs-max asked for a point the job did not cover")
-        if absmax[k].shape != (c,):
-            raise ValueError(f"{k}: the server expects {c} channels, the activation has {absmax[k].shape[0]}")
+def _check_channels(got: dict[str, np.ndarray], ins: Instruction, what: str = "absmax") -> None:
+    for k, c in getattr(ins, what).items():
+        if k not in got:
+            raise ValueError(f"{k}: {what} asked for a point the job did not cover")
+        if got[k].shape != (c,):
+            raise ValueError(f"{k}: the server expects {c} channels, the activation has {got[k].shape[0]}")
 
 
 def statistics(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,

@@ -185,6 +185,9 @@ class LiteRTDevice:
             errors.append(f"new smoothing factors for {changed[:5]}: a LiteRT device needs a new conversion "
                           "for them (they are constants of the .tflite; leave LiteRT profiles out of "
                           "server.smoothing)")
+        if qp.importance:
+            errors.append(f"importance for {sorted(qp.importance)[:3]}: a LiteRT device derives no weight "
+                          "points (leave LiteRT profiles out of server.weight_ranges)")
         if errors:
             raise PatchRefused("QParams refused: " + "; ".join(errors))
         return QParams({**self.qparams.points, **qp.points}, self.qparams.model or qp.model, int(qp.version),

@@ -318,6 +318,11 @@ def save_device_bundle(model, qparams: QParams, model_path, *, float_onnx, u8_we
     return atomic_write_bytes(bundle_path(model_path), json.dumps(doc, indent=1).encode())
 
 
+def _same(a, b) -> bool:
+    """Two optional vectors (smoothing factors, importance) hold the same values."""
+    return (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+
+
 def planned_points(qp: QParams) -> set[str]:
     """The points whose spec a mixed-precision plan chose (``meta["plan"]``, ``server.rounds``):
     the only spec changes a device takes, in either direction (a plan, or falling back from one)."""
@@ -406,25 +411,31 @@ class DeviceRuntime:
         unknown_s = sorted(set(qp.smoothing) - set(self.qparams.smoothing))
         if unknown_s:
             errors.append(f"smoothing for Linears the model has no smoothing Div for: {unknown_s[:5]}")
+        unknown_i = sorted(set(qp.importance) - {k.rsplit(":", 1)[0] for k in self.qparams.points
+                                                 if k.endswith(":weight")})
+        if unknown_i:
+            errors.append(f"importance for Linears without a weight point: {unknown_i[:5]}")
         if errors:
             raise PatchRefused("QParams refused: " + "; ".join(errors))
         return QParams({**self.qparams.points, **self._folded(qp), **qp.points}, self.qparams.model or qp.model,
                        int(qp.version), {**self.qparams.smoothing, **qp.smoothing},
-                       {**self.qparams.meta, **qp.meta})
+                       {**self.qparams.meta, **qp.meta}, {**self.qparams.importance, **qp.importance})
 
     def _folded(self, qp: QParams) -> dict:
-        """The weight points of the Linears whose smoothing ``qp`` changes without sending their
-        weight point: folded here from the device's own float weights (``quant.smoothing``), the
-        same bits the server derives, so a round's instruction carries no weight scales."""
+        """The weight points of the Linears whose smoothing or importance ``qp`` changes without
+        sending their weight point: derived here from the device's own float weights
+        (``quant.smoothing.smoothed_weight_point``), the same bits the server derives, so a round's
+        instruction carries no weight scales."""
         out = {}
-        for path, m in qp.smoothing.items():
+        held_m, held_h = self.qparams.smoothing, self.qparams.importance
+        for path in sorted(set(qp.smoothing) | set(qp.importance)):
             key = f"{path}:weight"
-            held = self.qparams.smoothing.get(path)
+            m, h = qp.smoothing.get(path, held_m.get(path)), qp.importance.get(path, held_h.get(path))
             if key in qp.points or key not in self.qparams.points or path not in self.linears \
-                    or (held is not None and np.array_equal(held, m)):
+                    or (_same(held_m.get(path), m) and _same(held_h.get(path), h)):
                 continue
             out[key] = smoothed_weight_point(self.linears[path][0], m, self.qparams.points[key].spec,
-                                             rotation_block(self.qparams, path))
+                                             rotation_block(self.qparams, path), h)
         return out
 
     def _affected(self, merged: QParams) -> tuple[QParams, "Mapping"]:
@@ -442,7 +453,8 @@ class DeviceRuntime:
                   if not np.array_equal(m, held.smoothing.get(n, np.empty(0)))}
         points = {k: p for k, p in merged.points.items() if k.rsplit(":", 1)[0] in paths}
         sub = QParams(points, merged.model, merged.version,
-                      {n: m for n, m in merged.smoothing.items() if n in paths}, dict(merged.meta))
+                      {n: m for n, m in merged.smoothing.items() if n in paths}, dict(merged.meta),
+                      {n: h for n, h in merged.importance.items() if n in paths})
         return sub, _Restricted(self.linears, [p for p in self.linears if p in paths])
 
     def _changed_initializers(self, sub: QParams, linears) -> dict:

@@ -80,4 +80,4 @@ def read_encodings_json(path, like: QParams, names: dict[str, str] | None = None
         s = np.array([e["scale"] for e in ents], np.float32).reshape(p.scale.shape)
         z = (p.spec.qmin - np.array([e["offset"] for e in ents], np.int64)).reshape(p.scale.shape)
         pts[key] = PointParams(p.spec, s, z)
-    return QParams(pts, like.model, like.version, dict(like.smoothing), dict(like.meta))
+    return QParams(pts, like.model, like.version, dict(like.smoothing), dict(like.meta), dict(like.importance))

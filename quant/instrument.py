@@ -261,6 +261,7 @@ class QuantLinear(nn.Module):
         self.weight_quantizer = FakeQuantizer(f"{path}:weight", w_spec,
                                               w_spec.param_shape(tuple(linear.weight.shape)))
         self.register_buffer("smooth", None)
+        self.importance: np.ndarray | None = None   # QParams.importance: the weight ranged by it
         self._cache: tuple | None = None  # (state the cached weight was made from, that weight)
         self.calibrate_weight()
         self.weight_quantizer.set_mode("quant")
@@ -279,9 +280,18 @@ class QuantLinear(nn.Module):
         return rotate_torch(w, self.rotation) if self.rotation else w
 
     def calibrate_weight(self) -> None:
-        """Min-max weight qparams at the spec's granularity (what a weight needs: no data)."""
+        """Min-max weight qparams at the spec's granularity (what a weight needs: no data); with
+        ``importance``, the range the server and the devices derive from it
+        (``quant.smoothing.smoothed_weight_point``, in numpy on the same float32 values)."""
         spec = self.weight_quantizer.spec
-        s, z = range_to_qparams(*tensor_range(self.effective_weight(), spec), spec)
+        if self.importance is None or self.rotation:
+            s, z = range_to_qparams(*tensor_range(self.effective_weight(), spec), spec)
+        else:
+            from quant.smoothing import smoothed_weight_point
+
+            m = None if self.smooth is None else self.smooth.detach().cpu().numpy()
+            p = smoothed_weight_point(self.linear.weight.detach().cpu().float().numpy(), m, spec, 0, self.importance)
+            s, z = p.scale, p.zero_point
         self.weight_quantizer.set_qparams(s, z)
 
     def set_smooth(self, factors) -> None:
@@ -563,7 +573,8 @@ def learned_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def get_qparams(model: nn.Module) -> QParams:
-    """The model's current qparams (points without any yet are left out) and smoothing factors."""
+    """The model's current qparams (points without any yet are left out), smoothing factors and
+    importance."""
     points = {}
     for key, q in quant_points(model).items():
         if q.calibrated:
@@ -576,7 +587,8 @@ def get_qparams(model: nn.Module) -> QParams:
     blocks = {m.rotation for m in _quant_linears(model).values() if m.rotation}
     if blocks:
         meta[ROTATION_META] = str(max(blocks))
-    return QParams(points, model=fingerprint(model), smoothing=smoothing, meta=meta)
+    importance = {n: m.importance.copy() for n, m in _quant_linears(model).items() if m.importance is not None}
+    return QParams(points, model=fingerprint(model), smoothing=smoothing, meta=meta, importance=importance)
 
 
 def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool = False) -> None:
@@ -584,8 +596,9 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool
 
     Strict: the fingerprint must be this model's, every key a point of it and every spec the
     point's own. Not strict: the fingerprint is not checked and unknown keys are ignored (specs and
-    shapes of the known ones still are). Points not in ``qp`` keep their values. Smoothing factors
-    are applied first (re-deriving those weights' min-max qparams), then the points. ``respec``:
+    shapes of the known ones still are). Points not in ``qp`` keep their values. Importance and
+    smoothing factors are applied first (re-deriving those weights' qparams: min-max, or ranged
+    by the importance as the server and devices range them), then the points. ``respec``:
     a point may take another spec (a mixed-precision plan's), its scale shaped for that spec.
     """
     qp.validate()
@@ -593,7 +606,7 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool
     if strict and qp.model != fp:
         raise ValueError(f"QParams are for model {qp.model!r}, this model is {fp!r}")
     points, linears = quant_points(model), _quant_linears(model)
-    errors, updates, smooth = [], [], []
+    errors, updates, smooth, ranked = [], [], [], []
     if ROTATION_META in qp.meta:
         mine = max((m.rotation for m in linears.values()), default=0)
         if rotation_of(qp.meta) != mine:
@@ -626,9 +639,22 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool
             errors.append(f"smoothing {name}: shape {np.asarray(f).shape} != ({m.in_features},)")
         else:
             smooth.append((m, f))
+    for name, h in qp.importance.items():
+        m = linears.get(name)
+        if m is None:
+            if strict:
+                errors.append(f"importance {name}: not a quantized Linear of this model")
+        elif np.asarray(h).shape != (m.in_features,):
+            errors.append(f"importance {name}: shape {np.asarray(h).shape} != ({m.in_features},)")
+        else:
+            ranked.append((m, np.asarray(h, dtype=np.float32)))
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ValueError("QParams refused: " + "; ".join(errors[:5]) + more)
+    for m, h in ranked:
+        m.importance = h
+        if not any(m is n for n, _ in smooth):
+            m.calibrate_weight()
     for m, f in smooth:
         m.set_smooth(f)
     for q, p in updates:

@@ -107,6 +107,10 @@ class QParams:
     version: int = 0
     smoothing: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
+    # per Linear, the mean square of each input channel as the fleet measured it (E[x_j^2] of the
+    # float input): its weight point is then the range with the least rounding error weighted by
+    # it (quant.weight_ranges), derived alike by the server and every device; absent: min-max
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
 
     def validate(self) -> None:
         for key, p in self.points.items():
@@ -117,6 +121,10 @@ class QParams:
             f = np.asarray(f)
             if f.ndim != 1 or not np.all(np.isfinite(f)) or not np.all(f > 0):
                 raise ValueError(f"smoothing {key}: factors must be a 1-D finite positive array")
+        for key, h in self.importance.items():
+            h = np.asarray(h)
+            if h.ndim != 1 or not np.all(np.isfinite(h)) or not np.all(h >= 0):
+                raise ValueError(f"importance {key}: must be a 1-D finite non-negative array")
         both = [p for p in per_token_linears(self) if f"{p}:input" in self.points]
         if both:
             raise ValueError(f"{both[0]}: its input is quantized per token and also has a point ({both[0]}:input)")
@@ -125,7 +133,7 @@ class QParams:
         """A copy with some points replaced; the original is untouched."""
         return QParams({**self.points, **updates}, self.model,
                        self.version if version is None else version, dict(self.smoothing),
-                       dict(self.meta))
+                       dict(self.meta), dict(self.importance))
 
 
 def qparams_problems(qp: "QParams", held: "QParams | None" = None,
@@ -160,6 +168,14 @@ def qparams_problems(qp: "QParams", held: "QParams | None" = None,
         n = (in_features or {}).get(path)
         if n is not None and f.shape != (n,):
             errors.append(f"smoothing {path}: {f.shape} factors for {n} inputs")
+    for path, h in qp.importance.items():
+        with np.errstate(over="ignore"):
+            h32 = np.asarray(h).astype(np.float32)
+        if not np.all(np.isfinite(h32)):
+            errors.append(f"importance {path}: not finite as float32")
+        n = (in_features or {}).get(path)
+        if n is not None and h32.shape != (n,):
+            errors.append(f"importance {path}: {h32.shape} values for {n} inputs")
     if held is not None:
         if int(qp.version) < int(held.version):
             errors.append(f"version {qp.version} is older than the held version {held.version}")
@@ -215,6 +231,8 @@ def save_qparams(qp: QParams, path: str | os.PathLike) -> Path:
         specs[key] = p.spec.model_dump(mode="json")
     for key, f in qp.smoothing.items():
         tensors[f"smoothing/{key}"] = np.ascontiguousarray(np.asarray(f, dtype=np.float32))
+    for key, h in qp.importance.items():
+        tensors[f"importance/{key}"] = np.ascontiguousarray(np.asarray(h, dtype=np.float32))
     header = {"format": FORMAT, "model": qp.model, "version": str(int(qp.version)),
               "specs": json.dumps(specs, sort_keys=True), "meta": json.dumps(qp.meta, sort_keys=True)}
     return atomic_write_bytes(path, save(tensors, metadata=header))
@@ -262,10 +280,11 @@ def qparams_from_bytes(raw: bytes, expect_model: str | None = None, name: str = 
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: invalid header: {e}") from None
     smoothing = {k.removeprefix("smoothing/"): v for k, v in tensors.items() if k.startswith("smoothing/")}
-    extra = [k for k in tensors if not k.startswith("smoothing/")]
+    importance = {k.removeprefix("importance/"): v for k, v in tensors.items() if k.startswith("importance/")}
+    extra = [k for k in tensors if not k.startswith(("smoothing/", "importance/"))]
     if extra:
         raise ValueError(f"{path}: arrays without a spec: {extra[:3]}")
-    qp = QParams(points, model, version, smoothing, meta)
+    qp = QParams(points, model, version, smoothing, meta, importance)
     try:
         qp.validate()
     except ValueError as e:
@@ -307,6 +326,10 @@ def diff_qparams(a: QParams, b: QParams) -> list[dict]:
         fa, fb = a.smoothing.get(key), b.smoothing.get(key)
         if fa is None or fb is None or fa.shape != fb.shape or not np.array_equal(fa, fb):
             rows.append({"key": f"smoothing/{key}", "status": "changed"})
+    for key in sorted(set(a.importance) | set(b.importance)):
+        ha, hb = a.importance.get(key), b.importance.get(key)
+        if ha is None or hb is None or ha.shape != hb.shape or not np.array_equal(ha, hb):
+            rows.append({"key": f"importance/{key}", "status": "changed"})
     return rows
 
 

@@ -18,6 +18,7 @@ from quant.affine import range_to_qparams, tensor_range
 from quant.qparams import PointParams
 from quant.rotation import rotate
 from quant.spec import QuantSpec
+from quant.weight_ranges import weight_point
 
 
 def smoothing_factors(act_absmax, weight, alpha: float = 0.5,
@@ -53,12 +54,21 @@ def fold_weight(weight, factors=None, rotation: int = 0) -> np.ndarray:
     return rotate(w, rotation) if rotation else w
 
 
-def smoothed_weight_point(weight, factors, spec: QuantSpec, rotation: int = 0) -> PointParams:
+def smoothed_weight_point(weight, factors, spec: QuantSpec, rotation: int = 0, importance=None) -> PointParams:
     """Min-max qparams of ``W * m`` (rotated: ``fold_weight``) at the spec's granularity: the
     weight point of a smoothed Linear (``QuantLinear.calibrate_weight`` derives the same from the
-    same float32 product)."""
-    s, z = range_to_qparams(*tensor_range(fold_weight(weight, factors, rotation), spec), spec)
-    return PointParams(spec, s, z)
+    same float32 product). With ``importance`` (``QParams.importance``: the fleet's ``E[x_j^2]``
+    of the float input), the range with the least rounding error weighted per column
+    (``quant.weight_ranges.weight_point``): the columns of ``W * m`` see ``x / m``, so each weighs
+    ``E[x_j^2] / m_j^2``. A rotated Linear's columns mix the channels: min-max there."""
+    w = fold_weight(weight, factors, rotation)
+    if importance is None or rotation:
+        s, z = range_to_qparams(*tensor_range(w, spec), spec)
+        return PointParams(spec, s, z)
+    h = np.asarray(importance, dtype=np.float32)
+    if factors is not None:
+        h = h / np.square(np.asarray(factors, dtype=np.float32))
+    return weight_point(w, spec, h)
 
 
 def smoothed_absmax(channel_absmax, factors) -> float:

@@ -368,6 +368,18 @@ def grid_from_absmax(absmaxes: Sequence[float], bins: int, margin: float = 1.25,
     return Grid(-half * w, (bins - half) * w, bins)
 
 
+def channel_sqsum(x) -> np.ndarray:
+    """Per-channel (last axis) ``sum x^2`` over every other axis, in float64: the mean square a
+    fleet sums (divided by the token count) is each weight column's importance
+    (``quant.weight_ranges``); a sum, so a fleet's is the sum of its clients'."""
+    x = np.asarray(x, dtype=np.float32)
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    out = np.einsum("tc,tc->c", x, x)
+    if not np.all(np.isfinite(out)):
+        raise ValueError("activation has non-finite values")
+    return out
+
+
 def channel_absmax(x, axis: int = -1) -> np.ndarray:
     """Per-channel ``max |x|`` over every axis but ``axis`` (float32): SmoothQuant's statistic."""
     if hasattr(x, "detach"):

@@ -21,6 +21,7 @@ from quant.qparams import PointParams
 from quant.spec import QuantSpec
 
 RATIOS = np.linspace(0.5, 1.0, 51)      # the min-max range shrunk by these factors (1.0: min-max itself)
+ROWS = 64                               # output rows searched at a time
 
 
 def weighted_rounding_error(w, scale, zero_point, spec: QuantSpec, importance=None) -> np.ndarray:
@@ -41,6 +42,12 @@ def weight_point(w, spec: QuantSpec, importance=None, ratios=RATIOS) -> PointPar
     w = np.asarray(w, np.float32)
     if w.ndim != 2:
         raise ValueError(f"a Linear weight is (out, in), got shape {w.shape}")
+    if spec.granularity != "per_tensor" and w.shape[0] > ROWS:
+        # rows are ranged independently: a block of them at a time keeps the 51 passes in cache
+        # and the temporaries small (the same bits: each channel's or group's sum is its own)
+        parts = [weight_point(w[i:i + ROWS], spec, importance, ratios) for i in range(0, w.shape[0], ROWS)]
+        return PointParams(spec, np.concatenate([p.scale for p in parts]),
+                           np.concatenate([p.zero_point for p in parts]))
     if importance is not None:
         importance = np.asarray(importance, np.float64)
         if importance.shape != (w.shape[1],) or not np.all(np.isfinite(importance)) or np.any(importance < 0):

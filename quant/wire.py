@@ -211,8 +211,10 @@ class _InstructionHeader(_Header):
     specs: list[dict]
     points: list[tuple[StrictStr, StrictInt, list[StrictInt]]]
     smoothing: list[tuple[StrictStr, StrictInt]]
+    importance: list[tuple[StrictStr, StrictInt]] = []
     keys: list[StrictStr]
     absmax: list[tuple[StrictStr, StrictInt]]
+    sqsum: list[tuple[StrictStr, StrictInt]] = []
 
 
 def _load_header(header, model: type[_Header], kind: str, limits: Limits) -> _Header:
@@ -288,7 +290,9 @@ class Instruction:
     """What the server asks of a client in one round: the job, the global QParams of its profile
     (their ``version`` is the parameter version replies must answer), the points the job covers
     (``keys``, sorted: replies are laid out in this order), the histogram grids of a statistics
-    round and the points whose per-channel abs-max is wanted, with their channel counts."""
+    round and the points whose per-channel abs-max is wanted, with their channel counts; a
+    scouting round's ``sqsum`` too: the points whose per-channel sum of squares is wanted (the
+    importance of a Linear's weight columns, ``quant.weight_ranges``)."""
 
     round: int
     job: Literal["scout", "stats", "lsq", "eval", "plan"]
@@ -296,6 +300,7 @@ class Instruction:
     keys: tuple[str, ...] = ()
     grids: Mapping[str, Grid] = field(default_factory=dict)
     absmax: Mapping[str, int] = field(default_factory=dict)
+    sqsum: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.job not in JOBS:
@@ -309,6 +314,7 @@ class Instruction:
         object.__setattr__(self, "round", int(self.round))
         object.__setattr__(self, "grids", dict(sorted(self.grids.items())))
         object.__setattr__(self, "absmax", {k: int(c) for k, c in sorted(self.absmax.items())})
+        object.__setattr__(self, "sqsum", {k: int(c) for k, c in sorted(self.sqsum.items())})
         if self.job == "stats" and set(self.grids) != set(keys):
             raise ValueError("a statistics instruction needs one grid per key")
         if self.job != "stats" and self.grids:
@@ -320,6 +326,10 @@ class Instruction:
                 raise ValueError(f"grid has {g.bins} bins, at most {MAX_BINS}")
         if not set(self.absmax) <= set(keys) or any(c < 1 for c in self.absmax.values()):
             raise ValueError("absmax keys must be among the keys, with at least one channel")
+        if self.job != "scout" and self.sqsum:
+            raise ValueError("sqsum belongs to scouting instructions")
+        if not set(self.sqsum) <= set(keys) or any(c < 1 for c in self.sqsum.values()):
+            raise ValueError("sqsum keys must be among the keys, with at least one channel")
         if self.job == "plan" and not keys:
             raise ValueError("a plan instruction names the points to measure")
         if self.job == "lsq" and not set(keys) <= set(self.qparams.points):
@@ -390,6 +400,10 @@ def encode_instruction(ins: Instruction) -> tuple[Flat, Header]:
     if smoothing:
         arrays["smoothing"] = np.concatenate(
             [np.asarray(qp.smoothing[k], dtype=np.float32).reshape(-1) for k, _ in smoothing])
+    importance = [[k, int(np.asarray(qp.importance[k]).size)] for k in sorted(qp.importance)]
+    if importance:
+        arrays["importance"] = np.concatenate(
+            [np.asarray(qp.importance[k], dtype=np.float32).reshape(-1) for k, _ in importance])
     if ins.job == "stats":      # even with no grids (no point seen yet): the decoder expects them
         g = list(ins.grids.values())
         arrays["grids/lo_hi"] = np.array([[x.lo, x.hi] for x in g], dtype=np.float64).reshape(-1, 2)
@@ -399,6 +413,10 @@ def encode_instruction(ins: Instruction) -> tuple[Flat, Header]:
               "job": ins.job, "model": qp.model, "meta": dict(qp.meta), "specs": table,
               "points": points, "smoothing": smoothing, "keys": list(ins.keys),
               "absmax": [[k, c] for k, c in ins.absmax.items()], "index": index}
+    if importance:          # absent when empty: a run without it sends the headers it sent before
+        header["importance"] = importance
+    if ins.sqsum:
+        header["sqsum"] = [[k, c] for k, c in ins.sqsum.items()]
     return flat, header
 
 
@@ -425,6 +443,10 @@ def decode_instruction(flat, header, limits: Limits = DEFAULT_LIMITS) -> Instruc
         raise WireError("shape", "smoothing vectors need at least one channel")
     if h.smoothing:
         expect["smoothing"] = ("float32", (sum(c for _, c in h.smoothing),))
+    if any(c < 1 or c > 2**32 for _, c in h.importance):
+        raise WireError("shape", "importance vectors need at least one channel")
+    if h.importance:
+        expect["importance"] = ("float32", (sum(c for _, c in h.importance),))
     k = len(h.keys)
     if h.job == "stats":
         expect["grids/lo_hi"], expect["grids/bins"] = ("float64", (k, 2)), ("int64", (k,))
@@ -445,16 +467,19 @@ def decode_instruction(flat, header, limits: Limits = DEFAULT_LIMITS) -> Instruc
     smoothing, pos = {}, 0
     for key, c in h.smoothing:
         smoothing[key], pos = arrays["smoothing"][pos:pos + c], pos + c
-    if len(points) != len(h.points) or len(smoothing) != len(h.smoothing):
-        raise WireError("malformed", "duplicate point or smoothing keys")
-    qp = QParams(points, h.model, h.version, smoothing, h.meta)
+    importance, pos = {}, 0
+    for key, c in h.importance:
+        importance[key], pos = arrays["importance"][pos:pos + c], pos + c
+    if len(points) != len(h.points) or len(smoothing) != len(h.smoothing) or len(importance) != len(h.importance):
+        raise WireError("malformed", "duplicate point, smoothing or importance keys")
+    qp = QParams(points, h.model, h.version, smoothing, h.meta, importance)
     try:
         qp.validate()
         grids = {}
         if h.job == "stats":
             lo_hi, bins = arrays["grids/lo_hi"], arrays["grids/bins"]
             grids = {key: Grid(lo_hi[j, 0], lo_hi[j, 1], int(bins[j])) for j, key in enumerate(h.keys)}
-        return Instruction(h.round, h.job, qp, tuple(h.keys), grids, dict(h.absmax))
+        return Instruction(h.round, h.job, qp, tuple(h.keys), grids, dict(h.absmax), dict(h.sqsum))
     except ValueError as e:
         raise WireError("malformed", str(e)) from None
 
@@ -481,11 +506,14 @@ def _expect_exactly(arrays, expect: dict[str, tuple[str, tuple | None]], what: s
 @dataclass(frozen=True, eq=False)
 class ScoutReply:
     """Observed ``(min, max)`` and number of values per point (design.md s. 4, scouting round), and
-    the per-channel abs-max of the points the server asked for (SmoothQuant's statistic)."""
+    the per-channel abs-max of the points the server asked for (SmoothQuant's statistic), and the
+    per-channel sum of squares of those it asked ``sqsum`` for (float64; the tokens are ``n`` over
+    the channel count)."""
 
     ranges: Mapping[str, tuple[float, float]]
     n: Mapping[str, int]
     channel_absmax: Mapping[str, np.ndarray] = field(default_factory=dict)
+    channel_sqsum: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def absmax(self) -> dict[str, float]:
@@ -495,14 +523,18 @@ class ScoutReply:
 
 def encode_scout_reply(reply: ScoutReply, ins: Instruction) -> tuple[Flat, Header]:
     """``min_max`` float64 (K, 2) and ``n`` int64 (K,) in the order of ``ins.keys``, and
-    ``absmax/<key>`` float32 per point of ``ins.absmax``."""
+    ``absmax/<key>`` float32 per point of ``ins.absmax``, ``sqsum/<key>`` float64 per point of
+    ``ins.sqsum``."""
     _same_keys(reply.ranges, ins.keys, "scout reply")
     _same_keys(reply.n, ins.keys, "scout reply")
     _same_keys(reply.channel_absmax, ins.absmax, "scout reply abs-max")
+    _same_keys(reply.channel_sqsum, ins.sqsum, "scout reply sum of squares")
     arrays = {"min_max": np.array([reply.ranges[k] for k in ins.keys], dtype=np.float64).reshape(-1, 2),
               "n": np.array([reply.n[k] for k in ins.keys], dtype=np.int64)}
     for k, c in ins.absmax.items():
         arrays[f"absmax/{k}"] = np.asarray(reply.channel_absmax[k], dtype=np.float32).reshape(c)
+    for k, c in ins.sqsum.items():
+        arrays[f"sqsum/{k}"] = np.asarray(reply.channel_sqsum[k], dtype=np.float64).reshape(c)
     flat, index = pack(arrays)
     return flat, _reply_header("scout", ins, index)
 
@@ -511,6 +543,7 @@ def decode_scout_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_
     k = len(ins.keys)
     expect = {"min_max": ("float64", (k, 2)), "n": ("int64", (k,))}
     expect |= {f"absmax/{key}": ("float32", (c,)) for key, c in ins.absmax.items()}
+    expect |= {f"sqsum/{key}": ("float64", (c,)) for key, c in ins.sqsum.items()}
     a = _fields(flat, header, ins, "scout", expect, limits)
     mm, n = a["min_max"], a["n"]
     if np.isnan(mm).any():
@@ -521,8 +554,29 @@ def decode_scout_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_
     if not ok.all():
         j = int(np.flatnonzero(~ok)[0])
         raise WireError("inconsistent", f"{ins.keys[j]}: min {mm[j, 0]}, max {mm[j, 1]} with n = {n[j]}")
-    return ScoutReply({key: (float(mm[j, 0]), float(mm[j, 1])) for j, key in enumerate(ins.keys)},
-                      {key: int(n[j]) for j, key in enumerate(ins.keys)}, _channel_absmax(a, ins))
+    counts = {key: int(n[j]) for j, key in enumerate(ins.keys)}
+    ranges = {key: (float(mm[j, 0]), float(mm[j, 1])) for j, key in enumerate(ins.keys)}
+    return ScoutReply(ranges, counts, _channel_absmax(a, ins), _channel_sqsum(a, ins, counts, ranges))
+
+
+def _channel_sqsum(a: Mapping[str, np.ndarray], ins: Instruction, n: Mapping[str, int],
+                   ranges: Mapping[str, tuple[float, float]]) -> dict[str, np.ndarray]:
+    """The sums of squares, each within what the point's own count and range allow: ``tokens *
+    max(|min|, |max|)^2`` per channel (a reply cannot claim more energy than it reports seeing)."""
+    out = {}
+    for key, c in ins.sqsum.items():
+        v = a[f"sqsum/{key}"]
+        if not np.all(np.isfinite(v)):
+            raise WireError("nan", f"sqsum/{key}: non-finite values")
+        if np.any(v < 0):
+            raise WireError("sqsum_range", f"sqsum/{key}: negative values")
+        lo, hi = ranges[key]
+        bound = (n[key] / c) * max(abs(lo), abs(hi)) ** 2 if n[key] else 0.0
+        if np.any(v > bound * (1 + 1e-9) + 1e-300):
+            raise WireError("sqsum_range", f"sqsum/{key}: more than {n[key] // c} tokens within "
+                                           f"[{lo:.4g}, {hi:.4g}] can sum to")
+        out[key] = v
+    return out
 
 
 def _channel_absmax(a: Mapping[str, np.ndarray], ins: Instruction) -> dict[str, np.ndarray]:

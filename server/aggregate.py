@@ -167,7 +167,7 @@ def clip_scouting(replies: Sequence[ScoutReply], multiple: float) -> list[ScoutR
                   for k, (lo, hi) in r.ranges.items()}
         absmax = {k: np.minimum(np.asarray(a, dtype=np.float32), channel_caps[k]) if k in channel_caps else a
                   for k, a in r.channel_absmax.items()}
-        out.append(ScoutReply(ranges, dict(r.n), absmax))
+        out.append(ScoutReply(ranges, dict(r.n), absmax, r.channel_sqsum))
     return out
 
 
@@ -245,6 +245,34 @@ def trimmed_mean(deltas: Sequence[Arrays], trim_fraction: float) -> dict[str, np
     n = len(deltas)
     b = math.floor(trim_fraction * n)
     return {k: np.sort(v, axis=0)[b:n - b].mean(axis=0) for k, v in _stack(deltas).items()}
+
+
+def merge_importance(scouting: Sequence[ScoutReply], rule: str = "sum", trim_fraction: float = 0.25
+                     ) -> dict[str, np.ndarray]:
+    """Per Linear path, the mean square of each input channel (float32) from the scouting reports'
+    sums of squares: a weight column's importance (``quant.weight_ranges``; the diagonal of GPTQ's
+    Hessian, llama.cpp's imatrix). ``rule = "sum"``: the pooled mean, every client's sums added
+    (sorted per channel first, so the order of the replies changes no bit: federated equals
+    centralized). Else each client's mean square as shares of its own total, merged by a
+    coordinate-wise ``trimmed_mean``: no client's volume counts, and while fewer than
+    ``trim_fraction`` of them lie every channel stays within the honest clients' shares. Only the
+    ratios between columns matter to the weight ranges (a common factor changes no choice)."""
+    out = {}
+    for key in sorted({k for r in scouting for k in r.channel_sqsum}):
+        got = [(np.asarray(r.channel_sqsum[key], np.float64), r.n[key] // np.size(r.channel_sqsum[key]))
+               for r in scouting if key in r.channel_sqsum and r.n.get(key, 0) > 0]
+        if not got or len({g.shape for g, _ in got}) != 1:  # shapes differ only in replies validation refused
+            continue
+        if rule == "sum":
+            h = np.sort(np.stack([g for g, _ in got]), axis=0).sum(axis=0) / sum(t for _, t in got)
+        else:
+            shares = []
+            for g, t in got:
+                m = g / t
+                shares.append(m / m.sum() if m.sum() > 0 else np.full_like(m, 1.0 / m.size))
+            h = trimmed_mean([{"h": v} for v in shares], trim_fraction)["h"]
+        out[key.rsplit(":", 1)[0]] = h.astype(np.float32)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

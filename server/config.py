@@ -211,6 +211,11 @@ class ServerConfig(BaseModel):
         default_factory=dict, description="per profile, the bit budget of the mixed-precision plan that the "
                                           "schedule's plan round chooses from the clients' sensitivities "
                                           "(quant.mixed.plan_mixed_precision)")
+    weight_ranges: dict[str, Literal["minmax", "importance"]] = Field(
+        default_factory=dict, description="per profile, how its weight points are ranged: 'minmax' (the "
+                                          "default) or 'importance': the range with the least rounding "
+                                          "error weighted per input column by the mean square the scouting "
+                                          "round collects from every client (quant.weight_ranges)")
     # Aggregation rules (server/aggregate.py; README "A hostile fleet" says what they cost on an
     # honest fleet). The robust ones are the defaults: a phone fleet is hostile ground.
     stats_rule: Literal["sum", "trimmed"] = Field(
@@ -307,6 +312,17 @@ class ServerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _importance_needs_scouting(self) -> "ServerConfig":
+        ranked = sorted(p for p, r in self.weight_ranges.items() if r == "importance")
+        if ranked and not any(s.job == "scout" for s in self.schedule):
+            raise ValueError(f"weight_ranges: {ranked} rank by importance, which the scouting round "
+                             "collects: the schedule has none")
+        if ranked and self.secure is not None and self.secure.scout:
+            raise ValueError(f"weight_ranges: {ranked} rank by importance, which private scouting "
+                             "(secure.scout) does not collect yet: set secure.scout = false")
+        return self
+
+    @model_validator(mode="after")
     def _secure_needs_sums(self) -> "ServerConfig":
         if self.secure is not None and self.stats_rule != "sum":
             raise ValueError(f"secure aggregation hides each client's statistics, so they cannot be merged by "
@@ -384,6 +400,8 @@ class ServerConfig(BaseModel):
             del data["dp"]
         if not data["plans"]:
             del data["plans"]
+        if not data["weight_ranges"]:
+            del data["weight_ranges"]
         if data["secure"] is None:
             del data["secure"]
         else:

@@ -66,7 +66,7 @@ from quant.wire import Instruction, ScoutReply
 from server.aggregate import (bounded_extremes, bounded_step, capped_weights, clip_scouting, coordinate_median,
                               fedadam_step, fedavg_step, grids_from_scouting, learned_from_qparams, max_absmax,
                               ranges_for_profile, smoothquant_factors, sum_statistics, to_integer_qparams,
-                              trimmed_mean, trimmed_statistics, weighted_mean)
+                              merge_importance, trimmed_mean, trimmed_statistics, weighted_mean)
 from server.config import RoundSpec, ServerConfig, sample_size
 from server.state import RunState
 from server.validate import Rejection, summarise_rejections
@@ -131,7 +131,7 @@ def movable_qparams(qp: QParams, config: ServerConfig) -> QParams:
     group scales on SmolLM2, against 5 KB of activation scales -- never travel in a round."""
     keys = set(activation_keys(qp)) | set(learned_keys(qp, config)) | set(planned_weights(qp))
     return QParams({k: p for k, p in qp.points.items() if k in keys}, qp.model, qp.version,
-                   qp.smoothing, qp.meta)
+                   qp.smoothing, qp.meta, qp.importance)
 
 
 def planned_weights(qp: QParams) -> list[str]:
@@ -188,10 +188,31 @@ def absmax_request(qparams: Mapping[str, QParams], config: ServerConfig, weights
     return {f"{p}:input": int(np.shape(weights[p])[1]) for p in paths}
 
 
-def scout_instruction(round: int, qp: QParams, absmax: Mapping[str, int]) -> Instruction:
-    """A scouting instruction: the profile's activation points, and the inputs of ``absmax`` too (a
-    per-token input has no point; its abs-max is still the float graph's)."""
-    return Instruction(round, "scout", qp, keys=tuple(sorted({*activation_keys(qp), *absmax})), absmax=absmax)
+def importance_request(qparams: Mapping[str, QParams], config: ServerConfig, weights: Mapping[str, np.ndarray]
+                       ) -> dict[str, int]:
+    """What a scouting round also asks every client for when a profile ranges its weights by
+    importance (``weight_ranges``): the per-channel sum of squares (channel count) of the input of
+    each of its Linears with a weight point and a float weight, rotated ones aside (their columns
+    mix the channels: ``quant.smoothing.smoothed_weight_point``). Every client answers (the float
+    graph is every profile's), as for the abs-max."""
+    keys = {}
+    for prof, rule in sorted(config.weight_ranges.items()):
+        qp = qparams.get(prof)
+        if rule != "importance" or qp is None:
+            continue
+        for path in sorted(k.rsplit(":", 1)[0] for k in qp.points if k.endswith(":weight")):
+            if path in weights and not rotation_block(qp, path):
+                keys[f"{path}:input"] = int(np.shape(weights[path])[1])
+    return keys
+
+
+def scout_instruction(round: int, qp: QParams, absmax: Mapping[str, int],
+                      sqsum: Mapping[str, int] | None = None) -> Instruction:
+    """A scouting instruction: the profile's activation points, and the inputs of ``absmax`` and
+    ``sqsum`` too (a per-token input has no point; its statistics are still the float graph's)."""
+    sqsum = dict(sqsum or {})
+    return Instruction(round, "scout", qp, keys=tuple(sorted({*activation_keys(qp), *absmax, *sqsum})),
+                       absmax=absmax, sqsum=sqsum)
 
 
 def stat_key(profile: str, qp: QParams, key: str, config: ServerConfig) -> str:
@@ -211,13 +232,14 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
     scouting round asks for the smoothable inputs' per-channel abs-max). Only the profiles of
     ``spec.profiles`` (default all), and in a plan round only the planned ones."""
     absmax = absmax_request(state.qparams, config, weights or {}) if spec.job == "scout" else {}
+    sqsum = importance_request(state.qparams, config, weights or {}) if spec.job == "scout" else {}
     out = {}
     for prof, full in sorted(state.qparams.items()):
         if spec.profiles is not None and prof not in spec.profiles:
             continue                    # sits the round out
         qp = movable_qparams(full, config)
         if spec.job == "scout":
-            out[prof] = scout_instruction(round, qp, absmax)
+            out[prof] = scout_instruction(round, qp, absmax, sqsum)
         elif spec.job == "stats":
             sk = {k: stat_key(prof, full, k, config) for k in activation_keys(qp)}
             grids = {k: state.grids[sk[k]] for k in sk if sk[k] in state.grids}
@@ -342,6 +364,15 @@ def _scout(state: RunState, replies, config: ServerConfig, weights) -> tuple[Run
                 if sk != k and k in g:
                     grids[sk] = g[k]
         metrics.setdefault("smoothed", {}).update({p: len(factors) for p in profs})
+    ranked = sorted(p for p, r in config.weight_ranges.items() if r == "importance" and p in qparams)
+    if ranked:
+        importance = merge_importance(scouting, config.stats_rule, config.trim)
+        for prof in ranked:
+            qparams[prof] = importance_qparams(qparams[prof], importance, weights,
+                                               max(qparams[prof].version, state.qparams[prof].version + 1))
+            learned.pop(prof, None)
+            moments.pop(prof, None)
+        metrics["importance"] = {p: len(qparams[p].importance) for p in ranked}
     new = replace(state, qparams=qparams, learned=learned, moments=moments, grids={**state.grids, **grids})
     return new, {"applied": True, "grids": len(grids), **metrics}
 
@@ -390,7 +421,7 @@ def smoothed_scouting(reply: ScoutReply, factors: Mapping[str, np.ndarray]) -> S
         if reply.n.get(k, 0) > 0 and k in reply.channel_absmax:
             a = smoothed_absmax(reply.channel_absmax[k], m)
             ranges[k] = (0.0 if ranges[k][0] >= 0 else -a, a)
-    return ScoutReply(ranges, dict(reply.n), reply.channel_absmax)
+    return ScoutReply(ranges, dict(reply.n), reply.channel_absmax, reply.channel_sqsum)
 
 
 def smoothed_qparams(qp: QParams, factors: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray],
@@ -409,7 +440,22 @@ def smoothed_qparams(qp: QParams, factors: Mapping[str, np.ndarray], weights: Ma
             s, z = range_to_qparams(min(lo for lo, _ in seen), max(hi for _, hi in seen), spec)
             points[xk] = PointParams(spec, s, z)
     return QParams({**qp.points, **points}, qp.model, qp.version + 1,
-                   {**qp.smoothing, **{p: np.asarray(m, np.float32) for p, m in factors.items()}}, qp.meta)
+                   {**qp.smoothing, **{p: np.asarray(m, np.float32) for p, m in factors.items()}}, qp.meta,
+                   dict(qp.importance))
+
+
+def importance_qparams(qp: QParams, importance: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray],
+                       version: int) -> QParams:
+    """``qp`` with the fleet's ``importance`` of its Linears (those with a weight point and a float
+    weight, rotated ones aside) and each of their weight points ranged by it
+    (``quant.smoothing.smoothed_weight_point``: what every device derives from its own weights)."""
+    imp = {p: np.asarray(h, np.float32) for p, h in importance.items()
+           if f"{p}:weight" in qp.points and p in weights and not rotation_block(qp, p)
+           and np.shape(h) == (np.shape(weights[p])[1],)}
+    points = {f"{p}:weight": smoothed_weight_point(weights[p], qp.smoothing.get(p), qp.points[f"{p}:weight"].spec,
+                                                   0, h) for p, h in sorted(imp.items())}
+    return QParams({**qp.points, **points}, qp.model, version, dict(qp.smoothing), dict(qp.meta),
+                   {**qp.importance, **imp})
 
 
 def _stats(state: RunState, replies, config: ServerConfig) -> tuple[RunState, dict]:
@@ -541,7 +587,8 @@ def planned_qparams(qp: QParams, sens: Mapping[str, float], budget, weights: Map
         path = k.rsplit(":", 1)[0]
         m = qp.smoothing.get(path)
         m = np.ones(np.shape(weights[path])[1], np.float32) if m is None else m
-        pts[k] = smoothed_weight_point(weights[path], m, weight_spec(8), rotation_block(qp, path))
+        pts[k] = smoothed_weight_point(weights[path], m, weight_spec(8), rotation_block(qp, path),
+                                       qp.importance.get(path))
     s16 = activation_spec(16)
     for k in a16:
         p = qp.points[k]

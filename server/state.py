@@ -107,6 +107,8 @@ def _flatten(state: RunState) -> tuple[Arrays, dict]:
             "points": [[k, p.spec.model_dump(mode="json"), t.put(p.scale), t.put(p.zero_point)]
                        for k, p in sorted(qp.points.items())],
             "smoothing": [[k, t.put(np.asarray(v))] for k, v in sorted(qp.smoothing.items())]}
+        if qp.importance:       # absent when empty: checkpoints of runs without it stay as they were
+            qparams[prof]["importance"] = [[k, t.put(np.asarray(v))] for k, v in sorted(qp.importance.items())]
     grids = [[k, t.put(np.array([g.lo, g.hi], dtype=np.float64)), g.bins] for k, g in sorted(state.grids.items())]
     sums = [[k, t.put(np.array([s.lo, s.hi, s.min, s.max], dtype=np.float64)), t.put(s.counts),
              t.put(np.array([s.below, s.above, s.n], dtype=np.int64))] for k, s in sorted(state.sums.items())]
@@ -130,7 +132,7 @@ def _unflatten(arrays: Arrays, meta: dict) -> RunState:
     for prof, q in meta["qparams"].items():
         points = {k: PointParams(QuantSpec.model_validate(spec), get(s), get(z)) for k, spec, s, z in q["points"]}
         qp = QParams(points, q["model"], int(q["version"]), {k: get(r) for k, r in q["smoothing"]},
-                     dict(q["meta"]))
+                     dict(q["meta"]), {k: get(r) for k, r in q.get("importance", [])})
         qp.validate()
         qparams[prof] = qp
     grids = {}

@@ -81,6 +81,11 @@ class FedQuant(Strategy):
                  on_round: Callable[[dict], None] | None = None):
         if config.smoothing is not None and weights is None:
             raise ValueError("config.smoothing is set: the strategy needs the float weights (weights=...)")
+        if config.weight_ranges and weights is None:
+            raise ValueError("config.weight_ranges is set: the strategy needs the float weights (weights=...)")
+        if set(config.weight_ranges) - set(initial):
+            raise ValueError(f"weight_ranges: no profile named {sorted(set(config.weight_ranges) - set(initial))} "
+                             f"(the run's: {sorted(initial)})")
         for i, spec in enumerate(config.schedule):
             if spec.profiles is not None and set(spec.profiles) - set(initial):
                 raise ValueError(f"schedule[{i}].profiles: no profile named {sorted(set(spec.profiles) - set(initial))} "

@@ -8,7 +8,7 @@ metrics. They never raise on what a client sends. Codes:
 ``malformed`` ``too_large`` ``dtype`` ``shape`` ``missing_key`` ``unknown_key`` (structure);
 ``wrong_format`` ``wrong_kind`` ``stale_round`` ``wrong_version`` ``wrong_request`` (what it answers);
 ``nan`` (NaN or infinite) ``value_range`` (finite but beyond ``MAX_ABS_VALUE``) ``negative_count``
-``count_mismatch`` ``negative`` (a plan reply's sensitivity below 0) ``inconsistent`` ``absmax_range`` ``scale_range`` ``zero_point_range`` ``examples``
+``count_mismatch`` ``negative`` (a plan reply's sensitivity below 0) ``inconsistent`` ``absmax_range`` ``sqsum_range`` ``scale_range`` ``zero_point_range`` ``examples``
 (content).
 
 Validation bounds what one reply can be; a robust aggregation rule (server.aggregate) bounds the

@@ -128,6 +128,7 @@ class SimulationConfig(BaseModel):
                  "server.smoothing.profiles": set(sm.profiles) if sm else set(),
                  "server.smoothing.skip_profiles": set(sm.skip_profiles) if sm else set(),
                  "server.plans": set(self.server.plans),
+                 "server.weight_ranges": set(self.server.weight_ranges),
                  **{f"server.schedule[{i}].profiles": set(r.profiles) for i, r in enumerate(self.server.schedule)
                     if r.profiles is not None}}
         for where, got in named.items():
@@ -193,6 +194,9 @@ class SimulationConfig(BaseModel):
                 raise ValueError(f"server.smoothing: fleet[{i}] profile {p.name!r} runs LiteRT, whose "
                                  "SmoothQuant factors are constants of its .tflite (a run cannot patch "
                                  f"new ones): add {p.name!r} to server.smoothing.skip_profiles")
+            if self.server.weight_ranges.get(p.name, "minmax") != "minmax":
+                raise ValueError(f"server.weight_ranges: fleet[{i}] profile {p.name!r} runs LiteRT, which "
+                                 "takes the weight points the server sends and derives none")
             for key, spec in e.overrides.items():
                 ok = spec.bits == 8 and not key.endswith(":other") and (
                     (spec.signed and spec.symmetric and spec.granularity == "per_channel") if key.endswith(":weight")

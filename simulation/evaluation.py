@@ -159,7 +159,8 @@ class ServerEval:
 
         rt = self.runtime(profile)
         if int(qparams.version) < int(rt.qparams.version):   # a reference evaluated after the run
-            qparams = QParams(qparams.points, qparams.model, rt.qparams.version, qparams.smoothing, qparams.meta)
+            qparams = QParams(qparams.points, qparams.model, rt.qparams.version, qparams.smoothing, qparams.meta,
+                              qparams.importance)
         rt.patch(qparams)
         out: dict = {}
         try:
@@ -208,21 +209,31 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
     from client.runtime import DeviceRuntime
     from quant.wire import Instruction
     from server.aggregate import grids_from_scouting
-    from server.rounds import (absmax_request, scout_instruction, smoothable_paths, smoothed_qparams,
-                               smoothed_scouting, smoothing_from_scouting, smoothing_groups)
+    from server.aggregate import merge_importance
+    from server.rounds import (absmax_request, importance_qparams, importance_request, scout_instruction,
+                               smoothable_paths, smoothed_qparams, smoothed_scouting, smoothing_from_scouting,
+                               smoothing_groups)
 
     scfg, bs = prep.cfg.server, prep.cfg.server.batch_size
     clients = prep.clients if clients is None else clients
-    weights = server_weights(prep) if scfg.smoothing is not None else {}
+    weights = server_weights(prep) if scfg.smoothing is not None or scfg.weight_ranges else {}
     groups = smoothing_groups(prep.initial, scfg)
     plain = [p for p in sorted(prep.initial) if not any(p in g for g in groups.values())]
     first = next(iter(sorted(prep.initial)))
     rt = DeviceRuntime(prep.device_dir / first / "model.onnx", threads=prep.cfg.threads)
     held = prep.initial[first]
-    ins = scout_instruction(0, held, absmax_request(prep.initial, scfg, weights))
+    ins = scout_instruction(0, held, absmax_request(prep.initial, scfg, weights),
+                            importance_request(prep.initial, scfg, weights))
     scouting = [scout(rt, ins, c.train, batch_size=bs)[0] for c in prep.clients]
     if scouting_view is not None:
         scouting = scouting_view(scouting)
+    importance = merge_importance(scouting) if ins.sqsum else {}     # pooled: the exact rule
+
+    def ranked(prof: str, qp: QParams) -> QParams:
+        """``qp`` with its weights ranged by the pooled importance when its profile asks for it."""
+        if scfg.weight_ranges.get(prof) != "importance":
+            return qp
+        return importance_qparams(qp, importance, weights, qp.version)
 
     def group(profiles, initial, replies):
         rt = DeviceRuntime(prep.device_dir / profiles[0] / "model.onnx", threads=prep.cfg.threads)
@@ -241,15 +252,15 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
 
     wanted = set(prep.initial if profiles is None else profiles)
     if plain and wanted & set(plain):
-        yield group(plain, prep.initial, scouting)
+        yield group(plain, {p: ranked(p, qp) for p, qp in prep.initial.items()}, scouting)
     for alpha, members in groups.items():
         if not wanted & set(members):
             continue
         grouped = {p: prep.initial[p] for p in members}
         factors = smoothing_from_scouting(scouting, smoothable_paths(grouped, scfg, weights), weights, alpha, scfg)
         smoothed = [smoothed_scouting(r, factors) for r in scouting]
-        yield group(members, {p: smoothed_qparams(qp, factors, weights, smoothed) for p, qp in grouped.items()},
-                    smoothed)
+        yield group(members, {p: ranked(p, smoothed_qparams(qp, factors, weights, smoothed))
+                              for p, qp in grouped.items()}, smoothed)
 
 
 def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams]:
@@ -268,7 +279,7 @@ def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams
             specs = {k: qp.points[k].spec for k in activation_keys(qp) if k in merged and merged[k].n > 0}
             points = ranges_for_profile(merged, specs, prep.cfg.server.calibrator_for(p))
             out[p] = QParams({**qp.points, **points}, qp.model, qp.version, qp.smoothing,
-                             {**qp.meta, "recipe": "centralized calibration, pooled training data"})
+                             {**qp.meta, "recipe": "centralized calibration, pooled training data"}, qp.importance)
             if p in prep.cfg.server.plans:
                 out[p] = centralized_plan(prep, p, out[p], merged)
     return out

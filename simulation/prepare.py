@@ -182,7 +182,7 @@ def with_unit_smoothing(qp: QParams, model) -> QParams:
     per_token = set(per_token_linears(qp))
     ones = {p: np.ones(w.shape[1], np.float32) for p, (w, _) in float_linears(model).items()
             if f"{p}:input" in qp.points or p in per_token}
-    return QParams(qp.points, qp.model, qp.version, {**ones, **qp.smoothing}, qp.meta)
+    return QParams(qp.points, qp.model, qp.version, {**ones, **qp.smoothing}, qp.meta, qp.importance)
 
 
 def server_weights(prep: "Prepared"):

@@ -95,7 +95,8 @@ def test_smoke_run_writes_what_design_says(full_run):
     assert "round   5 lsq" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("ranked", [False, True], ids=["minmax", "importance"])
+def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path, ranked):
     """Scouting with SmoothQuant (configs/smoke.toml) + two statistics rounds (every client once,
     over two sampled rounds) under the exact rules (sums and maxima; the bounded-influence defaults
     trade exactness for robustness): the global QParams -- smoothing factors, smoothed weight
@@ -103,12 +104,15 @@ def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path):
     The int8 profile quantizes its down_proj and lm_head inputs per token, as the default run does:
     those Linears are scouted and smoothed too, though they have no input point, and rotated (the
     default ``per_token_rotation``: their weight points are of ``(W * m) R`` on both sides; the tied
-    embedding keeps its own rows)."""
+    embedding keeps its own rows). ``importance``: the int16 profile ranges its weights by the
+    fleet's per-channel mean squares (``weight_ranges``): summed in the scouting round, the same
+    weight points on both sides and on the devices."""
     from quant.qparams import per_token_linears
     from quant.rotation import rotation_of
 
     exact = tmp_path / "exact.toml"
-    text = SMOKE.read_text().replace("[server]\n", '[server]\nstats_rule = "sum"\nabsmax_rule = "max"\n', 1)
+    rule = 'weight_ranges = { int16 = "importance" }\n' if ranked else ""
+    text = SMOKE.read_text().replace("[server]\n", f'[server]\nstats_rule = "sum"\nabsmax_rule = "max"\n{rule}', 1)
     exact.write_text(text.replace('profile = "int8"\nshare = 2\n', 'profile = "int8"\nshare = 2\nper_token = ["*.down_proj", "lm_head"]\n'))
     out = tmp_path / "stats-only"
     simulate(out, "--rounds", "3", config=exact)
@@ -125,6 +129,9 @@ def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path):
         assert rotation_of(fed.meta) == rotation_of(central.meta) == (128 if p == "int8" else 0)
         changed = [k for k in fed.points if not np.array_equal(fed.points[k].scale, start.points[k].scale)]
         assert len(changed) >= len([k for k in fed.points if k.endswith(":input")]) // 2
+        weights = sorted(k.rsplit(":", 1)[0] for k in fed.points if k.endswith(":weight"))
+        assert sorted(fed.importance) == (weights if ranked and p == "int16" else [])
+        assert all(np.all(h > 0) for h in fed.importance.values())
 
 
 def test_sigkill_then_resume_gives_the_same_result(full_run, tmp_path):
