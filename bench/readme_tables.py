@@ -202,7 +202,7 @@ def ood_gap_recipes_block(results: dict[str, dict]) -> str:
             + ".\n\n" + recipes_table(results))
 
 
-def weight_ranges_block(d: dict) -> str:
+def weight_ranges_block(d: dict, source: str = "weight_ranges.json") -> str:
     """bench/weight_ranges.py: the final QParams of runs with their weight points searched."""
     from bench.weight_ranges import markdown_table
 
@@ -210,7 +210,7 @@ def weight_ranges_block(d: dict) -> str:
     runs = ", ".join(f"`{r['run']}`" for r in d["runs"])
     return (f"`{d['command']}` (the final QParams of {runs}, evaluated as the server evaluates them; "
             f"ONNX Runtime {m.get('onnxruntime')}, {d['threads']} threads; {_cpu(m)}, {m['cores']} cores shared "
-            f"with other jobs; {d['wall_s']:.0f} s). Source: `bench/results/weight_ranges.json`.\n\n" + markdown_table(d))
+            f"with other jobs; {d['wall_s']:.0f} s). Source: `bench/results/{source}`.\n\n" + markdown_table(d))
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -282,6 +282,9 @@ def main() -> None:
     if (RESULTS / "weight_ranges.json").is_file() and "<!-- weight-ranges:begin -->" in readme:
         readme = replace_block(readme, "weight-ranges",
                                weight_ranges_block(json.loads((RESULTS / "weight_ranges.json").read_text())))
+    if (RESULTS / "weight_ranges_splits.json").is_file() and "<!-- weight-ranges-splits:begin -->" in readme:
+        readme = replace_block(readme, "weight-ranges-splits", weight_ranges_block(
+            json.loads((RESULTS / "weight_ranges_splits.json").read_text()), "weight_ranges_splits.json"))
     if all((RESULTS / f).is_file() for f, _ in OOD_RECIPES) and "<!-- ood-gap-recipes:begin -->" in readme:
         readme = replace_block(readme, "ood-gap-recipes", ood_gap_recipes_block(
             {label: json.loads((RESULTS / f).read_text()) for f, label in OOD_RECIPES}))
