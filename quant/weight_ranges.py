@@ -8,8 +8,9 @@ per channel or per group, the clipping ratio of the min-max range that minimises
 same per-column second moment). ``importance`` None weighs every column alike (plain MSE: no data).
 
 The statistic is a sum over tokens of ``x_j^2`` per input channel, so a fleet's is the sum of its
-clients' (federated equals centralized), and one vector per Linear input is all a client would send.
-Pure numpy.
+clients' (federated equals centralized), and one vector per Linear input is all a client sends (the
+scouting round's ``sqsum``, merged by ``server.aggregate.merge_importance`` into
+``QParams.importance``; ``quant.smoothing.smoothed_weight_point`` ranges a weight with it). Pure numpy.
 """
 
 from __future__ import annotations
