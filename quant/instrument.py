@@ -630,29 +630,21 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool
             errors.append(f"{key}: scale shape {p.scale.shape} != expected {want}")
         else:
             updates.append((q, p))
-    for name, f in qp.smoothing.items():
-        m = linears.get(name)
-        if m is None:
-            if strict:
-                errors.append(f"smoothing {name}: not a quantized Linear of this model")
-        elif np.asarray(f).shape != (m.in_features,):
-            errors.append(f"smoothing {name}: shape {np.asarray(f).shape} != ({m.in_features},)")
-        else:
-            smooth.append((m, f))
-    for name, h in qp.importance.items():
-        m = linears.get(name)
-        if m is None:
-            if strict:
-                errors.append(f"importance {name}: not a quantized Linear of this model")
-        elif np.asarray(h).shape != (m.in_features,):
-            errors.append(f"importance {name}: shape {np.asarray(h).shape} != ({m.in_features},)")
-        else:
-            ranked.append((m, np.asarray(h, dtype=np.float32)))
+    for what, vectors, into in (("smoothing", qp.smoothing, smooth), ("importance", qp.importance, ranked)):
+        for name, v in vectors.items():     # one value per input feature of a Linear of the model
+            m = linears.get(name)
+            if m is None:
+                if strict:
+                    errors.append(f"{what} {name}: not a quantized Linear of this model")
+            elif np.asarray(v).shape != (m.in_features,):
+                errors.append(f"{what} {name}: shape {np.asarray(v).shape} != ({m.in_features},)")
+            else:
+                into.append((m, v))
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ValueError("QParams refused: " + "; ".join(errors[:5]) + more)
     for m, h in ranked:
-        m.importance = h
+        m.importance = np.asarray(h, dtype=np.float32)
         if not any(m is n for n, _ in smooth):
             m.calibrate_weight()
     for m, f in smooth:
