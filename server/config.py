@@ -51,7 +51,8 @@ class RoundSpec(BaseModel):
 
     job: Literal["scout", "stats", "lsq", "eval", "plan"]
     repeat: int = Field(1, ge=1, description="rounds of this job in a row")
-    fraction: float = Field(1.0, gt=0, le=1, description="share of the roster sampled per round")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of the roster sampled per round (of the round's `profiles`' "
+                                                          "clients when it names some)")
     min_clients: int = Field(1, ge=1, description="sample at least this many, if available")
     min_replies: int = Field(1, ge=1, description="fewer valid replies: the round changes nothing")
     by_profile: bool = Field(False, description="sample fraction and min_clients within each device profile "

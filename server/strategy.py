@@ -208,6 +208,8 @@ class FedQuant(Strategy):
         # a client is asked only for what it can do: evaluation needs held-out text, the rest training text
         need = "test_examples" if spec.job == "eval" else "train_examples"
         online = [c for c in online if getattr(roster.members[c], need) > 0]
+        if spec.profiles is not None:       # and of the round's profiles: its fraction is of their clients
+            online = [c for c in online if roster.members[c].profile in spec.profiles]
         used = state.used if spec.job == "stats" else ()
         sampled = sample_by_profile({c: roster.members[c].profile for c in online}, used, spec.fraction,
                                     spec.min_clients, config.seed, rnd) if spec.by_profile else \

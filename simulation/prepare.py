@@ -65,13 +65,14 @@ AGGREGATION_RULES = ("stats_rule", "absmax_rule", "absmax_clip", "trim", "round_
 def config_digest(cfg: SimulationConfig) -> str:
     """What must not change for a run directory to be reused: everything but the engine (how many
     CPUs does not change a result), how long the server waits (a fleet that lost devices resumes
-    with a lower ``min_available``), the aggregation rules (secure aggregation included), and the
-    schedule, which the server's checkpoint digest checks itself
-    (``server.config.ServerConfig.digest``: a run resumes only under the same schedule and rules)."""
+    with a lower ``min_available``), the aggregation rules (secure aggregation included), the
+    schedule and what its rounds choose (a plan, importance weight ranges), which the server's
+    checkpoint digest checks itself (``server.config.ServerConfig.digest``: a run resumes only
+    under the same schedule and rules)."""
     d = cfg.model_dump(mode="json")
     d.pop("engine", None)
     d.pop("name", None)         # a label
-    for k in ("schedule", "plans", *AGGREGATION_RULES, *OPERATIONAL):   # a plan is chosen in the run
+    for k in ("schedule", "plans", "weight_ranges", *AGGREGATION_RULES, *OPERATIONAL):   # chosen in the run
         d.get("server", {}).pop(k, None)
     for k in LEARN_METHOD_FIELDS:   # which learned-range job the devices run prepares nothing
         (d.get("server", {}).get("learn") or {}).pop(k, None)

@@ -323,6 +323,16 @@ def test_a_round_for_one_profile_asks_only_its_nodes_and_moves_only_its_ranges(t
     before, after = lines(tmp_path)[1]["versions"], lines(tmp_path)[2]["versions"]
     assert after == {p: v + (p == one) for p, v in before.items()}
 
+    # its fraction is of that profile's 4 clients: ceil(0.5 x 4) = 2 every round, never none (a
+    # fraction of the whole roster of 12 drew 6, sometimes none of them of the profile)
+    cfg = config(schedule=[{"job": "scout"}, {"job": "stats", "min_replies": 2},
+                           {"job": "lsq", "repeat": 6, "fraction": 0.5, "profiles": [one]}])
+    grid = FakeGrid([FakeNode(n.cid, n.profile, n.acts) for n in fleet(12)])
+    run_server(grid, cfg, make_initial(), tmp_path / "fraction")
+    profile_of = {nid: n.profile for nid, n in grid.nodes.items()}
+    for r in range(3, 9):
+        assert [profile_of[s[1]] for s in grid.sent if s[0] == "train" and s[2] == str(r)] == [one] * 2, r
+
     from server.strategy import FedQuant
 
     with pytest.raises(ValueError, match=r"schedule\[1\].profiles: no profile named \['nope'\]"):
