@@ -37,7 +37,7 @@ from torch import nn
 from quant import lsq
 from quant.affine import broadcast_param, fake_quant, range_to_qparams, tensor_range
 from quant.qparams import PER_TOKEN_META, PointParams, QParams, model_fingerprint
-from quant.rotation import ROTATION_META, check_block, rotate_torch, rotation_of
+from quant.rotation import ROTATION_META, check_block, rotate_torch, rotation_of, unrotate_torch
 from quant.spec import QuantSpec, activation_spec, weight_spec
 
 Mode = Literal["float", "quant", "learn"]
@@ -328,7 +328,8 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """The token embedding as the QDQ graph computes it (``quant.qdq.embedding_table``): tied to a
     QuantLinear whose weight is 8-bit per row (SmolLM2's lm_head), row r is lm_head's fake-quantized
-    ``W * m`` row divided by ``m``, so it moves with lm_head's weight qparams and smoothing; else
+    ``W * m`` row (``(W * m) R`` rotated back, for a per-token lm_head) divided by ``m``, so it
+    moves with lm_head's weight qparams and smoothing; else
     its own int8 rows with min-max scales from the float table (fixed: not a QParams point). Float
     while ``ref`` (a weight quantizer of the model) is in float mode."""
 
@@ -343,11 +344,10 @@ class QuantEmbedding(nn.Module):
 
     def shared_head(self) -> "QuantLinear | None":
         """The tied head whose rows the table is, while its weight is 8-bit per row (a
-        mixed-precision plan may promote it to that in a run: the choice follows its spec) and its
-        input is static (a per-token head's weight is rotated: ``quant.qdq._shared_head``)."""
+        mixed-precision plan may promote it to that in a run: the choice follows its spec;
+        ``quant.qdq._shared_head``)."""
         head = self._head[0]
-        return head if head is not None and _shares_rows(head.weight_quantizer.spec) and \
-            not head.per_token else None
+        return head if head is not None and _shares_rows(head.weight_quantizer.spec) else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self._ref[0].mode == "float":
@@ -362,6 +362,8 @@ class QuantEmbedding(nn.Module):
                 self.table = fake_quant(w, s, z, EMBEDDING_SPEC)
             return F.embedding(ids, self.table)
         rows = F.embedding(ids, head.quantized_weight())
+        if head.rotation:   # a per-token head computes with (W * m) R
+            rows = unrotate_torch(rows, head.rotation)
         m = head.smooth
         return rows if m is None else rows / m.to(rows.dtype)
 

@@ -35,7 +35,7 @@ from quant.export import (LINEAR_TAG, MATMUL_TAG, OPSET, embedding_gathers, floa
                           linear_paths, matmul_paths, node_tag, prune_unused)
 from quant.onnxfile import EXTERNAL_THRESHOLD, copy_fields, load_external, load_onnx, save_onnx
 from quant.qparams import QParams, atomic_write_bytes, per_token_linears
-from quant.rotation import block_for, hadamard, rotate, rotation_of, signs
+from quant.rotation import block_for, hadamard, rotate, rotation_of, signs, unrotate
 from quant.spec import QuantSpec, weight_spec
 
 # what a name map entry ``(qparams key, kind)`` says an initializer holds
@@ -170,38 +170,44 @@ def iter_qdq_values(qparams: QParams, linears, u8_weights: bool = False):
 # The embedding table is as large as lm_head (SmolLM2: 49152 x 576, 113 MB in float32). A tied
 # embedding reads lm_head's own integer weights (one copy in the file, patched with lm_head):
 # row r of the table is ``(q_r - z_r) * s_r / m`` with lm_head's per-row int8 weight, scale, zero
-# point and SmoothQuant factors ``m`` (lm_head quantizes ``W * m``). An untied one (or a tied one
-# whose lm_head is not 8-bit per row, or has per-token inputs) gets its own int8 table with per-row
-# min-max scales from the float weights: not a QParams point, since no round changes it.
+# point and SmoothQuant factors ``m`` (lm_head quantizes ``W * m``). A per-token lm_head stores
+# ``(W * m) R`` (``quant.rotation``): its rows are rotated back first, ``(q_r - z_r) s_r R^T / m``
+# (a Reshape, a MatMul by the Hadamard block and the signs: 64 multiply-adds per value on
+# SmolLM2, against 28 MB of rows of its own). An untied one (or a tied one whose lm_head is not
+# 8-bit per row) gets its own int8 table with per-row min-max scales from the float table: not a
+# QParams point, since no round changes it.
 
 EMBEDDING_SPEC = weight_spec(8)
 BARRIER_LOWEST = "fedquant.lowest_float"  # the float32 lowest value, for the MatMulNBits barrier
 
 
-def _shared_head(table: np.ndarray, linears: dict, qp: QParams) -> str | None:
+def _shared_head(table: np.ndarray, linears: dict, qp: QParams) -> tuple[str, int] | None:
     """The Linear whose 8-bit per-row (int8 or uint8) quantized weight equals ``table`` (a tied
-    lm_head), or None. Not a per-token Linear: its weight moves to the uint8 grid and is rotated
-    (``per_token_inputs``), so the table gets its own rows."""
+    lm_head) and the rotation block of its stored rows (0: none; a per-token Linear's weight is
+    stored rotated, ``_plan``), or None."""
     per_token = set(per_token_linears(qp))
     for path, (w, _) in linears.items():
         p = qp.points.get(f"{path}:weight")
-        if p is None or path in per_token or w.shape != table.shape or not np.array_equal(w, table):
+        if p is None or w.shape != table.shape or not np.array_equal(w, table):
             continue
         if p.spec.bits == 8 and p.spec.granularity == "per_channel" and p.spec.resolved_axis(2) == 0:
-            return path
+            block = block_for(table.shape[1], rotation_of(qp.meta)) if path in per_token else 0
+            return path, block
     return None
 
 
 def embedding_table(table: np.ndarray, linears: dict, qp: QParams) -> np.ndarray:
     """The float32 table the QDQ graph's embedding computes (``embedding="int8"``): what a torch
     reference puts in place of the float embedding to compute what the device computes."""
-    head = _shared_head(table, linears, qp)
-    if head is None:
+    shared = _shared_head(table, linears, qp)
+    if shared is None:
         s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
         return dequantize(quantize(table, s, z, EMBEDDING_SPEC), s, z, EMBEDDING_SPEC)
+    head, block = shared
     m = qp.smoothing.get(head)
     w = table if m is None else table * np.asarray(m, np.float32)
-    t = dequantized_weight(head, qp, w)
+    t = dequantized_weight(head, qp, rotate(w, block) if block else w)
+    t = unrotate(t, block) if block else t
     return t if m is None else t / np.asarray(m, np.float32)
 
 
@@ -210,9 +216,9 @@ def _embedding_nodes(node, path: str, table: np.ndarray, linears: dict, qp: QPar
     """Nodes computing ``node``'s output (a Gather of the float table by ``input_ids``) from an int8
     table, and the new initializers."""
     ids, out, pre = node.input[1], node.output[0], f"{path}.embedding"
-    head = _shared_head(table, linears, qp)
+    shared = _shared_head(table, linears, qp)
     mk = helper.make_node
-    if head is None:
+    if shared is None:
         s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
         q = quantize(table, s, z, EMBEDDING_SPEC).astype(np.int8)
         inits = {f"{path}.weight.q": q, f"{path}.weight.scale": np.asarray(s, np.float32)}
@@ -223,8 +229,10 @@ def _embedding_nodes(node, path: str, table: np.ndarray, linears: dict, qp: QPar
                  mk("Mul", [f"{pre}.qf", f"{pre}.s1"], [out], name=f"{pre}.Mul")]
         return nodes, {**inits, f"{pre}.last": np.array([-1], np.int64)}
     # lm_head's weight is stored (in, out): gather columns, then put the hidden axis last
+    head, block = shared
     hq, hs, hz = f"{head}.weight.q", f"{head}.weight.scale", f"{head}.weight.zero_point"
     m = f"{head}.input.smooth" if f"{head}.input.smooth" in plans[head].values else None
+    inits = {f"{pre}.last": np.array([-1], np.int64)}
     nodes = [mk("Gather", [hq, ids], [f"{pre}.qt"], name=f"{pre}.Gather", axis=1),
              mk("Transpose", [f"{pre}.qt"], [f"{pre}.q"], name=f"{pre}.Transpose", perm=[1, 2, 0]),
              mk("Cast", [f"{pre}.q"], [f"{pre}.qf"], name=f"{pre}.Cast", to=TensorProto.FLOAT),
@@ -234,10 +242,19 @@ def _embedding_nodes(node, path: str, table: np.ndarray, linears: dict, qp: QPar
              mk("Sub", [f"{pre}.qf", f"{pre}.z1"], [f"{pre}.c"], name=f"{pre}.Sub"),
              mk("Gather", [hs, ids], [f"{pre}.s"], name=f"{pre}.GatherScale", axis=0),
              mk("Unsqueeze", [f"{pre}.s", f"{pre}.last"], [f"{pre}.s1"], name=f"{pre}.Unsqueeze"),
-             mk("Mul", [f"{pre}.c", f"{pre}.s1"], [f"{pre}.d" if m else out], name=f"{pre}.Mul")]
+             mk("Mul", [f"{pre}.c", f"{pre}.s1"], [f"{pre}.d" if m or block else out], name=f"{pre}.Mul")]
+    if block:   # the rows are (W * m) R: back to the hidden channels, (rows in blocks @ H) * D
+        n, r = table.shape[1], f"fedquant.rotation.{table.shape[1]}x{block}"
+        inits |= {f"{r}.signs": signs(n), f"{r}.hadamard": hadamard(block).astype(np.float32),
+                  f"{r}.blocks": np.array([-1, n // block, block], np.int64)}
+        nodes += [mk("Shape", [f"{pre}.d"], [f"{pre}.shape"], name=f"{pre}.Shape"),
+                  mk("Reshape", [f"{pre}.d", f"{r}.blocks"], [f"{pre}.blocks"], name=f"{pre}.ToBlocks"),
+                  mk("MatMul", [f"{pre}.blocks", f"{r}.hadamard"], [f"{pre}.hb"], name=f"{pre}.Hadamard"),
+                  mk("Reshape", [f"{pre}.hb", f"{pre}.shape"], [f"{pre}.hd"], name=f"{pre}.FromBlocks"),
+                  mk("Mul", [f"{pre}.hd", f"{r}.signs"], [f"{pre}.u" if m else out], name=f"{pre}.Signs")]
     if m:
-        nodes.append(mk("Div", [f"{pre}.d", m], [out], name=f"{pre}.Div"))
-    return nodes, {f"{pre}.last": np.array([-1], np.int64)}
+        nodes.append(mk("Div", [f"{pre}.u" if block else f"{pre}.d", m], [out], name=f"{pre}.Div"))
+    return nodes, inits
 
 
 # ---------------------------------------------------------------------------- QDQ export
@@ -426,6 +443,14 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     return name_map
 
 
+def _gathers_rows(node, w: str, z: str, consumers: dict) -> bool:
+    """Whether ``node`` is a tied embedding's Gather of weight ``w`` (``_embedding_nodes``): it
+    subtracts the gathered zero point ``z`` from the gathered rows, so it reads the same real
+    values on either grid and does not pin the weight's storage."""
+    return node.op_type == "Gather" and node.input[0] == w and \
+        any(c.op_type == "Gather" and c.input[0] == z for c in consumers.get(z, []))
+
+
 def u8_storable(mp: onnx.ModelProto) -> list[tuple[str, str]]:
     """``(weight, zero point)`` initializer names of the 8-bit weights that may live on either
     grid: an int8/uint8 weight behind a DequantizeLinear that feeds only MatMuls whose activation
@@ -443,7 +468,8 @@ def u8_storable(mp: onnx.ModelProto) -> list[tuple[str, str]]:
         if n.op_type == "MatMulInteger" and len(n.input) == 4 and dtypes.get(n.input[2]) == TensorProto.UINT8 \
                 and dtypes.get(n.input[1]) in (TensorProto.INT8, TensorProto.UINT8) \
                 and dtypes.get(n.input[3]) == dtypes[n.input[1]] \
-                and all(u.op_type == "MatMulInteger" and u.input[1] == n.input[1] for u in consumers[n.input[1]]):
+                and all((u.op_type == "MatMulInteger" and u.input[1] == n.input[1])
+                        or _gathers_rows(u, n.input[1], n.input[3], consumers) for u in consumers[n.input[1]]):
             out.append((n.input[1], n.input[3]))
     for n in mp.graph.node:
         if n.op_type != "DequantizeLinear" or len(n.input) < 3:
@@ -627,11 +653,11 @@ def per_token_inputs(mp: onnx.ModelProto, paths, rotation: int = 0) -> list[str]
                              f"got a scale of shape {s_shape}")
         if dq is not None and (len(consumers.get(dq.output[0], [])) != 1 or len(consumers.get(q.output[0], [])) != 1):
             raise ValueError(f"{path}: its quantized input feeds more than its MatMul")
-        if any(c is not wdq for c in consumers.get(wq, [])):
-            # a tied embedding reads lm_head's integer weights: the runtime could not move them to
-            # the uint8 grid that keeps MatMulInteger exact on x86 without VNNI (u8_storable)
-            raise ValueError(f"{path}: its integer weight is shared (a tied embedding?); per-token inputs "
-                             "need a Linear whose weight only it reads")
+        if any(c is not wdq and not _gathers_rows(c, wq, wz, consumers) for c in consumers.get(wq, [])):
+            # the runtime could not move a weight another node computes with to the uint8 grid that
+            # keeps MatMulInteger exact on x86 without VNNI (u8_storable); a tied embedding may read it
+            raise ValueError(f"{path}: its integer weight is read by more than its MatMul and a tied "
+                             "embedding; per-token inputs need a Linear whose weight only it reads")
         x, p = (q.input[0] if dq is not None else mm.input[0]), f"{path}.input.per_token"
         c = lambda k: f"fedquant.per_token.{k}"
         rot_nodes = []

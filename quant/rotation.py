@@ -67,6 +67,19 @@ def rotate(a, block: int) -> np.ndarray:
     return y.reshape(a.shape).astype(np.float32)
 
 
+def unrotate(a, block: int) -> np.ndarray:
+    """``a R^T`` along the last axis, the inverse of ``rotate`` (``R`` is orthogonal and ``H_b``
+    symmetric: ``R^T = blockdiag(H_b) D``): a rotated weight row back in the input's channels
+    (the tied embedding reads a per-token lm_head's rows so: ``quant.qdq.embedding_table``)."""
+    a = np.asarray(a, dtype=np.float32)
+    n = a.shape[-1]
+    b = block_for(n, block)
+    if not b:
+        return a
+    y = a.astype(np.float64).reshape(*a.shape[:-1], n // b, b) @ hadamard(b)
+    return (y.reshape(a.shape) * signs(n)).astype(np.float32)
+
+
 def rotate_torch(x, block: int):
     """``rotate`` for a torch tensor (the instrument's forward), differentiable, in ``x``'s dtype."""
     import torch
@@ -79,6 +92,20 @@ def rotate_torch(x, block: int):
     h = torch.as_tensor(hadamard(b), dtype=torch.float64, device=x.device)
     y = (x.double() * d).reshape(*x.shape[:-1], n // b, b) @ h
     return y.reshape(x.shape).to(x.dtype)
+
+
+def unrotate_torch(x, block: int):
+    """``unrotate`` for a torch tensor (the instrument's tied embedding), in ``x``'s dtype."""
+    import torch
+
+    n = x.shape[-1]
+    b = block_for(n, block)
+    if not b:
+        return x
+    d = torch.as_tensor(signs(n), dtype=torch.float64, device=x.device)
+    h = torch.as_tensor(hadamard(b), dtype=torch.float64, device=x.device)
+    y = x.double().reshape(*x.shape[:-1], n // b, b) @ h
+    return (y.reshape(x.shape) * d).to(x.dtype)
 
 
 def rotation_of(meta: dict) -> int:

@@ -253,8 +253,15 @@ def test_per_token_inputs_match_torch(exported, tmp_path):
     model, ids, qp, d = exported["model"], exported["ids"], exported["qp"], exported["dir"]
     downs = sorted(p for p in float_linears(model) if p.endswith("down_proj"))
     mp = onnx.load(d / "qdq.onnx")
-    with pytest.raises(ValueError, match="lm_head: its integer weight is shared"):   # the tied embedding reads it
-        per_token_inputs(mp, [downs[0], "lm_head"])
+    # a tied embedding's Gather may read lm_head's integer weight (it subtracts the gathered zero
+    # point: either grid); any other reader pins the weight's storage, so it is refused, unchanged
+    head = copy.deepcopy(mp)
+    assert per_token_inputs(copy.deepcopy(head), ["lm_head"]) == ["lm_head"]
+    head.graph.node.append(onnx.helper.make_node("Identity", ["lm_head.weight.q"], ["stray"], name="stray"))
+    before = head.SerializeToString()
+    with pytest.raises(ValueError, match="lm_head: its integer weight is read by more than its MatMul"):
+        per_token_inputs(head, [downs[0], "lm_head"])
+    assert head.SerializeToString() == before
     assert per_token_inputs(mp, downs) == downs
     opt = tmp_path / "opt.onnx"
     ort_session(mp, optimized_path=opt)
@@ -304,7 +311,8 @@ def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_pat
     kernel, and ORT's logits are the instrumented model's, in either weight storage; with
     ``per_token_rotation`` the input is rotated first (one Hadamard MatMul per Linear, weights
     stored as ``W R``) and the logits are still the instrument's. A tied lm_head with per-token
-    inputs leaves the embedding its own int8 rows (its weight is rotated), in both."""
+    inputs still shares its integer rows with the embedding, which rotates them back, in both,
+    on either weight grid."""
     from quant.instrument import QuantConfig, per_token_paths, quantize_, set_mode, set_qparams
     from quant.qparams import per_token_linears
 
@@ -329,8 +337,10 @@ def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_pat
     assert counts.get("MatMulInteger", 0) == len(downs), counts
     graph = onnx.load(tmp_path / "p.onnx").graph
     hadamards = [n for n in graph.node if n.name.endswith(".per_token.Hadamard")]
-    # the tied embedding gathers lm_head's integer rows unless lm_head's input is per token
-    assert any(n.op_type == "Gather" and "lm_head.weight.q" in n.input for n in graph.node) == ("lm_head" not in downs)
+    # the tied embedding gathers lm_head's integer rows (rotated back when lm_head's are rotated)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert any(n.op_type == "Gather" and "lm_head.weight.q" in n.input for n in graph.node) == tied
+    assert not any(n.name.endswith("embedding.Hadamard") for n in graph.node) or ("lm_head" in downs and rotation)
     assert len(hadamards) == (len(downs) if rotation else 0)
     assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) == \
         len(float_linears(model)) - len(downs), counts

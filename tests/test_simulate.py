@@ -104,7 +104,7 @@ def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path, ranked):
     The int8 profile quantizes its down_proj and lm_head inputs per token, as the default run does:
     those Linears are scouted and smoothed too, though they have no input point, and rotated (the
     default ``per_token_rotation``: their weight points are of ``(W * m) R`` on both sides; the tied
-    embedding keeps its own rows). ``importance``: the int16 profile ranges its weights by the
+    embedding rotates lm_head's rows back). ``importance``: the int16 profile ranges its weights by the
     fleet's per-channel mean squares (``weight_ranges``): summed in the scouting round, the same
     weight points on both sides and on the devices."""
     from quant.qparams import per_token_linears
