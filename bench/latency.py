@@ -44,6 +44,7 @@ VARIANTS = {
     "int8, uint8 storage, float embedding (before)": ("int8", dict(u8_weights=True, embedding="float")),
     "int8, int8 storage, float embedding": ("int8", dict(u8_weights=False, embedding="float")),
     "int8 (shipped: int8 storage, int8 embedding)": ("int8", dict(u8_weights=False, embedding="int8")),
+    "int8, int8 storage, the embedding's own int8 rows": ("int8", dict(u8_weights=False, embedding="int8-own")),
     "mixed, float embedding, 4-bit weights dequantized every run (before)": (
         "mixed", dict(u8_weights=True, embedding="float", nbits_barrier=False)),
     "mixed, 4-bit weights as MatMulNBits, float embedding": ("mixed", dict(u8_weights=False, embedding="float")),

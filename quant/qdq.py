@@ -212,11 +212,11 @@ def embedding_table(table: np.ndarray, linears: dict, qp: QParams) -> np.ndarray
 
 
 def _embedding_nodes(node, path: str, table: np.ndarray, linears: dict, qp: QParams,
-                     plans: dict) -> tuple[list, dict]:
+                     plans: dict, share: bool = True) -> tuple[list, dict]:
     """Nodes computing ``node``'s output (a Gather of the float table by ``input_ids``) from an int8
-    table, and the new initializers."""
+    table (a tied lm_head's rows unless not ``share``), and the new initializers."""
     ids, out, pre = node.input[1], node.output[0], f"{path}.embedding"
-    shared = _shared_head(table, linears, qp)
+    shared = _shared_head(table, linears, qp) if share else None
     mk = helper.make_node
     if shared is None:
         s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
@@ -291,13 +291,14 @@ def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights:
     plans = {path: _plan(path, *linears[path], qparams, u8_weights, path in per_token) for path in linear_paths(mp)}
     name_map, mm_values = {}, {}
     embeds = {}
-    if embedding == "int8":
+    if embedding in ("int8", "int8-own"):
         tables = {t.name: t for t in g.initializer}
         for node, path in embedding_gathers(mp):
             table = numpy_helper.to_array(tables[node.input[0]]).astype(np.float32)
-            embeds[node.name] = _embedding_nodes(node, path, table, linears, qparams, plans)
+            embeds[node.name] = _embedding_nodes(node, path, table, linears, qparams, plans,
+                                                 share=embedding == "int8")
     elif embedding != "float":
-        raise ValueError(f"embedding must be 'int8' or 'float', got {embedding!r}")
+        raise ValueError(f"embedding must be 'int8', 'int8-own' or 'float', got {embedding!r}")
     for path in matmul_paths(mp):  # attention matmuls: both operands are activations
         for i, kind in enumerate(("input", "other")):
             if f"{path}:{kind}" in qparams.points:
@@ -408,7 +409,8 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
 
     ``embedding="int8"`` stores the token embedding as int8 rows (``embedding_table``): a tied
     one shares the quantized lm_head, so patching lm_head's weight or smoothing moves both;
-    ``"float"`` keeps the float table. ``nbits_barrier`` puts an identity ``Max`` between a
+    ``"int8-own"`` gives it its own int8 rows even then (what a shared table costs in fidelity:
+    ``bench/embedding_rows.py``); ``"float"`` keeps the float table. ``nbits_barrier`` puts an identity ``Max`` between a
     4-bit Linear's activation DequantizeLinear and its MatMul so that ORT runs it as MatMulNBits
     (see ``_qdq_graph``); False shows what the graph cost without it. Past
     ``external_threshold`` bytes of tensors the model is written with external data

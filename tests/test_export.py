@@ -341,6 +341,13 @@ def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_pat
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     assert any(n.op_type == "Gather" and "lm_head.weight.q" in n.input for n in graph.node) == tied
     assert not any(n.name.endswith("embedding.Hadamard") for n in graph.node) or ("lm_head" in downs and rotation)
+    if tied and "lm_head" in downs:     # embedding="int8-own": its own rows, lm_head's weight read by its MatMul only
+        export_qdq(model, qp, tmp_path / "own.onnx", float_onnx=f, embedding="int8-own")
+        own = onnx.load(tmp_path / "own.onnx").graph
+        assert not any("lm_head.weight.q" in n.input for n in own.node if n.op_type == "Gather")
+        assert sum(t.name.endswith("embedding.weight.q") or t.name.endswith("embed_tokens.weight.q")
+                   for t in own.initializer) == 1
+        assert np.isfinite(ort_run(onnx.load(tmp_path / "own.onnx"), ids)[0]).all()
     assert len(hadamards) == (len(downs) if rotation else 0)
     assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) == \
         len(float_linears(model)) - len(downs), counts
