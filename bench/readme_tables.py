@@ -268,6 +268,9 @@ def main() -> None:
         readme = replace_block(readme, "dp-quality", dp_quality_block(json.loads((RESULTS / "dp_quality.json").read_text())))
     if (RESULTS / "splits.json").is_file() and "<!-- splits:begin -->" in readme:
         readme = replace_block(readme, "splits", splits_block(json.loads((RESULTS / "splits.json").read_text())))
+    if (RESULTS / "splits_oproj.json").is_file() and "<!-- splits-oproj:begin -->" in readme:
+        readme = replace_block(readme, "splits-oproj", splits_block(
+            json.loads((RESULTS / "splits_oproj.json").read_text()), "splits_oproj.json"))
     if (RESULTS / "splits_lmhead.json").is_file() and "<!-- splits-lmhead:begin -->" in readme:
         readme = replace_block(readme, "splits-lmhead", splits_block(
             json.loads((RESULTS / "splits_lmhead.json").read_text()), "splits_lmhead.json"))
