@@ -37,7 +37,7 @@ from torch import nn
 from quant import lsq
 from quant.affine import broadcast_param, fake_quant, range_to_qparams, tensor_range
 from quant.qparams import PER_TOKEN_META, PointParams, QParams, model_fingerprint
-from quant.rotation import ROTATION_META, check_block, rotate_torch, rotation_of, unrotate_torch
+from quant.rotation import ROTATION_META, check_block, rotate_torch, rotation_of
 from quant.spec import QuantSpec, activation_spec, weight_spec
 
 Mode = Literal["float", "quant", "learn"]
@@ -363,7 +363,7 @@ class QuantEmbedding(nn.Module):
             return F.embedding(ids, self.table)
         rows = F.embedding(ids, head.quantized_weight())
         if head.rotation:   # a per-token head computes with (W * m) R
-            rows = unrotate_torch(rows, head.rotation)
+            rows = rotate_torch(rows, head.rotation, inverse=True)
         m = head.smooth
         return rows if m is None else rows / m.to(rows.dtype)
 

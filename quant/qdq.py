@@ -35,7 +35,7 @@ from quant.export import (LINEAR_TAG, MATMUL_TAG, OPSET, embedding_gathers, floa
                           linear_paths, matmul_paths, node_tag, prune_unused)
 from quant.onnxfile import EXTERNAL_THRESHOLD, copy_fields, load_external, load_onnx, save_onnx
 from quant.qparams import QParams, atomic_write_bytes, per_token_linears
-from quant.rotation import block_for, hadamard, rotate, rotation_of, signs, unrotate
+from quant.rotation import block_for, hadamard, rotate, rotation_of, signs
 from quant.spec import QuantSpec, weight_spec
 
 # what a name map entry ``(qparams key, kind)`` says an initializer holds
@@ -207,7 +207,7 @@ def embedding_table(table: np.ndarray, linears: dict, qp: QParams) -> np.ndarray
     m = qp.smoothing.get(head)
     w = table if m is None else table * np.asarray(m, np.float32)
     t = dequantized_weight(head, qp, rotate(w, block) if block else w)
-    t = unrotate(t, block) if block else t
+    t = rotate(t, block, inverse=True) if block else t
     return t if m is None else t / np.asarray(m, np.float32)
 
 

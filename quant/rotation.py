@@ -54,34 +54,27 @@ def signs(width: int) -> np.ndarray:
     return np.where(np.random.default_rng([SIGN_SEED, width]).random(width) < 0.5, -1.0, 1.0).astype(np.float32)
 
 
-def rotate(a, block: int) -> np.ndarray:
+def rotate(a, block: int, inverse: bool = False) -> np.ndarray:
     """``a R`` along the last axis (an input ``x`` or a weight ``W`` of shape (out, in)), float32,
     summed in float64 so that ``rotate_torch`` gives the same float32 bits; ``a`` itself (as
-    float32) when ``block_for`` gives 0."""
-    a = np.asarray(a, dtype=np.float32)
-    n = a.shape[-1]
-    b = block_for(n, block)
-    if not b:
-        return a
-    y = (a.astype(np.float64) * signs(n)).reshape(*a.shape[:-1], n // b, b) @ hadamard(b)
-    return y.reshape(a.shape).astype(np.float32)
-
-
-def unrotate(a, block: int) -> np.ndarray:
-    """``a R^T`` along the last axis, the inverse of ``rotate`` (``R`` is orthogonal and ``H_b``
-    symmetric: ``R^T = blockdiag(H_b) D``): a rotated weight row back in the input's channels
+    float32) when ``block_for`` gives 0. ``inverse``: ``a R^T`` (``R`` is orthogonal and ``H_b``
+    symmetric, so ``R^T = blockdiag(H_b) D``), a rotated weight row back in the input's channels
     (the tied embedding reads a per-token lm_head's rows so: ``quant.qdq.embedding_table``)."""
     a = np.asarray(a, dtype=np.float32)
     n = a.shape[-1]
     b = block_for(n, block)
     if not b:
         return a
-    y = a.astype(np.float64).reshape(*a.shape[:-1], n // b, b) @ hadamard(b)
-    return (y.reshape(a.shape) * signs(n)).astype(np.float32)
+    d = signs(n)
+    y = a.astype(np.float64) if inverse else a.astype(np.float64) * d
+    y = y.reshape(*a.shape[:-1], n // b, b) @ hadamard(b)
+    y = y.reshape(a.shape)
+    return (y * d if inverse else y).astype(np.float32)
 
 
-def rotate_torch(x, block: int):
-    """``rotate`` for a torch tensor (the instrument's forward), differentiable, in ``x``'s dtype."""
+def rotate_torch(x, block: int, inverse: bool = False):
+    """``rotate`` for a torch tensor (the instrument's forward and tied embedding), differentiable,
+    in ``x``'s dtype."""
     import torch
 
     n = x.shape[-1]
@@ -90,22 +83,9 @@ def rotate_torch(x, block: int):
         return x
     d = torch.as_tensor(signs(n), dtype=torch.float64, device=x.device)
     h = torch.as_tensor(hadamard(b), dtype=torch.float64, device=x.device)
-    y = (x.double() * d).reshape(*x.shape[:-1], n // b, b) @ h
-    return y.reshape(x.shape).to(x.dtype)
-
-
-def unrotate_torch(x, block: int):
-    """``unrotate`` for a torch tensor (the instrument's tied embedding), in ``x``'s dtype."""
-    import torch
-
-    n = x.shape[-1]
-    b = block_for(n, block)
-    if not b:
-        return x
-    d = torch.as_tensor(signs(n), dtype=torch.float64, device=x.device)
-    h = torch.as_tensor(hadamard(b), dtype=torch.float64, device=x.device)
-    y = x.double().reshape(*x.shape[:-1], n // b, b) @ h
-    return (y.reshape(x.shape) * d).to(x.dtype)
+    y = x.double() if inverse else x.double() * d
+    y = (y.reshape(*x.shape[:-1], n // b, b) @ h).reshape(x.shape)
+    return (y * d if inverse else y).to(x.dtype)
 
 
 def rotation_of(meta: dict) -> int:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from quant.qparams import QParams, qparams_problems, rotation_block
-from quant.rotation import (block_for, check_block, hadamard, rotate, rotate_torch, rotation_of, signs, unrotate,
-                            unrotate_torch)
+from quant.rotation import block_for, check_block, hadamard, rotate, rotate_torch, rotation_of, signs
 
 
 def test_the_rotation_is_orthogonal_and_the_same_bits_in_numpy_and_torch():
@@ -26,11 +25,13 @@ def test_the_rotation_is_orthogonal_and_the_same_bits_in_numpy_and_torch():
     np.testing.assert_array_equal(signs(192), signs(192))       # fixed, not drawn per call
     assert set(np.unique(signs(192))) == {-1.0, 1.0}
     np.testing.assert_array_equal(rotate(w, 0), w)
-    # unrotate is its inverse (a rotated weight's rows back in the input's channels), in both
-    np.testing.assert_allclose(unrotate(wr, 128), w, atol=1e-5)
-    np.testing.assert_allclose(rotate(unrotate(w, 128), 128), w, atol=1e-5)
-    np.testing.assert_array_equal(unrotate_torch(torch.from_numpy(wr), 128).numpy(), unrotate(wr, 128))
-    np.testing.assert_array_equal(unrotate(w, 0), w)
+    # inverse=True undoes it (a rotated weight's rows back in the input's channels), in both
+    np.testing.assert_allclose(rotate(wr, 128, inverse=True), w, atol=1e-5)
+    np.testing.assert_allclose(rotate(rotate(w, 128, inverse=True), 128), w, atol=1e-5)
+    assert not np.allclose(rotate(w, 128, inverse=True), wr)     # not the forward rotation again
+    np.testing.assert_array_equal(rotate_torch(torch.from_numpy(wr), 128, inverse=True).numpy(),
+                                  rotate(wr, 128, inverse=True))
+    np.testing.assert_array_equal(rotate(w, 0, inverse=True), w)
 
 
 def test_blocks_and_refusals():
