@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 # The CPU's model and the SIMD flags an integer kernel's speed depends on: a latency without them
 # cannot be compared with another machine's (simulation/machine.py, shared with summary.json).
@@ -58,10 +59,22 @@ def command_line(module: str, argv) -> str:
     return " ".join(["python -m", module, *(shown_run(Path(a)) if Path(a).is_absolute() else a for a in args)])
 
 
-def finished_run(run: Path, eval_sequences: int, ood_sequences: int):
-    """A ``fedquant simulate`` run directory's config with its evaluation text sizes replaced, and
-    its texts as its server builds them: ``(cfg, clients, held-out ids, out-of-domain ids,
-    (the run's own eval_sequences, ood_sequences))``. SystemExit for what is not a run directory."""
+class RunTexts(NamedTuple):
+    """A finished run's config and texts as its server builds them (``finished_run``)."""
+    cfg: object               # simulation.config.SimulationConfig, with the asked evaluation sizes
+    tokenizer: object
+    clients: list             # simulation.fleet's clients (their train and test windows)
+    evals: object             # held-out windows, across the held-out roles
+    ood: object               # out-of-domain windows (the Factbook)
+    about: dict               # build_fleet's description (eval_documents, eval_ids, ...)
+    ood_ids: list             # which country and offset each out-of-domain window is
+    own: tuple                # the run's own (eval_sequences, ood_sequences)
+
+
+def finished_run(run: Path, eval_sequences: int | None = None, ood_sequences: int | None = None) -> RunTexts:
+    """A ``fedquant simulate`` run directory's config with its evaluation text sizes replaced (None:
+    the run's own), and its texts as its server builds them. SystemExit for what is not a run
+    directory."""
     from simulation.config import SimulationConfig
     from simulation.fleet import build_fleet, ood_sequences as ood_windows
     from simulation.models import load_model
@@ -75,12 +88,13 @@ def finished_run(run: Path, eval_sequences: int, ood_sequences: int):
         raise SystemExit(f"{meta_file}: format {meta.get('format')!r}, expected {RUN_FORMAT!r}")
     conf = meta["config"]
     own = (conf["data"].get("eval_sequences"), conf["data"].get("ood_sequences"))
-    conf["data"] = {**conf["data"], "eval_sequences": eval_sequences, "ood_sequences": ood_sequences}
+    sizes = {k: v for k, v in (("eval_sequences", eval_sequences), ("ood_sequences", ood_sequences)) if v is not None}
+    conf["data"] = {**conf["data"], **sizes}
     cfg = SimulationConfig.model_validate(conf)
     _, tokenizer = load_model(cfg.model)
-    clients, evals, _ = build_fleet(cfg.data, tokenizer, [(e.load().name, e.share) for e in cfg.fleet])
-    ood, _ = ood_windows(cfg.data, tokenizer)
-    return cfg, clients, evals, ood, own
+    clients, evals, about = build_fleet(cfg.data, tokenizer, [(e.load().name, e.share) for e in cfg.fleet])
+    ood, ood_ids = ood_windows(cfg.data, tokenizer)
+    return RunTexts(cfg, tokenizer, clients, evals, ood, about, ood_ids, own)
 
 
 def versions(packages) -> dict[str, str | None]:

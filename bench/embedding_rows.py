@@ -16,7 +16,6 @@ beside them, the table's relative error to the float embedding. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, command_line, machine, quiet_env, shown_run, write_json
+from bench.common import RESULTS, command_line, finished_run, machine, quiet_env, shown_run, write_json
 
 PROFILE = "int8"
 VARIANTS = {"lm_head's rows, rotated back (default)": "int8", "own int8 rows": "int8-own"}
@@ -32,14 +31,9 @@ VARIANTS = {"lm_head's rows, rotated back (default)": "int8", "own int8 rows": "
 
 def table_error(table: np.ndarray, linears, qp, share: bool) -> float:
     """Relative Frobenius error of the table the graph computes against the float one."""
-    from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
-    from quant.qdq import EMBEDDING_SPEC, embedding_table
+    from quant.qdq import embedding_table
 
-    if share:
-        t = embedding_table(table, linears, qp)
-    else:
-        s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
-        t = dequantize(quantize(table, s, z, EMBEDDING_SPEC), s, z, EMBEDDING_SPEC)
+    t = embedding_table(table, linears, qp, share=share)
     return float(np.sqrt(((t - table) ** 2).sum() / (table ** 2).sum()))
 
 
@@ -57,19 +51,14 @@ def main(argv=None) -> dict:
     from quant.onnxfile import load_onnx
     from quant.qdq import export_qdq, set_weight_storage
     from quant.qparams import load_qparams
-    from simulation.config import SimulationConfig
     from simulation.evaluation import fidelity_columns, fidelity_summary
-    from simulation.fleet import build_fleet, ood_sequences
-    from simulation.models import load_model
 
     onnxruntime.set_default_logger_severity(3)
     t_start = time.perf_counter()
     rows = []
     for run in args.runs:
-        cfg = SimulationConfig.model_validate(json.loads((run / "run.json").read_text())["config"])
-        _, tok = load_model(cfg.model)
-        _, evals, _ = build_fleet(cfg.data, tok, [(e.load().name, e.share) for e in cfg.fleet])
-        ood, _ = ood_sequences(cfg.data, tok)
+        texts = finished_run(run)            # the run's own evaluation texts
+        cfg, evals, ood = texts.cfg, texts.evals, texts.ood
         qp = load_qparams(run / "qparams" / f"{PROFILE}.safetensors")
         rt = DeviceRuntime(run / "device" / PROFILE / "model.onnx", threads=args.threads)
         float_sess = ort_session(rt.float_onnx, threads=args.threads)

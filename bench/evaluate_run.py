@@ -24,14 +24,13 @@ Writes ``bench/results/evaluate_run.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, command_line, machine, quiet_env, shown_run, write_json
+from bench.common import RESULTS, command_line, finished_run, machine, quiet_env, shown_run, write_json
 
 
 def timed(fn, seconds: list):
@@ -122,28 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     from quant.qparams import QParams, load_qparams
     from simulation.evaluation import ServerEval, fidelity_summary, float_reference
-    from simulation.fleet import build_fleet, ood_sequences
-    from simulation.models import load_model
-    from simulation.prepare import RUN_FORMAT
-    from simulation.config import SimulationConfig
 
     onnxruntime.set_default_logger_severity(3)
     t_start = time.perf_counter()
-    meta_file = args.run / "run.json"
-    if not meta_file.is_file():
-        raise SystemExit(f"{args.run}: no run.json: not a fedquant simulate run directory")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != RUN_FORMAT:
-        raise SystemExit(f"{meta_file}: format {meta.get('format')!r}, expected {RUN_FORMAT!r}")
-    conf = meta["config"]
-    conf["data"] = {**conf["data"], "eval_sequences": args.eval_sequences, "ood_sequences": args.ood_sequences}
-    cfg = SimulationConfig.model_validate(conf)
     torch.set_num_threads(args.threads)
-    print(f"loading {cfg.model}'s tokenizer and the run's split", file=sys.stderr)
-    _, tokenizer = load_model(cfg.model)
+    print("loading the run's tokenizer and split", file=sys.stderr)
+    texts = finished_run(args.run, args.eval_sequences, args.ood_sequences)
+    cfg, evals, ood, about, ood_ids = texts.cfg, texts.evals, texts.ood, texts.about, texts.ood_ids
     profiles = [(e.load().name, e.share) for e in cfg.fleet]
-    _, evals, about = build_fleet(cfg.data, tokenizer, profiles)
-    ood, ood_ids = ood_sequences(cfg.data, tokenizer)
     sets = {"heldout": evals, "ood": ood}
     ev = ServerEval(args.run / "device", evals, args.threads, args.batch_size, ood=ood)
     ev.runtime(profiles[0][0])

@@ -60,7 +60,8 @@ def evaluate_run(run: Path, profile: str, patterns: list[str], eval_sequences: i
     from quant.qparams import QParams, load_qparams, per_token_linears
     from simulation.evaluation import ServerEval, fidelity_columns, fidelity_summary
 
-    cfg, _, evals, ood, _ = finished_run(run, eval_sequences, ood_sequences)
+    texts = finished_run(run, eval_sequences, ood_sequences)
+    cfg, evals, ood = texts.cfg, texts.evals, texts.ood
     final = run / "qparams" / f"{profile}.safetensors"
     if not final.is_file():
         raise SystemExit(f"{run}: no final QParams of profile {profile!r} ({final.name})")

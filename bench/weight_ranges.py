@@ -59,7 +59,8 @@ def evaluate_run(run: Path, eval_sequences: int, ood_sequences: int, batch_size:
     from quant.weight_ranges import weight_point
     from simulation.evaluation import ServerEval
 
-    cfg, clients, evals, ood, run_texts = finished_run(run, eval_sequences, ood_sequences)
+    texts = finished_run(run, eval_sequences, ood_sequences)
+    cfg, clients, evals, ood, run_texts = texts.cfg, texts.clients, texts.evals, texts.ood, texts.own
     train = np.concatenate([c.train for c in clients if len(c.train)])
     ev = ServerEval(run / "device", evals, threads, batch_size, ood=ood, seed=cfg.data.seed)
     out = {"run": shown_run(run), "config": cfg.name, "seed": cfg.data.seed, "train_sequences": int(len(train)),

@@ -196,13 +196,20 @@ def _shared_head(table: np.ndarray, linears: dict, qp: QParams) -> tuple[str, in
     return None
 
 
-def embedding_table(table: np.ndarray, linears: dict, qp: QParams) -> np.ndarray:
-    """The float32 table the QDQ graph's embedding computes (``embedding="int8"``): what a torch
-    reference puts in place of the float embedding to compute what the device computes."""
-    shared = _shared_head(table, linears, qp)
+def own_embedding_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The embedding's own int8 rows and their per-row min-max scales (symmetric: zero point 0)."""
+    s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
+    return quantize(table, s, z, EMBEDDING_SPEC).astype(np.int8), np.asarray(s, np.float32)
+
+
+def embedding_table(table: np.ndarray, linears: dict, qp: QParams, share: bool = True) -> np.ndarray:
+    """The float32 table the QDQ graph's embedding computes (``export_qdq``'s ``embedding="int8"``,
+    or ``"int8-own"`` when not ``share``): what a torch reference puts in place of the float
+    embedding to compute what the device computes."""
+    shared = _shared_head(table, linears, qp) if share else None
     if shared is None:
-        s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
-        return dequantize(quantize(table, s, z, EMBEDDING_SPEC), s, z, EMBEDDING_SPEC)
+        q, s = own_embedding_rows(table)
+        return q.astype(np.float32) * s.reshape(-1, 1)
     head, block = shared
     m = qp.smoothing.get(head)
     w = table if m is None else table * np.asarray(m, np.float32)
@@ -219,9 +226,8 @@ def _embedding_nodes(node, path: str, table: np.ndarray, linears: dict, qp: QPar
     shared = _shared_head(table, linears, qp) if share else None
     mk = helper.make_node
     if shared is None:
-        s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
-        q = quantize(table, s, z, EMBEDDING_SPEC).astype(np.int8)
-        inits = {f"{path}.weight.q": q, f"{path}.weight.scale": np.asarray(s, np.float32)}
+        q, s = own_embedding_rows(table)
+        inits = {f"{path}.weight.q": q, f"{path}.weight.scale": s}
         nodes = [mk("Gather", [f"{path}.weight.q", ids], [f"{pre}.q"], name=f"{pre}.Gather", axis=0),
                  mk("Cast", [f"{pre}.q"], [f"{pre}.qf"], name=f"{pre}.Cast", to=TensorProto.FLOAT),
                  mk("Gather", [f"{path}.weight.scale", ids], [f"{pre}.s"], name=f"{pre}.GatherScale", axis=0),

@@ -372,8 +372,7 @@ def _int8_embedding(model, graph, schema, qparams: QParams, carried: dict, dropp
     weight buffer with its per-row scales (one copy in the file, patched with lm_head), then a
     DIV by lm_head's smoothing factors; an untied table gets its own per-row min-max int8 rows.
     EMBEDDING_LOOKUP's hybrid kernel (int8 table, float output) scales each row."""
-    from quant.affine import range_to_qparams, tensor_range
-    from quant.qdq import EMBEDDING_SPEC
+    from quant.qdq import own_embedding_rows
 
     code = schema.BuiltinOperator.EMBEDDING_LOOKUP
     T = schema.TensorType
@@ -404,10 +403,9 @@ def _int8_embedding(model, graph, schema, qparams: QParams, carried: dict, dropp
                 break
         dropped_buffers.add(tt.buffer)
         if head is None:
-            s, z = range_to_qparams(*tensor_range(table, EMBEDDING_SPEC), EMBEDDING_SPEC)
-            q = quantize(table, s, z, EMBEDDING_SPEC).astype(np.int8)
+            q, s = own_embedding_rows(table)
             op.inputs[1] = _new_tensor(model, graph, schema, "embedding.weight", table.shape, T.INT8, data=q,
-                                       scale=np.asarray(s, np.float32).reshape(-1),
+                                       scale=s.reshape(-1),
                                        zero_point=np.zeros(table.shape[0], np.int64), axis=0)
             continue
         wt = graph.tensors[by_name[f"{head}:weight"]]
