@@ -66,7 +66,9 @@ def plan_sensitivity(model: nn.Module, qparams: QParams | None, ins: Instruction
     instruction's) are loaded first, specs included (``set_qparams(respec=True)``: a plan's).
     ``low_activation``, ``low_weight``: the profile's specs (its QuantConfig's), what the plan
     measures against int16 and int8 per-channel weights. The model's point modes and
-    parameters' ``requires_grad`` are restored on return."""
+    parameters' ``requires_grad`` are restored on return; its weight points are min-max after
+    it (every point runs in float mode here, a weight's delta is min-max at both specs: the
+    importance, which only ranges weight points, is not applied)."""
     from client.learn import _sequences
 
     if ins.job != "plan":
@@ -76,7 +78,7 @@ def plan_sensitivity(model: nn.Module, qparams: QParams | None, ins: Instruction
     unknown = plan_keys_problems(model, ins)
     if unknown:
         raise ValueError(f"instruction names points this model does not have: {unknown[:5]}")
-    set_qparams(model, qparams, respec=True)
+    set_qparams(model, qparams, respec=True, rank_weights=False)   # the weights' own points go unused
     points = quant_points(model)
     keys = list(ins.keys)
     low: dict[str, tuple] = {}          # activation key -> (scale, zero_point, spec) at the low spec

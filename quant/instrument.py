@@ -593,7 +593,8 @@ def get_qparams(model: nn.Module) -> QParams:
     return QParams(points, model=fingerprint(model), smoothing=smoothing, meta=meta, importance=importance)
 
 
-def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool = False) -> None:
+def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool = False,
+                rank_weights: bool = True) -> None:
     """Load ``qp`` into the model; all checks run first, so on failure nothing has changed.
 
     Strict: the fingerprint must be this model's, every key a point of it and every spec the
@@ -602,6 +603,9 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool
     smoothing factors are applied first (re-deriving those weights' qparams: min-max, or ranged
     by the importance as the server and devices range them), then the points. ``respec``:
     a point may take another spec (a mixed-precision plan's), its scale shaped for that spec.
+    Not ``rank_weights``: the importance is checked but not applied, every Linear's weight at
+    min-max (for a job that never quantizes a weight: the plan job runs the float model, and
+    ranging SmolLM2's weights by the importance takes over a minute on a phone's core).
     """
     qp.validate()
     fp = fingerprint(model)
@@ -645,8 +649,10 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ValueError("QParams refused: " + "; ".join(errors[:5]) + more)
+    if not rank_weights:    # back to min-max wherever an earlier job ranged them
+        ranked = [(m, None) for m in linears.values() if m.importance is not None]
     for m, h in ranked:
-        m.importance = np.asarray(h, dtype=np.float32)
+        m.importance = None if h is None else np.asarray(h, dtype=np.float32)
         if not any(m is n for n, _ in smooth):
             m.calibrate_weight()
     for m, f in smooth:

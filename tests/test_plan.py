@@ -141,6 +141,34 @@ def test_sums_are_additive_and_the_model_is_left_as_it_was(setup):
         plan_sensitivity(model, qp, Instruction(0, "plan", qp, keys=("nope:input",)), seqs.numpy(), A8, W4)
 
 
+def test_the_fleets_importance_does_not_change_the_plan_job_and_is_not_applied(setup):
+    """The plan job runs every point in float mode and measures a weight's delta at min-max, so the
+    importance (which only ranges weight points, slowly: over a minute for SmolLM2 on a phone's
+    core) is skipped: the same sums with and without it, and after the job no Linear holds it;
+    a later load applies it again."""
+    from quant.instrument import _quant_linears
+
+    model, qp, ins, seqs = setup["model"], setup["qp"], setup["ins"], setup["seqs"]
+    rng = np.random.default_rng(3)
+    paths = sorted(_quant_linears(model))
+    ranked = copy.deepcopy(qp)
+    ranked.points = {k: p for k, p in qp.points.items() if not k.endswith(":weight")}   # as an instruction
+    ranked.importance = {p: rng.random(_quant_linears(model)[p].in_features).astype(np.float32) + 0.1
+                         for p in paths}
+    set_qparams(model, ranked)                 # an earlier job ranged the weights
+    ranged = get_qparams(model)
+    assert any(not np.array_equal(ranged.points[k].scale, qp.points[k].scale)
+               for k in qp.points if k.endswith(":weight"))
+    reply, _ = plan_sensitivity(model, ranked, Instruction(0, "plan", ranked, keys=ins.keys), seqs.numpy(), A8, W4)
+    assert reply.sens == setup["reply"].sens
+    assert all(m.importance is None for m in _quant_linears(model).values())
+    after = get_qparams(model)                 # min-max weights again
+    assert all(np.array_equal(after.points[k].scale, p.scale) for k, p in qp.points.items() if k.endswith(":weight"))
+    set_qparams(model, ranked)
+    assert all(np.array_equal(get_qparams(model).points[k].scale, p.scale) for k, p in ranged.points.items())
+    set_qparams(model, qp)
+
+
 def test_one_lying_phone_cannot_lift_a_point():
     """Honest clients find ``a`` and ``b`` sensitive; one liar claims ``z`` by 10^30. Summed, the
     liar picks the one int16 slot; as shares with the trimmed mean (trim 0.25 of 6: one per side
