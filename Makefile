@@ -44,7 +44,7 @@ QUALITY_RUNS := runs/default=fedquant runs/q-nosmooth="fedquant, no smoothing" \
 	runs/q-w8a16="fedquant, 8/16" runs/q-lsq4="fedquant, lsq by profile" \
 	runs/q-distill="fedquant, lsq by profile, distill" runs/q-exact="fedquant, exact rules" \
 	runs/q-runtime="fedquant, lsq on the runtime" runs/q-handplan="fedquant, hand-written mixed plan" \
-	runs/q-static="fedquant, static down_proj inputs"
+	runs/q-static="fedquant, static down_proj inputs" runs/q-torch-lsq="fedquant, torch lsq"
 bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/default.toml --out runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/nosmooth.toml --out runs/q-nosmooth
@@ -58,6 +58,7 @@ bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/quality/runtime.toml --out runs/q-runtime --prepared-from runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/handplan.toml --out runs/q-handplan
 	$(VENV)/bin/fedquant simulate --config configs/quality/static.toml --out runs/q-static
+	$(VENV)/bin/fedquant simulate --config configs/quality/torch_lsq.toml --out runs/q-torch-lsq --prepared-from runs/default
 	$(PY) -m bench.quality --runs $(QUALITY_RUNS)
 	$(PY) -m bench.readme_tables
 
