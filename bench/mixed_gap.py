@@ -65,7 +65,8 @@ def markdown_table(result: dict) -> str:
     lines = ["| what changed in the final mixed QParams | clients' own text | held-out roles | out of domain |",
              "|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {cell(r['clients_test'])} | {cell(r['heldout'])} | {cell(r['ood'])} |")
+        n = f" ({r['points']} points)" if "points" in r else f" ({r['weights']} Linears)" if "weights" in r else ""
+        lines.append(f"| {r['name']}{n} | {cell(r['clients_test'])} | {cell(r['heldout'])} | {cell(r['ood'])} |")
     return "\n".join(lines) + "\n"
 
 

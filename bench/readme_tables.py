@@ -191,6 +191,20 @@ def per_token_block(d: dict) -> str:
             f"\n\n" + markdown_table(d))
 
 
+def mixed_gap_block(d: dict) -> str:
+    """The mixed profile taken apart, from bench/mixed_gap.py's JSON."""
+    from bench.mixed_gap import markdown_table
+
+    m, t, p = d["machine"], d["texts"], d["plan"]
+    return (f"`.venv/bin/python -m bench.mixed_gap --run {d['run']}` (its final mixed QParams: {p['weights8']} of "
+            f"{p['weights']} weights at 8 bits and {p['act16']} of {p['activations']} activations at int16 by the "
+            f"fleet's plan; {t['clients_test']['sequences']} windows of the clients' own held-out text, "
+            f"{t['heldout']['sequences']} of the held-out roles, {t['ood']['sequences']} of the Factbook; ONNX "
+            f"Runtime {m.get('onnxruntime')}; {_cpu(m)}, {m['cores']} cores shared with other jobs; code of "
+            f"{d.get('ran_on', 'not recorded')}; {d['wall_s']:.0f} s). Source: `bench/results/mixed_gap.json`."
+            f"\n\n" + markdown_table(d))
+
+
 def ood_gap_recipes_block(results: dict[str, dict]) -> str:
     """bench/ood_gap.py's decomposition of the int8 recipes (``bench.ood_gap.RECIPES``) side by side."""
     from bench.ood_gap import recipes_table
@@ -268,6 +282,9 @@ def main() -> None:
         readme = replace_block(readme, "dp-quality", dp_quality_block(json.loads((RESULTS / "dp_quality.json").read_text())))
     if (RESULTS / "splits.json").is_file() and "<!-- splits:begin -->" in readme:
         readme = replace_block(readme, "splits", splits_block(json.loads((RESULTS / "splits.json").read_text())))
+    if (RESULTS / "splits_torch_lsq.json").is_file() and "<!-- splits-torch-lsq:begin -->" in readme:
+        readme = replace_block(readme, "splits-torch-lsq", splits_block(
+            json.loads((RESULTS / "splits_torch_lsq.json").read_text()), "splits_torch_lsq.json"))
     if (RESULTS / "splits_oproj.json").is_file() and "<!-- splits-oproj:begin -->" in readme:
         readme = replace_block(readme, "splits-oproj", splits_block(
             json.loads((RESULTS / "splits_oproj.json").read_text()), "splits_oproj.json"))
@@ -280,6 +297,8 @@ def main() -> None:
     if (RESULTS / "splits_static.json").is_file() and "<!-- splits-static:begin -->" in readme:
         readme = replace_block(readme, "splits-static", splits_block(
             json.loads((RESULTS / "splits_static.json").read_text()), "splits_static.json"))
+    if (RESULTS / "mixed_gap.json").is_file() and "<!-- mixed-gap:begin -->" in readme:
+        readme = replace_block(readme, "mixed-gap", mixed_gap_block(json.loads((RESULTS / "mixed_gap.json").read_text())))
     if (RESULTS / "per_token.json").is_file() and "<!-- per-token:begin -->" in readme:
         readme = replace_block(readme, "per-token", per_token_block(json.loads((RESULTS / "per_token.json").read_text())))
     if (RESULTS / "weight_ranges.json").is_file() and "<!-- weight-ranges:begin -->" in readme:

@@ -29,6 +29,7 @@ def test_readme_tables_render_every_results_file():
         "poisoning": rt.poisoning_block(json.loads((RESULTS / "poisoning.json").read_text())),
         "mixed-plan": rt.mixed_plan_block(json.loads((RESULTS / "mixed_plan.json").read_text())),
         "weight-ranges": rt.weight_ranges_block(json.loads((RESULTS / "weight_ranges.json").read_text())),
+        "mixed-gap": rt.mixed_gap_block(json.loads((RESULTS / "mixed_gap.json").read_text())),
         "ood-gap-recipes": rt.ood_gap_recipes_block({label: json.loads((RESULTS / f).read_text())
                                                      for f, label in rt.OOD_RECIPES}),
     }
