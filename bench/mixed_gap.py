@@ -1,8 +1,8 @@
 """Where the mixed profile's error comes from, in the clients' kind of text and out of it (issue 19,
 goal 3: mixed is within reach on the held-out roles, +12..16% out of domain).
 
-    .venv/bin/python -m bench.mixed_gap --run runs/splits/default-imp/seed-0   # SmolLM2: about 40 min
-    .venv/bin/python -m bench.mixed_gap --run runs/smoke --json /tmp/g.json      # the tiny model: a minute
+    .venv/bin/python -m bench.mixed_gap --run runs/splits/default-imp/seed-0   # SmolLM2: an hour on 2 shared cores
+    .venv/bin/python -m bench.mixed_gap --run runs/plan-smoke --json gap.json   # a configs/plan-smoke.toml run: seconds
     .venv/bin/python -m bench.mixed_gap --table                                  # README table of the results file
 
 A finished run's final mixed QParams (4-bit asymmetric weights in groups, 8-bit activations, the
