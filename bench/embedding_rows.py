@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, command_line, finished_run, machine, quiet_env, shown_run, write_json
+from bench.ood_gap import FloatLogits
 
 PROFILE = "int8"
 VARIANTS = {"lm_head's rows, rotated back (default)": "int8", "own int8 rows": "int8-own"}
@@ -58,12 +59,12 @@ def main(argv=None) -> dict:
     rows = []
     for run in args.runs:
         texts = finished_run(run)            # the run's own evaluation texts
-        cfg, evals, ood = texts.cfg, texts.evals, texts.ood
+        cfg, sets = texts.cfg, {"heldout": texts.evals, "ood": texts.ood}
         qp = load_qparams(run / "qparams" / f"{PROFILE}.safetensors")
         rt = DeviceRuntime(run / "device" / PROFILE / "model.onnx", threads=args.threads)
-        float_sess = ort_session(rt.float_onnx, threads=args.threads)
         table = np.asarray(rt.linears["lm_head"][0], np.float32)    # tied: the embedding's table
-        float_logits = lambda ids: float_sess.run(["logits"], {"input_ids": np.asarray(ids, np.int64)})[0]
+        float_dir = tempfile.TemporaryDirectory()    # each text's float logits, computed once for both variants
+        floats = FloatLogits(rt.float_onnx, sets, Path(float_dir.name), args.threads, args.batch_size)
         for what, embedding in VARIANTS.items():
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "model.onnx"
@@ -75,8 +76,8 @@ def main(argv=None) -> dict:
             quant_logits = lambda ids: sess.run(["logits"], {"input_ids": np.asarray(ids, np.int64)})[0]
             row = {"run": shown_run(run), "seed": cfg.data.seed, "embedding": what, "file_bytes": size,
                    "table_relative_error": table_error(table, {"lm_head": (table, None)}, qp, embedding == "int8")}
-            for name, ids in (("heldout", evals), ("ood", ood)):
-                cols = fidelity_columns(quant_logits, ids, args.batch_size, float_logits=float_logits)
+            for name, ids in sets.items():
+                cols = fidelity_columns(quant_logits, ids, args.batch_size, float_logits=floats.reader(name))
                 row[name] = fidelity_summary(cols, seed=cfg.data.seed)
             del sess
             rows.append(row)
@@ -84,6 +85,7 @@ def main(argv=None) -> dict:
             print(f"seed {cfg.data.seed} {what}: held-out {h['vs_float_pct']:+.2f}% KL {h['kl']:.5f}; "
                   f"out of domain {o['vs_float_pct']:+.2f}% KL {o['kl']:.5f}; {size / 1e6:.1f} MB; "
                   f"table error {row['table_relative_error']:.4f}", file=sys.stderr)
+        float_dir.cleanup()
     result = {"bench": "embedding_rows", "profile": PROFILE, "machine": machine(onnxruntime=onnxruntime.__version__),
               "rows": rows, "wall_s": round(time.perf_counter() - t_start, 1), "command": command_line("bench.embedding_rows", argv)}
     write_json(args.out, result)

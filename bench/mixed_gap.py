@@ -49,11 +49,8 @@ def weight_points(rt, qp, spec_for, keys, importance: bool = True) -> dict:
     out = {}
     for k in keys:
         path = k.rsplit(":", 1)[0]
-        w = np.asarray(rt.linears[path][0], np.float32)
-        m = qp.smoothing.get(path)
-        m = np.ones(w.shape[1], np.float32) if m is None else m
-        out[k] = smoothed_weight_point(w, m, spec_for(k), rotation_block(qp, path),
-                                       qp.importance.get(path) if importance else None)
+        out[k] = smoothed_weight_point(rt.linears[path][0], qp.smoothing.get(path), spec_for(k),
+                                       rotation_block(qp, path), qp.importance.get(path) if importance else None)
     return out
 
 

@@ -605,7 +605,7 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool
     a point may take another spec (a mixed-precision plan's), its scale shaped for that spec.
     Not ``rank_weights``: the importance is checked but not applied, every Linear's weight at
     min-max (for a job that never quantizes a weight: the plan job runs the float model, and
-    ranging SmolLM2's weights by the importance takes over a minute on a phone's core).
+    ranging every weight by the importance searches each row of every Linear).
     """
     qp.validate()
     fp = fingerprint(model)

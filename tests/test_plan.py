@@ -143,8 +143,7 @@ def test_sums_are_additive_and_the_model_is_left_as_it_was(setup):
 
 def test_the_fleets_importance_does_not_change_the_plan_job_and_is_not_applied(setup):
     """The plan job runs every point in float mode and measures a weight's delta at min-max, so the
-    importance (which only ranges weight points, slowly: over a minute for SmolLM2 on a phone's
-    core) is skipped: the same sums with and without it, and after the job no Linear holds it;
+    importance (which only ranges weight points, by a search per row) is skipped: the same sums with and without it, and after the job no Linear holds it;
     a later load applies it again."""
     from quant.instrument import _quant_linears
 
