@@ -230,7 +230,9 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
     """One instruction per profile for this round (docs/protocol.md): the profile's global QParams and
     the points of the job (activation points; their grids in a stats round; with smoothing, the
     scouting round asks for the smoothable inputs' per-channel abs-max). Only the profiles of
-    ``spec.profiles`` (default all), and in a plan round only the planned ones."""
+    ``spec.profiles`` (default all), in a plan round only the planned ones, and in a statistics or
+    learned-range round only those with a point to move (a profile quantizing every input per token
+    has none: its clients sit those rounds out)."""
     absmax = absmax_request(state.qparams, config, weights or {}) if spec.job == "scout" else {}
     sqsum = importance_request(state.qparams, config, weights or {}) if spec.job == "scout" else {}
     out = {}
@@ -240,6 +242,9 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
         qp = movable_qparams(full, config)
         if spec.job == "scout":
             out[prof] = scout_instruction(round, qp, absmax, sqsum)
+        elif spec.job in ("stats", "lsq") and not (activation_keys(qp) if spec.job == "stats" else
+                                                   learned_keys(qp, config)):
+            continue                    # nothing to calibrate (every input per token): sits the round out
         elif spec.job == "stats":
             sk = {k: stat_key(prof, full, k, config) for k in activation_keys(qp)}
             grids = {k: state.grids[sk[k]] for k in sk if sk[k] in state.grids}

@@ -349,6 +349,22 @@ def test_a_round_for_some_profiles_asks_and_changes_only_them():
     assert plain.digest() == "eae493354fd4270f" and some.digest() != plain.digest()
 
 
+def test_a_profile_with_every_input_per_token_sits_out_statistics_and_learned_ranges():
+    """A profile quantizing every Linear input per token keeps only weight points: a statistics or
+    learned-range job would have nothing to do on its clients, so they get no instruction (and are
+    not sampled), while scouting (its smoothing factors) and evaluation still ask them."""
+    initial = make_initial()
+    w = initial["u8"].points["blk.q:weight"]
+    initial["u8"] = QParams({"blk.q:weight": w}, "fp-test", 0)
+    state = initial_state(initial, "d")
+    for job in ("stats", "lsq"):
+        assert set(instructions_for(state, 1, RoundSpec(job=job), config())) == {"u4", "s16"}, job
+    for job in ("scout", "eval"):
+        assert "u8" in instructions_for(state, 1, RoundSpec(job=job), config()), job
+    # weights learned too (learn.which = "all"): a weight point is something to move
+    assert "u8" in instructions_for(state, 1, RoundSpec(job="lsq"), config(learn={"which": "all", "steps": 2}))
+
+
 def test_config_rejects_impossible_schedules_naming_the_entry(tmp_path):
     with pytest.raises(ValueError, match="schedule is empty"):
         ServerConfig(schedule=[])

@@ -134,6 +134,33 @@ def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path, ranked):
         assert all(np.all(h > 0) for h in fed.importance.values())
 
 
+def test_a_profile_with_every_input_per_token_scouts_evaluates_and_sits_out_the_rest(tmp_path):
+    """The default int8 profile quantizes every Linear input per token: it keeps no activation point,
+    so its clients sit the statistics and learned-range rounds out (no failed job, nothing uploaded),
+    take the scouting round's smoothing factors (a version with no points: the eval instruction
+    still patches the device) and are evaluated at that version."""
+    from quant.qparams import per_token_linears
+
+    cfg = tmp_path / "all-per-token.toml"
+    every = '["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj", "lm_head"]'
+    cfg.write_text(SMOKE.read_text().replace('profile = "int8"\nshare = 2\n',
+                                             f'profile = "int8"\nshare = 2\nper_token = {every}\n'))
+    out = tmp_path / "run"
+    simulate(out, config=cfg)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["job"] for m in metrics] == ["scout", "stats", "stats", "eval", "lsq", "eval"]
+    assert all(not m["rejections"] for m in metrics), [m["rejections"] for m in metrics]
+    for m in metrics:
+        assert ("int8" in m["bytes"]) == (m["job"] in ("scout", "eval")), m
+        assert m["versions"]["int8"] == 1, m       # the scouting round's factors, nothing after
+    evals = [m for m in metrics if m["job"] == "eval"]
+    assert all(m["replies"] == m["sampled"] and "int8" in m["eval"] for m in evals), evals
+    fed = load_qparams(out / "qparams" / "int8.safetensors")
+    assert not [k for k in fed.points if not k.endswith(":weight")]
+    assert set(per_token_linears(fed)) == {k.rsplit(":", 1)[0] for k in fed.points}    # every Linear
+    assert all(not np.all(f == 1) for f in fed.smoothing.values())
+
+
 def test_sigkill_then_resume_gives_the_same_result(full_run, tmp_path):
     """The whole process group killed with SIGKILL after round 3's checkpoint; started again with
     the same out directory, the run resumes and ends with the uninterrupted run's QParams."""
