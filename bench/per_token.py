@@ -4,9 +4,13 @@ run time, instead of at their static per-tensor ranges, does to fidelity and spe
     .venv/bin/python -m bench.per_token        # runs/splits/static/seed-{0,1,2} (configs/quality/static.toml
                                                # through bench.splits): about 4 min a run
     .venv/bin/python -m bench.per_token --runs runs/smoke --out per_token.json   # any run with the profile
+    .venv/bin/python -m bench.per_token --runs runs/splits/default-rt/seed-{0,1,2} \
+        --linears '*.q_proj' '*.k_proj' '*.v_proj' '*.gate_proj' '*.up_proj' \
+        --out bench/results/per_token_all.json    # the last static inputs of the int8 default before
 
 For each run directory: the profile's final federated QParams in the run's own ONNX Runtime integer
 model (``static``), and the same model with the Linears ``--linears`` (default ``*.down_proj``)
+that still have a static input (a run may quantize some per token already: those stay as they are)
 rewritten by ``quant.qdq.per_token_inputs`` (``per_token``: same QParams for every other point, the
 same weights, the input of those Linears quantized per token into MatMulInteger). Both are evaluated
 as the server evaluates a run (``simulation.evaluation``: perplexity vs float, KL(float || quantized),
@@ -69,15 +73,16 @@ def evaluate_run(run: Path, profile: str, patterns: list[str], eval_sequences: i
     ev = ServerEval(run / "device", evals, threads, batch_size, ood=ood, seed=cfg.data.seed)
     rt = ev.runtime(profile)
     qp = load_qparams(final)
-    if per_token_linears(qp):
-        raise SystemExit(f"{final}: the run already quantizes {len(per_token_linears(qp))} inputs per token")
+    already = set(per_token_linears(qp))        # rewritten by the run's own graph: left as they are
     if int(qp.version) < int(rt.qparams.version):
         qp = QParams(qp.points, qp.model, rt.qparams.version, qp.smoothing, qp.meta)
     server_view = ev(profile, qp)           # what the run's server computes for these QParams
     rt.patch(qp)
-    paths = sorted(p for p in linear_paths(rt.model) if any(fnmatch.fnmatchcase(p, pat) for pat in patterns))
+    paths = sorted(p for p in linear_paths(rt.model) if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)
+                   and p not in already)
     if not paths:
-        raise SystemExit(f"{run}: --linears {patterns} match no Linear of the {profile} model")
+        raise SystemExit(f"{run}: --linears {patterns} match no Linear of the {profile} model with a static input "
+                         f"({len(already)} already per token)")
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(rt.model)
     per_token_inputs(rewritten, paths)
@@ -91,7 +96,8 @@ def evaluate_run(run: Path, profile: str, patterns: list[str], eval_sequences: i
             for f in run.parent.glob(f".per_token.{run.name}.{name}.opt.onnx*"):
                 f.unlink()
     out = {"run": shown_run(run), "config": cfg.name, "seed": cfg.data.seed, "profile": profile,
-           "linears": len(paths), "weight_storage": rt.weight_storage, "kernels": kernels, "variants": {}}
+           "linears": len(paths), "already_per_token": len(already), "weight_storage": rt.weight_storage,
+           "kernels": kernels, "variants": {}}
     float_logits = ev.float_logits
     for name, sess in sessions.items():
         row = {}

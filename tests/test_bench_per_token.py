@@ -59,3 +59,22 @@ def test_a_moved_run_directory_still_finds_its_float_graph(smoke_run, tmp_path):
     key = rt.activation_keys()[0]
     acts = rt.float_activations(np.array([[1, 2, 3, 4]], np.int64), [key])   # the float graph runs from there
     assert acts[key].shape[:2] == (1, 4)
+
+
+def test_a_run_with_some_inputs_per_token_gets_the_rest_rewritten(tmp_path):
+    """A run whose own graph quantizes the down_proj inputs per token (as the default's int8 did):
+    ``--linears`` over down_proj and o_proj rewrites only the o_proj inputs, on top of the run's."""
+    from test_simulate import SMOKE, simulate
+
+    cfg = tmp_path / "down.toml"
+    cfg.write_text(SMOKE.read_text().replace('profile = "int8"\nshare = 2\n',
+                                             'profile = "int8"\nshare = 2\nper_token = ["*.down_proj"]\n'))
+    run = tmp_path / "run"
+    simulate(run, "--rounds", "2", config=cfg)
+    res = per_token.main(["--runs", str(run), "--linears", "*.down_proj", "*.o_proj", "--eval-sequences", "8",
+                          "--ood-sequences", "6", "--threads", "1", "--reps", "1", "--out", str(tmp_path / "p.json")])
+    (row,) = res["runs"]
+    assert (row["linears"], row["already_per_token"]) == (2, 2)
+    assert row["kernels"]["static"].get("MatMulInteger") == 2 and row["kernels"]["per_token"].get("MatMulInteger") == 4
+    with pytest.raises(SystemExit, match="2 already per token"):
+        per_token.main(["--runs", str(run), "--linears", "*.down_proj", "--out", str(tmp_path / "q.json")])
