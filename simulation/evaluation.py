@@ -245,7 +245,8 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
         sins = Instruction(round=0, job="stats", qparams=qp0, keys=keys, grids={k: grids[k] for k in keys})
         own = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
                and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
-        per_client = [{} if own_group_only and c.profile not in profiles else
+        # no keys (the group's profiles quantize every input per token): nothing to run the float graph for
+        per_client = [{} if not keys or (own_group_only and c.profile not in profiles) else
                       {k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
                        if (k not in own or c.profile in profiles) and k in points_of[c.profile]} for c in clients]
         return profiles, initial, per_client

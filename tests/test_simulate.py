@@ -159,6 +159,13 @@ def test_a_profile_with_every_input_per_token_scouts_evaluates_and_sits_out_the_
     assert not [k for k in fed.points if not k.endswith(":weight")]
     assert set(per_token_linears(fed)) == {k.rsplit(":", 1)[0] for k in fed.points}    # every Linear
     assert all(not np.all(f == 1) for f in fed.smoothing.values())
+    # a fleet of that profile alone: the centralized reference has no statistics to take either
+    alone = tmp_path / "alone.toml"
+    alone.write_text(cfg.read_text().replace('[[fleet]]\nprofile = "int16"\nshare = 1\n', ""))
+    assert "int16" not in alone.read_text()
+    simulate(tmp_path / "alone", "--rounds", "1", config=alone)
+    summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert list(summary["profiles"]) == ["int8"] and summary["profiles"]["int8"]["centralized_ppl"] > 0
 
 
 def test_sigkill_then_resume_gives_the_same_result(full_run, tmp_path):
