@@ -179,16 +179,18 @@ def splits_block(d: dict, source: str = "splits.json") -> str:
             f"`bench/results/{source}`.\n\n" + table(d))
 
 
-def per_token_block(d: dict) -> str:
-    """Per-token down_proj inputs on finished runs' models, from bench/per_token.py's JSON."""
+def per_token_block(d: dict, source: str = "per_token.json") -> str:
+    """Per-token inputs on finished runs' models, from bench/per_token.py's JSON."""
     from bench.per_token import markdown_table
 
     m = d["machine"]
     runs = ", ".join(f"`{r['run']}`" for r in d["runs"])
-    return (f"`.venv/bin/python -m bench.per_token` (the {d['profile']} model and final QParams of {runs}; "
-            f"each run's held-out roles and the Factbook windows, as its server evaluates them; ONNX Runtime {m.get('onnxruntime')}, {d['threads']} threads; {_cpu(m)}, "
-            f"{m['cores']} cores shared with other jobs; {d['wall_s']:.0f} s). Source: `bench/results/per_token.json`."
-            f"\n\n" + markdown_table(d))
+    command = d.get("command", "python -m bench.per_token").replace("python -m", ".venv/bin/python -m", 1).strip()
+    ran_on = f"; code of {d['ran_on']}" if d.get("ran_on") else ""
+    return (f"`{command}` (the {d['profile']} model and final QParams of {runs}; each run's held-out roles and "
+            f"the Factbook windows, as its server evaluates them; ONNX Runtime {m.get('onnxruntime')}, "
+            f"{d['threads']} threads; {_cpu(m)}, {m['cores']} cores shared with other jobs{ran_on}; "
+            f"{d['wall_s']:.0f} s). Source: `bench/results/{source}`.\n\n" + markdown_table(d))
 
 
 def mixed_gap_block(d: dict) -> str:
@@ -238,6 +240,31 @@ def replace_block(text: str, name: str, body: str) -> str:
 from bench.ood_gap import RECIPES as OOD_RECIPES  # noqa: E402
 
 
+def _evaluate_run_block(d: dict) -> str:
+    from bench.evaluate_run import readme_block
+
+    return readme_block(d)
+
+
+# (README marker, results file, the block from the file's JSON): each shown where both exist
+BLOCKS = [("mixed-plan", "mixed_plan.json", mixed_plan_block),
+          ("evaluate-run", "evaluate_run.json", _evaluate_run_block),
+          ("latency", "latency.json", latency_block),
+          ("secure-rounds", "secure_rounds.json", secure_rounds_block),
+          ("poisoning", "poisoning.json", poisoning_block),
+          ("dp-quality", "dp_quality.json", dp_quality_block),
+          *[(marker, name, lambda d, name=name: splits_block(d, name)) for marker, name in (
+              ("splits", "splits.json"), ("splits-torch-lsq", "splits_torch_lsq.json"),
+              ("splits-oproj", "splits_oproj.json"), ("splits-lmhead", "splits_lmhead.json"),
+              ("splits-per-token", "splits_per_token.json"), ("splits-static", "splits_static.json"))],
+          ("mixed-gap", "mixed_gap.json", mixed_gap_block),
+          ("per-token", "per_token.json", per_token_block),
+          ("per-token-all", "per_token_all.json", lambda d: per_token_block(d, "per_token_all.json")),
+          ("weight-ranges", "weight_ranges.json", weight_ranges_block),
+          ("weight-ranges-splits", "weight_ranges_splits.json",
+           lambda d: weight_ranges_block(d, "weight_ranges_splits.json"))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quality", type=Path, default=ROOT / "runs" / "quality" / "quality.json")
@@ -265,48 +292,10 @@ def main() -> None:
                 json.loads((RESULTS / "quality_bench.json").read_text())))
         else:
             print("README.md has no <!-- quality-bench:begin --> block: quality_bench.json not shown")
-    if (RESULTS / "mixed_plan.json").is_file():
-        readme = replace_block(readme, "mixed-plan", mixed_plan_block(json.loads((RESULTS / "mixed_plan.json").read_text())))
-    if (RESULTS / "evaluate_run.json").is_file() and "<!-- evaluate-run:begin -->" in readme:
-        from bench.evaluate_run import readme_block
-
-        readme = replace_block(readme, "evaluate-run", readme_block(json.loads((RESULTS / "evaluate_run.json").read_text())))
-    if (RESULTS / "latency.json").is_file() and "<!-- latency:begin -->" in readme:
-        readme = replace_block(readme, "latency", latency_block(json.loads((RESULTS / "latency.json").read_text())))
-    if (RESULTS / "secure_rounds.json").is_file() and "<!-- secure-rounds:begin -->" in readme:
-        readme = replace_block(readme, "secure-rounds",
-                               secure_rounds_block(json.loads((RESULTS / "secure_rounds.json").read_text())))
-    if (RESULTS / "poisoning.json").is_file() and "<!-- poisoning:begin -->" in readme:
-        readme = replace_block(readme, "poisoning", poisoning_block(json.loads((RESULTS / "poisoning.json").read_text())))
-    if (RESULTS / "dp_quality.json").is_file() and "<!-- dp-quality:begin -->" in readme:
-        readme = replace_block(readme, "dp-quality", dp_quality_block(json.loads((RESULTS / "dp_quality.json").read_text())))
-    if (RESULTS / "splits.json").is_file() and "<!-- splits:begin -->" in readme:
-        readme = replace_block(readme, "splits", splits_block(json.loads((RESULTS / "splits.json").read_text())))
-    if (RESULTS / "splits_torch_lsq.json").is_file() and "<!-- splits-torch-lsq:begin -->" in readme:
-        readme = replace_block(readme, "splits-torch-lsq", splits_block(
-            json.loads((RESULTS / "splits_torch_lsq.json").read_text()), "splits_torch_lsq.json"))
-    if (RESULTS / "splits_oproj.json").is_file() and "<!-- splits-oproj:begin -->" in readme:
-        readme = replace_block(readme, "splits-oproj", splits_block(
-            json.loads((RESULTS / "splits_oproj.json").read_text()), "splits_oproj.json"))
-    if (RESULTS / "splits_lmhead.json").is_file() and "<!-- splits-lmhead:begin -->" in readme:
-        readme = replace_block(readme, "splits-lmhead", splits_block(
-            json.loads((RESULTS / "splits_lmhead.json").read_text()), "splits_lmhead.json"))
-    if (RESULTS / "splits_per_token.json").is_file() and "<!-- splits-per-token:begin -->" in readme:
-        readme = replace_block(readme, "splits-per-token", splits_block(
-            json.loads((RESULTS / "splits_per_token.json").read_text()), "splits_per_token.json"))
-    if (RESULTS / "splits_static.json").is_file() and "<!-- splits-static:begin -->" in readme:
-        readme = replace_block(readme, "splits-static", splits_block(
-            json.loads((RESULTS / "splits_static.json").read_text()), "splits_static.json"))
-    if (RESULTS / "mixed_gap.json").is_file() and "<!-- mixed-gap:begin -->" in readme:
-        readme = replace_block(readme, "mixed-gap", mixed_gap_block(json.loads((RESULTS / "mixed_gap.json").read_text())))
-    if (RESULTS / "per_token.json").is_file() and "<!-- per-token:begin -->" in readme:
-        readme = replace_block(readme, "per-token", per_token_block(json.loads((RESULTS / "per_token.json").read_text())))
-    if (RESULTS / "weight_ranges.json").is_file() and "<!-- weight-ranges:begin -->" in readme:
-        readme = replace_block(readme, "weight-ranges",
-                               weight_ranges_block(json.loads((RESULTS / "weight_ranges.json").read_text())))
-    if (RESULTS / "weight_ranges_splits.json").is_file() and "<!-- weight-ranges-splits:begin -->" in readme:
-        readme = replace_block(readme, "weight-ranges-splits", weight_ranges_block(
-            json.loads((RESULTS / "weight_ranges_splits.json").read_text()), "weight_ranges_splits.json"))
+    for marker, name, block in BLOCKS:
+        f = RESULTS / name
+        if f.is_file() and f"<!-- {marker}:begin -->" in readme:
+            readme = replace_block(readme, marker, block(json.loads(f.read_text())))
     if all((RESULTS / f).is_file() for f, _ in OOD_RECIPES) and "<!-- ood-gap-recipes:begin -->" in readme:
         readme = replace_block(readme, "ood-gap-recipes", ood_gap_recipes_block(
             {label: json.loads((RESULTS / f).read_text()) for f, label in OOD_RECIPES}))
