@@ -564,9 +564,9 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict, 
     # The node's held version says what it accepted; the process's runtime, shared by the nodes an
     # actor serves (or new after a restart), may still be behind it: patch that too.
     runtime_behind = int(rt.qparams.version) < ins.version
-    # a profile whose every input is quantized per token has no activation point: its instructions carry
-    # no points, but a newer version (the scouting round's smoothing factors) must be applied all the same
-    if (ins.qparams.points or ins.qparams.smoothing) and (ins.job == "eval" or ins.version > held or runtime_behind):
+    # (also an instruction without points: a profile with every input per token gets only its smoothing
+    # factors; a patch that changes nothing keeps the session)
+    if ins.job == "eval" or ins.version > held or runtime_behind:
         try:
             patch_s = rt.patch(ins.qparams)["total_s"]
         except PatchRefused as e:
