@@ -59,6 +59,7 @@ bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/quality/handplan.toml --out runs/q-handplan
 	$(VENV)/bin/fedquant simulate --config configs/quality/static.toml --out runs/q-static
 	$(VENV)/bin/fedquant simulate --config configs/quality/torch_lsq.toml --out runs/q-torch-lsq --prepared-from runs/default
+	$(VENV)/bin/fedquant simulate --config configs/quality/rotated.toml --out runs/q-rotated
 	$(PY) -m bench.quality --runs $(QUALITY_RUNS)
 	$(PY) -m bench.readme_tables
 

@@ -79,10 +79,10 @@ def job_keys(rt: DeviceRuntime, ins: Instruction) -> list[str]:
     return keys
 
 
-def _batches(rt, seqs, keys, batch_size, profile, what):
+def _batches(rt, seqs, keys, batch_size, profile, what, rotated: bool = True):
     b = plan_batch(batch_size, seqs.shape[1], exposed_widths(rt, keys), profile, what)
     for i in range(0, len(seqs), b):
-        yield b, seqs[i:i + b], rt.float_activations(seqs[i:i + b], keys)
+        yield b, seqs[i:i + b], rt.float_activations(seqs[i:i + b], keys, rotated)
 
 
 def scout(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
@@ -99,7 +99,9 @@ def scout(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
     sqsum: dict[str, np.ndarray] = {}
     metrics = {"num-examples": len(seqs)}
     with _measured(metrics):
-        for b, _, acts in _batches(rt, seqs, keys, batch_size, profile, "scout"):
+        # the inputs' own channels, unrotated (SmoothQuant's abs-max, the weights' importance); the
+        # server sizes a rotated input's grid from them too (server.rounds._scout)
+        for b, _, acts in _batches(rt, seqs, keys, batch_size, profile, "scout", rotated=False):
             for k, x in acts.items():
                 if np.isnan(x).any():
                     raise ValueError(f"{k}: activation has NaN values")

@@ -45,6 +45,8 @@ from client.profiles import DeviceProfile
 from client.runtime import DeviceRuntime, FloatLinears
 from quant import reconstruct as rc
 from quant.learn_config import LearnConfig
+from quant.qparams import rotation_block
+from quant.smoothing import fold_weight
 from quant.wire import Instruction, LsqReply
 
 _NORMS: "weakref.WeakKeyDictionary[DeviceRuntime, dict]" = weakref.WeakKeyDictionary()
@@ -72,9 +74,14 @@ def runtime_keys(rt: DeviceRuntime, ins: Instruction) -> list[str]:
     return keys
 
 
-def column_sq_norms(linears, path: str) -> np.ndarray:
+def column_sq_norms(linears, path: str, rows=None) -> np.ndarray:
     """``sum_i W_ij^2`` (float64) of a Linear's weight, read ``_ROWS`` rows at a time from a
-    bundle's npz (``FloatLinears``), or from any ``{path: (weight, bias)}`` mapping."""
+    bundle's npz (``FloatLinears``), or from any ``{path: (weight, bias)}`` mapping; ``rows`` (a
+    function of a block of rows) transforms them first (a rotated Linear's ``(W * m) R``)."""
+    if rows is not None:
+        w = linears[path][0]
+        return sum((np.einsum("ij,ij->j", r, r, dtype=np.float64) for r in
+                    (rows(w[i:i + _ROWS]) for i in range(0, len(w), _ROWS))), np.zeros(np.shape(w)[1]))
     if isinstance(linears, FloatLinears):
         with linears._npz.zip.open(f"w:{path}.npy") as f:
             version = np.lib.format.read_magic(f)
@@ -93,9 +100,19 @@ def column_sq_norms(linears, path: str) -> np.ndarray:
 
 def consumer_weights(rt: DeviceRuntime, key: str) -> np.ndarray:
     """``d_j`` of a point (``quant.reconstruct.output_weights``): the consumer's squared column
-    norms (cached per runtime: the float weights never change) times the held smoothing squared."""
+    norms (cached per runtime: the float weights never change) times the held smoothing squared;
+    a rotated input's, those of ``(W * m) R`` (its columns see ``(x / m) R``: cached per factors)."""
     path = key.rsplit(":", 1)[0]
     cache = _NORMS.setdefault(rt, {})
+    block = rotation_block(rt.qparams, path)
+    if block:
+        m = rt.qparams.smoothing.get(path)
+        tag = (path, block, None if m is None else np.asarray(m, np.float32).tobytes())
+        if tag not in cache:
+            if len(cache) > 4 * len(rt.linears):    # mostly entries of factors no longer held
+                cache.clear()
+            cache[tag] = column_sq_norms(rt.linears, path, lambda w: fold_weight(w, m, block))
+        return cache[tag]
     if path not in cache:
         cache[path] = column_sq_norms(rt.linears, path)
     d = cache[path]

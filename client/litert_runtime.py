@@ -167,7 +167,8 @@ class LiteRTDevice:
         """The vocabulary the logits span: the ``.tflite``'s output width."""
         return int(self.runtime._out["shape"][-1])
 
-    def float_activations(self, ids, keys):
+    def float_activations(self, ids, keys, rotated: bool = True):
+        # no rotated input reaches LiteRT (quant.tflite refuses them): ``rotated`` changes nothing
         return self.capture.run(ids, keys, self.qparams.smoothing)
 
     def _check(self, qp):

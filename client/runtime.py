@@ -127,7 +127,8 @@ import numpy as np  # noqa: E402
 from quant.metrics import nll_sum_and_count  # noqa: E402
 from quant.onnxfile import compact, link_file, load_onnx  # noqa: E402
 from quant.qparams import (QParams, rotation_block, atomic_write_bytes, atomic_write_with, load_qparams,  # noqa: E402
-                           qparams_problems, save_qparams)
+                           qparams_problems, rotated_linears, save_qparams)
+from quant.rotation import rotate  # noqa: E402
 from quant.smoothing import smoothed_weight_point  # noqa: E402
 
 BUNDLE_FORMAT = "fedquant.device/1"
@@ -648,10 +649,13 @@ class DeviceRuntime:
         return {k: self._weight_shape(k.rsplit(":", 1)[0])[1] for k in self.activation_keys()
                 if k.endswith(":input") and k.rsplit(":", 1)[0] in self.linears}
 
-    def float_activations(self, ids, keys):
+    def float_activations(self, ids, keys, rotated: bool = True):
         """``{key: float32 input of the point}`` for one batch, from the float graph, divided by
-        the held smoothing factors where a Linear has them (what QuantLinear's capture sees)."""
-        return self.capture.run(ids, keys, self.qparams.smoothing)
+        the held smoothing factors where a Linear has them and, unless not ``rotated``, rotated
+        where its static input is (``quant.qparams.rotated_linears``): what the point quantizes,
+        and what QuantLinear's capture sees. Scouting asks for the unrotated input (SmoothQuant's
+        per-channel abs-max is of the input's own channels)."""
+        return self.capture.run(ids, keys, self.qparams.smoothing, rotated_blocks(self.qparams) if rotated else None)
 
 
 class FloatCapture:
@@ -687,21 +691,30 @@ class FloatCapture:
                                                  external_dir=self.external_dir)}
         return self._sessions[names]
 
-    def run(self, ids, keys, smoothing=None) -> dict[str, np.ndarray]:
+    def run(self, ids, keys, smoothing=None, rotation=None) -> dict[str, np.ndarray]:
         unknown = [k for k in keys if k not in self.tensors]
         if unknown:
             raise ValueError(f"not activation points of the float graph: {unknown[:5]}")
         names = tuple(sorted({self.tensors[k] for k in keys}))
         outs = self.session(names).run(list(names), {"input_ids": np.asarray(ids, dtype=np.int64)})
-        return captured_by_key(dict(zip(names, outs)), self.tensors, keys, smoothing)
+        return captured_by_key(dict(zip(names, outs)), self.tensors, keys, smoothing, rotation)
 
 
-def captured_by_key(by_name: dict, tensors: dict, keys, smoothing=None) -> dict[str, np.ndarray]:
+def rotated_blocks(qp: QParams) -> dict[str, int]:
+    """Linear path -> rotation block of each Linear whose static input is rotated."""
+    return {p: rotation_block(qp, p) for p in rotated_linears(qp)}
+
+
+def captured_by_key(by_name: dict, tensors: dict, keys, smoothing=None, rotation=None) -> dict[str, np.ndarray]:
     """The captured tensors (graph name -> array) as activation points (``tensors``: key -> graph
-    name), a smoothed Linear's input divided by its factors, as the QDQ model quantizes it."""
+    name), a smoothed Linear's input divided by its factors and a rotated one's then rotated
+    (``rotation``: path -> block, ``quant.rotation.rotate``), as the QDQ model quantizes it."""
     got = {}
     for k in keys:
         x = by_name[tensors[k]]
-        m = (smoothing or {}).get(k.rsplit(":", 1)[0]) if k.endswith(":input") else None
-        got[k] = x if m is None else x / np.asarray(m, np.float32)
+        path = k.rsplit(":", 1)[0]
+        m = (smoothing or {}).get(path) if k.endswith(":input") else None
+        x = x if m is None else x / np.asarray(m, np.float32)
+        b = (rotation or {}).get(path) if k.endswith(":input") else None
+        got[k] = rotate(x, b) if b else x
     return got

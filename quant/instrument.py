@@ -36,7 +36,7 @@ from torch import nn
 
 from quant import lsq
 from quant.affine import broadcast_param, fake_quant, range_to_qparams, tensor_range
-from quant.qparams import PER_TOKEN_META, PointParams, QParams, model_fingerprint
+from quant.qparams import PER_TOKEN_META, ROTATED_META, PointParams, QParams, model_fingerprint, rotated_linears
 from quant.rotation import ROTATION_META, check_block, rotate_torch, rotation_of
 from quant.spec import QuantSpec, activation_spec, weight_spec
 
@@ -54,7 +54,10 @@ class QuantConfig(BaseModel):
     quantized per token at run time (``PerTokenQuantizer``) instead of at a QParams point: no
     statistics, no range, nothing learned there (``quant.qdq.per_token_inputs`` says why).
     ``per_token_rotation`` (a power of two; 0: none) rotates those inputs and their weights by a
-    block Hadamard transform first (``quant.rotation``).
+    block Hadamard transform first (``quant.rotation``). ``rotate`` lists fnmatch patterns over the
+    other Linears (static inputs, a QParams point each) whose input and weight are rotated so by
+    the same block before they are quantized (QuaRot's rotation for a static-range NPU: the point's
+    range is of ``(x / m) R``, the weight's of ``(W * m) R``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -65,6 +68,7 @@ class QuantConfig(BaseModel):
     skip: list[str] = []
     per_token: list[str] = []
     per_token_rotation: int = 0
+    rotate: list[str] = []
     attention_matmuls: bool = False
     embedding: Literal["int8", "float"] = Field("int8", description="the token embedding as the QDQ "
                                                 "graph stores it (quant.qdq.embedding_table)")
@@ -77,7 +81,7 @@ class QuantConfig(BaseModel):
             raise ValueError(f"override keys are '<module pattern>:input', ':other' or ':weight', got {bad}")
         return v
 
-    @field_validator("skip", "per_token")
+    @field_validator("skip", "per_token", "rotate")
     @classmethod
     def _names_modules(cls, v: list[str], info) -> list[str]:
         bad = [p for p in v if ":" in p]
@@ -239,10 +243,11 @@ class QuantLinear(nn.Module):
 
     ``smooth`` (default None) is the per-input-channel SmoothQuant factor m (Xiao et al., 2023):
     dividing the input and multiplying the weight columns leaves the float output unchanged and
-    moves activation outliers into the weights. ``rotation`` (per-token inputs only): the input
-    after the Div and the weight ``W * m`` are both rotated by ``quant.rotation.rotate`` (same float
-    product), and those are what is quantized. The Linear is kept as it is (no copy), so a tied
-    ``lm_head`` keeps sharing the embedding's Parameter and is quantized in the forward only.
+    moves activation outliers into the weights. ``rotation`` (a block; 0: none): the input after
+    the Div and the weight ``W * m`` are both rotated by ``quant.rotation.rotate`` (same float
+    product), and those are what is quantized, per token or at the input's point. The Linear is
+    kept as it is (no copy), so a tied ``lm_head`` keeps sharing the embedding's Parameter and is
+    quantized in the forward only.
 
     ``cache_weight``: in quant mode the fake-quantized weight is kept between forwards (one extra
     copy of the weight) until the weight, the smoothing factors or the qparams change, in place or
@@ -255,7 +260,7 @@ class QuantLinear(nn.Module):
                  per_token: bool = False, rotation: int = 0):
         super().__init__()
         self.linear = linear
-        self.rotation = rotation if per_token else 0   # quant.rotation: per-token inputs only
+        self.rotation = rotation   # quant.rotation: 0, or the block of x R and (W * m) R
         self.input_quantizer = PerTokenQuantizer(f"{path}:input") if per_token else \
             FakeQuantizer(f"{path}:input", act_spec, act_spec.param_shape(()))
         self.weight_quantizer = FakeQuantizer(f"{path}:weight", w_spec,
@@ -284,13 +289,14 @@ class QuantLinear(nn.Module):
         ``importance``, the range the server and the devices derive from it
         (``quant.smoothing.smoothed_weight_point``, in numpy on the same float32 values)."""
         spec = self.weight_quantizer.spec
-        if self.importance is None or self.rotation:
+        if self.importance is None:
             s, z = range_to_qparams(*tensor_range(self.effective_weight(), spec), spec)
         else:
             from quant.smoothing import smoothed_weight_point
 
             m = None if self.smooth is None else self.smooth.detach().cpu().numpy()
-            p = smoothed_weight_point(self.linear.weight.detach().cpu().float().numpy(), m, spec, 0, self.importance)
+            p = smoothed_weight_point(self.linear.weight.detach().cpu().float().numpy(), m, spec, self.rotation,
+                                      self.importance)
             s, z = p.scale, p.zero_point
         self.weight_quantizer.set_qparams(s, z)
 
@@ -471,6 +477,15 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> list[str]:
         if not hit:
             raise ValueError(f"per_token pattern {pat!r} matches no quantized nn.Linear of the model")
         per_token |= hit
+    rotated = set()
+    for pat in config.rotate:
+        hit = {n for n, _ in chosen if fnmatch.fnmatchcase(n, pat)} - per_token
+        if not hit:
+            raise ValueError(f"rotate pattern {pat!r} matches no quantized nn.Linear of the model with a static "
+                             "input (per-token inputs are rotated by per_token_rotation)")
+        rotated |= hit
+    if rotated and not config.per_token_rotation:
+        raise ValueError(f"rotate names {len(rotated)} Linears but per_token_rotation (the block) is 0")
     for n in sorted(per_token):
         w = config.spec_for(f"{n}:weight")
         if not (w.bits == 8 and w.signed and (w.granularity == "per_tensor" or
@@ -495,8 +510,9 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> list[str]:
             w_spec.param_shape(tuple(linear.weight.shape))
         except ValueError as e:
             raise ValueError(f"{name}:weight: {e}") from None
+        block = config.per_token_rotation if name in per_token or name in rotated else 0
         replacements.append((name, QuantLinear(linear, name, a_spec, w_spec, per_token=name in per_token,
-                                               rotation=config.per_token_rotation)))
+                                               rotation=block)))
     qmatmuls = [(m, op, QuantMatMul(p, config.spec_for(f"{p}:input"), config.spec_for(f"{p}:other")))
                 for m, op, p in matmuls]
     for name, ql in replacements:
@@ -565,6 +581,11 @@ def per_token_paths(model: nn.Module) -> list[str]:
     return sorted(n for n, m in _quant_linears(model).items() if m.per_token)
 
 
+def rotated_paths(model: nn.Module) -> list[str]:
+    """The Linears whose static input is rotated before its point (``QuantConfig.rotate``)."""
+    return sorted(n for n, m in _quant_linears(model).items() if m.rotation and not m.per_token)
+
+
 def learned_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The ``log_s`` (and, for asymmetric specs, ``beta``) of every point in learn mode."""
     for q in quant_points(model).values():
@@ -586,6 +607,9 @@ def get_qparams(model: nn.Module) -> QParams:
                  if m.smooth is not None}
     per_token = per_token_paths(model)
     meta = {PER_TOKEN_META: json.dumps(per_token)} if per_token else {}
+    rotated = rotated_paths(model)
+    if rotated:
+        meta[ROTATED_META] = json.dumps(rotated)
     blocks = {m.rotation for m in _quant_linears(model).values() if m.rotation}
     if blocks:
         meta[ROTATION_META] = str(max(blocks))
@@ -617,6 +641,8 @@ def set_qparams(model: nn.Module, qp: QParams, strict: bool = True, respec: bool
         mine = max((m.rotation for m in linears.values()), default=0)
         if rotation_of(qp.meta) != mine:
             errors.append(f"per-token rotation block {rotation_of(qp.meta)} differs from the model's {mine}")
+    if ROTATED_META in qp.meta and rotated_linears(qp) != rotated_paths(model):
+        errors.append(f"rotated inputs {rotated_linears(qp)[:3]} differ from the model's {rotated_paths(model)[:3]}")
     for key, p in qp.points.items():
         q = points.get(key)
         if q is None:

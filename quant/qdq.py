@@ -34,7 +34,7 @@ from quant.affine import dequantize, quantize, range_to_qparams, tensor_range
 from quant.export import (LINEAR_TAG, MATMUL_TAG, OPSET, embedding_gathers, float_graph, float_linears,
                           linear_paths, matmul_paths, node_tag, prune_unused)
 from quant.onnxfile import EXTERNAL_THRESHOLD, copy_fields, load_external, load_onnx, save_onnx
-from quant.qparams import QParams, atomic_write_bytes, per_token_linears
+from quant.qparams import QParams, atomic_write_bytes, per_token_linears, rotation_block
 from quant.rotation import block_for, hadamard, rotate, rotation_of, signs
 from quant.spec import QuantSpec, weight_spec
 
@@ -53,6 +53,7 @@ class _Plan:
     names: dict[str, tuple[str, str]]  # initializer -> (qparams key, kind)
     w_attrs: dict
     b_attrs: dict
+    rotation: tuple[int, int] = (0, 0)   # (input width, block) of a rotated Linear (quant.rotation)
 
 
 def _storage(a, spec: QuantSpec) -> np.ndarray:
@@ -92,8 +93,9 @@ def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weight
         w = w * m
         values[f"{path}.input.smooth"] = m
         names[f"{path}.input.smooth"] = (path, "smoothing")
-    if per_token and rotation_of(qp.meta):   # quant.rotation: W * m, then R (per_token_inputs rotates x)
-        w = rotate(w, rotation_of(qp.meta))
+    rotation = (int(w.shape[1]), block_for(int(w.shape[1]), rotation_block(qp, path)))
+    if rotation[1]:   # quant.rotation: W * m, then R (the graph rotates x: _rotation_nodes)
+        w = rotate(w, rotation[1])
     if pi is not None:
         _act_point(f"{path}.input", ki, qp, values, names)
     if pw is not None:
@@ -129,7 +131,7 @@ def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weight
             names[f"{path}.bias.scale"] = (kw, "bias_scale")
             if bs.ndim == 1:
                 b_attrs["axis"] = 0
-    return _Plan(values, names, w_attrs, b_attrs)
+    return _Plan(values, names, w_attrs, b_attrs, rotation)
 
 
 def qdq_values(qparams: QParams, linears: dict, u8_weights: bool = False
@@ -183,15 +185,14 @@ BARRIER_LOWEST = "fedquant.lowest_float"  # the float32 lowest value, for the Ma
 
 def _shared_head(table: np.ndarray, linears: dict, qp: QParams) -> tuple[str, int] | None:
     """The Linear whose 8-bit per-row (int8 or uint8) quantized weight equals ``table`` (a tied
-    lm_head) and the rotation block of its stored rows (0: none; a per-token Linear's weight is
+    lm_head) and the rotation block of its stored rows (0: none; a rotated Linear's weight is
     stored rotated, ``_plan``), or None."""
-    per_token = set(per_token_linears(qp))
     for path, (w, _) in linears.items():
         p = qp.points.get(f"{path}:weight")
         if p is None or w.shape != table.shape or not np.array_equal(w, table):
             continue
         if p.spec.bits == 8 and p.spec.granularity == "per_channel" and p.spec.resolved_axis(2) == 0:
-            block = block_for(table.shape[1], rotation_of(qp.meta)) if path in per_token else 0
+            block = block_for(table.shape[1], rotation_block(qp, path))
             return path, block
     return None
 
@@ -309,7 +310,7 @@ def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights:
         for i, kind in enumerate(("input", "other")):
             if f"{path}:{kind}" in qparams.points:
                 _act_point(f"{path}.{kind}", f"{path}:{kind}", qparams, mm_values, name_map)
-    nodes, need_lowest = [], False
+    nodes, need_lowest, rot_consts = [], False, {}
     for node in g.node:
         if node.name in embeds:
             nodes.extend(embeds[node.name][0])
@@ -330,6 +331,12 @@ def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights:
                                               [f"{path}.input.smoothed"], name=f"{path}.input.Div"))
                 node.input[0] = f"{path}.input.smoothed"
             if f"{path}.input.scale" in v:
+                width, block = plan.rotation
+                if block:   # a rotated static input: quantize (x / m) R at the point
+                    rot, x, consts = _rotation_nodes(node.input[0], f"{path}.input", width, block)
+                    nodes.extend(rot)
+                    rot_consts.update(consts)
+                    node.input[0] = x
                 nodes.extend(_qdq_nodes(f"{path}.input", node.input[0]))
                 node.input[0] = f"{path}.input.dq"
                 pw = qparams.points.get(f"{path}:weight")
@@ -361,6 +368,8 @@ def _qdq_graph(mp: onnx.ModelProto, qparams: QParams, linears: dict, u8_weights:
     g.node.extend(nodes)
     if need_lowest:
         g.initializer.append(_to_tensor(BARRIER_LOWEST, np.array(np.finfo(np.float32).min, np.float32)))
+    have = {t.name for t in g.initializer}
+    g.initializer.extend(_to_tensor(n, a) for n, a in rot_consts.items() if n not in have)
     g.initializer.extend(_to_tensor(n, a) for n, a in mm_values.items())
     for plan in plans.values():
         g.initializer.extend(_to_tensor(n, a) for n, a in plan.values.items())
@@ -400,7 +409,9 @@ def export_qdq(model, qparams: QParams, path, *, float_onnx=None, seq_len: int =
     ``qparams.meta`` names per-token (``quant.qparams.per_token_linears``), whose input is
     quantized per token at run time (``per_token_inputs``); a Linear with
     SmoothQuant factors ``m`` in ``qparams.smoothing`` gets its input divided by ``m`` (a Div
-    before the QuantizeLinear) and its weight multiplied by ``m``, as QuantLinear does. ``float_onnx``
+    before the QuantizeLinear) and its weight multiplied by ``m``, as QuantLinear does; a Linear
+    ``qparams.meta`` names rotated (``quant.qparams.rotated_linears``) then has the smoothed input
+    rotated before the QuantizeLinear and its weight stored as ``(W * m) R``. ``float_onnx``
     (a path or ModelProto from ``export_float_onnx`` of the same model) skips the slow torch
     export, so one float export serves many QParams.
 
@@ -607,6 +618,23 @@ PER_TOKEN_CONSTS = {PER_TOKEN_ZERO: np.array(128, np.uint8), "fedquant.per_token
                     "fedquant.per_token.hi": np.array(255.0, np.float32)}
 
 
+def _rotation_nodes(x: str, p: str, n: int, b: int) -> tuple[list, str, dict]:
+    """Nodes computing ``x R`` (``quant.rotation``: the signs ``D`` a Mul, then Reshape to blocks,
+    MatMul by the Hadamard block, Reshape back) of an ``n``-wide tensor ``x`` in blocks of ``b``,
+    named after ``p``; ``(nodes, output name, constants)``."""
+    r = f"fedquant.rotation.{n}x{b}"
+    consts = {f"{r}.signs": signs(n), f"{r}.hadamard": hadamard(b).astype(np.float32),
+              f"{r}.blocks": np.array([-1, n // b, b], np.int64)}
+    nodes = [helper.make_node("Shape", [x], [f"{p}.shape"], name=f"{p}.Shape"),
+             helper.make_node("Mul", [x, f"{r}.signs"], [f"{p}.signed"], name=f"{p}.Signs"),
+             helper.make_node("Reshape", [f"{p}.signed", f"{r}.blocks"], [f"{p}.blocks"], name=f"{p}.ToBlocks"),
+             helper.make_node("MatMul", [f"{p}.blocks", f"{r}.hadamard"], [f"{p}.rotated_blocks"],
+                              name=f"{p}.Hadamard"),
+             helper.make_node("Reshape", [f"{p}.rotated_blocks", f"{p}.shape"], [f"{p}.rotated"],
+                              name=f"{p}.FromBlocks")]
+    return nodes, f"{p}.rotated", consts
+
+
 def per_token_inputs(mp: onnx.ModelProto, paths, rotation: int = 0) -> list[str]:
     """Rewrite, in place, the Linears ``paths`` of a QDQ model so their input is quantized per
     token at run time instead of with the static per-tensor (s, z) of its QParams point.
@@ -671,19 +699,8 @@ def per_token_inputs(mp: onnx.ModelProto, paths, rotation: int = 0) -> list[str]
         rot_nodes = []
         b = block_for(int(w.dims[0]), rotation) if rotation else 0
         if b:
-            n, r = int(w.dims[0]), f"fedquant.rotation.{int(w.dims[0])}x{b}"
-            rot_consts[f"{r}.signs"] = signs(n)
-            rot_consts[f"{r}.hadamard"] = hadamard(b).astype(np.float32)
-            rot_consts[f"{r}.blocks"] = np.array([-1, n // b, b], np.int64)
-            rot_nodes = [
-                helper.make_node("Shape", [x], [f"{p}.shape"], name=f"{p}.Shape"),
-                helper.make_node("Mul", [x, f"{r}.signs"], [f"{p}.signed"], name=f"{p}.Signs"),
-                helper.make_node("Reshape", [f"{p}.signed", f"{r}.blocks"], [f"{p}.blocks"], name=f"{p}.ToBlocks"),
-                helper.make_node("MatMul", [f"{p}.blocks", f"{r}.hadamard"], [f"{p}.rotated_blocks"],
-                                 name=f"{p}.Hadamard"),
-                helper.make_node("Reshape", [f"{p}.rotated_blocks", f"{p}.shape"], [f"{p}.rotated"],
-                                 name=f"{p}.FromBlocks")]
-            x = f"{p}.rotated"
+            rot_nodes, x, consts = _rotation_nodes(x, p, int(w.dims[0]), b)
+            rot_consts.update(consts)
         mmi = helper.make_node("MatMulInteger", [f"{p}.q", wq, PER_TOKEN_ZERO, wz], [f"{p}.acc"],
                                name=f"{path}/MatMulInteger")
         mmi.metadata_props.add(key=LINEAR_TAG, value=path)   # still the Linear's product

@@ -76,11 +76,11 @@ class PointParams:
 PER_TOKEN_META = "per_token"   # meta key: JSON list of the Linears whose input is quantized per token
 
 
-def per_token_linears(qp: "QParams") -> list[str]:
-    """The Linears whose input is quantized per token at run time (``meta["per_token"]``, set by
-    ``quant.instrument.get_qparams``): they have a ``:weight`` point and no ``:input`` point, and
-    the QDQ graph quantizes their input per token (``quant.qdq.per_token_inputs``)."""
-    raw = qp.meta.get(PER_TOKEN_META)
+ROTATED_META = "rotated"       # meta key: JSON list of the Linears whose static input is rotated
+
+
+def _linear_list(qp: "QParams", key: str) -> list[str]:
+    raw = qp.meta.get(key)
     if not raw:
         return []
     try:
@@ -88,14 +88,30 @@ def per_token_linears(qp: "QParams") -> list[str]:
     except ValueError:
         paths = None
     if not isinstance(paths, list) or not all(isinstance(p, str) and p and ":" not in p for p in paths):
-        raise ValueError(f"meta[{PER_TOKEN_META!r}] must be a JSON list of Linear paths, got {raw[:80]!r}")
+        raise ValueError(f"meta[{key!r}] must be a JSON list of Linear paths, got {raw[:80]!r}")
     return sorted(paths)
+
+
+def per_token_linears(qp: "QParams") -> list[str]:
+    """The Linears whose input is quantized per token at run time (``meta["per_token"]``, set by
+    ``quant.instrument.get_qparams``): they have a ``:weight`` point and no ``:input`` point, and
+    the QDQ graph quantizes their input per token (``quant.qdq.per_token_inputs``)."""
+    return _linear_list(qp, PER_TOKEN_META)
+
+
+def rotated_linears(qp: "QParams") -> list[str]:
+    """The Linears whose static input (a QParams ``:input`` point) is rotated before it is quantized
+    (``meta["rotated"]``, ``QuantConfig.rotate``): the point's range is of ``(x / m) R``, the
+    weight point of ``(W * m) R`` (``quant.rotation``; per-token Linears are rotated by
+    ``meta["per_token_rotation"]`` alone)."""
+    return _linear_list(qp, ROTATED_META)
 
 
 def rotation_block(qp: "QParams", path: str) -> int:
     """The block ``quant.rotation`` rotates Linear ``path``'s input and weight in (its width
-    decides the block actually used): ``meta["per_token_rotation"]`` for a per-token Linear, else 0."""
-    return rotation_of(qp.meta) if path in per_token_linears(qp) else 0
+    decides the block actually used): ``meta["per_token_rotation"]`` for a per-token or rotated
+    Linear, else 0."""
+    return rotation_of(qp.meta) if path in per_token_linears(qp) or path in rotated_linears(qp) else 0
 
 
 @dataclass
@@ -128,6 +144,13 @@ class QParams:
         both = [p for p in per_token_linears(self) if f"{p}:input" in self.points]
         if both:
             raise ValueError(f"{both[0]}: its input is quantized per token and also has a point ({both[0]}:input)")
+        rotated = rotated_linears(self)
+        if rotated and not rotation_of(self.meta):
+            raise ValueError(f"meta[{ROTATED_META!r}] names {len(rotated)} Linears but "
+                             f"meta[{ROTATION_META!r}] gives no rotation block")
+        also = sorted(set(rotated) & set(per_token_linears(self)))
+        if also:
+            raise ValueError(f"{also[0]}: listed both as per-token and as a rotated static input")
 
     def with_points(self, updates: dict[str, PointParams], version: int | None = None) -> "QParams":
         """A copy with some points replaced; the original is untouched."""
@@ -184,6 +207,9 @@ def qparams_problems(qp: "QParams", held: "QParams | None" = None,
         if PER_TOKEN_META in qp.meta and per_token_linears(qp) != per_token_linears(held):
             errors.append(f"per-token inputs {per_token_linears(qp)[:3]} differ from the runtime's "
                           f"{per_token_linears(held)[:3]} (a different graph)")
+        if ROTATED_META in qp.meta and rotated_linears(qp) != rotated_linears(held):
+            errors.append(f"rotated inputs {rotated_linears(qp)[:3]} differ from the runtime's "
+                          f"{rotated_linears(held)[:3]} (a different graph)")
         if ROTATION_META in qp.meta:
             try:
                 mine, theirs = rotation_of(qp.meta), rotation_of(held.meta)

@@ -1,4 +1,4 @@
-"""The Hadamard rotation of per-token inputs (QuaRot's online Hadamard: Ashkboos et al., "QuaRot:
+"""The Hadamard rotation of Linear inputs and weights (QuaRot's online Hadamard: Ashkboos et al., "QuaRot:
 Outlier-Free 4-Bit Inference in Rotated LLMs", NeurIPS 2024; Chee et al., QuIP, 2023).
 
 A per-token input's scale is set by the token's largest channel, so on SmolLM2's tokens with
@@ -14,6 +14,12 @@ The rotation costs ``b`` multiply-adds per input element at run time (128 here: 
 SmolLM2 layer's Linear ones); blocks are the largest power of two dividing the width, at most the block asked
 for. Pure numpy (and a torch twin for the instrument) so the server, every device and the export
 derive the same bits. ``quant.qdq.per_token_inputs`` writes it into the graph.
+
+A static input (a QParams point: an NPU's per-tensor range) is rotated the same way when its
+Linear is listed in the QParams' ``meta["rotated"]`` (``QuantConfig.rotate``): one massive channel
+then no longer sets the range every other channel of the tensor is rounded on, and the 4-bit
+weights ``(W * m) R`` lose their outlier columns too (QuaRot's argument for weights and
+activations alike). ``quant.qdq`` rotates the smoothed input before its QuantizeLinear.
 """
 
 from __future__ import annotations

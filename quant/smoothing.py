@@ -46,7 +46,7 @@ def smoothing_factors(act_absmax, weight, alpha: float = 0.5,
 
 def fold_weight(weight, factors=None, rotation: int = 0) -> np.ndarray:
     """``W * m`` (columns scaled) in float32: what a smoothed Linear quantizes (``factors`` None:
-    an unsmoothed one, ``W``); a per-token Linear's rotated by ``quant.rotation`` when
+    an unsmoothed one, ``W``); a rotated Linear's (per token or static) rotated by ``quant.rotation`` when
     ``rotation`` is a block (``W * m`` then ``R``)."""
     w = np.asarray(weight, dtype=np.float32)
     if factors is not None:
@@ -60,13 +60,15 @@ def smoothed_weight_point(weight, factors, spec: QuantSpec, rotation: int = 0, i
     same float32 product). With ``importance`` (``QParams.importance``: the fleet's ``E[x_j^2]``
     of the float input), the range with the least rounding error weighted per column
     (``quant.weight_ranges.weight_point``): the columns of ``W * m`` see ``x / m``, so each weighs
-    ``E[x_j^2] / m_j^2``. A rotated Linear's columns mix the channels: min-max there."""
+    ``E[x_j^2] / m_j^2``. A rotated Linear's columns see ``(x / m) R``, whose channels mix the input's:
+    its importance is given in those channels as it is (``server.rounds.importance_qparams`` gives
+    ones, plain MSE: the rotation evens the channels out)."""
     w = fold_weight(weight, factors, rotation)
-    if importance is None or rotation:
+    if importance is None:
         s, z = range_to_qparams(*tensor_range(w, spec), spec)
         return PointParams(spec, s, z)
     h = np.asarray(importance, dtype=np.float32)
-    if factors is not None:
+    if factors is not None and not rotation:
         h = h / np.square(np.asarray(factors, dtype=np.float32))
     return weight_point(w, spec, h)
 

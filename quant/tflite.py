@@ -38,7 +38,7 @@ import numpy as np
 
 from quant.affine import quantize
 from quant.qdq import bias_quant, embedding_table
-from quant.qparams import QParams, atomic_write_bytes, per_token_linears
+from quant.qparams import QParams, atomic_write_bytes, per_token_linears, rotated_linears
 
 EXTRA_HINT = "the LiteRT packages are missing: pip install -e '.[litert]' (see README, LiteRT)"
 LITERT_MODULES = ("ai_edge_litert", "litert_torch")     # the interpreter (+ schema), the converter
@@ -295,6 +295,10 @@ def quantize_points(float_path, weights: dict[str, np.ndarray], qparams: QParams
     if per_token:   # a float input here would pass for the device's int8 one without a word
         raise ValueError(f"QParams quantize the inputs of {len(per_token)} Linears per token at run time "
                          f"({per_token[0]}, ...): the LiteRT export has static per-tensor activations only")
+    rotated = rotated_linears(qparams)
+    if rotated:     # the .tflite would quantize x, not x R, with ranges and weights of x R
+        raise ValueError(f"QParams rotate the inputs of {len(rotated)} Linears ({rotated[0]}, ...): the LiteRT "
+                         "export has no rotation (quant.rotation); export those QParams to ONNX")
     schema, fu = _schema()
     model = fu.read_model(str(float_path))
     if len(model.subgraphs) != 1:

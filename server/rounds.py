@@ -218,11 +218,15 @@ def scout_instruction(round: int, qp: QParams, absmax: Mapping[str, int],
 def stat_key(profile: str, qp: QParams, key: str, config: ServerConfig) -> str:
     """Where a profile's point keeps its grid and statistics sums: the point's key, shared by every
     profile (design.md s. 4) -- except a smoothed input, whose histogram of ``x / m`` depends on
-    the factors: ``<key>@<alpha>``, shared by the profiles smoothed with the same strength."""
+    the factors: ``<key>@<alpha>``, shared by the profiles smoothed with the same strength; a
+    rotated input's (``quant.qparams.rotated_linears``) ends in ``@r<block>``."""
     a = config.smoothing.alpha_for(profile) if config.smoothing is not None else None
-    if a is None or not key.endswith(":input") or key.rsplit(":", 1)[0] not in qp.smoothing:
-        return key
-    return f"{key}@{a:g}"
+    path = key.rsplit(":", 1)[0]
+    block = rotation_block(qp, path) if key.endswith(":input") else 0
+    rotated = f"@r{block}" if block else ""     # a rotated input's histogram is of (x / m) R
+    if a is None or not key.endswith(":input") or path not in qp.smoothing:
+        return key + rotated
+    return f"{key}@{a:g}{rotated}"
 
 
 def instructions_for(state: RunState, round: int, spec: RoundSpec, config: ServerConfig,
@@ -354,6 +358,7 @@ def _scout(state: RunState, replies, config: ServerConfig, weights) -> tuple[Run
     groups = smoothing_groups(state.qparams, config)
     if groups and weights is None:
         raise ValueError("a scouting round with smoothing needs the Linears' float weights")
+    own = {}    # profile -> the grids of its (smoothed) inputs
     for alpha, profs in groups.items():
         group = {p: state.qparams[p] for p in profs}
         factors = smoothing_from_scouting(scouting, smoothable_paths(group, config, weights), weights,
@@ -364,11 +369,18 @@ def _scout(state: RunState, replies, config: ServerConfig, weights) -> tuple[Run
             qparams[prof] = smoothed_qparams(state.qparams[prof], factors, weights, smoothed)
             learned.pop(prof, None)
             moments.pop(prof, None)
-            for k in activation_keys(qparams[prof]):
-                sk = stat_key(prof, qparams[prof], k, config)
-                if sk != k and k in g:
-                    grids[sk] = g[k]
+            own[prof] = g
         metrics.setdefault("smoothed", {}).update({p: len(factors) for p in profs})
+    for prof, qp in sorted(qparams.items()):
+        # a smoothed input's grid spans the smoothed abs-max; a rotated one's the same (unrotated)
+        # extent: the rotation spreads a channel's outlier over its block, so the rotated values
+        # mostly fill less of it (the bound sum_j a_j / sqrt(b) over a block would be far looser),
+        # and a round widens a grid they pass
+        g = own.get(prof, grids)
+        for k in activation_keys(qp):
+            sk = stat_key(prof, qp, k, config)
+            if sk != k and k in g:
+                grids[sk] = g[k]
     ranked = sorted(p for p, r in config.weight_ranges.items() if r == "importance" and p in qparams)
     if ranked:
         importance = merge_importance(scouting, config.stats_rule, config.trim)
@@ -452,13 +464,17 @@ def smoothed_qparams(qp: QParams, factors: Mapping[str, np.ndarray], weights: Ma
 def importance_qparams(qp: QParams, importance: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray],
                        version: int) -> QParams:
     """``qp`` with the fleet's ``importance`` of its Linears (those with a weight point and a float
-    weight, rotated ones aside) and each of their weight points ranged by it
-    (``quant.smoothing.smoothed_weight_point``: what every device derives from its own weights)."""
+    weight) and each of their weight points ranged by it (``quant.smoothing.smoothed_weight_point``:
+    what every device derives from its own weights). A rotated Linear's columns see the rotated
+    input, whose channels the fleet did not measure (they depend on the factors this same round
+    sets): it gets ones, plain MSE (the rotation evens its channels out)."""
     imp = {p: np.asarray(h, np.float32) for p, h in importance.items()
            if f"{p}:weight" in qp.points and p in weights and not rotation_block(qp, p)
            and np.shape(h) == (np.shape(weights[p])[1],)}
+    imp |= {p: np.ones(np.shape(weights[p])[1], np.float32) for p in
+            (k.rsplit(":", 1)[0] for k in qp.points if k.endswith(":weight")) if p in weights and rotation_block(qp, p)}
     points = {f"{p}:weight": smoothed_weight_point(weights[p], qp.smoothing.get(p), qp.points[f"{p}:weight"].spec,
-                                                   0, h) for p, h in sorted(imp.items())}
+                                                   rotation_block(qp, p), h) for p, h in sorted(imp.items())}
     return QParams({**qp.points, **points}, qp.model, version, dict(qp.smoothing), dict(qp.meta),
                    {**qp.importance, **imp})
 

@@ -202,7 +202,7 @@ def export(
     with --format tflite, the LiteRT model with the same points (quant.tflite)."""
     _quiet_env()
     from quant.instrument import fingerprint
-    from quant.qparams import load_qparams, per_token_linears
+    from quant.qparams import load_qparams, per_token_linears, rotated_linears
     from simulation.models import load_model
 
     if format not in ("onnx", "tflite"):
@@ -215,6 +215,9 @@ def export(
     if format == "tflite" and per_token_linears(qp):
         _fail(f"{qparams}: {len(per_token_linears(qp))} Linears take their input per token at run time "
               "(a fleet entry's per_token); the LiteRT export has static per-tensor activations only")
+    if format == "tflite" and rotated_linears(qp):
+        _fail(f"{qparams}: {len(rotated_linears(qp))} Linears rotate their input (a fleet entry's rotate); "
+              "the LiteRT export has no rotation")
     out.mkdir(parents=True, exist_ok=True)
     if format == "tflite":
         _export_tflite(m, qp, out, batch, seq_len)

@@ -60,6 +60,9 @@ class FleetEntry(BaseModel):
     per_token_rotation: int = Field(128, description="the block of the Hadamard rotation of those inputs "
                                     "and their weights (quant.rotation: the largest power of two dividing the "
                                     "width, at most this); 0: not rotated")
+    rotate: list[str] = Field(default_factory=list, description="Linear patterns (static inputs) whose input and "
+                              "weight are rotated by the same block Hadamard transform before they are "
+                              "quantized (QuaRot for a static-range NPU: quant.rotation), e.g. [\"*_proj\"]")
     availability: float = Field(1.0, gt=0, le=1, description="probability that a device is online in a round")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability that an online device drops out of a job")
 
@@ -190,6 +193,9 @@ class SimulationConfig(BaseModel):
             if e.per_token:
                 raise ValueError(f"fleet[{i}].per_token: profile {p.name!r} runs LiteRT, whose .tflite has "
                                  "static per-tensor activations only (quant.tflite)")
+            if e.rotate:
+                raise ValueError(f"fleet[{i}].rotate: profile {p.name!r} runs LiteRT, whose .tflite has no "
+                                 "rotation (quant.tflite)")
             if sm is not None and sm.alpha_for(p.name) is not None:
                 raise ValueError(f"server.smoothing: fleet[{i}] profile {p.name!r} runs LiteRT, whose "
                                  "SmoothQuant factors are constants of its .tflite (a run cannot patch "
@@ -226,4 +232,5 @@ def quant_config_for(profile: DeviceProfile, entry: FleetEntry) -> QuantConfig:
     return QuantConfig(activation=activation_spec(profile.activation_bits, profile.activation_signed),
                        weight=weight_spec(profile.weight_bits, profile.weight_group_size, profile.weight_symmetric),
                        overrides=dict(entry.overrides), skip=list(entry.skip), per_token=list(entry.per_token),
-                       per_token_rotation=entry.per_token_rotation if entry.per_token else 0)
+                       per_token_rotation=entry.per_token_rotation if entry.per_token or entry.rotate else 0,
+                       rotate=list(entry.rotate))

@@ -210,9 +210,11 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
     from quant.wire import Instruction
     from server.aggregate import grids_from_scouting
     from server.aggregate import merge_importance
+    from quant.qparams import rotated_linears
+    from quant.rotation import rotation_of
     from server.rounds import (absmax_request, importance_qparams, importance_request, scout_instruction,
                                smoothable_paths, smoothed_qparams, smoothed_scouting, smoothing_from_scouting,
-                               smoothing_groups)
+                               smoothing_groups, stat_key)
 
     scfg, bs = prep.cfg.server, prep.cfg.server.batch_size
     clients = prep.clients if clients is None else clients
@@ -243,25 +245,38 @@ def client_statistics(prep: Prepared, scouting_view=None, clients=None, own_grou
         points_of = {p: set(prep.initial[p].points) for p in prep.initial}    # a client reports its own points
         keys = tuple(k for k in sorted(grids) if k in rt.capture.tensors and any(k in points_of[p] for p in profiles))
         sins = Instruction(round=0, job="stats", qparams=qp0, keys=keys, grids={k: grids[k] for k in keys})
-        own = {k for k in keys if k.endswith(":input") and k.rsplit(":", 1)[0] in qp0.smoothing
-               and any(scfg.smoothing and scfg.smoothing.alpha_for(p) is not None for p in profiles)}
+        # a client's statistics of a point count where the federation adds them: under the same
+        # stat key (a smoothed input's with its group's factors, a rotated one's rotated alike)
+        mine = {k: stat_key(profiles[0], prep.initial[profiles[0]], k, scfg) for k in keys}
+        same = {p: {k for k in keys if k in points_of[p] and stat_key(p, prep.initial[p], k, scfg) == mine[k]}
+                for p in prep.initial}
         # no keys (the group's profiles quantize every input per token): nothing to run the float graph for
-        per_client = [{} if not keys or (own_group_only and c.profile not in profiles) else
+        per_client = [{} if not keys or not same[c.profile] or (own_group_only and c.profile not in profiles) else
                       {k: v for k, v in statistics(rt, sins, c.train, batch_size=bs)[0].stats.items()
-                       if (k not in own or c.profile in profiles) and k in points_of[c.profile]} for c in clients]
+                       if k in same[c.profile]} for c in clients]
         return profiles, initial, per_client
 
+    def by_rotation(members):
+        """``members`` split by the inputs they rotate: each part's statistics are its own."""
+        parts = {}
+        for p in members:
+            parts.setdefault((tuple(rotated_linears(prep.initial[p])), rotation_of(prep.initial[p].meta)), []).append(p)
+        return list(parts.values())
+
     wanted = set(prep.initial if profiles is None else profiles)
-    if plain and wanted & set(plain):
-        yield group(plain, {p: ranked(p, qp) for p, qp in prep.initial.items()}, scouting)
+    for part in by_rotation(plain):
+        if wanted & set(part):
+            yield group(part, {p: ranked(p, qp) for p, qp in prep.initial.items()}, scouting)
     for alpha, members in groups.items():
         if not wanted & set(members):
             continue
         grouped = {p: prep.initial[p] for p in members}
         factors = smoothing_from_scouting(scouting, smoothable_paths(grouped, scfg, weights), weights, alpha, scfg)
         smoothed = [smoothed_scouting(r, factors) for r in scouting]
-        yield group(members, {p: ranked(p, smoothed_qparams(qp, factors, weights, smoothed))
-                              for p, qp in grouped.items()}, smoothed)
+        for part in by_rotation(members):
+            if wanted & set(part):
+                yield group(part, {p: ranked(p, smoothed_qparams(qp, factors, weights, smoothed))
+                                   for p, qp in grouped.items() if p in part}, smoothed)
 
 
 def centralized_qparams(prep: Prepared, scouting_view=None) -> dict[str, QParams]:

@@ -22,6 +22,7 @@ from quant.qdq import export_qdq
 from quant.instrument import quantize_, set_mode
 from quant.metrics import nll_sum_and_count
 from quant.ptq import absmax_per_channel, collect_stats, grids_for, scout_ranges
+from quant.affine import range_to_qparams
 from quant.qparams import PointParams
 from quant.stats import Grid
 from quant.wire import Instruction
@@ -239,6 +240,52 @@ def test_smoothing_patch_and_capture(bundle, tmp_path):
     tm.get_submodule(path).set_smooth(qp2.smoothing[path])
     ref = absmax_per_channel(tm, [torch.from_numpy(x)], [key])[key]
     np.testing.assert_allclose(np.abs(got).reshape(-1, 128).max(0), ref, rtol=1e-5)
+
+
+def test_a_rotated_static_input_is_captured_and_patched_as_the_instrument_has_it(bundle, tmp_path):
+    """``QuantConfig.rotate``: the device's statistics see ``(x / m) R`` (what the point
+    quantizes, what the instrument's capture sees), its scouting the input's own channels (x / m,
+    unrotated: SmoothQuant's abs-max); new factors patch ``(W * m) R``'s integer weight in place,
+    the same bits as a fresh export, and a QParams that would rotate other Linears is refused."""
+    from quant.instrument import QuantConfig, capture_inputs, get_qparams, set_qparams
+    from quant.qparams import QParams, rotated_linears
+    from quant.rotation import rotate
+
+    model = bundle["model"]
+    qkv = sorted(p for p in float_linears(model) if p.endswith(("q_proj", "k_proj", "v_proj")))
+    tm = copy.deepcopy(model)
+    quantize_(tm, QuantConfig(rotate=["*_proj"], per_token_rotation=32))
+    x = ids(5, (4, 32))
+    ranges = {}
+    with capture_inputs(tm, lambda k, a: ranges.__setitem__(k, (a.min().item(), a.max().item()))), torch.no_grad():
+        tm(input_ids=torch.from_numpy(x))
+    act = bundle["qp"].points[f"{qkv[0]}:input"].spec
+    qp = get_qparams(tm).with_points({k: PointParams(act, *range_to_qparams(*r, act)) for k, r in ranges.items()})
+    assert set(qkv) <= set(rotated_linears(qp)) and "lm_head" not in rotated_linears(qp)
+    qp = QParams(qp.points, qp.model, 0, {qkv[0]: np.ones(64, np.float32)}, qp.meta)    # the factors' Div
+    save_device_bundle(model, qp, tmp_path / "r.onnx", float_onnx=bundle["dir"] / "float.onnx")
+    rt = DeviceRuntime(tmp_path / "r.onnx")
+    m = np.random.default_rng(1).uniform(0.5, 2.0, 64).astype(np.float32)
+    qp2 = QParams(dict(qp.points), qp.model, 1, {qkv[0]: m}, dict(qp.meta))
+    assert rt.patch(qp2)["changed"] >= 2   # the factors and the rotated integer weight
+    export_qdq(model, qp2, tmp_path / "re.onnx", float_onnx=bundle["dir"] / "float.onnx")
+    assert {t.name: t.SerializeToString() for t in rt.model.graph.initializer} == \
+        {t.name: t.SerializeToString() for t in onnx.load(tmp_path / "re.onnx").graph.initializer}
+    key = f"{qkv[0]}:input"
+    set_qparams(tm, qp2)
+    set_mode(tm, "float")
+    seen = {}
+    with capture_inputs(tm, lambda k, a: seen.__setitem__(k, a.numpy().copy()), [key]), torch.no_grad():
+        tm(input_ids=torch.from_numpy(x))
+    got = rt.float_activations(x, [key])[key]
+    np.testing.assert_allclose(got, seen[key], rtol=1e-5, atol=1e-6)
+    own = rt.float_activations(x, [key], rotated=False)[key]
+    np.testing.assert_allclose(rotate(own, 32), got, rtol=1e-5, atol=1e-6)
+    reply, _ = scout(rt, Instruction(2, "scout", qp2, keys=(key,), absmax={key: 64}), x)
+    np.testing.assert_allclose(reply.channel_absmax[key], np.abs(own).reshape(-1, 64).max(0), rtol=1e-6)
+    other = QParams(dict(qp2.points), qp2.model, 2, dict(qp2.smoothing), {**qp2.meta, "rotated": f'["{qkv[0]}"]'})
+    with pytest.raises(PatchRefused, match="rotated inputs"):
+        rt.patch(other)
 
 
 def test_new_smoothing_without_weight_points_is_folded_on_the_device(bundle, tmp_path):

@@ -17,6 +17,7 @@ from quant.export import export_float_onnx, float_linears
 from quant.instrument import QuantConfig, get_qparams, quantize_, set_qparams
 from quant.qdq import export_qdq
 from quant.qparams import QParams, diff_qparams, load_qparams, save_qparams
+from quant.rotation import rotate
 from quant.smoothing import smoothed_weight_point
 from quant.spec import activation_spec, weight_spec
 from quant.stats import channel_sqsum
@@ -122,8 +123,11 @@ def test_a_ranked_weight_point_is_the_least_weighted_rounding_error(bundle):
     assert got.scale.tobytes() == want.scale.tobytes() and got.zero_point.tobytes() == want.zero_point.tobytes()
     minmax = smoothed_weight_point(w, m, W4)
     assert not np.array_equal(got.scale, minmax.scale)
-    rotated = smoothed_weight_point(w, m, W4, 16, importance=h)      # a rotated Linear: min-max
-    assert rotated.scale.tobytes() == smoothed_weight_point(w, m, W4, 16).scale.tobytes()
+    # a rotated Linear's importance is of its rotated input's channels: taken as it is, not over m^2
+    rotated = smoothed_weight_point(w, m, W4, 16, importance=h)
+    want = weight_point(rotate(w * m, 16), W4, h)
+    assert rotated.scale.tobytes() == want.scale.tobytes() and rotated.zero_point.tobytes() == want.zero_point.tobytes()
+    assert not np.array_equal(rotated.scale, smoothed_weight_point(w, m, W4, 16).scale)     # not min-max
 
 
 def _ranked_server_qparams(bundle):

@@ -95,8 +95,9 @@ def test_smoke_run_writes_what_design_says(full_run):
     assert "round   5 lsq" in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("ranked", [False, True], ids=["minmax", "importance"])
-def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path, ranked):
+@pytest.mark.parametrize("ranked,rotated", [(False, False), (True, False), (True, True)],
+                         ids=["minmax", "importance", "rotated"])
+def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path, ranked, rotated):
     """Scouting with SmoothQuant (configs/smoke.toml) + two statistics rounds (every client once,
     over two sampled rounds) under the exact rules (sums and maxima; the bounded-influence defaults
     trade exactness for robustness): the global QParams -- smoothing factors, smoothed weight
@@ -106,13 +107,17 @@ def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path, ranked):
     default ``per_token_rotation``: their weight points are of ``(W * m) R`` on both sides; the tied
     embedding rotates lm_head's rows back). ``importance``: the int16 profile ranges its weights by the
     fleet's per-channel mean squares (``weight_ranges``): summed in the scouting round, the same
-    weight points on both sides and on the devices."""
-    from quant.qparams import per_token_linears
+    weight points on both sides and on the devices. ``rotated``: the int16 profile also rotates
+    every ``*_proj`` input (``rotate``): its points' statistics are of ``(x / m) R`` on both sides
+    (grids under their own ``@r`` keys), its rotated weights ranged by plain MSE (importance ones)."""
+    from quant.qparams import per_token_linears, rotated_linears
     from quant.rotation import rotation_of
 
     exact = tmp_path / "exact.toml"
     rule = 'weight_ranges = { int16 = "importance" }\n' if ranked else ""
     text = SMOKE.read_text().replace("[server]\n", f'[server]\nstats_rule = "sum"\nabsmax_rule = "max"\n{rule}', 1)
+    text = text.replace('profile = "int16"\nshare = 1\n', 'profile = "int16"\nshare = 1\nrotate = ["*_proj"]\n') \
+        if rotated else text
     exact.write_text(text.replace('profile = "int8"\nshare = 2\n', 'profile = "int8"\nshare = 2\nper_token = ["*.down_proj", "lm_head"]\n'))
     out = tmp_path / "stats-only"
     simulate(out, "--rounds", "3", config=exact)
@@ -126,12 +131,16 @@ def test_federated_statistics_equal_centralized_bit_for_bit(tmp_path, ranked):
         assert all(not np.all(fed.smoothing[k] == 1) for k in fed.smoothing)
         assert set(per_token_linears(fed)) <= set(fed.smoothing) and bool(per_token_linears(fed)) == (p == "int8")
         assert ("lm_head" in per_token_linears(fed)) == (p == "int8") == ("lm_head:input" not in fed.points)
-        assert rotation_of(fed.meta) == rotation_of(central.meta) == (128 if p == "int8" else 0)
+        assert rotation_of(fed.meta) == rotation_of(central.meta) == (128 if p == "int8" or rotated else 0)
         changed = [k for k in fed.points if not np.array_equal(fed.points[k].scale, start.points[k].scale)]
         assert len(changed) >= len([k for k in fed.points if k.endswith(":input")]) // 2
         weights = sorted(k.rsplit(":", 1)[0] for k in fed.points if k.endswith(":weight"))
         assert sorted(fed.importance) == (weights if ranked and p == "int16" else [])
         assert all(np.all(h > 0) for h in fed.importance.values())
+        turned = rotated_linears(fed)
+        assert turned == rotated_linears(central) == (sorted(w for w in weights if w.endswith("_proj"))
+                                                      if rotated and p == "int16" else [])
+        assert all(np.all(fed.importance[w] == 1) != (w not in turned) for w in fed.importance)
 
 
 def test_a_profile_with_every_input_per_token_scouts_evaluates_and_sits_out_the_rest(tmp_path):
