@@ -4,6 +4,11 @@ encoding per channel with bitwidth, scale, offset, min, max, is_symmetric and dt
 
 Tensor names are the QParams keys (``encoding_names``) or, for a consumer that quantizes the float
 graph of ``quant.export`` itself, that graph's tensor names (``onnx_encoding_names``).
+
+An encoding is of what its point quantizes: a smoothed Linear's input ``x / m`` and weight
+``W * m`` (``QParams.smoothing``), a rotated one's ``(x / m) R`` and ``(W * m) R``
+(``quant.qparams.rotated_linears``, ``quant.rotation``). A consumer of the float graph's names
+must apply the factors and the rotation itself; the QDQ model of ``quant.qdq`` has both.
 """
 
 from __future__ import annotations
