@@ -643,3 +643,28 @@ def test_a_robust_lsq_round_moves_no_scale_more_than_the_round_factor_even_from_
         new, _ = apply_round(state, 1, RoundSpec(job="lsq"), _lsq_replies({"u8": [math.log(8) * 0.99]}), [], cfg)
         moved = new.learned["u8"][f"log_s/{k}"] - ls0
         assert moved == pytest.approx(bound if bound else math.log(8) * 0.99, abs=1e-6), rule
+
+
+def test_a_rotated_input_keeps_its_statistics_apart_from_the_unrotated_one():
+    """``server.rounds.stat_key``: a rotated input's histogram is of ``(x / m) R``, so it is kept
+    under ``@r<block>`` after the smoothing strength (or alone when unsmoothed), never summed with
+    another profile's unrotated statistics of the same point; weights and unrotated inputs keep
+    their keys."""
+    import json
+
+    from server.rounds import stat_key
+
+    act = activation_spec(8)
+    pts = {k: PointParams(act, np.float32(0.1), np.uint8(128)) for k in ("a:input", "b:input")}
+    meta = {"rotated": json.dumps(["a"]), "per_token_rotation": "128"}
+    rotated = QParams(dict(pts), smoothing={"a": np.ones(4, np.float32)}, meta=meta)
+    plain = QParams(dict(pts), smoothing={"a": np.ones(4, np.float32)})
+    cfg = ServerConfig(schedule=[{"job": "scout"}], smoothing={"alpha": 0.5})
+    assert stat_key("p", rotated, "a:input", cfg) == "a:input@0.5@r128"
+    assert stat_key("p", plain, "a:input", cfg) == "a:input@0.5"
+    assert stat_key("p", rotated, "b:input", cfg) == "b:input"
+    assert stat_key("p", rotated, "a:weight", cfg) == "a:weight"
+    unsmoothed = ServerConfig(schedule=[{"job": "scout"}])
+    assert stat_key("p", rotated, "a:input", unsmoothed) == "a:input@r128"
+    with pytest.raises(ValueError, match="rotation block"):
+        QParams(dict(pts), meta={"rotated": json.dumps(["a"])}).validate()
