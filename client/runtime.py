@@ -128,7 +128,7 @@ from quant.metrics import nll_sum_and_count  # noqa: E402
 from quant.onnxfile import compact, link_file, load_onnx  # noqa: E402
 from quant.qparams import (QParams, rotation_block, atomic_write_bytes, atomic_write_with, load_qparams,  # noqa: E402
                            qparams_problems, rotated_linears, save_qparams)
-from quant.rotation import rotate  # noqa: E402
+from quant.rotation import rotate, rotation_of  # noqa: E402
 from quant.smoothing import smoothed_weight_point  # noqa: E402
 
 BUNDLE_FORMAT = "fedquant.device/1"
@@ -701,8 +701,10 @@ class FloatCapture:
 
 
 def rotated_blocks(qp: QParams) -> dict[str, int]:
-    """Linear path -> rotation block of each Linear whose static input is rotated."""
-    return {p: rotation_block(qp, p) for p in rotated_linears(qp)}
+    """Linear path -> rotation block of each Linear whose static input is rotated (the meta read
+    once: this runs for every batch a job captures)."""
+    block = rotation_of(qp.meta)
+    return {p: block for p in rotated_linears(qp)}
 
 
 def captured_by_key(by_name: dict, tensors: dict, keys, smoothing=None, rotation=None) -> dict[str, np.ndarray]:

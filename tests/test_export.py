@@ -303,6 +303,17 @@ def int8_minmax_qparams(qm):
     return get_qparams(qm).with_points({k: PointParams(act, *range_to_qparams(*r, act)) for k, r in ranges.items()})
 
 
+def instrument_logits(qm, qp, model, ids) -> tuple[np.ndarray, float]:
+    """The instrumented model's logits at ``qp`` (quant mode) and their largest distance to float's."""
+    from quant.instrument import set_mode, set_qparams
+
+    set_qparams(qm, qp)
+    set_mode(qm, "quant")
+    with torch.no_grad():
+        ref = qm(input_ids=ids, use_cache=False).logits.numpy()
+        return ref, float(np.abs(model(input_ids=ids, use_cache=False).logits.numpy() - ref).max())
+
+
 @pytest.mark.parametrize("rotation,patterns", [(0, ["*.down_proj"]), (64, ["*.down_proj"]),
                                                (64, ["*.down_proj", "lm_head"])])
 def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_path, rotation, patterns):
@@ -313,7 +324,7 @@ def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_pat
     stored as ``W R``) and the logits are still the instrument's. A tied lm_head with per-token
     inputs still shares its integer rows with the embedding, which rotates them back, in both,
     on either weight grid."""
-    from quant.instrument import QuantConfig, per_token_paths, quantize_, set_mode, set_qparams
+    from quant.instrument import QuantConfig, per_token_paths, quantize_
     from quant.qparams import per_token_linears
 
     model, f, ids = exported["model"], exported["dir"] / "float.onnx", exported["ids"]
@@ -324,11 +335,7 @@ def test_per_token_config_exports_what_the_instrument_computes(exported, tmp_pat
     qp = int8_minmax_qparams(qm)
     assert per_token_linears(qp) == downs and not any(f"{p}:input" in qp.points for p in downs)
     assert rotation_of(qp.meta) == rotation
-    set_qparams(qm, qp)
-    set_mode(qm, "quant")
-    with torch.no_grad():
-        ref = qm(input_ids=ids, use_cache=False).logits.numpy()
-        float_err = float(np.abs(model(input_ids=ids, use_cache=False).logits.numpy() - ref).max())
+    ref, float_err = instrument_logits(qm, qp, model, ids)
     names = export_qdq(model, qp, tmp_path / "p.onnx", float_onnx=f)
     assert {k for k, _ in names.values()} == set(qp.points)
     opt = tmp_path / "p.opt.onnx"
@@ -421,7 +428,7 @@ def test_rotated_static_inputs_export_what_the_instrument_computes(exported, tmp
     MatMul per rotated Linear) and stores the weights as ``(W * m) R``, so ORT's logits are the
     instrumented model's, with 8-bit weights and with 4-bit asymmetric groups (MatMulNBits);
     the rotated points' ranges are narrower than the same points unrotated (the outliers spread)."""
-    from quant.instrument import QuantConfig, quantize_, rotated_paths, set_mode, set_qparams
+    from quant.instrument import QuantConfig, quantize_, rotated_paths, set_qparams
     from quant.qparams import rotated_linears, rotation_block
 
     model, f, ids = exported["model"], exported["dir"] / "float.onnx", exported["ids"]
@@ -439,16 +446,12 @@ def test_rotated_static_inputs_export_what_the_instrument_computes(exported, tmp
     qm, qp = qps[True]
     assert rotated_paths(qm) == chosen == rotated_linears(qp) and all(f"{p}:input" in qp.points for p in chosen)
     assert all(rotation_block(qp, p) == 64 for p in chosen) and rotation_block(qp, "lm_head") == 0
-    width = {k: float(np.ptp(qparams_to_range(p.scale, p.zero_point, p.spec))) for k, p in qp.points.items()}
-    plain = {k: float(np.ptp(qparams_to_range(p.scale, p.zero_point, p.spec))) for k, p in qps[False][1].points.items()
-             if k.endswith(":input")}
-    narrower = [width[f"{p}:input"] < plain[f"{p}:input"] for p in chosen]
+    def width(q, path):
+        p = q.points[f"{path}:input"]
+        return float(np.ptp(qparams_to_range(p.scale, p.zero_point, p.spec)))
+    narrower = [width(qp, p) < width(qps[False][1], p) for p in chosen]
     assert sum(narrower) > len(chosen) / 2, narrower
-    set_qparams(qm, qp)
-    set_mode(qm, "quant")
-    with torch.no_grad():
-        ref = qm(input_ids=ids, use_cache=False).logits.numpy()
-        float_err = float(np.abs(model(input_ids=ids, use_cache=False).logits.numpy() - ref).max())
+    ref, float_err = instrument_logits(qm, qp, model, ids)
     names = export_qdq(model, qp, tmp_path / "r.onnx", float_onnx=f)
     assert {k for k, kind in names.values() if kind != "smoothing"} == set(qp.points)
     graph = onnx.load(tmp_path / "r.onnx").graph
