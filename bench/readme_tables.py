@@ -193,7 +193,7 @@ def per_token_block(d: dict, source: str = "per_token.json") -> str:
             f"{d['wall_s']:.0f} s). Source: `bench/results/{source}`.\n\n" + markdown_table(d))
 
 
-def mixed_gap_block(d: dict) -> str:
+def mixed_gap_block(d: dict, source: str = "mixed_gap.json") -> str:
     """The mixed profile taken apart, from bench/mixed_gap.py's JSON."""
     from bench.mixed_gap import markdown_table
 
@@ -203,7 +203,7 @@ def mixed_gap_block(d: dict) -> str:
             f"fleet's plan; {t['clients_test']['sequences']} windows of the clients' own held-out text, "
             f"{t['heldout']['sequences']} of the held-out roles, {t['ood']['sequences']} of the Factbook; ONNX "
             f"Runtime {m.get('onnxruntime')}; {_cpu(m)}, {m['cores']} cores shared with other jobs; code of "
-            f"{d.get('ran_on', 'not recorded')}; {d['wall_s']:.0f} s). Source: `bench/results/mixed_gap.json`."
+            f"{d.get('ran_on', 'not recorded')}; {d['wall_s']:.0f} s). Source: `bench/results/{source}`."
             f"\n\n" + markdown_table(d))
 
 
@@ -260,6 +260,7 @@ BLOCKS = [("mixed-plan", "mixed_plan.json", mixed_plan_block),
               ("splits-per-token", "splits_per_token.json"), ("splits-static", "splits_static.json"),
               ("splits-rotated", "splits_rotated.json"))],
           ("mixed-gap", "mixed_gap.json", mixed_gap_block),
+          ("mixed-gap-rotated", "mixed_gap_rotated.json", lambda d: mixed_gap_block(d, "mixed_gap_rotated.json")),
           ("per-token", "per_token.json", per_token_block),
           ("per-token-all", "per_token_all.json", lambda d: per_token_block(d, "per_token_all.json")),
           ("weight-ranges", "weight_ranges.json", weight_ranges_block),
