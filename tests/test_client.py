@@ -240,6 +240,7 @@ def test_smoothing_patch_and_capture(bundle, tmp_path):
     tm.get_submodule(path).set_smooth(qp2.smoothing[path])
     ref = absmax_per_channel(tm, [torch.from_numpy(x)], [key])[key]
     np.testing.assert_allclose(np.abs(got).reshape(-1, 128).max(0), ref, rtol=1e-5)
+    assert rt.float_activations(x, []) == {}        # no point asked: no graph run (ORT refuses an empty one)
 
 
 def test_a_rotated_static_input_is_captured_and_patched_as_the_instrument_has_it(bundle, tmp_path):
