@@ -109,6 +109,19 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_table(results: list[dict]) -> str:
+    """One table of several runs' results (a seed column), in the order given."""
+    def cell(e):
+        lo, hi = e["vs_float_pct_ci"]
+        return f"{e['vs_float_pct']:+.2f}% [{lo:+.1f}, {hi:+.1f}], KL {e['kl']:.4f}"
+
+    lines = ["| seed | the mixed profile's 4-bit weights | clients' own text | held-out roles | out of domain |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {d['seed']} | {r['name']} | {cell(r['clients_test'])} | {cell(r['heldout'])} | {cell(r['ood'])} |"
+              for d in results for r in d["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, help="a finished fedquant simulate run directory (read only)")

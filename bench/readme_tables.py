@@ -207,6 +207,18 @@ def mixed_gap_block(d: dict, source: str = "mixed_gap.json") -> str:
             f"\n\n" + markdown_table(d))
 
 
+def gptq_gap_block(results: list[dict], files: list[str]) -> str:
+    """bench/gptq_gap.py on several runs (one file each): GPTQ's rounding of their 4-bit weights."""
+    from bench.gptq_gap import seeds_table
+
+    m = results[0]["machine"]
+    runs = "; ".join(f"`{d['command'].replace('python ', '.venv/bin/python ', 1)}`: {d['linears']} 4-bit Linears, second "
+                     f"moments of {d['second_moments']['tokens']:,} tokens, {d['wall_s']:.0f} s, code of "
+                     f"{d.get('ran_on', 'not recorded')}" for d in results)
+    return (f"{runs} (ONNX Runtime {m.get('onnxruntime')}; {_cpu(m)}, {m['cores']} cores shared with other jobs). "
+            "Sources: " + ", ".join(f"`bench/results/{f}`" for f in files) + ".\n\n" + seeds_table(results))
+
+
 def ood_gap_recipes_block(results: dict[str, dict]) -> str:
     """bench/ood_gap.py's decomposition of the int8 recipes (``bench.ood_gap.RECIPES``) side by side."""
     from bench.ood_gap import recipes_table
@@ -302,6 +314,10 @@ def main() -> None:
     if all((RESULTS / f).is_file() for f, _ in OOD_RECIPES) and "<!-- ood-gap-recipes:begin -->" in readme:
         readme = replace_block(readme, "ood-gap-recipes", ood_gap_recipes_block(
             {label: json.loads((RESULTS / f).read_text()) for f, label in OOD_RECIPES}))
+    gptq = sorted(RESULTS.glob("gptq_gap_seed*.json"))
+    if gptq and "<!-- gptq-gap:begin -->" in readme:
+        readme = replace_block(readme, "gptq-gap", gptq_gap_block([json.loads(f.read_text()) for f in gptq],
+                                                                  [f.name for f in gptq]))
     if (RESULTS / "runtime_ranges_output.json").is_file() and "<!-- runtime-ranges:begin -->" in readme:
         from bench.runtime_ranges import readme_block as runtime_ranges_block
 

@@ -33,3 +33,5 @@ def test_gptq_rows_on_a_finished_run(tmp_path):
             assert r[t]["kl"] >= 0 and np.isfinite(r[t]["vs_float_pct"])
     assert gptq[0]["heldout"]["perplexity"] != gptq[1]["heldout"]["perplexity"]
     assert "| GPTQ, every client's train text, damp 0.1 |" in gptq_gap.markdown_table(res)
+    two = gptq_gap.seeds_table([res, {**res, "seed": 7}])
+    assert two.count("| 7 | GPTQ, every client's train text, damp 0.01 |") == 1 and two.count("\n") == 2 + 2 * 3

@@ -30,6 +30,10 @@ def test_readme_tables_render_every_results_file():
         "mixed-plan": rt.mixed_plan_block(json.loads((RESULTS / "mixed_plan.json").read_text())),
         "weight-ranges": rt.weight_ranges_block(json.loads((RESULTS / "weight_ranges.json").read_text())),
         "mixed-gap": rt.mixed_gap_block(json.loads((RESULTS / "mixed_gap.json").read_text())),
+        "mixed-gap-rotated": rt.mixed_gap_block(json.loads((RESULTS / "mixed_gap_rotated.json").read_text()),
+                                                "mixed_gap_rotated.json"),
+        "gptq-gap": rt.gptq_gap_block([json.loads(f.read_text()) for f in sorted(RESULTS.glob("gptq_gap_seed*.json"))],
+                                      [f.name for f in sorted(RESULTS.glob("gptq_gap_seed*.json"))]),
         "ood-gap-recipes": rt.ood_gap_recipes_block({label: json.loads((RESULTS / f).read_text())
                                                      for f, label in rt.OOD_RECIPES}),
     }
