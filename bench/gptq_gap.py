@@ -4,7 +4,7 @@ the activations alone are KL 0.003 to float, the weights alone 0.068).
 
     .venv/bin/python -m bench.gptq_gap --run runs/splits/rotated/seed-0   # SmolLM2: ~10 min a row on 2 shared cores
     .venv/bin/python -m bench.gptq_gap --run runs/plan-smoke --json g.json # a configs/plan-smoke.toml run: seconds
-    .venv/bin/python -m bench.gptq_gap --table
+    .venv/bin/python -m bench.gptq_gap --table --json bench/results/gptq_gap_seed0.json
 
 The device rounds each weight to the nearest point of its QParams grid; GPTQ rounds the 4-bit
 Linears' weights to minimise their output error on the text whose second moments it is given. Here
@@ -19,7 +19,7 @@ A QParams point cannot carry GPTQ's codes (they are not the nearest), so the ben
 float weights that lie on GPTQ's grid, rotated back and divided by the factors (``R^T Q / m``): the
 runtime's own re-quantization then gives GPTQ's codes, which the bench checks bit for bit before it
 evaluates. A measurement, not a protocol: shipping the codes, or the second moments, is a design
-change (README, "The mixed profile's 4-bit weights").
+change (README, "GPTQ's rounding from the fleet's second moments").
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, command_line, finished_run, machine, shown_run, write_json, quiet_env
+from bench.common import RESULTS, ROOT, command_line, finished_run, machine, quiet_env, shown_run, write_json
 
 PROFILE = "mixed"
 
@@ -77,7 +77,7 @@ def second_moments(rt, keys: list[str], texts: np.ndarray, batch_size: int) -> t
 def gptq_points(rt, qp, moments: Mapping[str, np.ndarray], paths: list[str], damp: float) -> tuple[dict, dict]:
     """GPTQ's weight point of each Linear of ``paths`` and the float weight that the runtime, smoothing
     and rotating it as ``qp`` says, re-quantizes to GPTQ's codes; ValueError if it would not."""
-    from quant.affine import fake_quant
+    from quant.affine import quantize
     from quant.gptq import gptq_weight
     from quant.qparams import rotation_block
     from quant.rotation import rotate
@@ -89,35 +89,32 @@ def gptq_points(rt, qp, moments: Mapping[str, np.ndarray], paths: list[str], dam
         q, pt = gptq_weight(fold_weight(rt.linears[p][0], m, b), moments[f"{p}:input"], spec, damp)
         back = rotate(q, b, inverse=True) if b else q
         w = (back / m if m is not None else back).astype(np.float32)
-        again = np.asarray(fake_quant(fold_weight(w, m, b), pt.scale, pt.zero_point, spec))
-        off = int(np.count_nonzero(np.abs(again - q) > 0.25 * np.max(pt.scale)))
+        off = int(np.count_nonzero(quantize(fold_weight(w, m, b), pt.scale, pt.zero_point, spec)
+                                   != quantize(q, pt.scale, pt.zero_point, spec)))
         if off:
             raise ValueError(f"{p}: {off} of GPTQ's codes do not survive the runtime's re-quantization")
         points[f"{p}:weight"], weights[p] = pt, w
     return points, weights
 
 
-def markdown_table(result: dict) -> str:
-    def cell(e):
-        lo, hi = e["vs_float_pct_ci"]
-        return f"{e['vs_float_pct']:+.2f}% [{lo:+.1f}, {hi:+.1f}], KL {e['kl']:.4f}"
+def _cell(e: dict) -> str:
+    lo, hi = e["vs_float_pct_ci"]
+    return f"{e['vs_float_pct']:+.2f}% [{lo:+.1f}, {hi:+.1f}], KL {e['kl']:.4f}"
 
+
+def markdown_table(result: dict) -> str:
     lines = ["| the mixed profile's 4-bit weights | clients' own text | held-out roles | out of domain |",
              "|---|---|---|---|"]
-    lines += [f"| {r['name']} | {cell(r['clients_test'])} | {cell(r['heldout'])} | {cell(r['ood'])} |"
+    lines += [f"| {r['name']} | {_cell(r['clients_test'])} | {_cell(r['heldout'])} | {_cell(r['ood'])} |"
               for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
 
 def seeds_table(results: list[dict]) -> str:
     """One table of several runs' results (a seed column), in the order given."""
-    def cell(e):
-        lo, hi = e["vs_float_pct_ci"]
-        return f"{e['vs_float_pct']:+.2f}% [{lo:+.1f}, {hi:+.1f}], KL {e['kl']:.4f}"
-
     lines = ["| seed | the mixed profile's 4-bit weights | clients' own text | held-out roles | out of domain |",
              "|---|---|---|---|---|"]
-    lines += [f"| {d['seed']} | {r['name']} | {cell(r['clients_test'])} | {cell(r['heldout'])} | {cell(r['ood'])} |"
+    lines += [f"| {d['seed']} | {r['name']} | {_cell(r['clients_test'])} | {_cell(r['heldout'])} | {_cell(r['ood'])} |"
               for d in results for r in d["rows"]]
     return "\n".join(lines) + "\n"
 
@@ -126,7 +123,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, help="a finished fedquant simulate run directory (read only)")
     ap.add_argument("--work", type=Path, default=None, help="float logits (default runs/mixed-gap/<run name>)")
-    ap.add_argument("--json", type=Path, default=RESULTS / "gptq_gap.json")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="default bench/results/gptq_gap_seed<data.seed>.json (the README's table reads them all)")
     ap.add_argument("--damp", type=float, nargs="+", default=[0.01],
                     help="GPTQ's dampening, a fraction of the mean diagonal (one row each)")
     ap.add_argument("--batch-size", type=int, default=4)
@@ -134,6 +132,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--table", action="store_true", help="only print the README table of --json (no run)")
     args = ap.parse_args(argv)
     if args.table:
+        if args.json is None:
+            ap.error("--table needs --json")
         res = json.loads(args.json.read_text())
         print(markdown_table(res))
         return res
@@ -152,6 +152,7 @@ def main(argv=None) -> dict:
     if not final.is_file():
         raise SystemExit(f"{args.run}: no final QParams of profile {PROFILE!r} ({final})")
     texts = finished_run(args.run)
+    args.json = args.json or RESULTS / f"gptq_gap_seed{texts.cfg.data.seed}.json"
     sets = {"clients_test": np.concatenate([c.test for c in texts.clients if len(c.test)]),
             "heldout": texts.evals, "ood": texts.ood}
     train = np.concatenate([c.train for c in texts.clients if len(c.train)])
