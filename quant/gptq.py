@@ -45,6 +45,8 @@ def gptq_weight(weight, hessian, spec: QuantSpec, damp: float = DAMP) -> tuple[n
         if spec.resolved_axis(2) != 1:
             raise ValueError("per-group weights are grouped along the input axis (axis 1)")
         block = int(spec.group_size)
+        if w.shape[1] % block:
+            raise ValueError(f"{w.shape[1]} input columns are not whole groups of {block}")
     elif spec.granularity == "per_channel" and spec.resolved_axis(2) == 0:
         block = BLOCK
     else:

@@ -61,6 +61,8 @@ def test_bad_input_is_refused():
     w, _, h = _data(3)
     with pytest.raises(ValueError, match="second moment"):
         gptq_weight(w, h[:-1, :-1], G4)
+    with pytest.raises(ValueError, match="whole groups"):
+        gptq_weight(w[:, :-8], h[:-8, :-8], G4)
     with pytest.raises(ValueError, match="finite"):
         gptq_weight(w, np.where(np.eye(len(h)) > 0, np.nan, h), G4)
     with pytest.raises(ValueError, match="per-channel"):
