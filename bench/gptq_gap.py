@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, command_line, finished_run, machine, quiet_env, shown_run, write_json
-
-PROFILE = "mixed"
+from bench.common import RESULTS, command_line, machine, quiet_env, shown_run, write_json
+from bench.mixed_gap import PROFILE, final_mixed
 
 
 class _OnGrid(Mapping):
@@ -142,29 +141,17 @@ def main(argv=None) -> dict:
     quiet_env()
     import onnxruntime
 
-    from bench.ood_gap import FloatLogits, evaluate, patch, respecified
-    from client.runtime import DeviceRuntime
-    from quant.qparams import load_qparams
+    from bench.ood_gap import evaluate, patch, respecified
 
     onnxruntime.set_default_logger_severity(3)
     t_start = time.perf_counter()
-    final = args.run / "qparams" / f"{PROFILE}.safetensors"
-    if not final.is_file():
-        raise SystemExit(f"{args.run}: no final QParams of profile {PROFILE!r} ({final})")
-    texts = finished_run(args.run)
+    texts, sets, rt, qp, base_specs, floats = final_mixed(args.run, args.work, args.threads, args.batch_size)
     args.json = args.json or RESULTS / f"gptq_gap_seed{texts.cfg.data.seed}.json"
-    sets = {"clients_test": np.concatenate([c.test for c in texts.clients if len(c.test)]),
-            "heldout": texts.evals, "ood": texts.ood}
     train = np.concatenate([c.train for c in texts.clients if len(c.train)])
-    rt = DeviceRuntime(args.run / "device" / PROFILE / "model.onnx", threads=args.threads)
-    qp = load_qparams(final)
-    base_specs = {k: p.spec for k, p in rt.qparams.points.items()}
-    work = args.work or ROOT / "runs" / "mixed-gap" / args.run.name
-    floats = FloatLogits(rt.float_onnx, sets, work / "float-logits", args.threads, args.batch_size)
     four = sorted(k.rsplit(":", 1)[0] for k, p in qp.points.items()
                   if k.endswith(":weight") and p.spec.bits == 4 and k.rsplit(":", 1)[0] in rt.linears)
     if not four:
-        raise SystemExit(f"{final}: no 4-bit Linear weights")
+        raise SystemExit(f"{args.run}: no 4-bit Linear weights in its final {PROFILE} QParams")
     result = {"format": "fedquant.gptq_gap/1", "machine": machine(onnxruntime=onnxruntime.__version__),
               "run": shown_run(args.run), "model": texts.cfg.model, "seed": texts.cfg.data.seed,
               "profile": PROFILE, "linears": len(four),

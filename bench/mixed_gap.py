@@ -29,6 +29,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +38,35 @@ from bench.ood_gap import (WIDE_MARGIN, FloatLogits, clipping, evaluate, int16_p
                            respecified)
 
 PROFILE = "mixed"
+
+
+class FinalMixed(NamedTuple):
+    texts: object               # bench.common.RunTexts: the run's config and texts
+    sets: dict                  # clients_test / heldout / ood token windows
+    rt: object                  # the profile's DeviceRuntime
+    qp: object                  # the run's final QParams of the profile
+    base_specs: dict            # the profile's specs before any plan
+    floats: FloatLogits         # the float model's logits of each set, computed once
+
+
+def final_mixed(run: Path, work: Path | None, threads: int, batch_size: int) -> FinalMixed:
+    """A finished run's final mixed QParams and what a bench evaluates them with, as its server
+    does (float logits of each text under ``work``, default runs/mixed-gap/<run name>);
+    SystemExit for a run without them."""
+    from client.runtime import DeviceRuntime
+    from quant.qparams import load_qparams
+
+    final = run / "qparams" / f"{PROFILE}.safetensors"
+    if not final.is_file():
+        raise SystemExit(f"{run}: no final QParams of profile {PROFILE!r} ({final})")
+    texts = finished_run(run)
+    sets = {"clients_test": np.concatenate([c.test for c in texts.clients if len(c.test)]),
+            "heldout": texts.evals, "ood": texts.ood}
+    rt = DeviceRuntime(run / "device" / PROFILE / "model.onnx", threads=threads)
+    base_specs = {k: p.spec for k, p in rt.qparams.points.items()}
+    floats = FloatLogits(rt.float_onnx, sets, (work or ROOT / "runs" / "mixed-gap" / run.name) / "float-logits",
+                         threads, batch_size)
+    return FinalMixed(texts, sets, rt, load_qparams(final), base_specs, floats)
 
 
 def weight_points(rt, qp, spec_for, keys, importance: bool = True) -> dict:
@@ -85,25 +115,13 @@ def main(argv=None) -> dict:
     quiet_env()
     import onnxruntime
 
-    from client.runtime import DeviceRuntime
-    from quant.qparams import load_qparams
     from quant.spec import weight_spec
     from server.rounds import activation_keys
 
     onnxruntime.set_default_logger_severity(3)
     t_start = time.perf_counter()
-    final = args.run / "qparams" / f"{PROFILE}.safetensors"
-    if not final.is_file():
-        raise SystemExit(f"{args.run}: no final QParams of profile {PROFILE!r} ({final})")
-    texts = finished_run(args.run)
+    texts, sets, rt, qp, base_specs, floats = final_mixed(args.run, args.work, args.threads, args.batch_size)
     cfg = texts.cfg
-    sets = {"clients_test": np.concatenate([c.test for c in texts.clients if len(c.test)]),
-            "heldout": texts.evals, "ood": texts.ood}
-    rt = DeviceRuntime(args.run / "device" / PROFILE / "model.onnx", threads=args.threads)
-    qp = load_qparams(final)
-    base_specs = {k: p.spec for k, p in rt.qparams.points.items()}   # the profile's, before any plan
-    work = args.work or ROOT / "runs" / "mixed-gap" / args.run.name
-    floats = FloatLogits(rt.float_onnx, sets, work / "float-logits", args.threads, args.batch_size)
     keys = activation_keys(qp)
     wkeys = sorted(k for k in qp.points if k.endswith(":weight") and k.rsplit(":", 1)[0] in rt.linears)
     plan = json.loads(qp.meta.get("plan", "{}"))
