@@ -102,11 +102,8 @@ def _cell(e: dict) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| the mixed profile's 4-bit weights | clients' own text | held-out roles | out of domain |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['name']} | {_cell(r['clients_test'])} | {_cell(r['heldout'])} | {_cell(r['ood'])} |"
-              for r in result["rows"]]
-    return "\n".join(lines) + "\n"
+    """The README's table of one run's result."""
+    return seeds_table([result])
 
 
 def seeds_table(results: list[dict]) -> str:
@@ -155,6 +152,7 @@ def main(argv=None) -> dict:
     result = {"format": "fedquant.gptq_gap/1", "machine": machine(onnxruntime=onnxruntime.__version__),
               "run": shown_run(args.run), "model": texts.cfg.model, "seed": texts.cfg.data.seed,
               "profile": PROFILE, "linears": len(four),
+              "weights": int(sum(np.prod(rt.linears.shape(p)) for p in four)),    # codes: half a byte each
               "texts": {n: {"sequences": int(len(v))} for n, v in sets.items()}, "rows": [],
               "command": command_line("bench.gptq_gap", argv)}
 

@@ -25,7 +25,7 @@ def test_gptq_rows_on_a_finished_run(tmp_path):
     summary = json.loads((run / "summary.json").read_text())["profiles"]["mixed"]
     assert first["heldout"]["perplexity"] == summary["federated_eval"][-1]["perplexity"]
     assert [r["damp"] for r in gptq] == [0.01, 0.1] and res["linears"] > 0
-    assert res["second_moments"]["tokens"] > 0
+    assert res["second_moments"]["tokens"] > 0 and res["weights"] >= 16 * res["linears"]
     for r in gptq:      # another model each, on the same float reference
         assert r["heldout"]["perplexity"] != first["heldout"]["perplexity"]
         assert r["heldout"]["float_perplexity"] == first["heldout"]["float_perplexity"]
