@@ -123,6 +123,9 @@ def main(argv=None) -> dict:
                     help="default bench/results/gptq_gap_seed<data.seed>.json (the README's table reads them all)")
     ap.add_argument("--damp", type=float, nargs="+", default=[0.01],
                     help="GPTQ's dampening, a fraction of the mean diagonal (one row each)")
+    ap.add_argument("--clients", type=int, nargs="+", default=None,
+                    help="second moments of the first K clients' train text only, a row for each K (default: every "
+                         "client's): how much text a fleet's moments need")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", action="store_true", help="only print the README table of --json (no run)")
@@ -144,11 +147,15 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     texts, sets, rt, qp, base_specs, floats = final_mixed(args.run, args.work, args.threads, args.batch_size)
     args.json = args.json or RESULTS / f"gptq_gap_seed{texts.cfg.data.seed}.json"
-    train = np.concatenate([c.train for c in texts.clients if len(c.train)])
     four = sorted(k.rsplit(":", 1)[0] for k, p in qp.points.items()
                   if k.endswith(":weight") and p.spec.bits == 4 and k.rsplit(":", 1)[0] in rt.linears)
     if not four:
         raise SystemExit(f"{args.run}: no 4-bit Linear weights in its final {PROFILE} QParams")
+    keys = [f"{p}:input" for p in four]
+    clients = [c.train for c in texts.clients if len(c.train)]
+    counts = sorted(set(args.clients)) if args.clients else [len(clients)]
+    if counts[0] < 1 or counts[-1] > len(clients):
+        raise SystemExit(f"--clients: between 1 and {len(clients)} (the run's clients with train text)")
     result = {"format": "fedquant.gptq_gap/1", "machine": machine(onnxruntime=onnxruntime.__version__),
               "run": shown_run(args.run), "model": texts.cfg.model, "seed": texts.cfg.data.seed,
               "profile": PROFILE, "linears": len(four),
@@ -166,24 +173,30 @@ def main(argv=None) -> dict:
 
     row("round to nearest: the run's final QParams", qp)
     patch(rt, qp)           # the moments of the inputs as the final QParams smooth and rotate them
-    t0 = time.perf_counter()
-    moments, tokens = second_moments(rt, [f"{p}:input" for p in four], train, args.batch_size)
-    result["second_moments"] = {"sequences": int(len(train)), "tokens": tokens,
-                                "seconds": round(time.perf_counter() - t0, 1)}
-    base = rt.linears
-    for damp in args.damp:
+    moments, tokens, done, base = {}, 0, 0, rt.linears
+    result["second_moments"] = []
+    for k in counts:
         t0 = time.perf_counter()
-        points, weights = gptq_points(rt, qp, moments, four, damp)
-        same = [k for k, p in points.items() if np.array_equal(p.scale, qp.points[k].scale)
-                and np.array_equal(p.zero_point, qp.points[k].zero_point)]
-        if same:        # the runtime would keep its own codes for these
-            raise SystemExit(f"GPTQ kept the run's point for {same[:3]}: its codes cannot be handed over")
-        rt.linears = _OnGrid(base, weights)
-        try:
-            row(f"GPTQ, every client's train text, damp {damp:g}", respecified(qp, points, base_specs),
-                damp=damp, gptq_s=round(time.perf_counter() - t0, 1))
-        finally:
-            rt.linears = base
+        h, t = second_moments(rt, keys, np.concatenate(clients[done:k]), args.batch_size)
+        moments = {n: moments[n] + v if n in moments else v for n, v in h.items()}
+        tokens += t
+        done = k
+        result["second_moments"].append({"clients": k, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 1)})
+        text = ("every client's train text" if args.clients is None
+                else f"{k} of {len(clients)} clients' train text ({tokens} tokens)")
+        for damp in args.damp:
+            t0 = time.perf_counter()
+            points, weights = gptq_points(rt, qp, moments, four, damp)
+            same = [n for n, p in points.items() if np.array_equal(p.scale, qp.points[n].scale)
+                    and np.array_equal(p.zero_point, qp.points[n].zero_point)]
+            if same:        # the runtime would keep its own codes for these
+                raise SystemExit(f"GPTQ kept the run's point for {same[:3]}: its codes cannot be handed over")
+            rt.linears = _OnGrid(base, weights)
+            try:
+                row(f"GPTQ, {text}, damp {damp:g}", respecified(qp, points, base_specs),
+                    damp=damp, clients=k, tokens=tokens, gptq_s=round(time.perf_counter() - t0, 1))
+            finally:
+                rt.linears = base
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_json(args.json, result)
     print(markdown_table(result))

@@ -211,9 +211,13 @@ def gptq_gap_block(results: list[dict], files: list[str]) -> str:
     """bench/gptq_gap.py on several runs (one file each): GPTQ's rounding of their 4-bit weights."""
     from bench.gptq_gap import seeds_table
 
+    def tokens(d: dict) -> int:     # a list since --clients (one entry per count), one dict before
+        m = d["second_moments"]
+        return (m[-1] if isinstance(m, list) else m)["tokens"]
+
     m = results[0]["machine"]
     runs = "; ".join(f"`{d['command'].replace('python ', '.venv/bin/python ', 1)}`: {d['linears']} 4-bit Linears, second "
-                     f"moments of {d['second_moments']['tokens']:,} tokens, {d['wall_s']:.0f} s, code of "
+                     f"moments of {tokens(d):,} tokens, {d['wall_s']:.0f} s, code of "
                      f"{d.get('ran_on', 'not recorded')}" for d in results)
     return (f"{runs} (ONNX Runtime {m.get('onnxruntime')}; {_cpu(m)}, {m['cores']} cores shared with other jobs). "
             "Sources: " + ", ".join(f"`bench/results/{f}`" for f in files) + ".\n\n" + seeds_table(results))
