@@ -98,11 +98,12 @@ from quant.learn_config import LearnConfig
 from quant.qparams import load_qparams
 from quant import dp, private_scout
 from quant.calibrate import CalibratorConfig
-from quant.wire import (Instruction, WireError, decode_instruction, encode_dp_reply, encode_lsq_reply,
-                        encode_plan_reply, encode_scout_reply, encode_stats_reply, stats_to_secure_vector)
+from quant.wire import (Instruction, WireError, decode_instruction, encode_dp_reply, encode_hessian_reply,
+                        encode_lsq_reply, encode_plan_reply, encode_scout_reply, encode_stats_reply,
+                        stats_to_secure_vector)
 
 PROTOCOL = "fedquant.flower/1"
-TRAIN_JOBS = ("scout", "stats", "lsq", "plan")
+TRAIN_JOBS = ("scout", "stats", "lsq", "plan", "hessian")
 EVAL_JOBS = ("eval",)
 ERROR_CODES = ("unknown_profile", "bad_instruction", "stale_version", "unknown_job", "patch_refused",
                "memory_budget", "no_data", "job_failed")
@@ -145,7 +146,7 @@ def release_for(job: str, learn_method: str | None = None, runtime_key: tuple[st
     Rounds run one job kind, so a process rebuilds the capture and the torch model at most once
     per round; an eval round rebuilds a session when its nodes change profile."""
     torch_job = is_torch_job(job, learn_method)
-    capture_job = job in ("scout", "stats") or (job == "lsq" and learn_method == "runtime")
+    capture_job = job in ("scout", "stats", "hessian") or (job == "lsq" and learn_method == "runtime")
     freed = False
     with _LOCK:
         if not torch_job and _TORCH:
@@ -487,7 +488,8 @@ def _precheck_budget(rt: DeviceRuntime, ins: Instruction, seqs, batch_size: int,
         widths = [vocab]
     else:
         widths = jobs.exposed_widths(rt, ins.keys)
-    plan_batch(batch_size, seqs.shape[1], widths, profile, ins.job)
+    plan_batch(batch_size, seqs.shape[1], widths, profile, ins.job,
+               fixed_bytes=sum(8 * c * c for c in ins.hessian.values()))
 
 
 def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict, turn: contextlib.ExitStack,
@@ -614,6 +616,9 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict, 
             flat, header = encode_dp_reply(jobs.dp_vector(reply, ins, dp_calibrator, dp_clip), ins)
         else:
             flat, header = encode_stats_reply(reply, ins)
+    elif ins.job == "hessian":
+        reply, metrics = jobs.hessian(rt, ins, seqs, batch_size=batch_size, profile=profile)
+        flat, header = encode_hessian_reply(reply, ins)
     elif ins.job == "plan":
         from client.plan import plan_sensitivity
 

@@ -26,7 +26,7 @@ from quant import dp
 from quant.affine import qparams_to_range
 from quant.calibrate import CalibratorConfig, calibrate
 from quant.stats import ActivationStats, channel_absmax, channel_sqsum, merge, merge_absmax, observe
-from quant.wire import Instruction, ScoutReply, StatsReply
+from quant.wire import HessianReply, Instruction, ScoutReply, StatsReply
 
 
 @contextmanager
@@ -118,6 +118,33 @@ def scout(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
     _check_channels(absmax, ins)
     _check_channels(sqsum, ins, "sqsum")
     return ScoutReply({k: (lo[k], hi[k]) for k in keys}, n, absmax, sqsum), metrics
+
+
+def hessian(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
+            profile: DeviceProfile | None = None) -> tuple[HessianReply, dict]:
+    """``sum_t x_t x_t^T`` (float64) of the float input of each point of ``ins.hessian`` over the local
+    text: its own channels, neither smoothed nor rotated (the server derives each Linear's from it,
+    ``quant.gptq.linear_hessian``). GPTQ's ``H``: additive, so the fleet's is the clients' sum."""
+    if ins.job != "hessian":
+        raise ValueError(f"Hessian job got a {ins.job!r} instruction")
+    seqs = _sequences(data)
+    keys = job_keys(rt, ins)
+    sums: dict[str, np.ndarray] = {}
+    tokens = 0
+    metrics = {"num-examples": len(seqs)}
+    with _measured(metrics, trace=False):
+        b = plan_batch(batch_size, seqs.shape[1], exposed_widths(rt, keys), profile, "hessian",
+                       fixed_bytes=sum(8 * c * c for c in ins.hessian.values()))
+        for i in range(0, len(seqs), b):
+            for k, x in rt.capture.run(seqs[i:i + b], keys).items():
+                if x.shape[-1] != ins.hessian[k]:
+                    raise ValueError(f"{k}: the server expects {ins.hessian[k]} channels, the activation has "
+                                     f"{x.shape[-1]}")
+                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                sums[k] = sums[k] + x.T @ x if k in sums else x.T @ x
+            tokens += int(seqs[i:i + b].size)
+        metrics["batch_size"] = b
+    return HessianReply(sums, tokens), metrics
 
 
 def _check_channels(got: dict[str, np.ndarray], ins: Instruction, what: str = "absmax") -> None:

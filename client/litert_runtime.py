@@ -189,6 +189,9 @@ class LiteRTDevice:
         if qp.importance:
             errors.append(f"importance for {sorted(qp.importance)[:3]}: a LiteRT device derives no weight "
                           "points (leave LiteRT profiles out of server.weight_ranges)")
+        if qp.codes:
+            errors.append(f"codes for {sorted(qp.codes)[:3]}: a LiteRT device rounds its own weights "
+                          "(leave LiteRT profiles out of server.gptq)")
         if errors:
             raise PatchRefused("QParams refused: " + "; ".join(errors))
         return QParams({**self.qparams.points, **qp.points}, self.qparams.model or qp.model, int(qp.version),

@@ -74,20 +74,22 @@ def estimate_bytes(batch: int, seq_len: int, widths: list[int]) -> int:
 
 
 def plan_batch(requested: int, seq_len: int, widths: list[int], profile: DeviceProfile | None,
-               what: str = "job") -> int:
-    """The largest batch <= ``requested`` whose estimate fits ``profile.memory_mb`` (halving),
-    or MemoryBudgetError when batch 1 does not fit. No profile: ``requested``."""
+               what: str = "job", fixed_bytes: int = 0) -> int:
+    """The largest batch <= ``requested`` whose estimate (plus ``fixed_bytes`` the job holds whatever
+    its batch: a Hessian job's sums) fits ``profile.memory_mb`` (halving), or MemoryBudgetError when
+    batch 1 does not fit. No profile: ``requested``."""
     if profile is None:
         return int(requested)
     budget = profile.memory_mb * 2**20
     b = max(1, int(requested))
-    while b > 1 and estimate_bytes(b, seq_len, widths) > budget:
+    while b > 1 and estimate_bytes(b, seq_len, widths) + fixed_bytes > budget:
         b //= 2
     need = estimate_bytes(b, seq_len, widths)
-    if need > budget:
+    if need + fixed_bytes > budget:
+        held = f" and {fixed_bytes / 2**20:.2f} MB of sums" if fixed_bytes else ""
         raise MemoryBudgetError(
             f"{what}: one sequence of {seq_len} tokens needs about {need / 2**20:.2f} MB of exposed "
-            f"activations ({len(widths)} tensors, widest {max(widths, default=0)}), over profile "
+            f"activations ({len(widths)} tensors, widest {max(widths, default=0)}){held}, over profile "
             f"{profile.name!r}'s budget of {profile.memory_mb} MB; shorten the sequences, expose "
             f"fewer points per run, or raise memory_mb")
     return b

@@ -418,9 +418,15 @@ class DeviceRuntime:
             errors.append(f"importance for Linears without a weight point: {unknown_i[:5]}")
         if errors:
             raise PatchRefused("QParams refused: " + "; ".join(errors))
-        return QParams({**self.qparams.points, **self._folded(qp), **qp.points}, self.qparams.model or qp.model,
-                       int(qp.version), {**self.qparams.smoothing, **qp.smoothing},
-                       {**self.qparams.meta, **qp.meta}, {**self.qparams.importance, **qp.importance})
+        points = {**self.qparams.points, **self._folded(qp), **qp.points}
+        smoothing = {**self.qparams.smoothing, **qp.smoothing}
+        # held codes stay with their point only while neither it nor the Linear's factors change
+        kept = {k: c for k, c in self.qparams.codes.items() if k not in qp.codes and points[k] is self.qparams.points[k]
+                and _same(smoothing.get(k.rsplit(":", 1)[0]), self.qparams.smoothing.get(k.rsplit(":", 1)[0]))}
+        return QParams(points, self.qparams.model or qp.model,
+                       int(qp.version), smoothing,
+                       {**self.qparams.meta, **qp.meta}, {**self.qparams.importance, **qp.importance},
+                       {**kept, **qp.codes})
 
     def _folded(self, qp: QParams) -> dict:
         """The weight points of the Linears whose smoothing or importance ``qp`` changes without
@@ -452,10 +458,13 @@ class DeviceRuntime:
         paths = {k.rsplit(":", 1)[0] for k, p in merged.points.items() if not same(p, held.points.get(k))}
         paths |= {n for n, m in merged.smoothing.items()
                   if not np.array_equal(m, held.smoothing.get(n, np.empty(0)))}
+        paths |= {k.rsplit(":", 1)[0] for k in set(merged.codes) | set(held.codes)
+                  if not _same(merged.codes.get(k), held.codes.get(k))}
         points = {k: p for k, p in merged.points.items() if k.rsplit(":", 1)[0] in paths}
         sub = QParams(points, merged.model, merged.version,
                       {n: m for n, m in merged.smoothing.items() if n in paths}, dict(merged.meta),
-                      {n: h for n, h in merged.importance.items() if n in paths})
+                      {n: h for n, h in merged.importance.items() if n in paths},
+                      {k: c for k, c in merged.codes.items() if k.rsplit(":", 1)[0] in paths})
         return sub, _Restricted(self.linears, [p for p in self.linears if p in paths])
 
     def _changed_initializers(self, sub: QParams, linears) -> dict:

@@ -64,6 +64,9 @@ def write_encodings_json(qparams: QParams, path, names: dict[str, str] | None = 
     each ``name -> [encoding per channel]``. ``names`` maps QParams keys to tensor names (e.g. the
     float ONNX graph's), default ``encoding_names``. Per-group weights are written as one flat
     list in (out, group) row-major order, which the 0.6.1 format has no field to describe."""
+    if qparams.codes:   # encodings carry ranges only: a consumer would round to the nearest
+        raise ValueError(f"QParams carry the codes of {len(qparams.codes)} weights ({sorted(qparams.codes)[0]}, ...): "
+                         "encodings hold ranges, not integer weights; export the ONNX model instead")
     names = {**encoding_names(qparams), **(names or {})}
     act, par = {}, {}
     for key, p in sorted(qparams.points.items()):

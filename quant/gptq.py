@@ -7,13 +7,17 @@ minimises the error in the weight; GPTQ minimises the error in the Linear's outp
 input column at a time and moves the error onto the columns not yet rounded, through the inverse
 of ``H`` (Optimal Brain Surgeon's update). The codes differ from round-to-nearest, so a QParams
 weight point (scale and zero-point) cannot carry them: what GPTQ gives a device is its dequantized
-weight, which lies on the point's grid.
+weight, which lies on the point's grid, or its codes (``gptq_codes``, which a QParams carries:
+``QParams.codes``).
 
 ``H`` is a sum over tokens, so a fleet's is the sum of its clients' (federated equals centralized),
 as for the diagonal that ranks weight ranges (``quant.weight_ranges``); its size is ``in^2`` per
 input tensor. Groups (``per_group`` specs) take their range when GPTQ reaches them, from the
 columns as the earlier errors left them (the paper's grouping), with the least plain rounding error
-(``quant.weight_ranges.weight_point``). Pure numpy, float64.
+(``quant.weight_ranges.weight_point``). A device's Linear quantizes its input smoothed and rotated,
+``x' = (x / m) R``; a fleet measures the float input ``x`` once for every Linear it feeds and the
+server derives each Linear's ``H' = R^T diag(1/m) H diag(1/m) R`` (``linear_hessian``). Pure numpy,
+float64.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from quant.qparams import PointParams
+from quant.rotation import block_for, hadamard, signs
 from quant.spec import QuantSpec
 from quant.weight_ranges import weight_point
 
@@ -33,6 +38,19 @@ def gptq_weight(weight, hessian, spec: QuantSpec, damp: float = DAMP) -> tuple[n
     the output axis, or in groups along the input axis), for the input second moment ``hessian``
     (in, in), symmetric positive semi-definite. Input channels with ``H_jj = 0`` (never seen) get
     weight 0. ValueError for shapes that do not match or an ``H`` that damping leaves singular."""
+    codes, point = gptq_codes(weight, hessian, spec, damp)
+    s = np.asarray(point.scale, np.float32)
+    z = np.asarray(point.zero_point, np.int32)
+    if spec.granularity == "per_group":
+        s, z = np.repeat(s, spec.group_size, axis=1), np.repeat(z, spec.group_size, axis=1)
+    else:
+        s, z = s.reshape(-1, 1), z.reshape(-1, 1)
+    return ((codes.astype(np.int32) - z).astype(np.float32) * s).astype(np.float32), point
+
+
+def gptq_codes(weight, hessian, spec: QuantSpec, damp: float = DAMP) -> tuple[np.ndarray, PointParams]:
+    """``gptq_weight``'s integer codes (out, in) in the spec's container dtype, and its point: what
+    ``QParams.codes`` carries to a device."""
     w = np.array(weight, dtype=np.float64)
     h = np.array(hessian, dtype=np.float64)
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
@@ -60,7 +78,7 @@ def gptq_weight(weight, hessian, spec: QuantSpec, damp: float = DAMP) -> tuple[n
         u = np.linalg.cholesky(np.linalg.inv(h)).T     # upper: row i holds column i's update
     except np.linalg.LinAlgError as e:
         raise ValueError(f"the second moment is not positive definite after damping {damp}: {e}") from None
-    q = np.zeros_like(w)
+    q = np.zeros(w.shape, np.int32)
     scales, zeros = [], []
     if spec.granularity == "per_channel":
         whole = weight_point(w.astype(np.float32), spec)
@@ -77,8 +95,9 @@ def gptq_weight(weight, hessian, spec: QuantSpec, damp: float = DAMP) -> tuple[n
         s32 = s.astype(np.float32).astype(np.float64)
         for i in range(i2 - i1):
             col = part[:, i:i + 1]
-            rounded = (np.clip(np.rint(col / s32) + z, spec.qmin, spec.qmax) - z) * s32
-            q[:, i1 + i] = rounded[:, 0]
+            code = np.clip(np.rint(col / s32) + z, spec.qmin, spec.qmax)
+            rounded = (code - z) * s32
+            q[:, i1 + i] = code[:, 0]
             e = (col - rounded) / u[i1 + i, i1 + i]
             part[:, i:] -= e @ u[i1 + i:i1 + i + 1, i1 + i:i2]
             err[:, i] = e[:, 0]
@@ -88,4 +107,28 @@ def gptq_weight(weight, hessian, spec: QuantSpec, damp: float = DAMP) -> tuple[n
                             np.concatenate(zeros, 1).astype(spec.numpy_dtype))
     else:
         point = whole
-    return q.astype(np.float32), point
+    return q.astype(spec.numpy_dtype), point
+
+
+def linear_hessian(hessian, factors=None, rotation: int = 0) -> np.ndarray:
+    """The second moment of a Linear's input as its graph quantizes it, ``x' = (x / m) R``
+    (``quant.smoothing.fold_weight``'s twin: the weight is ``(W * m) R``), from that of the float
+    input ``x``: ``R^T diag(1/m) H diag(1/m) R``, float64."""
+    h = np.array(hessian, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"a second moment is square, got shape {h.shape}")
+    if factors is not None:
+        inv = 1.0 / np.asarray(factors, np.float32).astype(np.float64)
+        if inv.shape != (h.shape[0],):
+            raise ValueError(f"{inv.shape[0]} smoothing factors for a {h.shape[0]}-wide input")
+        h = h * inv[:, None] * inv[None, :]
+    n = h.shape[0]
+    b = block_for(n, rotation) if rotation else 0
+    if not b:
+        return h
+    d, hb = signs(n).astype(np.float64), hadamard(b)
+
+    def right(a):       # a R along the last axis, in float64
+        return ((a * d).reshape(*a.shape[:-1], n // b, b) @ hb).reshape(a.shape)
+
+    return right(right(h).T).T

@@ -75,9 +75,11 @@ def bias_quant(b: np.ndarray, s_x, s_w) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantized_weight(path: str, qparams: QParams, w: np.ndarray) -> np.ndarray:
-    """The weight (torch layout) the QDQ graph computes with: ``dequantize(quantize(w))``."""
+    """The weight (torch layout) the QDQ graph computes with: ``dequantize(quantize(w))``, or of
+    the QParams' codes when they carry the point's."""
     p = qparams.points[f"{path}:weight"]
-    return dequantize(quantize(w, p.scale, p.zero_point, p.spec), p.scale, p.zero_point, p.spec)
+    q = qparams.codes.get(f"{path}:weight")
+    return dequantize(quantize(w, p.scale, p.zero_point, p.spec) if q is None else q, p.scale, p.zero_point, p.spec)
 
 
 def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weights: bool,
@@ -100,7 +102,11 @@ def _plan(path: str, w: np.ndarray, b: np.ndarray | None, qp: QParams, u8_weight
         _act_point(f"{path}.input", ki, qp, values, names)
     if pw is not None:
         spec = pw.spec
-        q = quantize(w, pw.scale, pw.zero_point, spec)  # torch layout (out, in)
+        q = qp.codes.get(kw)    # GPTQ's rounding, when the QParams carry it (quant.gptq)
+        if q is None:
+            q = quantize(w, pw.scale, pw.zero_point, spec)  # torch layout (out, in): the nearest
+        elif q.shape != w.shape:
+            raise ValueError(f"codes {kw}: shape {q.shape}, the weight is {w.shape}")
         s, z = np.asarray(pw.scale, np.float32), np.asarray(pw.zero_point)
         if spec.granularity == "per_channel":
             w_attrs["axis"] = 1 - spec.resolved_axis(2)  # ONNX weight is the transpose

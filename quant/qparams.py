@@ -4,7 +4,9 @@ Keys are stable, readable names of quantization points: ``<module path>:input`` 
 entering an nn.Linear and ``<module path>:weight`` for its weight (design.md section 5), e.g.
 ``model.layers.0.self_attn.q_proj:input``. A QParams also carries per-channel smoothing factors
 (SmoothQuant) keyed by the Linear whose input they scale, the fingerprint of the model it was made
-for, and a version number that only grows.
+for, and a version number that only grows. A weight point may carry its integer codes (``codes``:
+GPTQ's rounding, ``quant.gptq``, which is not the nearest point of the grid a device would round its
+own weight to); without them a device rounds its weight to the nearest.
 
 On disk it is one safetensors file: the arrays as tensors and everything else as JSON in the header
 metadata. No pickle. Writes go to a temporary file that is flushed and renamed, so a crash leaves
@@ -127,6 +129,10 @@ class QParams:
     # float input): its weight point is then the range with the least rounding error weighted by
     # it (quant.weight_ranges), derived alike by the server and every device; absent: min-max
     importance: dict[str, np.ndarray] = field(default_factory=dict)
+    # per weight point (``<path>:weight``), its integer codes in the weight's own layout (out, in),
+    # of the smoothed and rotated weight the graph quantizes: valid with that point only (a new
+    # point without codes drops them: ``with_points``)
+    codes: dict[str, np.ndarray] = field(default_factory=dict)
 
     def validate(self) -> None:
         for key, p in self.points.items():
@@ -141,6 +147,10 @@ class QParams:
             h = np.asarray(h)
             if h.ndim != 1 or not np.all(np.isfinite(h)) or not np.all(h >= 0):
                 raise ValueError(f"importance {key}: must be a 1-D finite non-negative array")
+        for key, c in self.codes.items():
+            codes_problem = _codes_problem(key, c, self.points.get(key))
+            if codes_problem:
+                raise ValueError(codes_problem)
         both = [p for p in per_token_linears(self) if f"{p}:input" in self.points]
         if both:
             raise ValueError(f"{both[0]}: its input is quantized per token and also has a point ({both[0]}:input)")
@@ -152,11 +162,33 @@ class QParams:
         if also:
             raise ValueError(f"{also[0]}: listed both as per-token and as a rotated static input")
 
-    def with_points(self, updates: dict[str, PointParams], version: int | None = None) -> "QParams":
-        """A copy with some points replaced; the original is untouched."""
+    def with_points(self, updates: dict[str, PointParams], version: int | None = None,
+                    codes: Mapping[str, np.ndarray] | None = None) -> "QParams":
+        """A copy with some points replaced (and the codes of the replaced ones dropped, unless
+        ``codes`` gives new ones); the original is untouched."""
+        kept = {k: c for k, c in self.codes.items() if k not in updates}
         return QParams({**self.points, **updates}, self.model,
                        self.version if version is None else version, dict(self.smoothing),
-                       dict(self.meta), dict(self.importance))
+                       dict(self.meta), dict(self.importance), {**kept, **dict(codes or {})})
+
+
+def _codes_problem(key: str, codes, point: "PointParams | None") -> str | None:
+    """Why ``codes`` cannot be the integer weight of ``point`` (None when they can): a weight point
+    of the QParams, an integer (out, in) array within the spec's range whose shape the scales fit."""
+    if point is None or not key.endswith(":weight"):
+        return f"codes {key}: not a weight point of these QParams"
+    c = np.asarray(codes)
+    if c.ndim != 2 or c.dtype.kind not in "iu":
+        return f"codes {key}: must be a 2-D integer array (out, in), got {c.dtype} of shape {c.shape}"
+    try:
+        want = point.spec.param_shape(c.shape)
+    except ValueError as e:
+        return f"codes {key}: shape {c.shape} does not fit spec {point.spec.short()} ({e})"
+    if tuple(want) != point.scale.shape:
+        return f"codes {key}: shape {c.shape} needs scales of shape {tuple(want)}, the point has {point.scale.shape}"
+    if c.size and (int(c.min()) < point.spec.qmin or int(c.max()) > point.spec.qmax):
+        return f"codes {key}: values outside [{point.spec.qmin}, {point.spec.qmax}] of {point.spec.onnx_type_name}"
+    return None
 
 
 def qparams_problems(qp: "QParams", held: "QParams | None" = None,
@@ -199,6 +231,10 @@ def qparams_problems(qp: "QParams", held: "QParams | None" = None,
         n = (in_features or {}).get(path)
         if n is not None and h32.shape != (n,):
             errors.append(f"importance {path}: {h32.shape} values for {n} inputs")
+    for key, c in qp.codes.items():
+        n = (in_features or {}).get(key.rsplit(":", 1)[0])
+        if n is not None and np.shape(c)[1] != n:
+            errors.append(f"codes {key}: {np.shape(c)[1]} columns for {n} inputs")
     if held is not None:
         if int(qp.version) < int(held.version):
             errors.append(f"version {qp.version} is older than the held version {held.version}")
@@ -259,8 +295,12 @@ def save_qparams(qp: QParams, path: str | os.PathLike) -> Path:
         tensors[f"smoothing/{key}"] = np.ascontiguousarray(np.asarray(f, dtype=np.float32))
     for key, h in qp.importance.items():
         tensors[f"importance/{key}"] = np.ascontiguousarray(np.asarray(h, dtype=np.float32))
+    for key, c in qp.codes.items():
+        tensors[f"codes/{key}"] = pack_codes(c, qp.points[key].spec)
     header = {"format": FORMAT, "model": qp.model, "version": str(int(qp.version)),
               "specs": json.dumps(specs, sort_keys=True), "meta": json.dumps(qp.meta, sort_keys=True)}
+    if qp.codes:        # absent when empty: files without codes stay as they were
+        header["codes"] = json.dumps({k: list(np.shape(c)) for k, c in qp.codes.items()}, sort_keys=True)
     return atomic_write_bytes(path, save(tensors, metadata=header))
 
 
@@ -294,6 +334,7 @@ def qparams_from_bytes(raw: bytes, expect_model: str | None = None, name: str = 
         specs = json.loads(header["specs"])
         meta = json.loads(header.get("meta", "{}"))
         version = int(header["version"])
+        code_shapes = json.loads(header.get("codes", "{}"))
         points = {}
         for key, spec in specs.items():
             spec = QuantSpec.model_validate(spec)
@@ -307,10 +348,19 @@ def qparams_from_bytes(raw: bytes, expect_model: str | None = None, name: str = 
         raise ValueError(f"{path}: invalid header: {e}") from None
     smoothing = {k.removeprefix("smoothing/"): v for k, v in tensors.items() if k.startswith("smoothing/")}
     importance = {k.removeprefix("importance/"): v for k, v in tensors.items() if k.startswith("importance/")}
-    extra = [k for k in tensors if not k.startswith(("smoothing/", "importance/"))]
+    extra = [k for k in tensors if not k.startswith(("smoothing/", "importance/", "codes/"))]
     if extra:
         raise ValueError(f"{path}: arrays without a spec: {extra[:3]}")
-    qp = QParams(points, model, version, smoothing, meta, importance)
+    codes = {}
+    for k in (k for k in tensors if k.startswith("codes/")):
+        key = k.removeprefix("codes/")
+        if key not in points or key not in code_shapes:
+            raise ValueError(f"{path}: codes {key} without a point or a shape in the header")
+        try:
+            codes[key] = unpack_codes(tensors[k], tuple(code_shapes[key]), points[key].spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: codes {key}: {e}") from None
+    qp = QParams(points, model, version, smoothing, meta, importance, codes)
     try:
         qp.validate()
     except ValueError as e:
@@ -356,7 +406,40 @@ def diff_qparams(a: QParams, b: QParams) -> list[dict]:
         ha, hb = a.importance.get(key), b.importance.get(key)
         if ha is None or hb is None or ha.shape != hb.shape or not np.array_equal(ha, hb):
             rows.append({"key": f"importance/{key}", "status": "changed"})
+    for key in sorted(set(a.codes) | set(b.codes)):
+        ca, cb = a.codes.get(key), b.codes.get(key)
+        if ca is None or cb is None or ca.shape != cb.shape or not np.array_equal(ca, cb):
+            rows.append({"key": f"codes/{key}", "status": "changed"})
     return rows
+
+
+def pack_codes(codes: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Codes as stored: 4-bit ones two to a byte (``code - qmin``, the even column in the low
+    nibble, an odd last column padded with 0), wider ones in the spec's container dtype."""
+    c = np.asarray(codes)
+    if spec.bits != 4:
+        return np.ascontiguousarray(c.astype(spec.numpy_dtype))
+    u = (c.astype(np.int16) - spec.qmin).astype(np.uint8)
+    if u.shape[1] % 2:
+        u = np.concatenate([u, np.zeros((u.shape[0], 1), np.uint8)], axis=1)
+    return np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+
+
+def unpack_codes(stored: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> np.ndarray:
+    """Inverse of ``pack_codes`` for codes of ``shape`` (out, in); ValueError when they do not fit."""
+    stored = np.asarray(stored)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"shape {shape} is not (out, in)")
+    if spec.bits != 4:
+        if stored.shape != shape or stored.dtype != spec.numpy_dtype:
+            raise ValueError(f"stored {stored.dtype} {stored.shape}, expected {spec.numpy_dtype} {shape}")
+        return stored
+    want = (shape[0], (shape[1] + 1) // 2)
+    if stored.shape != want or stored.dtype != np.uint8:
+        raise ValueError(f"stored {stored.dtype} {stored.shape}, expected uint8 {want} (two codes a byte)")
+    u = np.empty((shape[0], want[1] * 2), np.uint8)
+    u[:, 0::2], u[:, 1::2] = stored & 0x0F, stored >> 4
+    return (u[:, :shape[1]].astype(np.int16) + spec.qmin).astype(spec.numpy_dtype)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

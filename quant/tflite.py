@@ -295,6 +295,9 @@ def quantize_points(float_path, weights: dict[str, np.ndarray], qparams: QParams
     if per_token:   # a float input here would pass for the device's int8 one without a word
         raise ValueError(f"QParams quantize the inputs of {len(per_token)} Linears per token at run time "
                          f"({per_token[0]}, ...): the LiteRT export has static per-tensor activations only")
+    if qparams.codes:   # the .tflite would round the weights to the nearest, not GPTQ's codes
+        raise ValueError(f"QParams carry the codes of {len(qparams.codes)} weights ({sorted(qparams.codes)[0]}, ...): "
+                         "the LiteRT export rounds its weights to the nearest")
     rotated = rotated_linears(qparams)
     if rotated:     # the .tflite would quantize x, not x R, with ranges and weights of x R
         raise ValueError(f"QParams rotate the inputs of {len(rotated)} Linears ({rotated[0]}, ...): the LiteRT "

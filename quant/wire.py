@@ -28,15 +28,16 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from quant.qparams import PointParams, QParams
+from quant.qparams import PointParams, QParams, pack_codes, unpack_codes
 from quant.spec import QuantSpec
 from quant.stats import ActivationStats, Grid
 
 FORMAT = "fedquant.wire/1"
 DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
           "uint8", "uint16", "uint32", "uint64")
-JOBS = ("scout", "stats", "lsq", "eval", "plan")
+JOBS = ("scout", "stats", "lsq", "eval", "plan", "hessian")
 MAX_BINS = 1 << 20          # bins per grid in an instruction: keeps count sums far from int64 overflow
+MAX_HESSIAN_CHANNELS = 1 << 16  # channels of a second-moment point: its upper triangle is 2^31 numbers
 MAX_COUNT = 1 << 40         # values per point per reply (a trillion): more is garbage, not data
 _INT63 = 2**63 - 1
 
@@ -205,16 +206,18 @@ class _ReplyHeader(_Header):
 
 
 class _InstructionHeader(_Header):
-    job: Literal["scout", "stats", "lsq", "eval", "plan"]
+    job: Literal["scout", "stats", "lsq", "eval", "plan", "hessian"]
     model: StrictStr = Field(max_length=256)
     meta: dict[StrictStr, StrictStr]
     specs: list[dict]
     points: list[tuple[StrictStr, StrictInt, list[StrictInt]]]
     smoothing: list[tuple[StrictStr, StrictInt]]
     importance: list[tuple[StrictStr, StrictInt]] = []
+    codes: list[tuple[StrictStr, StrictInt, StrictInt]] = []
     keys: list[StrictStr]
     absmax: list[tuple[StrictStr, StrictInt]]
     sqsum: list[tuple[StrictStr, StrictInt]] = []
+    hessian: list[tuple[StrictStr, StrictInt]] = []
 
 
 def _load_header(header, model: type[_Header], kind: str, limits: Limits) -> _Header:
@@ -292,15 +295,18 @@ class Instruction:
     (``keys``, sorted: replies are laid out in this order), the histogram grids of a statistics
     round and the points whose per-channel abs-max is wanted, with their channel counts; a
     scouting round's ``sqsum`` too: the points whose per-channel sum of squares is wanted (the
-    importance of a Linear's weight columns, ``quant.weight_ranges``)."""
+    importance of a Linear's weight columns, ``quant.weight_ranges``); a Hessian round's ``hessian``:
+    the points whose second moment ``sum_t x_t x_t^T`` is wanted, with their channel counts (GPTQ's
+    ``H``, ``quant.gptq``; they are the round's keys)."""
 
     round: int
-    job: Literal["scout", "stats", "lsq", "eval", "plan"]
+    job: Literal["scout", "stats", "lsq", "eval", "plan", "hessian"]
     qparams: QParams
     keys: tuple[str, ...] = ()
     grids: Mapping[str, Grid] = field(default_factory=dict)
     absmax: Mapping[str, int] = field(default_factory=dict)
     sqsum: Mapping[str, int] = field(default_factory=dict)
+    hessian: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.job not in JOBS:
@@ -315,6 +321,7 @@ class Instruction:
         object.__setattr__(self, "grids", dict(sorted(self.grids.items())))
         object.__setattr__(self, "absmax", {k: int(c) for k, c in sorted(self.absmax.items())})
         object.__setattr__(self, "sqsum", {k: int(c) for k, c in sorted(self.sqsum.items())})
+        object.__setattr__(self, "hessian", {k: int(c) for k, c in sorted(self.hessian.items())})
         if self.job == "stats" and set(self.grids) != set(keys):
             raise ValueError("a statistics instruction needs one grid per key")
         if self.job != "stats" and self.grids:
@@ -330,6 +337,10 @@ class Instruction:
             raise ValueError("sqsum belongs to scouting instructions")
         if not set(self.sqsum) <= set(keys) or any(c < 1 for c in self.sqsum.values()):
             raise ValueError("sqsum keys must be among the keys, with at least one channel")
+        if (self.job == "hessian") != bool(self.hessian) or set(self.hessian) != (set(keys) if self.hessian else set()):
+            raise ValueError("a Hessian instruction (and only one) names the points of its second moments, its keys")
+        if any(c < 1 or c > MAX_HESSIAN_CHANNELS for c in self.hessian.values()):
+            raise ValueError(f"Hessian points need 1 to {MAX_HESSIAN_CHANNELS} channels")
         if self.job == "plan" and not keys:
             raise ValueError("a plan instruction names the points to measure")
         if self.job == "lsq" and not set(keys) <= set(self.qparams.points):
@@ -379,7 +390,8 @@ def encode_instruction(ins: Instruction) -> tuple[Flat, Header]:
     """QParams column by column in sorted key order: ``scale`` float32, ``zero_point/<dtype>`` in
     each spec's storage dtype, ``smoothing`` float32; specs as JSON (each distinct spec once, the
     header's ``points`` rows are ``[key, spec id, shape]``); for statistics rounds the grids as
-    float64 ``grids/lo_hi`` (K, 2) and int64 ``grids/bins`` (K,)."""
+    float64 ``grids/lo_hi`` (K, 2) and int64 ``grids/bins`` (K,); GPTQ's codes (``QParams.codes``)
+    as ``codes/<dtype>``, each weight's stored form (``quant.qparams.pack_codes``) in sorted key order."""
     qp = ins.qparams
     table: list[dict] = []
     seen: dict[str, int] = {}
@@ -404,6 +416,13 @@ def encode_instruction(ins: Instruction) -> tuple[Flat, Header]:
     if importance:
         arrays["importance"] = np.concatenate(
             [np.asarray(qp.importance[k], dtype=np.float32).reshape(-1) for k, _ in importance])
+    codes = [[k, *(int(d) for d in np.shape(qp.codes[k]))] for k in sorted(qp.codes)]
+    if codes:               # GPTQ's integer weights (QParams.codes), 4-bit ones two to a byte
+        packed = {}
+        for k, *_ in codes:
+            c = pack_codes(qp.codes[k], qp.points[k].spec)
+            packed.setdefault(c.dtype.name, []).append(c.reshape(-1))
+        arrays |= {f"codes/{dt}": np.concatenate(v) for dt, v in sorted(packed.items())}
     if ins.job == "stats":      # even with no grids (no point seen yet): the decoder expects them
         g = list(ins.grids.values())
         arrays["grids/lo_hi"] = np.array([[x.lo, x.hi] for x in g], dtype=np.float64).reshape(-1, 2)
@@ -415,8 +434,12 @@ def encode_instruction(ins: Instruction) -> tuple[Flat, Header]:
               "absmax": [[k, c] for k, c in ins.absmax.items()], "index": index}
     if importance:          # absent when empty: a run without it sends the headers it sent before
         header["importance"] = importance
+    if codes:
+        header["codes"] = codes
     if ins.sqsum:
         header["sqsum"] = [[k, c] for k, c in ins.sqsum.items()]
+    if ins.hessian:
+        header["hessian"] = [[k, c] for k, c in ins.hessian.items()]
     return flat, header
 
 
@@ -447,6 +470,14 @@ def decode_instruction(flat, header, limits: Limits = DEFAULT_LIMITS) -> Instruc
         raise WireError("shape", "importance vectors need at least one channel")
     if h.importance:
         expect["importance"] = ("float32", (sum(c for _, c in h.importance),))
+    spec_of = {key: specs[i] for key, i, _ in h.points}
+    code_sizes: dict[str, int] = {}
+    for key, rows, cols in h.codes:
+        if key not in spec_of or not (1 <= rows <= 2**32 and 1 <= cols <= 2**32):
+            raise WireError("shape", f"codes {key}: not a point of the instruction, or a bad shape ({rows}, {cols})")
+        dt = "uint8" if spec_of[key].bits == 4 else spec_of[key].numpy_dtype.name
+        code_sizes[dt] = code_sizes.get(dt, 0) + rows * ((cols + 1) // 2 if spec_of[key].bits == 4 else cols)
+    expect |= {f"codes/{dt}": (dt, (n,)) for dt, n in code_sizes.items()}
     k = len(h.keys)
     if h.job == "stats":
         expect["grids/lo_hi"], expect["grids/bins"] = ("float64", (k, 2)), ("int64", (k,))
@@ -470,16 +501,24 @@ def decode_instruction(flat, header, limits: Limits = DEFAULT_LIMITS) -> Instruc
     importance, pos = {}, 0
     for key, c in h.importance:
         importance[key], pos = arrays["importance"][pos:pos + c], pos + c
-    if len(points) != len(h.points) or len(smoothing) != len(h.smoothing) or len(importance) != len(h.importance):
-        raise WireError("malformed", "duplicate point, smoothing or importance keys")
-    qp = QParams(points, h.model, h.version, smoothing, h.meta, importance)
+    codes, cpos = {}, dict.fromkeys(code_sizes, 0)
+    for key, rows, cols in h.codes:
+        spec = points[key].spec
+        dt, n = ("uint8", rows * ((cols + 1) // 2)) if spec.bits == 4 else (spec.numpy_dtype.name, rows * cols)
+        stored = arrays[f"codes/{dt}"][cpos[dt]:cpos[dt] + n].reshape(rows, -1)
+        cpos[dt] += n
+        codes[key] = unpack_codes(stored, (rows, cols), spec)
+    if len(points) != len(h.points) or len(smoothing) != len(h.smoothing) or len(importance) != len(h.importance) \
+            or len(codes) != len(h.codes):
+        raise WireError("malformed", "duplicate point, smoothing, importance or codes keys")
+    qp = QParams(points, h.model, h.version, smoothing, h.meta, importance, codes)
     try:
         qp.validate()
         grids = {}
         if h.job == "stats":
             lo_hi, bins = arrays["grids/lo_hi"], arrays["grids/bins"]
             grids = {key: Grid(lo_hi[j, 0], lo_hi[j, 1], int(bins[j])) for j, key in enumerate(h.keys)}
-        return Instruction(h.round, h.job, qp, tuple(h.keys), grids, dict(h.absmax), dict(h.sqsum))
+        return Instruction(h.round, h.job, qp, tuple(h.keys), grids, dict(h.absmax), dict(h.sqsum), dict(h.hessian))
     except ValueError as e:
         raise WireError("malformed", str(e)) from None
 
@@ -921,3 +960,65 @@ def decode_plan_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_L
     if tokens < 1 or seqs < 1 or tokens > MAX_COUNT:
         raise WireError("count_mismatch", f"counts {tokens} tokens, {seqs} sequences: not positive and in bounds")
     return PlanReply(dict(zip(ins.keys, v.tolist())), tokens, seqs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hessian replies (GPTQ's second moments, quant.gptq): additive sums per point
+
+@dataclass(frozen=True, eq=False)
+class HessianReply:
+    """Per point of the instruction's ``hessian``, the client's ``sum_t x_t x_t^T`` (float64, (c, c))
+    over its ``tokens`` tokens of the float input (unsmoothed, unrotated)."""
+
+    sums: Mapping[str, np.ndarray]
+    tokens: int
+
+
+def triangle_size(c: int) -> int:
+    """Numbers in the upper triangle (diagonal included) of a ``c`` x ``c`` matrix."""
+    return c * (c + 1) // 2
+
+
+def encode_hessian_reply(reply: HessianReply, ins: Instruction) -> tuple[Flat, Header]:
+    """``sums`` float32: each point's upper triangle (row by row, ``np.triu_indices``) in the order
+    of ``ins.keys``; ``tokens`` int64 (1,)."""
+    _same_keys(reply.sums, ins.keys, "Hessian reply")
+    parts = []
+    for k in ins.keys:
+        h = np.asarray(reply.sums[k])
+        c = ins.hessian[k]
+        if h.shape != (c, c):
+            raise ValueError(f"{k}: the server expects a ({c}, {c}) second moment, got {h.shape}")
+        parts.append(h[np.triu_indices(c)].astype(np.float32))
+    flat, index = pack({"sums": np.concatenate(parts), "tokens": np.array([reply.tokens], dtype=np.int64)})
+    return flat, _reply_header("hessian", ins, index)
+
+
+def decode_hessian_reply(flat, header, ins: Instruction, limits: Limits = DEFAULT_LIMITS) -> HessianReply:
+    """A Hessian reply: per point a finite (``nan``) second moment whose diagonal is not negative
+    (``negative``) and whose entries keep Cauchy-Schwarz's bound ``|H_ij| <= sqrt(H_ii H_jj)``
+    (``inconsistent``: no sum of ``x x^T`` breaks it); a positive token count. Symmetric float64."""
+    sizes = [triangle_size(ins.hessian[k]) for k in ins.keys]
+    a = _fields(flat, header, ins, "hessian", {"sums": ("float32", (sum(sizes),)), "tokens": ("int64", (1,))},
+                limits)
+    tokens = int(a["tokens"][0])
+    if tokens < 1 or tokens > MAX_COUNT:
+        raise WireError("count_mismatch", f"{tokens} tokens: not positive and in bounds")
+    v, pos, sums = a["sums"], 0, {}
+    for k, n in zip(ins.keys, sizes):
+        c = ins.hessian[k]
+        tri = v[pos:pos + n].astype(np.float64)
+        pos += n
+        if not np.all(np.isfinite(tri)):
+            raise WireError("nan", f"second moment of {k}: NaN or infinite")
+        h = np.zeros((c, c))
+        h[np.triu_indices(c)] = tri
+        d = np.diag(h).copy()
+        if (d < 0).any():
+            raise WireError("negative", f"second moment of {k}: a negative diagonal")
+        h = h + np.triu(h, 1).T
+        bound = np.sqrt(np.outer(d, d)) * (1 + 1e-3) + 1e-30     # float32 rounding of honest sums
+        if (np.abs(h) > bound).any():
+            raise WireError("inconsistent", f"second moment of {k}: an entry exceeds sqrt(H_ii H_jj)")
+        sums[k] = h
+    return HessianReply(sums, tokens)

@@ -32,7 +32,7 @@ from quant.qparams import PointParams
 from quant.spec import QuantSpec
 from quant.smoothing import smoothing_factors
 from quant.stats import ActivationStats, Grid, grid_from_absmax, merge_absmax, merge_all
-from quant.wire import ScoutReply
+from quant.wire import HessianReply, ScoutReply
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -272,6 +272,32 @@ def merge_importance(scouting: Sequence[ScoutReply], rule: str = "sum", trim_fra
                 shares.append(m / m.sum() if m.sum() > 0 else np.full_like(m, 1.0 / m.size))
             h = trimmed_mean([{"h": v} for v in shares], trim_fraction)["h"]
         out[key.rsplit(":", 1)[0]] = h.astype(np.float32)
+    return out
+
+
+def merge_hessians(replies: Sequence[HessianReply], rule: str = "sum", trim_fraction: float = 0.25
+                   ) -> dict[str, np.ndarray]:
+    """Per point, the fleet's second moment of the float input (float64, (c, c)) from the clients'
+    sums ``sum_t x_t x_t^T``: GPTQ's ``H`` (``quant.gptq``), which is additive, so a fleet's is its
+    clients' (federated equals centralized). ``rule = "sum"``: the pooled mean (sorted per entry
+    first: the order of the replies changes no bit). Else each client's mean as a share of its own
+    trace, merged by a coordinate-wise ``trimmed_mean``: no client's volume counts, and while fewer
+    than ``trim_fraction`` of them lie every entry stays within the honest clients' shares; an entry-wise
+    mean of a few clients' low-rank moments need not be positive semi-definite, so it is projected
+    onto that cone (its negative eigenvalues set to 0: the nearest such matrix, Higham 1988). GPTQ
+    needs ``H`` only up to a common factor (its dampening is a fraction of the mean diagonal)."""
+    out = {}
+    for key in sorted({k for r in replies for k in r.sums}):
+        got = [(np.asarray(r.sums[key], np.float64), r.tokens) for r in replies if key in r.sums]
+        if len({g.shape for g, _ in got}) != 1:     # shapes differ only in replies validation refused
+            continue
+        if rule == "sum":
+            out[key] = np.sort(np.stack([g for g, _ in got]), axis=0).sum(axis=0) / sum(t for _, t in got)
+        else:
+            shares = [g / np.trace(g) if np.trace(g) > 0 else g for g, _ in got]
+            h = trimmed_mean([{"h": v} for v in shares], trim_fraction)["h"]
+            w, v = np.linalg.eigh((h + h.T) / 2)
+            out[key] = (v * np.maximum(w, 0.0)) @ v.T
     return out
 
 

@@ -49,7 +49,7 @@ class RoundSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job: Literal["scout", "stats", "lsq", "eval", "plan"]
+    job: Literal["scout", "stats", "lsq", "eval", "plan", "hessian"]
     repeat: int = Field(1, ge=1, description="rounds of this job in a row")
     fraction: float = Field(1.0, gt=0, le=1, description="share of the roster sampled per round (of the round's `profiles`' "
                                                           "clients when it names some)")
@@ -110,6 +110,24 @@ class SmoothingConfig(BaseModel):
         if bad:
             raise ValueError(f"skip takes Linear patterns such as '*.down_proj', not point keys: {bad}")
         return self
+
+
+class GptqConfig(BaseModel):
+    """GPTQ's rounding of a profile's weights (``quant.gptq``) from the second moments of their inputs
+    that the schedule's ``hessian`` rounds collect: the server rounds each weight of ``bits`` bits so
+    that its Linear's output error on the fleet's text is least, and the QParams carry the codes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    damp: float = Field(0.01, ge=0, description="added to H's diagonal, as a fraction of its mean (the paper's 1%)")
+    bits: int = Field(4, description="the weights of this width are rounded by GPTQ; the others to the nearest")
+
+    @field_validator("bits")
+    @classmethod
+    def _known_bits(cls, v: int) -> int:
+        if v not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {v}")
+        return v
 
 
 class SecureConfig(BaseModel):
@@ -217,6 +235,10 @@ class ServerConfig(BaseModel):
                                           "default) or 'importance': the range with the least rounding "
                                           "error weighted per input column by the mean square the scouting "
                                           "round collects from every client (quant.weight_ranges)")
+    gptq: dict[str, GptqConfig] = Field(
+        default_factory=dict, description="per profile, GPTQ's rounding of its weights from the second moments the "
+                                          "schedule's hessian rounds collect (quant.gptq); the codes travel in "
+                                          "its QParams")
     # Aggregation rules (server/aggregate.py; README "A hostile fleet" says what they cost on an
     # honest fleet). The robust ones are the defaults: a phone fleet is hostile ground.
     stats_rule: Literal["sum", "trimmed"] = Field(
@@ -313,6 +335,24 @@ class ServerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _hessian_rounds(self) -> "ServerConfig":
+        """``gptq`` and hessian rounds come together, and only evaluation rounds after the hessian
+        rounds: GPTQ rounds the weight points as the run leaves them (after the scouting round's
+        factors, the plan's specs and the learned ranges), and a later round that moved a weight
+        point would drop its codes."""
+        hess = [i for i, s in enumerate(self.schedule) if s.job == "hessian"]
+        if hess and not self.gptq:
+            raise ValueError(f"schedule[{hess[0]}]: a hessian round needs gptq = {{ <profile> = {{ damp = 0.01 }} }}: "
+                             "the profiles whose weights GPTQ rounds")
+        if self.gptq and not hess:
+            raise ValueError(f"gptq for {sorted(self.gptq)} but the schedule has no hessian round")
+        later = [s.job for s in self.schedule[hess[0]:] if s.job not in ("hessian", "eval")] if hess else []
+        if later:
+            raise ValueError(f"schedule: a {later[0]} round after the first hessian round: only hessian and eval "
+                             "rounds may follow it (GPTQ rounds the final weight points; a later round would move them)")
+        return self
+
+    @model_validator(mode="after")
     def _importance_needs_scouting(self) -> "ServerConfig":
         ranked = sorted(p for p, r in self.weight_ranges.items() if r == "importance")
         if ranked and not any(s.job == "scout" for s in self.schedule):
@@ -403,6 +443,8 @@ class ServerConfig(BaseModel):
             del data["plans"]
         if not data["weight_ranges"]:
             del data["weight_ranges"]
+        if not data["gptq"]:
+            del data["gptq"]
         if data["secure"] is None:
             del data["secure"]
         else:

@@ -16,15 +16,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from quant.wire import Instruction, payload_nbytes
 from server.config import ServerConfig
-from server.validate import (Rejection, validate_dp_reply, validate_eval_metrics, validate_lsq_reply,
-                             validate_plan_reply, validate_scout_reply, validate_stats_reply)
+from server.validate import (Rejection, validate_dp_reply, validate_eval_metrics, validate_hessian_reply,
+                             validate_lsq_reply, validate_plan_reply, validate_scout_reply, validate_stats_reply)
 
 CLIENT_CODES = frozenset({"unknown_profile", "bad_instruction", "stale_version", "unknown_job",
                           "patch_refused", "memory_budget", "no_data", "job_failed",
                           "unavailable", "dropout"})   # the last two: simulated unreliable devices
-MESSAGE_TYPE = {"scout": "train", "stats": "train", "lsq": "train", "plan": "train", "eval": "evaluate"}
+MESSAGE_TYPE = {"scout": "train", "stats": "train", "lsq": "train", "plan": "train", "hessian": "train",
+                "eval": "evaluate"}
 VALIDATORS = {"scout": validate_scout_reply, "stats": validate_stats_reply, "lsq": validate_lsq_reply,
-              "plan": validate_plan_reply}
+              "plan": validate_plan_reply, "hessian": validate_hessian_reply}
 
 
 def instruction_message(node_id: int, profile: str, ins: Instruction, flat, header, config: ServerConfig,

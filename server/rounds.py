@@ -25,6 +25,13 @@ who is sampled, what each profile is sent, and what the valid replies change. No
   the server optimizer to the float state kept in the run state; integer zero-points are derived
   only when the QParams are made (``to_integer_qparams``), never averaged. Version + 1.
 - eval: metrics only (token-weighted perplexity per profile).
+- hessian (the profiles of ``config.gptq``; the last rounds of a schedule): every sampled client sums
+  ``x x^T`` of the float inputs of one part of the GPTQ profiles' Linears (``hessian_request``: the
+  rounds split the inputs between them, so no reply carries them all); the server merges them by
+  ``stats_rule`` (``server.aggregate.merge_hessians``) and rounds each such Linear's weight by GPTQ
+  (``gptq_qparams``: ``quant.gptq`` on the input as the graph quantizes it, smoothed and rotated);
+  the codes and their weight points go into the QParams, version + 1, and travel in every later
+  instruction (only evaluation rounds may follow).
 - plan (the profiles of ``config.plans``): each client's FIT sensitivity sums per point
   (``quant.mixed``) are added (``stats_rule = "sum"``: the pooled estimate) or, with a robust rule,
   taken as shares of each client's total and merged by the trimmed mean
@@ -56,17 +63,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from quant import dp, private_scout
+from quant.gptq import gptq_codes, linear_hessian
 from quant.affine import qparams_to_range, range_to_qparams
 from quant.mixed import plan_mixed_precision, robust_sensitivity
 from quant.spec import activation_spec, weight_spec
 from quant.qparams import PointParams, QParams, per_token_linears, qparams_problems, rotation_block
-from quant.smoothing import smoothed_absmax, smoothed_weight_point
+from quant.smoothing import fold_weight, smoothed_absmax, smoothed_weight_point
 from quant.stats import ActivationStats, needs_widening, widen
-from quant.wire import Instruction, ScoutReply
+from quant.wire import Instruction, ScoutReply, triangle_size
 from server.aggregate import (bounded_extremes, bounded_step, capped_weights, clip_scouting, coordinate_median,
                               fedadam_step, fedavg_step, grids_from_scouting, learned_from_qparams, max_absmax,
                               ranges_for_profile, smoothquant_factors, sum_statistics, to_integer_qparams,
-                              merge_importance, trimmed_mean, trimmed_statistics, weighted_mean)
+                              merge_hessians, merge_importance, trimmed_mean, trimmed_statistics, weighted_mean)
 from server.config import RoundSpec, ServerConfig, sample_size
 from server.state import RunState
 from server.validate import Rejection, summarise_rejections
@@ -128,10 +136,11 @@ def movable_qparams(qp: QParams, config: ServerConfig) -> QParams:
     """The part of a profile's QParams that a run can change: its activation points (and every point
     when the learned-range rounds learn weights too), with the smoothing, version and fingerprint.
     Clients merge it into what they hold, so weight scales -- most of the bytes: 8.5 MB of 4-bit
-    group scales on SmolLM2, against 5 KB of activation scales -- never travel in a round."""
-    keys = set(activation_keys(qp)) | set(learned_keys(qp, config)) | set(planned_weights(qp))
+    group scales on SmolLM2, against 5 KB of activation scales -- never travel in a round, except
+    those of the weights GPTQ rounded (a device cannot derive them), with their codes."""
+    keys = set(activation_keys(qp)) | set(learned_keys(qp, config)) | set(planned_weights(qp)) | set(qp.codes)
     return QParams({k: p for k, p in qp.points.items() if k in keys}, qp.model, qp.version,
-                   qp.smoothing, qp.meta, qp.importance)
+                   qp.smoothing, qp.meta, qp.importance, qp.codes)
 
 
 def planned_weights(qp: QParams) -> list[str]:
@@ -206,6 +215,69 @@ def importance_request(qparams: Mapping[str, QParams], config: ServerConfig, wei
     return keys
 
 
+def gptq_paths(qparams: Mapping[str, QParams], config: ServerConfig, weights: Mapping[str, np.ndarray]
+               ) -> dict[str, list[str]]:
+    """Per profile of ``config.gptq``, the Linears GPTQ rounds: those with a float weight and a weight
+    point of the configured width."""
+    out = {}
+    for prof, g in sorted(config.gptq.items()):
+        qp = qparams.get(prof)
+        if qp is not None:
+            out[prof] = sorted(k.rsplit(":", 1)[0] for k, p in qp.points.items()
+                               if k.endswith(":weight") and p.spec.bits == g.bits and k.rsplit(":", 1)[0] in weights)
+    return out
+
+
+def hessian_parts(widths: Mapping[str, int], parts: int) -> list[dict[str, int]]:
+    """``widths`` (key -> channels, in key order) cut into ``parts`` runs of neighbouring keys with about
+    the same number of second-moment entries each (the upper triangles a reply carries)."""
+    keys = sorted(widths)
+    sizes = np.array([triangle_size(widths[k]) for k in keys], dtype=np.float64)
+    ends = np.cumsum(sizes)
+    cut = np.searchsorted(ends, ends[-1] * np.arange(1, parts) / parts, side="left") + 1 if keys else []
+    bounds = [0, *[int(c) for c in cut], len(keys)]
+    return [{k: widths[k] for k in keys[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def hessian_request(qparams: Mapping[str, QParams], round: int, config: ServerConfig,
+                    weights: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """The inputs (key -> channels) whose second moments hessian round ``round`` asks for: its part of
+    the inputs of every Linear GPTQ rounds (``gptq_paths``), the schedule's hessian rounds taking
+    one part each in turn. ValueError when a part's reply would pass the validation's size limit (the
+    schedule needs more hessian rounds)."""
+    widths = {f"{p}:input": int(np.shape(weights[p])[1]) for paths in gptq_paths(qparams, config, weights).values()
+              for p in paths}
+    rounds = [r for r, s in config.rounds() if s.job == "hessian"]
+    part = hessian_parts(widths, len(rounds))[rounds.index(round)]
+    nbytes = 4 * sum(triangle_size(c) for c in part.values())
+    if nbytes > config.validation.limits.max_bytes:
+        raise ValueError(f"hessian round {round}: its {len(part)} second moments take {nbytes / 2**20:.1f} MiB a "
+                         f"reply, beyond validation.limits.max_bytes ({config.validation.limits.max_bytes / 2**20:.0f} "
+                         f"MiB): give the hessian rounds a larger repeat (they split the inputs between them)")
+    return part
+
+
+def gptq_qparams(qp: QParams, hessians: Mapping[str, np.ndarray], paths: Sequence[str],
+                 weights: Mapping[str, np.ndarray], damp: float, version: int) -> tuple[QParams, dict]:
+    """``qp`` with GPTQ's weight point and codes for each Linear of ``paths`` whose input has a second
+    moment in ``hessians`` (the float input's: ``quant.gptq.linear_hessian`` makes it the smoothed and
+    rotated input's the graph quantizes), at ``version``; and what happened (``rounded``, and
+    ``failed``: Linears whose moment damping left singular keep the nearest rounding)."""
+    points, codes, failed = {}, {}, []
+    for path in paths:
+        h = hessians.get(f"{path}:input")
+        if h is None:
+            continue
+        m, block = qp.smoothing.get(path), rotation_block(qp, path)
+        try:
+            codes[f"{path}:weight"], points[f"{path}:weight"] = gptq_codes(
+                fold_weight(weights[path], m, block), linear_hessian(h, m, block), qp.points[f"{path}:weight"].spec,
+                damp)
+        except ValueError as e:
+            failed.append(f"{path}: {e}")
+    return qp.with_points(points, version, codes), {"rounded": len(points), "failed": failed[:5]}
+
+
 def scout_instruction(round: int, qp: QParams, absmax: Mapping[str, int],
                       sqsum: Mapping[str, int] | None = None) -> Instruction:
     """A scouting instruction: the profile's activation points, and the inputs of ``absmax`` and
@@ -239,6 +311,7 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
     has none: its clients sit those rounds out)."""
     absmax = absmax_request(state.qparams, config, weights or {}) if spec.job == "scout" else {}
     sqsum = importance_request(state.qparams, config, weights or {}) if spec.job == "scout" else {}
+    hessian = hessian_request(state.qparams, round, config, weights or {}) if spec.job == "hessian" else {}
     out = {}
     for prof, full in sorted(state.qparams.items()):
         if spec.profiles is not None and prof not in spec.profiles:
@@ -258,6 +331,9 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
         elif spec.job == "plan":
             if prof in config.plans:        # the other profiles sit the round out
                 out[prof] = Instruction(round, "plan", qp, keys=tuple(plan_keys(full)))
+        elif spec.job == "hessian":
+            if hessian:                     # every profile's float graph is the same: any client answers
+                out[prof] = Instruction(round, "hessian", qp, keys=tuple(hessian), hessian=hessian)
         else:
             out[prof] = Instruction(round, "eval", qp)
     return out
@@ -297,6 +373,7 @@ def apply_round(state: RunState, round: int, spec: RoundSpec,
             done, m = (_scout(new, replies, config, weights) if spec.job == "scout" else
                        _stats(new, replies, config) if spec.job == "stats" else
                        _plan(new, replies, spec, config, weights) if spec.job == "plan" else
+                       _hessian(new, replies, config, weights) if spec.job == "hessian" else
                        _lsq(new, replies, spec, config))
             problems = commit_problems(state, done, weights, respec=spec.job == "plan")
         except Exception as e:      # valid-looking replies must not stop the run: skip the round
@@ -584,6 +661,24 @@ def _plan(state: RunState, replies, spec: RoundSpec, config: ServerConfig, weigh
         report[prof] = plan
     new_state = replace(state, qparams=qparams, learned=learned, moments=moments)
     return new_state, {"applied": bool(report), "plan": report}
+
+
+def _hessian(state: RunState, replies, config: ServerConfig, weights) -> tuple[RunState, dict]:
+    """A hessian round (module docstring): the fleet's second moments of this round's inputs, and
+    GPTQ's codes for the Linears they feed in every profile of ``config.gptq``."""
+    if weights is None:
+        raise ValueError("a hessian round needs the Linears' float weights (GPTQ rounds them)")
+    hessians = merge_hessians([a.reply for a in _all(replies)], config.stats_rule, config.trim)
+    qparams, report = dict(state.qparams), {}
+    for prof, paths in gptq_paths(state.qparams, config, weights).items():
+        qp, done = gptq_qparams(state.qparams[prof], hessians, paths, weights, config.gptq[prof].damp,
+                                state.qparams[prof].version + 1)
+        if done["rounded"]:     # the activation ranges and any learned state stay as they are
+            qparams[prof] = qp
+        report[prof] = done
+    new = replace(state, qparams=qparams)
+    return new, {"applied": any(d["rounded"] for d in report.values()), "hessians": len(hessians),
+                 "tokens": int(sum(a.reply.tokens for a in _all(replies))), "gptq": report}
 
 
 def planned_qparams(qp: QParams, sens: Mapping[str, float], budget, weights: Mapping[str, np.ndarray]

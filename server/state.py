@@ -26,7 +26,7 @@ from typing import Mapping
 
 import numpy as np
 
-from quant.qparams import PointParams, QParams, atomic_write_bytes, safetensors_metadata
+from quant.qparams import PointParams, QParams, atomic_write_bytes, pack_codes, safetensors_metadata, unpack_codes
 from quant.spec import QuantSpec
 from quant.stats import ActivationStats, Grid
 
@@ -109,6 +109,9 @@ def _flatten(state: RunState) -> tuple[Arrays, dict]:
             "smoothing": [[k, t.put(np.asarray(v))] for k, v in sorted(qp.smoothing.items())]}
         if qp.importance:       # absent when empty: checkpoints of runs without it stay as they were
             qparams[prof]["importance"] = [[k, t.put(np.asarray(v))] for k, v in sorted(qp.importance.items())]
+        if qp.codes:            # GPTQ's integer weights, two 4-bit codes a byte (quant.qparams.pack_codes)
+            qparams[prof]["codes"] = [[k, list(np.shape(c)), t.put(pack_codes(c, qp.points[k].spec))]
+                                      for k, c in sorted(qp.codes.items())]
     grids = [[k, t.put(np.array([g.lo, g.hi], dtype=np.float64)), g.bins] for k, g in sorted(state.grids.items())]
     sums = [[k, t.put(np.array([s.lo, s.hi, s.min, s.max], dtype=np.float64)), t.put(s.counts),
              t.put(np.array([s.below, s.above, s.n], dtype=np.int64))] for k, s in sorted(state.sums.items())]
@@ -132,7 +135,8 @@ def _unflatten(arrays: Arrays, meta: dict) -> RunState:
     for prof, q in meta["qparams"].items():
         points = {k: PointParams(QuantSpec.model_validate(spec), get(s), get(z)) for k, spec, s, z in q["points"]}
         qp = QParams(points, q["model"], int(q["version"]), {k: get(r) for k, r in q["smoothing"]},
-                     dict(q["meta"]), {k: get(r) for k, r in q.get("importance", [])})
+                     dict(q["meta"]), {k: get(r) for k, r in q.get("importance", [])},
+                     {k: unpack_codes(get(r), tuple(shape), points[k].spec) for k, shape, r in q.get("codes", [])})
         qp.validate()
         qparams[prof] = qp
     grids = {}

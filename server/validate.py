@@ -8,7 +8,7 @@ metrics. They never raise on what a client sends. Codes:
 ``malformed`` ``too_large`` ``dtype`` ``shape`` ``missing_key`` ``unknown_key`` (structure);
 ``wrong_format`` ``wrong_kind`` ``stale_round`` ``wrong_version`` ``wrong_request`` (what it answers);
 ``nan`` (NaN or infinite) ``value_range`` (finite but beyond ``MAX_ABS_VALUE``) ``negative_count``
-``count_mismatch`` ``negative`` (a plan reply's sensitivity below 0) ``inconsistent`` ``absmax_range`` ``sqsum_range`` ``scale_range`` ``zero_point_range`` ``examples``
+``count_mismatch`` ``negative`` (a plan reply's sensitivity or a second moment's diagonal below 0) ``inconsistent`` ``absmax_range`` ``sqsum_range`` ``scale_range`` ``zero_point_range`` ``examples``
 (content).
 
 Validation bounds what one reply can be; a robust aggregation rule (server.aggregate) bounds the
@@ -27,9 +27,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from quant.spec import SCALE_FLOOR
-from quant.wire import (Limits, Instruction, LsqReply, PlanReply, ScoutReply, StatsReply, WireError,
-                        decode_dp_reply, decode_lsq_arrays, decode_plan_reply, decode_scout_reply,
-                        decode_stats_reply, lsq_reply_from_arrays)
+from quant.wire import (HessianReply, Limits, Instruction, LsqReply, PlanReply, ScoutReply, StatsReply, WireError,
+                        decode_dp_reply, decode_hessian_reply, decode_lsq_arrays, decode_plan_reply,
+                        decode_scout_reply, decode_stats_reply, lsq_reply_from_arrays)
 
 T = TypeVar("T")
 
@@ -152,6 +152,24 @@ def validate_plan_reply(flat, header, ins: Instruction, num_examples,
         big = [k for k, v in r.sens.items() if v > MAX_ABS_VALUE]
         if big:
             raise WireError("value_range", f"sens of {big[0]}: beyond {MAX_ABS_VALUE:.3g}")
+        return r
+    return _guard(run)
+
+
+def validate_hessian_reply(flat, header, ins: Instruction, num_examples,
+                           config: ValidationConfig = DEFAULT) -> HessianReply | Rejection:
+    """A Hessian reply (GPTQ's second moments, ``quant.wire.decode_hessian_reply``'s checks: ``nan``,
+    ``negative``, ``inconsistent``), with at least one token per example it claims
+    (``count_mismatch``) and every mean square ``H_jj / tokens`` within ``MAX_ABS_VALUE`` squared
+    (``value_range``)."""
+    def run():
+        _check_examples(num_examples, config)
+        r = decode_hessian_reply(flat, header, ins, config.limits)
+        if r.tokens < int(num_examples):
+            raise WireError("count_mismatch", f"{r.tokens} tokens from {num_examples} examples")
+        big = [k for k, h in r.sums.items() if np.diag(h).max(initial=0.0) > r.tokens * MAX_ABS_VALUE ** 2]
+        if big:
+            raise WireError("value_range", f"second moment of {big[0]}: a mean square beyond {MAX_ABS_VALUE:.3g}^2")
         return r
     return _guard(run)
 

@@ -230,7 +230,11 @@ def export(
             export_float_onnx(m, out / "float.onnx")
         with err.status("writing the QDQ model and the device bundle"):
             save_device_bundle(m, qp, out / "model.qdq.onnx", float_onnx=out / "float.onnx")
-            write_encodings_json(qp, out / "encodings.json")
+            if qp.codes:    # encodings hold ranges: a consumer would round the weights to the nearest
+                err.print(f"no encodings.json: the QParams carry GPTQ's codes of {len(qp.codes)} weights, which "
+                          "only the QDQ model holds", highlight=False)
+            else:
+                write_encodings_json(qp, out / "encodings.json")
     for f in sorted(out.iterdir()):
         err.print(f"{f}  {f.stat().st_size / 2**20:.1f} MB", highlight=False)
 

@@ -160,7 +160,7 @@ class ServerEval:
         rt = self.runtime(profile)
         if int(qparams.version) < int(rt.qparams.version):   # a reference evaluated after the run
             qparams = QParams(qparams.points, qparams.model, rt.qparams.version, qparams.smoothing, qparams.meta,
-                              qparams.importance)
+                              qparams.importance, qparams.codes)
         rt.patch(qparams)
         out: dict = {}
         try:

@@ -57,7 +57,8 @@ def report(prep: Prepared, ev: "ServerEval", refs: dict, final: dict[str, QParam
 
 def write_artifacts(prep: Prepared, ev: ServerEval, final: dict[str, QParams]) -> dict[str, dict]:
     """Per profile: the final QParams (safetensors), the QDQ ONNX model the evaluation ran (with its
-    name map) and encodings JSON in the AIMET/QNN style (design.md section 8)."""
+    name map) and encodings JSON in the AIMET/QNN style (design.md section 8), unless the QParams
+    carry GPTQ's codes (``encodings`` None: ranges alone would give a consumer other weights)."""
     import onnx
 
     from quant.encodings import onnx_encoding_names, write_encodings_json
@@ -78,9 +79,14 @@ def write_artifacts(prep: Prepared, ev: ServerEval, final: dict[str, QParams]) -
         atomic_write_bytes(names_path(d / "model.onnx"), json.dumps(
             {k: list(v) for k, v in sorted(rt.name_map.items())}, indent=1).encode())
         save_qparams(qp, prep.out / "qparams" / f"{p}.safetensors")
-        write_encodings_json(qp, d / "encodings.json", names=names)
         out[p] = {"qparams": str(prep.out / "qparams" / f"{p}.safetensors"), "onnx": str(d / "model.onnx"),
-                  "encodings": str(d / "encodings.json"), "version": int(qp.version)}
+                  "version": int(qp.version)}
+        if qp.codes:    # GPTQ's codes are integer weights, which encodings (ranges only) cannot carry
+            out[p]["encodings"] = None
+            (d / "encodings.json").unlink(missing_ok=True)
+        else:
+            write_encodings_json(qp, d / "encodings.json", names=names)
+            out[p]["encodings"] = str(d / "encodings.json")
     return out
 
 
