@@ -274,7 +274,7 @@ BLOCKS = [("mixed-plan", "mixed_plan.json", mixed_plan_block),
               ("splits-torch-lsq", "splits_torch_lsq.json"),
               ("splits-oproj", "splits_oproj.json"), ("splits-lmhead", "splits_lmhead.json"),
               ("splits-per-token", "splits_per_token.json"), ("splits-static", "splits_static.json"),
-              ("splits-rotated", "splits_rotated.json"))],
+              ("splits-rotated", "splits_rotated.json"), ("splits-gptq", "splits_gptq.json"))],
           ("mixed-gap", "mixed_gap.json", mixed_gap_block),
           ("mixed-gap-rotated", "mixed_gap_rotated.json", lambda d: mixed_gap_block(d, "mixed_gap_rotated.json")),
           ("per-token", "per_token.json", per_token_block),
@@ -318,6 +318,9 @@ def main() -> None:
     if all((RESULTS / f).is_file() for f, _ in OOD_RECIPES) and "<!-- ood-gap-recipes:begin -->" in readme:
         readme = replace_block(readme, "ood-gap-recipes", ood_gap_recipes_block(
             {label: json.loads((RESULTS / f).read_text()) for f, label in OOD_RECIPES}))
+    clients = RESULTS / "gptq_gap_clients_seed0.json"     # GPTQ from fewer clients' moments
+    if clients.is_file() and "<!-- gptq-clients:begin -->" in readme:
+        readme = replace_block(readme, "gptq-clients", gptq_gap_block([json.loads(clients.read_text())], [clients.name]))
     gptq = sorted(RESULTS.glob("gptq_gap_seed*.json"))
     if gptq and "<!-- gptq-gap:begin -->" in readme:
         readme = replace_block(readme, "gptq-gap", gptq_gap_block([json.loads(f.read_text()) for f in gptq],

@@ -25,7 +25,7 @@ who is sampled, what each profile is sent, and what the valid replies change. No
   the server optimizer to the float state kept in the run state; integer zero-points are derived
   only when the QParams are made (``to_integer_qparams``), never averaged. Version + 1.
 - eval: metrics only (token-weighted perplexity per profile).
-- hessian (the profiles of ``config.gptq``; the last rounds of a schedule): every sampled client sums
+- hessian (the profiles of ``config.gptq``; only evaluation rounds may follow): every sampled client sums
   ``x x^T`` of the float inputs of one part of the GPTQ profiles' Linears (``hessian_request``: the
   rounds split the inputs between them, so no reply carries them all); the server merges them by
   ``stats_rule`` (``server.aggregate.merge_hessians``) and rounds each such Linear's weight by GPTQ
