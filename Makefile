@@ -60,6 +60,7 @@ bench-quality: venv
 	$(VENV)/bin/fedquant simulate --config configs/quality/static.toml --out runs/q-static
 	$(VENV)/bin/fedquant simulate --config configs/quality/torch_lsq.toml --out runs/q-torch-lsq --prepared-from runs/default
 	$(VENV)/bin/fedquant simulate --config configs/quality/rotated.toml --out runs/q-rotated
+	$(VENV)/bin/fedquant simulate --config configs/quality/gptq.toml --out runs/q-gptq
 	$(PY) -m bench.quality --runs $(QUALITY_RUNS)
 	$(PY) -m bench.readme_tables
 
