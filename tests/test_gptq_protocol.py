@@ -347,3 +347,61 @@ def test_the_client_s_hessian_job_sums_the_float_input_s_own_channels(gptq_run):
     for k in keys:
         a = raw[k].reshape(-1, raw[k].shape[-1]).astype(np.float64)
         np.testing.assert_allclose(reply.sums[k], a.T @ a, rtol=1e-10)
+
+
+def test_a_hostile_hessian_round_never_raises_and_commits_what_a_device_loads(tmp_path):
+    """Honest replies and hostile ones (garbage arrays, NaN, 1e38, a liar's huge moment with a huge
+    token claim) through validation, the merge, GPTQ and the commit: nothing raises, the hostile
+    payloads are rejected or outvoted, the committed QParams pass the device's own check and their
+    next instruction decodes; the liar moves the codes less than the exact rule lets it."""
+    from server.config import ServerConfig
+    from server.rounds import Accepted, apply_round, instructions_for
+    from server.state import initial_state, load_checkpoint, save_checkpoint
+
+    rng = np.random.default_rng(7)
+    weights = {f"l{i}": rng.normal(size=(6, 16)).astype(np.float32) for i in range(3)}
+    qp = QParams({f"{p}:weight": _w4_point(w) for p, w in weights.items()}, "m", 0)
+    cfg = {"schedule": [{"job": "hessian", "min_replies": 3}], "gptq": {"p": {}}}
+    state = initial_state({"p": qp}, "d")
+    mix = rng.normal(size=(16, 16))
+    xs = [rng.normal(size=(64, 16)) @ mix for _ in range(12)]
+    v = rng.normal(size=16)
+
+    def run(rule, liar=True):
+        config = ServerConfig(**cfg, stats_rule=rule)
+        ins = instructions_for(state, 1, config.schedule[0], config, weights)["p"]
+        accepted, rejected = [], []
+        for c, x in enumerate(xs):
+            flat, header = encode_hessian_reply(HessianReply({k: x.T @ x for k in ins.keys}, 64), ins)
+            if c == 0 and liar:     # a moment of one direction, claiming a million tokens
+                flat, header = encode_hessian_reply(HessianReply({k: 1e10 * np.outer(v, v) for k in ins.keys},
+                                                                 10**6), ins)
+            elif c == 1:
+                flat = {**flat, "float32": np.full_like(flat["float32"], np.nan)}
+            elif c == 2:
+                flat = {**flat, "float32": np.full_like(flat["float32"], 1e38)}
+            elif c == 3:
+                flat = {"float32": rng.normal(size=7).astype(np.float32)}
+            r = validate_hessian_reply(flat, header, ins, 2)
+            if isinstance(r, Rejection):
+                rejected.append(r)
+            else:
+                accepted.append(Accepted(f"c{c}", 2, r))
+        new, metrics = apply_round(state, 1, config.schedule[0], {"p": accepted}, rejected, config, weights)
+        return new, metrics, rejected
+
+    new, metrics, rejected = run("trimmed")
+    assert [r.code for r in rejected] == ["nan", "value_range", "shape"]     # 1e38 everywhere: a mean square beyond 2^120
+    assert metrics["applied"] and metrics["gptq"]["p"]["rounded"] == 3
+    committed = new.qparams["p"]
+    assert qparams_problems(committed, qp, {p: 16 for p in weights}) == [] and len(committed.codes) == 3
+    assert decode_instruction(*encode_instruction(Instruction(2, "eval", committed))).qparams.codes.keys() \
+        == committed.codes.keys()
+    save_checkpoint(new, tmp_path / "c.safetensors")
+    back = load_checkpoint(tmp_path / "c.safetensors")
+    assert all(np.array_equal(back.qparams["p"].codes[k], c) for k, c in committed.codes.items())
+    honest = run("sum", liar=False)[0].qparams["p"].codes     # the honest clients' pooled moments
+
+    def off(codes):
+        return sum(int(np.count_nonzero(codes[k] != honest[k])) for k in honest)
+    assert off(committed.codes) < off(run("sum")[0].qparams["p"].codes)    # the exact rule pools the liar's tokens
