@@ -180,8 +180,9 @@ def bounded_extremes(stats: ActivationStats, limit: float) -> ActivationStats:
         raise ValueError(f"limit {limit} lies inside the grid [{stats.lo}, {stats.hi}]")
     if stats.n == 0 or (-limit <= stats.min and stats.max <= limit):
         return stats
-    return ActivationStats(stats.grid, stats.counts, stats.below, stats.above, max(stats.min, -limit),
-                           min(stats.max, limit), stats.n)
+    # both extremes into [-limit, limit]: values all beyond it on one side sit at it (min = max = limit)
+    return ActivationStats(stats.grid, stats.counts, stats.below, stats.above, min(max(stats.min, -limit), limit),
+                           max(min(stats.max, limit), -limit), stats.n)
 
 
 def bounded_step(delta: np.ndarray, bound: float) -> np.ndarray:
@@ -285,9 +286,10 @@ def merge_hessians(replies: Sequence[HessianReply], rule: str = "sum", trim_frac
     coordinate-wise median dropped, the rest averaged (each client once, whatever tokens it claims).
     While fewer than ``trim_fraction`` of them lie, a kept liar is no farther from the median than an
     honest client, and the result stays a mean of second moments: positive semi-definite, its
-    channels' correlations intact. (An entry-wise trimmed mean is neither: on SmolLM2 it made GPTQ
-    worse than rounding to the nearest on text the fleet does not hold.) GPTQ needs ``H`` only up to
-    a common factor (its dampening is a fraction of the mean diagonal)."""
+    channels' correlations intact. (An entry-wise trimmed mean is neither: each entry keeps other
+    clients, so the result need not be any client's moment nor semi-definite.) GPTQ (Frantar et al.,
+    ICLR 2023) needs ``H`` only up to a common factor (its dampening is a fraction of the mean
+    diagonal)."""
     if not 0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
     out = {}

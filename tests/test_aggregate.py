@@ -230,6 +230,12 @@ def test_bounded_extremes_clamp_min_and_max_and_nothing_else():
     assert ActivationStats.from_arrays(b.to_arrays()) == b
     inside = observe(rng.normal(size=50).astype(np.float32), GRID)
     assert bounded_extremes(inside, GRID.hi) is inside
+    # every value beyond the limit on one side (a grid far off the round's values): both extremes at
+    # the limit, still statistics a checkpoint and a device accept (min > max made the round raise)
+    for sign in (1, -1):
+        far = bounded_extremes(observe(np.full(10, sign * 1e3, np.float32), GRID), 4 * GRID.hi)
+        assert far.min == far.max == sign * 4 * GRID.hi and far.n == 10
+        assert ActivationStats.from_arrays(far.to_arrays()) == far
     with pytest.raises(ValueError, match="inside the grid"):
         bounded_extremes(s, GRID.hi / 2)
     assert bounded_step(np.array([-3.0, 0.5, 9.0]), math.log(4)).tolist() == [-math.log(4), 0.5, math.log(4)]
