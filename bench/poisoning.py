@@ -434,7 +434,7 @@ def open_fleet(config_path: Path, prepared_from: Path, out: Path):
     ev = ServerEval(prep.device_dir, prep.evals, 1, cfg.server.batch_size)
     device_dir = str(Path(prep.device_dir).resolve())
     ev.runtimes = {p: get_runtime(device_dir, p) for p in sorted(prep.initial)}
-    fleet = Fleet(prep, server_weights(prep) if cfg.server.smoothing else None, ev,
+    fleet = Fleet(prep, server_weights(prep) if cfg.server.needs_weights else None, ev,
                   {str(c.pid): c.profile for c in prep.clients if len(c.train)}, store=out / "cache")
     return cfg, fleet, seeded
 

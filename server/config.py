@@ -411,6 +411,13 @@ class ServerConfig(BaseModel):
     def calibrator_for(self, profile: str) -> CalibratorConfig:
         return self.profile_calibrators.get(profile, self.calibrator)
 
+    @property
+    def needs_weights(self) -> bool:
+        """Whether the server needs the Linears' float weights: SmoothQuant factors, plans, weight
+        ranges by importance and GPTQ all derive weight points from them (``server.strategy.FedQuant``
+        refuses to start without them; a hessian round would otherwise ask no client for anything)."""
+        return bool(self.smoothing or self.plans or self.weight_ranges or self.gptq)
+
     def rounds(self) -> list[tuple[int, RoundSpec]]:
         """The schedule unrolled: ``(round, spec)`` with rounds numbered from 1."""
         specs = [spec for spec in self.schedule for _ in range(spec.repeat)]

@@ -72,8 +72,8 @@ EvaluateFn = Callable[[str, QParams], Mapping[str, Any]]
 class FedQuant(Strategy):
     """The schedule of ``config`` from the initial QParams of each device profile.
 
-    ``weights`` (Linear path -> float weight (out, in)) are needed when ``config.smoothing`` is
-    set; ``evaluate_fn(profile, qparams) -> metrics`` is server-side evaluation on eval rounds;
+    ``weights`` (Linear path -> float weight (out, in)) are needed when ``config.smoothing``,
+    ``weight_ranges`` or ``gptq`` is set; ``evaluate_fn(profile, qparams) -> metrics`` is server-side evaluation on eval rounds;
     ``on_round(metrics)`` is called after each round's checkpoint and metrics line."""
 
     def __init__(self, config: ServerConfig, initial: Mapping[str, QParams], out_dir, *,
@@ -83,6 +83,8 @@ class FedQuant(Strategy):
             raise ValueError("config.smoothing is set: the strategy needs the float weights (weights=...)")
         if config.weight_ranges and weights is None:
             raise ValueError("config.weight_ranges is set: the strategy needs the float weights (weights=...)")
+        if config.gptq and weights is None:     # else every hessian round would ask no client for anything
+            raise ValueError("config.gptq is set: the strategy needs the float weights (weights=...)")
         if set(config.weight_ranges) - set(initial):
             raise ValueError(f"weight_ranges: no profile named {sorted(set(config.weight_ranges) - set(initial))} "
                              f"(the run's: {sorted(initial)})")

@@ -44,7 +44,7 @@ def setup(run_config: dict):
             if s["federated_ppl"]))
 
     return ServerRun(cfg.server, prep.initial, out,
-                     weights=server_weights(prep) if cfg.server.smoothing or cfg.server.plans or cfg.server.weight_ranges else None, evaluate_fn=ev,
+                     weights=server_weights(prep) if cfg.server.needs_weights else None, evaluate_fn=ev,
                      on_round=lambda m: record_scales(out, m["round"]),
                      on_start=lambda: refs.update(references(prep, ev, print)), on_finish=finish,
                      device_dir=prep.device_dir)

@@ -52,7 +52,7 @@ def run_federation(prep: Prepared, evaluate_fn, on_round=None) -> dict[str, QPar
 
     def setup(run_config: dict) -> ServerRun:
         return ServerRun(prep.cfg.server, prep.initial, prep.out,
-                         weights=server_weights(prep) if prep.cfg.server.smoothing or prep.cfg.server.plans or prep.cfg.server.weight_ranges else None,
+                         weights=server_weights(prep) if prep.cfg.server.needs_weights else None,
                          evaluate_fn=evaluate_fn, on_round=round_done,
                          on_finish=lambda final: result.update(qparams=final), device_dir=prep.device_dir)
 

@@ -188,3 +188,82 @@ def test_fleet_with_tls_and_node_auth_runs_two_rounds(tmp_path, monkeypatch):
         time.sleep(0.2)
     assert [p for p in seen if alive(p)] == []
     assert hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest() == pyproject
+
+
+FLEET_GPTQ = ROOT / "configs" / "fleet-gptq-smoke.toml"
+
+
+def test_a_gptq_run_gives_the_server_the_float_weights():
+    """A hessian round rounds the Linears' float weights, which the server holds only when it is given
+    them: a GPTQ run without smoothing or plans once got none (``weights=None``), so every hessian
+    round asked no client for anything and was silently left unapplied. The strategy now refuses it."""
+    from server.config import ServerConfig
+    from server.strategy import FedQuant
+
+    config = ServerConfig(schedule=[{"job": "scout"}, {"job": "hessian"}], gptq={"mixed": {}})
+    with pytest.raises(ValueError, match="config.gptq is set: the strategy needs the float weights"):
+        FedQuant(config, {}, "unused")
+
+
+@pytest.mark.slow
+def test_fleet_runs_gptq_hessian_rounds(tmp_path, monkeypatch):
+    """configs/fleet-gptq-smoke.toml on the deployment engine (TLS, node authentication, 3 SuperNodes:
+    one int8 phone, two mixed): scouting, statistics, two hessian rounds (every node sends the upper
+    triangles of half of the inputs' second moments; the instructions carry no points), then an
+    evaluation. Every hessian round is applied, the mixed profile's final QParams carry GPTQ's codes
+    for every 4-bit weight, the last evaluation ran the final version on the nodes, and no node
+    refused anything."""
+    from client.runtime import load_float_linears, weights_path
+    from quant.wire import triangle_size
+    from server.rounds import gptq_paths, hessian_request
+    from simulation.prepare import load_simulation_config
+    from tests.test_faults import ENV, _check_final, _metrics, _stop
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    d, out = tmp_path / "fleet", tmp_path / "run"
+    cfg = load_simulation_config(FLEET_GPTQ).server
+    t0, seen = time.perf_counter(), set()
+    try:
+        state = deployment.up(d, FLEET_GPTQ, out)
+        assert sorted(r["node-config"]["profile"] for r in state["supernodes"].values()) == ["int8", "mixed", "mixed"]
+        run_id = deployment.submit_run(d, FLEET_GPTQ, out, out / "device")
+        status = deployment.wait_run(d, run_id, timeout=900)
+        seen.update(_all_pids(d))
+        assert status == "finished:completed", deployment.run_log(d, run_id)[-4000:]
+
+        rows = _metrics(out)
+        assert [(m["round"], m["job"]) for m in rows] == \
+            [(1, "scout"), (2, "stats"), (3, "hessian"), (4, "hessian"), (5, "eval")]
+        for m in rows:      # every node asked answered; none refused (bad_instruction, patch_refused, ...)
+            assert m["replies"] == m["sampled"] == (2 if m["job"] == "eval" else 3), m   # one node has no test text
+            assert m["rejections"] == {} and "rejected_clients" not in m, m
+        initial = {p: load_qparams(out / "initial" / f"{p}.safetensors") for p in ("int8", "mixed")}
+        weights = load_float_linears(weights_path(out / "device" / "mixed" / "model.onnx")).weights()
+        paths = gptq_paths(initial, cfg, weights)["mixed"]
+        four = sorted(k for k, p in initial["mixed"].points.items() if k.endswith(":weight") and p.spec.bits == 4)
+        assert four and sorted(f"{p}:weight" for p in paths) == four
+
+        hess = [m for m in rows if m["job"] == "hessian"]
+        for m in hess:
+            assert m["applied"] and not m["gptq"]["mixed"]["failed"], m
+            # each node sent the whole of its part (float32 upper triangles); the instruction carried no points
+            asked = hessian_request(initial, m["round"], cfg, weights)
+            assert m["hessians"] == len(asked) and m["bytes_up_per_client"] >= 4 * sum(map(triangle_size, asked.values()))
+            assert m["bytes"]["mixed"]["down_per_client"] < rows[1]["bytes"]["mixed"]["down_per_client"] / 2
+        assert sum(m["gptq"]["mixed"]["rounded"] for m in hess) == sum(m["hessians"] for m in hess) == len(four)
+
+        versions = _check_final(out)            # committed = exported; the device's own check passes
+        final = load_qparams(out / "qparams" / "mixed.safetensors")
+        assert sorted(final.codes) == four and not load_qparams(out / "qparams" / "int8.safetensors").codes
+        ev = rows[-1]        # after the hessian rounds, the nodes evaluated the final codes
+        assert ev["versions"] == versions and ev["versions"]["mixed"] == final.version == hess[-1]["versions"]["mixed"]
+        assert ev["eval"]["mixed"]["replies"] == ev["eval"]["int8"]["replies"] == 1
+        assert ev["bytes"]["mixed"]["down_per_client"] > 10 * ev["bytes"]["int8"]["down_per_client"]   # the codes
+        assert all(np.isfinite(ev["eval"][p]["perplexity"]) for p in ("int8", "mixed"))
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == 5 and summary["profiles"]["mixed"]["federated_eval"][-1]["round"] == 5
+    finally:
+        left = _stop(d, seen)
+        print(f"fleet gptq e2e: {time.perf_counter() - t0:.0f}s")
+    assert left == [] and deployment.running(d) == {}
