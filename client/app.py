@@ -560,6 +560,14 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict, 
             jobs.job_keys(rt, ins)
         except ValueError as e:
             raise Refused("bad_instruction", f"keys: {e}") from None
+        if ins.job == "hessian":
+            wrong = jobs.hessian_problems(rt, ins)
+            if wrong:
+                raise Refused("bad_instruction", f"hessian: {wrong[0]}" + (f" (and {len(wrong) - 1} more)"
+                                                                          if len(wrong) > 1 else ""))
+            if ins.qparams.model != rt.qparams.model:
+                raise Refused("patch_refused", f"second moments asked of model {ins.qparams.model!r}, this phone "
+                                               f"runs {rt.qparams.model!r}")
         _precheck_budget(rt, ins, seqs, batch_size, profile)
 
     patch_s = None
@@ -568,7 +576,8 @@ def _job(message_type: str, node: Node, content: RecordDict, state: RecordDict, 
     runtime_behind = int(rt.qparams.version) < ins.version
     # (also an instruction without points: a profile with every input per token gets only its smoothing
     # factors; a patch that changes nothing keeps the session)
-    if ins.job == "eval" or ins.version > held or runtime_behind:
+    # a hessian instruction carries no points (its job reads the float graph): nothing to patch or hold
+    if ins.job != "hessian" and (ins.job == "eval" or ins.version > held or runtime_behind):
         try:
             patch_s = rt.patch(ins.qparams)["total_s"]
         except PatchRefused as e:

@@ -129,6 +129,9 @@ def hessian(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
         raise ValueError(f"Hessian job got a {ins.job!r} instruction")
     seqs = _sequences(data)
     keys = job_keys(rt, ins)
+    wrong = hessian_problems(rt, ins)
+    if wrong:
+        raise ValueError(wrong[0])
     sums: dict[str, np.ndarray] = {}
     tokens = 0
     metrics = {"num-examples": len(seqs)}
@@ -137,14 +140,25 @@ def hessian(rt: DeviceRuntime, ins: Instruction, data, batch_size: int = 8,
                        fixed_bytes=sum(8 * c * c for c in ins.hessian.values()))
         for i in range(0, len(seqs), b):
             for k, x in rt.capture.run(seqs[i:i + b], keys).items():
-                if x.shape[-1] != ins.hessian[k]:
-                    raise ValueError(f"{k}: the server expects {ins.hessian[k]} channels, the activation has "
-                                     f"{x.shape[-1]}")
                 x = x.reshape(-1, x.shape[-1]).astype(np.float64)
                 sums[k] = sums[k] + x.T @ x if k in sums else x.T @ x
             tokens += int(seqs[i:i + b].size)
         metrics["batch_size"] = b
     return HessianReply(sums, tokens), metrics
+
+
+def hessian_problems(rt: DeviceRuntime, ins: Instruction) -> list[str]:
+    """What in a hessian instruction this model contradicts: a key that is not a Linear's input, or a
+    channel count other than the Linear's input width. Public: the ClientApp refuses such an
+    instruction before any work."""
+    out = []
+    for k, c in ins.hessian.items():
+        path = k.rsplit(":", 1)[0]
+        if not k.endswith(":input") or path not in rt.linears:
+            out.append(f"{k}: not the input of a Linear of this model")
+        elif rt._weight_shape(path)[1] != c:      # both runtimes read it from the weights' header
+            out.append(f"{k}: the server expects {c} channels, the Linear takes {rt._weight_shape(path)[1]}")
+    return out
 
 
 def _check_channels(got: dict[str, np.ndarray], ins: Instruction, what: str = "absmax") -> None:

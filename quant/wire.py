@@ -507,7 +507,10 @@ def decode_instruction(flat, header, limits: Limits = DEFAULT_LIMITS) -> Instruc
         dt, n = ("uint8", rows * ((cols + 1) // 2)) if spec.bits == 4 else (spec.numpy_dtype.name, rows * cols)
         stored = arrays[f"codes/{dt}"][cpos[dt]:cpos[dt] + n].reshape(rows, -1)
         cpos[dt] += n
-        codes[key] = unpack_codes(stored, (rows, cols), spec)
+        try:
+            codes[key] = unpack_codes(stored, (rows, cols), spec)
+        except ValueError as e:
+            raise WireError("malformed", f"codes {key}: {e}") from None
     if len(points) != len(h.points) or len(smoothing) != len(h.smoothing) or len(importance) != len(h.importance) \
             or len(codes) != len(h.codes):
         raise WireError("malformed", "duplicate point, smoothing, importance or codes keys")

@@ -333,7 +333,10 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
                 out[prof] = Instruction(round, "plan", qp, keys=tuple(plan_keys(full)))
         elif spec.job == "hessian":
             if hessian:                     # every profile's float graph is the same: any client answers
-                out[prof] = Instruction(round, "hessian", qp, keys=tuple(hessian), hessian=hessian)
+                # the job reads the float graph only: no points or codes (up to 12 MB a mixed phone on
+                # SmolLM2), the model's fingerprint and version to say which graph
+                out[prof] = Instruction(round, "hessian", QParams({}, full.model, full.version),
+                                        keys=tuple(hessian), hessian=hessian)
         else:
             out[prof] = Instruction(round, "eval", qp)
     return out

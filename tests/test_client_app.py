@@ -479,3 +479,38 @@ def test_torch_jobs_take_turns(dd, tmp_path):
         x.join()
     # each enter is followed by its own exit: no two turns overlap
     assert [n is None for _, n in spans] == [False, True] * 3
+
+
+def test_a_hessian_job_patches_nothing_and_refuses_a_wrong_width_or_model_before_any_work(dd):
+    """A hessian instruction carries no points (docs/protocol.md): the node answers from the float
+    graph and keeps its runtime and held version; a width other than the Linear's, or another
+    model's fingerprint, is refused with nothing changed."""
+    from quant.qparams import QParams
+    from quant.wire import decode_hessian_reply
+    from server.validate import validate_hessian_reply
+
+    qp = dd["qp"]["int8"]
+    rt = capp.get_runtime(str(dd["dir"].resolve()), "int8")
+    state = RecordDict()
+    r = send(dd, "0", "evaluate", job_content(Instruction(0, "eval", qp.with_points({}, version=5)), "int8"), state)
+    assert r["metrics"]["version"] == 5
+    widths = rt.activation_widths()
+    keys = sorted(k for k in widths if k.endswith(("down_proj:input", "q_proj:input")))[:3]
+    held_qp = rt.qparams
+
+    def ins(model=qp.model, wide=0):
+        return Instruction(1, "hessian", QParams({}, model, 9), keys=tuple(keys),
+                           hessian={k: widths[k] + (wide if i == 0 else 0) for i, k in enumerate(keys)})
+
+    good = ins()
+    r = send(dd, "0", "train", job_content(good, "int8"), state)
+    flat, header = payload(r)
+    got = validate_hessian_reply(flat, header, good, r["metrics"]["num-examples"])
+    assert not isinstance(got, Rejection), got
+    assert decode_hessian_reply(flat, header, good).tokens == NODES["0"][1] * T
+    assert rt.qparams is held_qp and state["held"]["version"] == 5 and "patch_s" not in r["metrics"]
+    for bad, code, words in [(ins(wide=1), "bad_instruction", f"hessian: {keys[0]}: the server expects"),
+                             (ins(model="another"), "patch_refused", "second moments asked of model 'another'")]:
+        r = send(dd, "0", "train", job_content(bad, "int8"), state)
+        assert r["error"]["code"] == code and r["error"]["reason"].startswith(words), dict(r["error"])
+        assert rt.qparams is held_qp and state["held"]["version"] == 5

@@ -416,3 +416,33 @@ def test_a_hostile_hessian_round_never_raises_and_commits_what_a_device_loads(tm
     def off(codes):
         return sum(int(np.count_nonzero(codes[k] != honest[k])) for k in honest)
     assert off(committed.codes) < off(run("sum")[0].qparams["p"].codes)    # the exact rule pools the liar's tokens
+
+
+def test_a_hessian_instruction_carries_no_points_or_codes_and_an_eval_instruction_all():
+    """Once a hessian round has committed codes, the next hessian instruction still carries only the
+    model's fingerprint and version (its job reads the float graph), the evaluation's the codes."""
+    from server.config import ServerConfig
+    from server.rounds import Accepted, apply_round, instructions_for
+    from server.state import initial_state
+
+    rng = np.random.default_rng(8)
+    weights = {f"l{i}": rng.normal(size=(6, 16)).astype(np.float32) for i in range(4)}
+    qp = QParams({f"{p}:weight": _w4_point(w) for p, w in weights.items()}, "m", 0)
+    config = ServerConfig(schedule=[{"job": "hessian", "repeat": 2, "min_replies": 1}, {"job": "eval"}],
+                          gptq={"p": {}}, stats_rule="sum")
+    state = initial_state({"p": qp}, "d")
+    rounds = [r for r, _ in config.rounds()]
+    ins = instructions_for(state, rounds[0], config.schedule[0], config, weights)["p"]
+    x = rng.normal(size=(64, 16))
+    reply = HessianReply({k: x.T @ x for k in ins.keys}, 64)
+    state, metrics = apply_round(state, rounds[0], config.schedule[0], {"p": [Accepted("c", 1, reply)]}, [], config,
+                                 weights)
+    assert metrics["applied"] and state.qparams["p"].codes
+    second = instructions_for(state, rounds[1], config.schedule[0], config, weights)["p"]
+    assert second.job == "hessian" and not second.qparams.points and not second.qparams.codes
+    assert (second.qparams.model, second.qparams.version) == ("m", state.qparams["p"].version)
+    assert set(second.keys).isdisjoint(ins.keys)        # the other part of the inputs
+    back = decode_instruction(*encode_instruction(second))
+    assert back.hessian == second.hessian and not back.qparams.points
+    ev = instructions_for(state, rounds[2], config.schedule[1], config, weights)["p"]
+    assert ev.qparams.codes.keys() == state.qparams["p"].codes.keys()
