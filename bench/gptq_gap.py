@@ -1,25 +1,19 @@
-"""What GPTQ's rounding (``quant.gptq``) would give a finished run's mixed profile, whose error is its
-4-bit weights' once its static inputs are rotated (issue 19, goal 3; ``bench/results/mixed_gap_rotated.json``:
-the activations alone are KL 0.003 to float, the weights alone 0.068).
+"""What the protocol's GPTQ would give a finished run's final mixed QParams, without its hessian rounds
+(a federated run each; here one pass over the text serves every ``--damp`` and client count).
+Rotated, the mixed profile's error is its 4-bit weights' (issue 19, goal 3; ``mixed_gap_rotated.json``).
 
     .venv/bin/python -m bench.gptq_gap --run runs/splits/rotated/seed-0   # SmolLM2: ~10 min a row on 2 shared cores
     .venv/bin/python -m bench.gptq_gap --run runs/plan-smoke --json g.json # a configs/plan-smoke.toml run: seconds
     .venv/bin/python -m bench.gptq_gap --table --json bench/results/gptq_gap_seed0.json
 
-The device rounds each weight to the nearest point of its QParams grid; GPTQ rounds the 4-bit
-Linears' weights to minimise their output error on the text whose second moments it is given. Here
-that text is every client's training text (what a scouting round reads; the sums are additive, so a
-fleet's is its clients'), each 4-bit Linear's input as the graph quantizes it (``x / m``, rotated:
-``DeviceRuntime.float_activations``). The run's final QParams are evaluated as the server evaluates
-them (``bench.ood_gap.evaluate``: perplexity vs float, KL, top-1, bootstrap intervals) on the
-clients' own held-out text, the held-out roles and the Factbook, before and after GPTQ, at each
-``--damp``.
-
-A QParams point cannot carry GPTQ's codes (they are not the nearest), so the bench hands the runtime
-float weights that lie on GPTQ's grid, rotated back and divided by the factors (``R^T Q / m``): the
-runtime's own re-quantization then gives GPTQ's codes, which the bench checks bit for bit before it
-evaluates. A measurement, not a protocol: shipping the codes, or the second moments, is a design
-change (README, "GPTQ's rounding from the fleet's second moments").
+Through the protocol's own functions, so a row is what hessian rounds (``stats_rule = "sum"``) would
+commit: each client's train text (``--clients K``: the first K clients', a row per K) through the
+client's hessian job (``client.jobs.hessian``), the sums added, the server's ``gptq_qparams`` (weight
+points and codes), the device running the codes; evaluated as the server evaluates
+(``bench.ood_gap.evaluate``) on the clients' held-out text, the held-out roles and the Factbook,
+beside the run's final QParams. ``--moments factbook`` (or ``both``) takes the moments of Factbook
+text of the countries the evaluation does not draw from instead of (or beside) the clients': what a
+fleet holding text of the evaluated domain would give, a bound and not a recipe.
 """
 
 from __future__ import annotations
@@ -28,72 +22,12 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from bench.common import RESULTS, command_line, machine, quiet_env, shown_run, write_json
 from bench.mixed_gap import PROFILE, final_mixed
-
-
-class _OnGrid(Mapping):
-    """A runtime's float Linears with some weights replaced (GPTQ's, on their grid)."""
-
-    def __init__(self, base, replaced: dict):
-        self.base, self.replaced = base, replaced
-
-    def __getitem__(self, path):
-        w, b = self.base[path]
-        return (self.replaced[path], b) if path in self.replaced else (w, b)
-
-    def __iter__(self):
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __contains__(self, path) -> bool:
-        return path in self.base
-
-    def shape(self, path):
-        return self.base.shape(path)
-
-
-def second_moments(rt, keys: list[str], texts: np.ndarray, batch_size: int) -> tuple[dict, int]:
-    """``sum_t x_t x_t^T`` (float64) of each point of ``keys`` over ``texts``, as the statistics job
-    sees the inputs (smoothed, rotated), and the token count."""
-    h: dict[str, np.ndarray] = {}
-    tokens = 0
-    for i in range(0, len(texts), batch_size):
-        for k, x in rt.float_activations(texts[i:i + batch_size], keys).items():
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            h[k] = h[k] + x.T @ x if k in h else x.T @ x
-        tokens += int(np.size(texts[i:i + batch_size]))
-    return h, tokens
-
-
-def gptq_points(rt, qp, moments: Mapping[str, np.ndarray], paths: list[str], damp: float) -> tuple[dict, dict]:
-    """GPTQ's weight point of each Linear of ``paths`` and the float weight that the runtime, smoothing
-    and rotating it as ``qp`` says, re-quantizes to GPTQ's codes; ValueError if it would not."""
-    from quant.affine import quantize
-    from quant.gptq import gptq_weight
-    from quant.qparams import rotation_block
-    from quant.rotation import rotate
-    from quant.smoothing import fold_weight
-
-    points, weights = {}, {}
-    for p in paths:
-        m, b, spec = qp.smoothing.get(p), rotation_block(qp, p), qp.points[f"{p}:weight"].spec
-        q, pt = gptq_weight(fold_weight(rt.linears[p][0], m, b), moments[f"{p}:input"], spec, damp)
-        back = rotate(q, b, inverse=True) if b else q
-        w = (back / m if m is not None else back).astype(np.float32)
-        off = int(np.count_nonzero(quantize(fold_weight(w, m, b), pt.scale, pt.zero_point, spec)
-                                   != quantize(q, pt.scale, pt.zero_point, spec)))
-        if off:
-            raise ValueError(f"{p}: {off} of GPTQ's codes do not survive the runtime's re-quantization")
-        points[f"{p}:weight"], weights[p] = pt, w
-    return points, weights
 
 
 def _cell(e: dict) -> str:
@@ -115,6 +49,22 @@ def seeds_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def factbook_text(texts, n: int) -> np.ndarray:
+    """``n`` windows of the Factbook's countries that the run's out-of-domain set does not draw from
+    (``simulation.fleet.round_robin_sequences``, its own seed key): text of the evaluated domain
+    that is not the evaluation's."""
+    from simulation.factbook import load_backgrounds
+    from simulation.fleet import round_robin_sequences
+
+    used = {w["id"] for w in texts.ood_ids}
+    rest = {d: v for d, v in load_backgrounds().items() if d not in used}
+    ids, _ = round_robin_sequences(rest, texts.tokenizer, texts.cfg.data.seq_len, n, texts.cfg.data.seed,
+                                   "gptq-moments")
+    if len(ids) < n:
+        raise SystemExit(f"the Factbook's countries outside the evaluation set give {len(ids)} windows, not {n}")
+    return ids
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, help="a finished fedquant simulate run directory (read only)")
@@ -126,6 +76,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=int, nargs="+", default=None,
                     help="second moments of the first K clients' train text only, a row for each K (default: every "
                          "client's): how much text a fleet's moments need")
+    ap.add_argument("--moments", choices=("clients", "factbook", "both"), default="clients",
+                    help="whose text the moments are of: the clients' train text (the protocol's); Factbook "
+                         "countries the run's out-of-domain set does not hold, as many sequences as the clients' "
+                         "(a fleet of the evaluated domain: a bound, not a recipe); or both (a fleet of both domains)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", action="store_true", help="only print the README table of --json (no run)")
@@ -138,24 +92,42 @@ def main(argv=None) -> dict:
         return res
     if args.run is None:
         ap.error("--run is required (or --table)")
+    if args.clients and args.moments != "clients":
+        ap.error("--clients takes the clients' text only (--moments clients)")
     quiet_env()
     import onnxruntime
 
-    from bench.ood_gap import evaluate, patch, respecified
+    from bench.ood_gap import evaluate
+    from client.jobs import hessian
+    from quant.qparams import QParams
+    from quant.wire import Instruction
+    from server.rounds import gptq_qparams
 
     onnxruntime.set_default_logger_severity(3)
     t_start = time.perf_counter()
-    texts, sets, rt, qp, base_specs, floats = final_mixed(args.run, args.work, args.threads, args.batch_size)
+    texts, sets, rt, qp, _, floats = final_mixed(args.run, args.work, args.threads, args.batch_size)
     args.json = args.json or RESULTS / f"gptq_gap_seed{texts.cfg.data.seed}.json"
+    weights = rt.linears.weights()      # read on access, as the server holds them (server_weights)
+    # the Linears the server's GPTQ rounds in a profile of gptq = { bits = 4 } (server.rounds.gptq_paths)
     four = sorted(k.rsplit(":", 1)[0] for k, p in qp.points.items()
-                  if k.endswith(":weight") and p.spec.bits == 4 and k.rsplit(":", 1)[0] in rt.linears)
+                  if k.endswith(":weight") and p.spec.bits == 4 and k.rsplit(":", 1)[0] in weights)
     if not four:
         raise SystemExit(f"{args.run}: no 4-bit Linear weights in its final {PROFILE} QParams")
-    keys = [f"{p}:input" for p in four]
+    widths = {f"{p}:input": int(rt.linears.shape(p)[1]) for p in four}
+    # a hessian round's instruction (server.rounds.instructions_for), every input in one round
+    ins = Instruction(0, "hessian", QParams({}, qp.model, qp.version), keys=tuple(widths), hessian=widths)
     clients = [c.train for c in texts.clients if len(c.train)]
     counts = sorted(set(args.clients)) if args.clients else [len(clients)]
     if counts[0] < 1 or counts[-1] > len(clients):
         raise SystemExit(f"--clients: between 1 and {len(clients)} (the run's clients with train text)")
+    whose = {"clients": "every client's train text"}
+    if args.moments != "clients":
+        other = factbook_text(texts, sum(len(c) for c in clients))
+        whose = {"factbook": f"Factbook text of countries not evaluated ({len(other)} sequences)",
+                 "both": f"every client's train text and Factbook text of countries not evaluated ({len(other)} "
+                         "sequences)"}
+        clients = [other] if args.moments == "factbook" else [*clients, other]
+        counts = [len(clients)]
     result = {"format": "fedquant.gptq_gap/1", "machine": machine(onnxruntime=onnxruntime.__version__),
               "run": shown_run(args.run), "model": texts.cfg.model, "seed": texts.cfg.data.seed,
               "profile": PROFILE, "linears": len(four),
@@ -163,40 +135,49 @@ def main(argv=None) -> dict:
               "texts": {n: {"sequences": int(len(v))} for n, v in sets.items()}, "rows": [],
               "command": command_line("bench.gptq_gap", argv)}
 
-    def row(name: str, new, **about) -> None:
+    def row(name: str, new, **about) -> dict:
         r = {"name": name, **about, **evaluate(rt, new, sets, floats, args.batch_size, texts.cfg.data.seed)}
+        if sorted(rt.qparams.codes) != sorted(new.codes):       # the device rounds the others itself
+            raise SystemExit(f"{name}: the runtime holds codes of {len(rt.qparams.codes)} weights, the QParams "
+                             f"{len(new.codes)}")
+        r["codes"] = len(new.codes)     # the weights the device ran from the QParams' codes
         result["rows"].append(r)
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
         write_json(args.json, result)
         print(f"{name}: " + "; ".join(f"{t} {r[t]['vs_float_pct']:+.2f}% KL {r[t]['kl']:.4f}" for t in sets)
               + f" ({r['seconds']} s)", file=sys.stderr, flush=True)
+        return r
 
-    row("round to nearest: the run's final QParams", qp)
-    patch(rt, qp)           # the moments of the inputs as the final QParams smooth and rotate them
-    moments, tokens, done, base = {}, 0, 0, rt.linears
+    row("round to nearest: the run's final QParams" if not qp.codes else
+        f"the run's final QParams (GPTQ's codes of {len(qp.codes)} weights)", qp)
+    moments: dict[str, np.ndarray] = {}
+    tokens, done = 0, 0
     result["second_moments"] = []
     for k in counts:
         t0 = time.perf_counter()
-        h, t = second_moments(rt, keys, np.concatenate(clients[done:k]), args.batch_size)
-        moments = {n: moments[n] + v if n in moments else v for n, v in h.items()}
-        tokens += t
+        # each client's reply, summed: the server's pooled mean (server.aggregate.merge_hessians) is this
+        # over the token count, a factor GPTQ ignores (its dampening is a fraction of the mean diagonal)
+        for c in clients[done:k]:
+            reply, _ = hessian(rt, ins, c, args.batch_size)
+            for n, v in reply.sums.items():
+                if n in moments:
+                    moments[n] += v
+                else:
+                    moments[n] = v
+            tokens += reply.tokens
         done = k
         result["second_moments"].append({"clients": k, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 1)})
-        text = ("every client's train text" if args.clients is None
+        text = (whose[args.moments] if args.clients is None
                 else f"{k} of {len(clients)} clients' train text ({tokens} tokens)")
         for damp in args.damp:
             t0 = time.perf_counter()
-            points, weights = gptq_points(rt, qp, moments, four, damp)
-            same = [n for n, p in points.items() if np.array_equal(p.scale, qp.points[n].scale)
-                    and np.array_equal(p.zero_point, qp.points[n].zero_point)]
-            if same:        # the runtime would keep its own codes for these
-                raise SystemExit(f"GPTQ kept the run's point for {same[:3]}: its codes cannot be handed over")
-            rt.linears = _OnGrid(base, weights)
-            try:
-                row(f"GPTQ, {text}, damp {damp:g}", respecified(qp, points, base_specs),
-                    damp=damp, clients=k, tokens=tokens, gptq_s=round(time.perf_counter() - t0, 1))
-            finally:
-                rt.linears = base
+            new, info = gptq_qparams(qp, moments, four, weights, damp, int(qp.version) + 1)
+            if not info["rounded"]:
+                raise SystemExit(f"GPTQ rounded none of the {len(four)} Linears at damp {damp:g}: {info['failed'][:1]}")
+            # failed: Linears whose damped moment stayed singular, left at the run's point (up to 5 named)
+            row(f"GPTQ, {text}, damp {damp:g}", new, damp=damp, clients=k, tokens=tokens,
+                gptq_s=round(time.perf_counter() - t0, 1), rounded=info["rounded"],
+                failed=len(four) - info["rounded"], **({"failures": info["failed"]} if info["failed"] else {}))
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_json(args.json, result)
     print(markdown_table(result))

@@ -117,10 +117,11 @@ def part_of(row: dict) -> str:
 
 
 def patch(rt, qp) -> None:
-    """Load ``qp`` whatever the runtime holds (a newer version; spec changes named as a plan)."""
-    from quant.qparams import QParams
+    """Load ``qp`` whatever the runtime holds (a newer version; spec changes named as a plan), every
+    field of it (a weight's codes, the importance) as it is."""
+    from dataclasses import replace
 
-    rt.patch(QParams(qp.points, qp.model, int(rt.qparams.version) + 1, qp.smoothing, qp.meta))
+    rt.patch(replace(qp, version=int(rt.qparams.version) + 1))
 
 
 def evaluate(rt, qp, sets, floats: FloatLogits, batch_size: int, seed: int) -> dict:
