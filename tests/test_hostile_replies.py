@@ -25,18 +25,22 @@ from quant.affine import range_to_qparams, tensor_range
 from quant.qparams import PointParams, QParams, qparams_problems
 from quant.spec import activation_spec, weight_spec
 from quant.stats import ActivationStats, observe
-from quant.wire import (DTYPES, Instruction, LsqReply, ScoutReply, StatsReply, decode_instruction,
-                        encode_instruction, encode_lsq_reply, encode_scout_reply, encode_stats_reply, pack,
-                        unpack)
+from quant.wire import (DTYPES, HessianReply, Instruction, LsqReply, ScoutReply, StatsReply, decode_instruction,
+                        encode_hessian_reply, encode_instruction, encode_lsq_reply, encode_scout_reply,
+                        encode_stats_reply, pack, unpack)
 from server.config import ServerConfig
-from server.rounds import Accepted, apply_round, commit_problems, instructions_for
+from server.rounds import Accepted, apply_round, commit_problems, gptq_paths, instructions_for
 from server.state import initial_state, load_checkpoint, save_checkpoint, states_equal
-from server.validate import (Rejection, ValidationConfig, validate_eval_metrics, validate_lsq_reply,
-                             validate_scout_reply, validate_stats_reply)
+from server.validate import (Rejection, ValidationConfig, validate_eval_metrics, validate_hessian_reply,
+                             validate_lsq_reply, validate_scout_reply, validate_stats_reply)
 
 KEYS = ("blk.q:input", "blk.o:input", "blk.attn:other")
 PROFILES = {"u8": activation_spec(8), "u4": activation_spec(4), "s16": activation_spec(16)}
 CHANNELS = 8
+# the Linear weights' specs per profile: 8-bit per channel, except u4's 4-bit ones (per group of 4
+# inputs, signed; per channel, unsigned), which a hessian round's GPTQ (``gptq.<profile>.bits = 4``)
+# rounds; an 8-bit GPTQ profile rounds the others
+WEIGHT_SPECS = {"u4": {"blk.q": weight_spec(4, group_size=4), "blk.o": weight_spec(4, symmetric=False)}}
 WEIGHTS = {p: (np.random.default_rng(i).normal(size=(4, CHANNELS)) * 0.1).astype(np.float32)
            for i, p in enumerate(("blk.q", "blk.o"))}
 LN8 = math.log(8)
@@ -55,7 +59,7 @@ def initial() -> dict[str, QParams]:
         z = spec.symmetric_zero_point if spec.symmetric else (spec.qmax + 1) // 2
         pts = {k: PointParams(spec, np.float32(0.05), np.array(z, dtype=spec.numpy_dtype)) for k in KEYS}
         for path, w in WEIGHTS.items():
-            ws = weight_spec(8)
+            ws = WEIGHT_SPECS.get(name, {}).get(path, weight_spec(8))
             pts[f"{path}:weight"] = PointParams(ws, *range_to_qparams(*tensor_range(w, ws), ws))
         out[name] = QParams(pts, "fp-hostile", 0)
     return out
@@ -189,6 +193,119 @@ def lsq_reply(rng, ins: Instruction, hostile: bool) -> LsqReply:
     return LsqReply(d_ls, d_b, *loss)
 
 
+def hessian_reply(rng, ins: Instruction, hostile: bool) -> HessianReply:
+    """Honest: per key of ``ins.hessian``, the real ``sum_t x_t x_t^T`` of random activations with
+    its channel count (sometimes 40 rows seen 25,000 times each: a million tokens). Hostile: one or
+    two of NaN/inf entries, huge or tiny scales, a negative diagonal, an entry beyond Cauchy-Schwarz
+    (the upper triangle chosen apart from the lower), an indefinite matrix that keeps every pairwise
+    bound, a liar's one-direction moment claiming a huge token count, wrong channel counts, missing
+    or extra keys, token counts from EXAMPLES_BAD, zero tokens."""
+    rows = int(rng.integers(1, 41))
+    rep = 25_000 if rng.random() < 0.1 else 1
+    scale = float(rng.uniform(0.2, 3.0))
+    sums = {}
+    for k, c in ins.hessian.items():
+        x = rng.standard_t(4, size=(rows, c)) * scale
+        sums[k] = rep * (x.T @ x)
+    tokens = rows * rep
+    if not hostile:
+        return HessianReply(sums, tokens)
+    with np.errstate(all="ignore"):
+        return hostile_hessian(rng, ins, sums, tokens, rows)
+
+
+def hostile_hessian(rng, ins: Instruction, sums: dict, tokens: int, rows: int) -> HessianReply:
+    """``hessian_reply``'s hostile part: one or two injuries to the honest ``sums`` and ``tokens``."""
+    keys = list(ins.hessian)
+    for _ in range(int(rng.integers(1, 3))):
+        kind = pick(rng, ["nan", "huge", "tiny", "negative", "inconsistent", "indefinite", "liar", "channels",
+                          "keys", "tokens", "zero"])
+        k = pick(rng, keys) if keys else None
+        h = np.array(sums[k], np.float64) if k in sums else None
+        c = 0 if h is None else h.shape[0]
+        i, j = (int(v) for v in rng.integers(max(c, 1), size=2))
+        if kind == "nan" and c:
+            h[i, j] = h[j, i] = pick(rng, [math.nan, math.inf, -math.inf])
+        elif kind == "huge" and c:
+            if rng.random() < 0.5:          # the whole moment scaled: mostly beyond float32 or 2^120 a token
+                h = h * float(pick(rng, HUGE))
+            else:                           # one diagonal entry (its row's bound only grows)
+                h[i, i] = float(pick(rng, HUGE))
+        elif kind == "tiny" and c:          # zeros, float32 subnormals, or gone in float32
+            h = np.full((c, c), float(pick(rng, TINY))) if rng.random() < 0.3 else h * float(pick(rng, TINY))
+            if rng.random() < 0.5:
+                h[i, :] = h[:, i] = 0.0     # a channel never seen
+        elif kind == "negative" and c:
+            h[i, i] = -float(pick(rng, [1.0, h[i, i], 1e-30, 3.4e38]))
+        elif kind == "inconsistent" and c:
+            if rng.random() < 0.5 and i != j:
+                h[i, j] = h[j, i] = 2 * math.sqrt(abs(h[i, i] * h[j, j])) + 1.0
+            else:                           # asymmetric: the upper triangle travels, whatever the lower
+                d = np.abs(np.diag(h))
+                h = rng.normal(size=(c, c)) * float(pick(rng, [0.1, 1.0, 10.0])) * d.mean()
+                np.fill_diagonal(h, d)
+        elif kind == "indefinite" and c:    # every |H_ij| <= sqrt(H_ii H_jj), yet not a second moment
+            corr = float(pick(rng, [0.99, 0.9, 1.0])) * rng.choice([-1.0, 1.0], size=(c, c))
+            corr = np.triu(corr, 1) + np.triu(corr, 1).T + np.eye(c)
+            d = np.sqrt(np.abs(np.diag(h))) + 1e-3
+            h = corr * np.outer(d, d)
+        elif kind == "liar":                # a moment of one direction, claiming a huge token count
+            v = rng.normal(size=max(ins.hessian.values(), default=0))
+            sums = {kk: float(pick(rng, [1e10, 1e20, 1e30])) * np.outer(v[:cc], v[:cc])
+                    for kk, cc in ins.hessian.items()}
+            tokens = int(pick(rng, [10**6, 2**40, 2**40 + 1]))
+            continue
+        elif kind == "channels" and c:      # the wrong channel count
+            cc = int(pick(rng, [c - 1, c + 1, 2 * c, 1]))
+            x = rng.normal(size=(rows, cc))
+            h = x.T @ x
+        elif kind == "keys":
+            if keys and rng.random() < 0.5:
+                sums.pop(pick(rng, keys), None)
+            else:
+                sums[pick(rng, ["blk.extra:input", "blk.attn:other", "blk.q:weight"])] = np.eye(CHANNELS)
+            continue
+        elif kind == "tokens":
+            tokens = pick(rng, EXAMPLES_BAD)
+            continue
+        elif kind == "zero":
+            tokens = 0
+            if rng.random() < 0.5:
+                sums = {kk: np.zeros_like(v) for kk, v in sums.items()}
+            continue
+        if h is not None:
+            sums[k] = h
+    return HessianReply(sums, tokens)
+
+
+def encode_hessian(reply: HessianReply, ins: Instruction):
+    """``encode_hessian_reply``; for what it refuses to write (other keys or channel counts, token
+    counts an int64 cannot hold) the same layout by hand: the upper triangles in the instruction's
+    key order (the extra keys after them), ``tokens`` as int64, uint64 or float64."""
+    t = reply.tokens
+    exact = isinstance(t, (int, np.integer)) and not isinstance(t, bool) and -2**63 <= int(t) < 2**63
+    if exact:
+        try:
+            with np.errstate(all="ignore"):
+                return encode_hessian_reply(reply, ins)
+        except ValueError:
+            pass
+    keys = [k for k in ins.keys if k in reply.sums] + [k for k in reply.sums if k not in ins.keys]
+    with np.errstate(all="ignore"):
+        parts = [np.asarray(reply.sums[k], np.float64)[np.triu_indices(np.shape(reply.sums[k])[0])].astype(np.float32)
+                 for k in keys]
+    sums = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if exact:
+        tokens = np.array([t], np.int64)
+    elif isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**64:
+        tokens = np.array([t], np.uint64)
+    else:
+        tokens = np.array([math.nan if t is None else float(t)], np.float64)
+    flat, index = pack({"sums": sums, "tokens": tokens})
+    empty = HessianReply({k: np.zeros((c, c)) for k, c in ins.hessian.items()}, 1)
+    return flat, {**encode_hessian_reply(empty, ins)[1], "index": index}
+
+
 def eval_metrics(rng, ins: Instruction, hostile: bool) -> dict:
     m = {"num-examples": 4, "tokens": 124, "nll_sum": float(rng.uniform(300, 500)), "version": ins.version}
     if hostile:
@@ -226,7 +343,7 @@ def mutate(rng, flat: dict, header: dict):
         elif what == "entry_dtype" and e:
             e[1] = pick(rng, [d for d in DTYPES if d != e[1]] + ["bool", "complex64", 3])
         elif what == "name" and e:
-            e[0] = pick(rng, ["", "x" * 600, 7, index[0][0], "absmax/nope", "counts"])
+            e[0] = pick(rng, ["", "x" * 600, 7, index[0][0], "absmax/nope", "counts", "sums", "tokens"])
         elif what == "overlap":
             for x in index:
                 x[2] = 0
@@ -236,7 +353,7 @@ def mutate(rng, flat: dict, header: dict):
             index.extend([f"pad{i}", dt, 0, [0]] for i in range(int(pick(rng, [10, 1000, 5000]))))
         elif what == "field":
             header[pick(rng, ["round", "version", "request", "format", "kind", "index", "extra"])] = pick(
-                rng, [rnd + 1, version + 1, "0" * 16, "fedquant.wire/2", "lsq", None,
+                rng, [rnd + 1, version + 1, "0" * 16, "fedquant.wire/2", "lsq", "hessian", None,
                       -1, 2**64, [], {}])
         elif what == "drop" and flat:
             del flat[dt]
@@ -252,10 +369,33 @@ def mutate(rng, flat: dict, header: dict):
 # ---------------------------------------------------------------------------------------------
 # One run of the schedule, every reply generated
 
-def config(rng, slow: bool = False) -> ServerConfig:
+# what follows the learned-range rounds in a run with GPTQ: hessian rounds (each asks for its part of
+# the inputs of the Linears GPTQ rounds, here blk.q and blk.o) and eval rounds between or after them
+GPTQ_TAILS = [
+    [{"job": "hessian", "repeat": 2}, {"job": "eval"}],
+    [{"job": "hessian"}, {"job": "eval"}],                          # one round asks for both inputs
+    [{"job": "hessian"}, {"job": "eval"}, {"job": "hessian"}, {"job": "eval"}],
+    [{"job": "hessian", "repeat": 3, "min_replies": 3}],            # a round whose part is empty
+]
+
+
+def gptq_config(rng) -> dict:
+    """u4's 4-bit weights (per group and per channel), sometimes an 8-bit profile's too, sometimes a
+    profile with no weight of the configured width; damping from none (singular moments fail) up."""
+    out = {"u4": {"damp": float(pick(rng, [0.01, 0.01, 0.0, 1.0]))}}
+    for prof in ("u8", "s16"):
+        if rng.random() < 0.3:
+            out[prof] = {"bits": int(pick(rng, [8, 8, 4])), "damp": float(pick(rng, [0.01, 0.0]))}
+    return out
+
+
+def config(rng, slow: bool = False, p_gptq: float = 0.5) -> ServerConfig:
     methods = ["minmax", "percentile", "mse"] + ["entropy"] * slow     # entropy is the slow one
+    gptq = rng.random() < p_gptq
     return ServerConfig(
-        schedule=[{"job": "scout"}, {"job": "stats", "repeat": 3}, {"job": "lsq", "repeat": 2}, {"job": "eval"}],
+        schedule=[{"job": "scout"}, {"job": "stats", "repeat": 3}, {"job": "lsq", "repeat": 2},
+                  *(pick(rng, GPTQ_TAILS) if gptq else [{"job": "eval"}])],
+        gptq=gptq_config(rng) if gptq else {},
         bins=int(pick(rng, [8, 16, 32])), grid_quantile=float(pick(rng, [0.5, 0.9, 1.0])),
         widen_threshold=float(pick(rng, [0.0, 1e-3, 0.5])),
         calibrator={"method": pick(rng, methods), "mse_steps": 8},
@@ -275,15 +415,21 @@ def reply_for(rng, ins: Instruction, hostile: bool, malformed: bool, tally: Coun
         return (lambda config: validate_eval_metrics(m, ins, config)), m.get("num-examples")
     make, encode, validate = {"scout": (scout_reply, encode_scout_reply, validate_scout_reply),
                               "stats": (stats_reply, encode_stats_reply, validate_stats_reply),
-                              "lsq": (lsq_reply, encode_lsq_reply, validate_lsq_reply)}[ins.job]
+                              "lsq": (lsq_reply, encode_lsq_reply, validate_lsq_reply),
+                              "hessian": (hessian_reply, encode_hessian, validate_hessian_reply)}[ins.job]
+    reply = make(rng, ins, hostile)
     with np.errstate(all="ignore"):
-        flat, header = encode(make(rng, ins, hostile), ins)
+        flat, header = encode(reply, ins)
     if malformed:
         flat, header = mutate(rng, flat, header)
         tally["malformed_generated"] += 1
+        tally[f"{ins.job}_malformed"] += 1
     elif rng.random() < 0.5:
         header = json.dumps(header)         # as it comes off the wire
-    n = pick(rng, EXAMPLES_BAD) if hostile and rng.random() < 0.15 else pick(rng, EXAMPLES_OK)
+    ok = EXAMPLES_OK
+    if ins.job == "hessian" and not hostile:    # an honest client has a token or more per example
+        ok = [e for e in EXAMPLES_OK if e <= reply.tokens]
+    n = pick(rng, EXAMPLES_BAD) if hostile and rng.random() < 0.15 else pick(rng, ok)
     return (lambda config: validate(flat, header, ins, n, config)), n
 
 
@@ -302,6 +448,8 @@ def run_schedule(rng, tmp_path, tally: Counter, clients: int = 13, p_hostile: fl
         rejections = []
         for i in range(clients):
             prof = profiles[i % len(profiles)]
+            if prof not in inss:            # sits the round out (a hessian round with nothing to ask)
+                continue
             hostile = rng.random() < p_hostile
             malformed = hostile and rng.random() < 0.4
             validate, n = reply_for(rng, inss[prof], hostile, malformed, tally)
@@ -314,14 +462,19 @@ def run_schedule(rng, tmp_path, tally: Counter, clients: int = 13, p_hostile: fl
             tally["hostile_generated"] += hostile
             if isinstance(r, Rejection):
                 tally[f"rejected:{r.code}"] += 1
+                tally[f"{spec.job}_rejected"] += 1
+                tally[f"{spec.job}_rejected:{r.code}"] += 1
+                if not hostile:
+                    tally[f"honest_rejected:{spec.job}:{r.code}"] += 1
                 assert not r.detail.startswith("unexpected"), r.detail
                 rejections.append(r)
             else:
                 tally["accepted_hostile" if hostile else "accepted_honest"] += 1
+                tally[f"{spec.job}_accepted_{'hostile' if hostile else 'honest'}"] += 1
                 accepted[prof].append(Accepted(f"c{i}", int(n), r))
         try:
             new, m = apply_round(state, rnd, spec, accepted, rejections, cfg, WEIGHTS)
-            check_commit(state, new, m, tally)
+            check_commit(state, new, m, tally, cfg)
             save_checkpoint(new, ckpt)
             assert states_equal(load_checkpoint(ckpt, expect_digest="hostile"), new)
         except Exception as e:
@@ -331,9 +484,11 @@ def run_schedule(rng, tmp_path, tally: Counter, clients: int = 13, p_hostile: fl
         state = new
 
 
-def check_commit(old, new, m: dict, tally: Counter) -> None:
+def check_commit(old, new, m: dict, tally: Counter, cfg: ServerConfig) -> None:
     """What a round may leave behind: an applied round whose QParams a device holding the old
-    ones accepts, or a skipped one that changed nothing but the round counter."""
+    ones accepts, or a skipped one that changed nothing but the round counter; GPTQ's codes only
+    for the weights of its profiles' configured width, each the shape of its weight and on its grid,
+    new ones only from a hessian round, as many as it reports rounded."""
     assert new.round == m["round"]
     if m.get("skipped"):
         tally["rounds_skipped"] += 1
@@ -345,16 +500,38 @@ def check_commit(old, new, m: dict, tally: Counter) -> None:
     for prof, qp in new.qparams.items():
         assert qparams_problems(qp, old.qparams[prof], in_features) == [], prof
     assert commit_problems(old, new, WEIGHTS) == []
+    paths = gptq_paths(new.qparams, cfg, WEIGHTS)
+    for prof, qp in new.qparams.items():
+        for key, c in qp.codes.items():
+            path, spec = key.rsplit(":", 1)[0], qp.points[key].spec
+            assert key.endswith(":weight") and path in paths.get(prof, []), (prof, key)
+            assert c.shape == WEIGHTS[path].shape and c.dtype == spec.numpy_dtype, (prof, key, c.shape, c.dtype)
+            assert spec.qmin <= c.min() and c.max() <= spec.qmax, (prof, key)
+        fresh = [k for k, c in qp.codes.items() if old.qparams[prof].codes.get(k) is not c]
+        if m["job"] == "hessian" and m.get("applied"):
+            assert len(fresh) == m["gptq"].get(prof, {}).get("rounded", 0), (prof, fresh, m["gptq"])
+            tally["codes_committed"] += len(fresh)
+        else:
+            assert not fresh, (m["job"], prof, fresh)
+    if m["job"] == "hessian":
+        tally["hessian_rounds_applied" if m.get("applied") else "hessian_rounds_not_applied"] += 1
+        tally["gptq_failed"] += sum(len(d["failed"]) for d in m.get("gptq", {}).values())
 
 
 def summary(tally: Counter) -> str:
     rej = {k.split(":", 1)[1]: v for k, v in sorted(tally.items()) if k.startswith("rejected:")}
+    hess = {k.split(":", 1)[1]: v for k, v in sorted(tally.items()) if k.startswith("hessian_rejected:")}
     exc = {k: v for k, v in tally.items() if k.startswith("exception")}
     return (f"generated {tally['generated']} replies ({tally['hostile_generated']} hostile, "
             f"{tally['malformed_generated']} of them malformed); rejected {sum(rej.values())} by code {rej}; "
             f"accepted {tally['accepted_honest']} honest, {tally['accepted_hostile']} hostile; rounds "
             f"{tally['rounds']} (applied {tally['rounds_applied']}, skipped {tally['rounds_skipped']}, "
-            f"unchanged {tally['rounds_unchanged']}); exceptions {sum(exc.values())} {exc}")
+            f"unchanged {tally['rounds_unchanged']}); hessian replies accepted {tally['hessian_accepted_honest']} "
+            f"honest, {tally['hessian_accepted_hostile']} hostile, rejected {tally['hessian_rejected']} by code "
+            f"{hess} ({tally['hessian_malformed']} malformed); hessian rounds applied "
+            f"{tally['hessian_rounds_applied']} ({tally['codes_committed']} codes committed, {tally['gptq_failed']} "
+            f"GPTQ failures), not applied {tally['hessian_rounds_not_applied']}; "
+            f"exceptions {sum(exc.values())} {exc}")
 
 
 def fuzz(tmp_path, runs: int, seed: int, slow: bool = False) -> Counter:
@@ -370,10 +547,24 @@ def fuzz(tmp_path, runs: int, seed: int, slow: bool = False) -> Counter:
 def test_generated_replies_never_raise_and_nothing_refusable_is_committed(tmp_path):
     """10,000 replies, half of them hostile (two in five of those malformed), through validation,
     aggregation and the commit of 110 runs of a 7-round schedule of 13 clients (scout with and
-    without smoothing, stats, lsq, eval; random calibrators, rules, optimizers and bounds)."""
+    without smoothing, stats, lsq, eval; random calibrators, rules, optimizers and bounds), half of
+    them ending in hessian rounds with GPTQ (4-bit weights per group and per channel, sometimes
+    8-bit ones; damping from none up) and eval rounds between or after them."""
     tally = fuzz(tmp_path, 110, seed=14)
     assert tally["generated"] >= 10_000
     assert tally["accepted_hostile"] > 500 and tally["rounds_applied"] > 500
+    assert_hessian_coverage(tally)
+
+
+def assert_hessian_coverage(tally: Counter) -> None:
+    """Not vacuous: honest and hostile hessian replies accepted, hostile ones rejected, rounds that
+    committed GPTQ's codes; and no honest hessian reply refused (float32's rounding of a real sum of
+    ``x x^T`` keeps Cauchy-Schwarz's bound within the validation's slack)."""
+    assert not [k for k in tally if k.startswith("honest_rejected:hessian:")], summary(tally)
+    assert tally["hessian_accepted_honest"] > 100 and tally["hessian_accepted_hostile"] > 20, summary(tally)
+    assert tally["hessian_rejected"] > 100 and tally["hessian_malformed"] > 50, summary(tally)
+    assert tally["hessian_rounds_applied"] > 20, summary(tally)
+    assert tally["codes_committed"] > 20, summary(tally)
 
 
 @pytest.mark.slow
@@ -381,6 +572,7 @@ def test_many_more_generated_replies_with_every_calibrator(tmp_path):
     """Entropy calibration too (the slow one); 250 runs keep make test's share to about a minute."""
     tally = fuzz(tmp_path, 250, seed=15, slow=True)
     assert tally["generated"] >= 22_000
+    assert_hessian_coverage(tally)
 
 
 # ---------------------------------------------------------------------------------------------
