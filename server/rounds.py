@@ -333,8 +333,8 @@ def instructions_for(state: RunState, round: int, spec: RoundSpec, config: Serve
                 out[prof] = Instruction(round, "plan", qp, keys=tuple(plan_keys(full)))
         elif spec.job == "hessian":
             if hessian:                     # every profile's float graph is the same: any client answers
-                # the job reads the float graph only: no points or codes (up to 12 MB a mixed phone on
-                # SmolLM2), the model's fingerprint and version to say which graph
+                # the job reads the float graph only: no points or codes (they were 34 MB a mixed phone
+                # in SmolLM2's last hessian round), the model's fingerprint and version to say which graph
                 out[prof] = Instruction(round, "hessian", QParams({}, full.model, full.version),
                                         keys=tuple(hessian), hessian=hessian)
         else:
