@@ -207,8 +207,9 @@ def mixed_gap_block(d: dict, source: str = "mixed_gap.json") -> str:
             f"\n\n" + markdown_table(d))
 
 
-def gptq_gap_block(results: list[dict], files: list[str]) -> str:
-    """bench/gptq_gap.py on several runs (one file each): GPTQ's rounding of their 4-bit weights."""
+def gptq_gap_block(results: list[dict], files: list[str], baseline_once: bool = False) -> str:
+    """bench/gptq_gap.py on several runs (one file each): GPTQ's rounding of their 4-bit weights;
+    ``baseline_once``: a run's unchanged first row shown only with its first file."""
     from bench.gptq_gap import seeds_table
 
     def tokens(d: dict) -> int:     # a list since --clients (one entry per count), one dict before
@@ -219,8 +220,13 @@ def gptq_gap_block(results: list[dict], files: list[str]) -> str:
     runs = "; ".join(f"`{d['command'].replace('python ', '.venv/bin/python ', 1)}`: {d['linears']} 4-bit Linears, second "
                      f"moments of {tokens(d):,} tokens, {d['wall_s']:.0f} s, code of "
                      f"{d.get('ran_on', 'not recorded')}" for d in results)
+    shown, seen = [], set()
+    for d in results:
+        first = (d["run"], d["rows"][0]["name"])
+        shown.append(d if not (baseline_once and first in seen) else {**d, "rows": d["rows"][1:]})
+        seen.add(first)
     return (f"{runs} (ONNX Runtime {m.get('onnxruntime')}; {_cpu(m)}, {m['cores']} cores shared with other jobs). "
-            "Sources: " + ", ".join(f"`bench/results/{f}`" for f in files) + ".\n\n" + seeds_table(results))
+            "Sources: " + ", ".join(f"`bench/results/{f}`" for f in files) + ".\n\n" + seeds_table(shown))
 
 
 def ood_gap_recipes_block(results: dict[str, dict]) -> str:
@@ -321,6 +327,11 @@ def main() -> None:
     clients = RESULTS / "gptq_gap_clients_seed0.json"     # GPTQ from fewer clients' moments
     if clients.is_file() and "<!-- gptq-clients:begin -->" in readme:
         readme = replace_block(readme, "gptq-clients", gptq_gap_block([json.loads(clients.read_text())], [clients.name]))
+    domains = sorted(RESULTS.glob("gptq_gap_factbook_seed*.json")) + sorted(RESULTS.glob("gptq_gap_both_seed*.json"))
+    if domains and "<!-- gptq-domains:begin -->" in readme:     # GPTQ from another domain's moments
+        domains.sort(key=lambda f: (f.name.rsplit("seed", 1)[1], "both" in f.name))
+        readme = replace_block(readme, "gptq-domains", gptq_gap_block([json.loads(f.read_text()) for f in domains],
+                                                                      [f.name for f in domains], baseline_once=True))
     gptq = sorted(RESULTS.glob("gptq_gap_seed*.json"))
     if gptq and "<!-- gptq-gap:begin -->" in readme:
         readme = replace_block(readme, "gptq-gap", gptq_gap_block([json.loads(f.read_text()) for f in gptq],

@@ -39,3 +39,10 @@ def test_readme_tables_render_every_results_file():
     }
     for name, body in rendered.items():
         assert "| " in body and "source" in body.lower(), name
+    # GPTQ from another domain's moments: two files a run, its unchanged first row shown once
+    domains = sorted(RESULTS.glob("gptq_gap_factbook_seed*.json")) + sorted(RESULTS.glob("gptq_gap_both_seed*.json"))
+    results = [json.loads(f.read_text()) for f in domains]
+    body = rt.gptq_gap_block(results, [f.name for f in domains], baseline_once=True)
+    runs = {d["run"] for d in results}
+    assert len(domains) >= 2 and body.count("| round to nearest: the run's final QParams |") == len(runs)
+    assert body.count("| GPTQ, ") == len(domains)
